@@ -1,0 +1,679 @@
+//! Configuration: who a registration is ([`ConnectorConfig`],
+//! [`RegistrationKey`]) and how the host reaches the server
+//! ([`MultiTransportOptions`], [`Endpoint`]).
+//!
+//! Everything is validated once, when it is built, so a bad identifier or
+//! URL is reported before any connection is made and is never silently
+//! rewritten.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ConnectorError;
+
+/// The identity of one registration: `tenant.type.instance`.
+///
+/// Two registrations with the same key cannot be hosted by one runner: the
+/// server would treat the second as a duplicate of the first.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegistrationKey {
+    tenant_id: String,
+    connector_type: String,
+    instance_id: String,
+}
+
+impl RegistrationKey {
+    /// A key from its three parts, each validated as the wire contract says
+    /// (1 to 128 characters of `A-Z a-z 0-9 _ -`).
+    pub fn new(
+        tenant_id: impl Into<String>,
+        connector_type: impl Into<String>,
+        instance_id: impl Into<String>,
+    ) -> Result<Self, ConnectorError> {
+        let key = Self {
+            tenant_id: tenant_id.into(),
+            connector_type: connector_type.into(),
+            instance_id: instance_id.into(),
+        };
+        validate_identifier("tenant_id", &key.tenant_id)?;
+        validate_identifier("connector_type", &key.connector_type)?;
+        validate_identifier("instance_id", &key.instance_id)?;
+        Ok(key)
+    }
+
+    /// The tenant.
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
+    /// The connector type.
+    pub fn connector_type(&self) -> &str {
+        &self.connector_type
+    }
+
+    /// The instance.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+}
+
+impl fmt::Display for RegistrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}",
+            self.tenant_id, self.connector_type, self.instance_id
+        )
+    }
+}
+
+impl fmt::Debug for RegistrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegistrationKey({self})")
+    }
+}
+
+/// The longest identifier the wire contract allows.
+pub const MAX_IDENTIFIER_LEN: usize = 128;
+
+/// Checks one identifier against the wire contract.
+pub fn validate_identifier(field: &str, value: &str) -> Result<(), ConnectorError> {
+    if value.is_empty() {
+        return Err(ConnectorError::InvalidConfig(format!(
+            "{field} is empty; it needs 1 to {MAX_IDENTIFIER_LEN} characters of A-Z a-z 0-9 _ -"
+        )));
+    }
+    if value.len() > MAX_IDENTIFIER_LEN {
+        return Err(ConnectorError::InvalidConfig(format!(
+            "{field} is {} characters long; the limit is {MAX_IDENTIFIER_LEN}",
+            value.len()
+        )));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(ConnectorError::InvalidConfig(format!(
+            "{field} {value:?} contains {bad:?}; only A-Z a-z 0-9 _ - are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A secret string (auth or session token): never printed by `Debug` or
+/// `Display`, so it cannot leak into a log line by accident.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("<empty>")
+        } else {
+            f.write_str("<redacted>")
+        }
+    }
+}
+
+/// Who one registration is and how it presents itself to the server.
+///
+/// Build it with [`ConnectorConfig::builder`]; `build` validates the
+/// identifiers. `Debug` never shows the auth token.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConnectorConfig {
+    /// `tenant.type.instance`.
+    pub key: RegistrationKey,
+    /// Bearer credential for a first registration (may be empty).
+    pub auth_token: Secret,
+    /// Human name shown by the control plane.
+    pub display_name: String,
+    /// Routing tags.
+    pub tags: Vec<String>,
+    /// Free metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Executes run at once; `None` takes
+    /// [`MultiTransportOptions::max_concurrent_requests`].
+    pub max_concurrent_requests: Option<u32>,
+}
+
+impl ConnectorConfig {
+    /// A builder for the registration `tenant.type.instance`.
+    pub fn builder(
+        tenant_id: impl Into<String>,
+        connector_type: impl Into<String>,
+        instance_id: impl Into<String>,
+    ) -> ConnectorConfigBuilder {
+        ConnectorConfigBuilder {
+            tenant_id: tenant_id.into(),
+            connector_type: connector_type.into(),
+            instance_id: instance_id.into(),
+            auth_token: Secret::default(),
+            display_name: None,
+            tags: Vec::new(),
+            metadata: BTreeMap::new(),
+            max_concurrent_requests: None,
+        }
+    }
+
+    /// The registration's key.
+    pub fn key(&self) -> &RegistrationKey {
+        &self.key
+    }
+}
+
+/// Builds a [`ConnectorConfig`].
+#[derive(Debug)]
+pub struct ConnectorConfigBuilder {
+    tenant_id: String,
+    connector_type: String,
+    instance_id: String,
+    auth_token: Secret,
+    display_name: Option<String>,
+    tags: Vec<String>,
+    metadata: BTreeMap<String, String>,
+    max_concurrent_requests: Option<u32>,
+}
+
+impl ConnectorConfigBuilder {
+    /// Bearer credential sent in `register`.
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Secret::new(token);
+        self
+    }
+
+    /// Human name (default: the key).
+    pub fn display_name(mut self, name: impl Into<String>) -> Self {
+        self.display_name = Some(name.into());
+        self
+    }
+
+    /// Adds a routing tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Executes this registration runs at once (at least 1).
+    pub fn max_concurrent_requests(mut self, n: u32) -> Self {
+        self.max_concurrent_requests = Some(n);
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<ConnectorConfig, ConnectorError> {
+        let key = RegistrationKey::new(self.tenant_id, self.connector_type, self.instance_id)?;
+        if self.max_concurrent_requests == Some(0) {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{key}: max_concurrent_requests must be at least 1"
+            )));
+        }
+        Ok(ConnectorConfig {
+            display_name: self.display_name.unwrap_or_else(|| key.to_string()),
+            key,
+            auth_token: self.auth_token,
+            tags: self.tags,
+            metadata: self.metadata,
+            max_concurrent_requests: self.max_concurrent_requests,
+        })
+    }
+}
+
+/// Which wire binding a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// gRPC over HTTP/2 (`grpc://`, `grpcs://`).
+    Grpc,
+    /// WebSocket (`ws://`, `wss://`).
+    WebSocket,
+}
+
+/// A parsed and validated server URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Endpoint {
+    /// The binding.
+    pub kind: TransportKind,
+    /// TLS on (`grpcs`, `wss`).
+    pub tls: bool,
+    /// Host name or IP literal (without brackets), also the TLS server name.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Path (WebSocket only; `/v1/connect` when the URL has none).
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `grpc://host:port`, `grpcs://…`, `ws://host:port[/path]`,
+    /// `wss://…`.
+    pub fn parse(url: &str) -> Result<Self, ConnectorError> {
+        let bad = |why: &str| ConnectorError::InvalidConfig(format!("url {url:?}: {why}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected scheme://host:port (grpc, grpcs, ws or wss)"))?;
+        let (kind, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "grpc" => (TransportKind::Grpc, false),
+            "grpcs" => (TransportKind::Grpc, true),
+            "ws" => (TransportKind::WebSocket, false),
+            "wss" => (TransportKind::WebSocket, true),
+            other => {
+                return Err(bad(&format!(
+                    "unknown scheme {other:?}; use grpc, grpcs, ws or wss"
+                )))
+            }
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(bad("credentials in the URL are not supported"));
+        }
+        let (host, port) = if let Some(after) = authority.strip_prefix('[') {
+            let (h, p) = after
+                .split_once(']')
+                .ok_or_else(|| bad("unterminated IPv6 literal"))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(&format!("port {p:?} is not in 1..=65535")))?,
+            None => match (kind, tls) {
+                (_, true) => 443,
+                (_, false) => 80,
+            },
+        };
+        let path = match kind {
+            TransportKind::Grpc => {
+                if !path.is_empty() && path != "/" {
+                    return Err(bad("a gRPC URL takes no path"));
+                }
+                String::new()
+            }
+            TransportKind::WebSocket => {
+                if path.is_empty() || path == "/" {
+                    connector_proto::WS_PATH.to_string()
+                } else {
+                    path.to_string()
+                }
+            }
+        };
+        Ok(Self {
+            kind,
+            tls,
+            host: host.to_string(),
+            port,
+            path,
+        })
+    }
+
+    /// `host:port`, with brackets around an IPv6 literal.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match (self.kind, self.tls) {
+            (TransportKind::Grpc, false) => "grpc",
+            (TransportKind::Grpc, true) => "grpcs",
+            (TransportKind::WebSocket, false) => "ws",
+            (TransportKind::WebSocket, true) => "wss",
+        };
+        write!(f, "{scheme}://{}{}", self.authority(), self.path)
+    }
+}
+
+/// TLS material beyond the system roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// Extra trusted CA certificates (PEM file).
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS, with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS, with `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// How a host reaches its server and how every registration behaves on the
+/// wire. One value serves all registrations of a runner.
+///
+/// Defaults (see [`MultiTransportOptions::builder`]): 80 streams per gRPC
+/// channel, 10 s connect timeout, reconnect on with a 500 ms base, a 60 s
+/// cap and 500 ms of jitter, 100 concurrent requests per registration,
+/// heartbeats every 30 s with a 45 s watchdog.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MultiTransportOptions {
+    /// The server.
+    pub endpoint: Endpoint,
+    /// TLS material (used with `grpcs`/`wss`).
+    pub tls: TlsOptions,
+    /// gRPC: streams one HTTP/2 connection carries before another is dialled.
+    pub max_streams_per_channel: usize,
+    /// Dial + TLS + first response deadline.
+    pub connect_timeout: Duration,
+    /// Reconnect a registration whose stream ends.
+    pub reconnect: bool,
+    /// Backoff base.
+    pub reconnect_delay: Duration,
+    /// Backoff cap: no wait is ever longer, jitter included.
+    pub max_backoff: Duration,
+    /// Random extra delay added to each backoff (then clamped to the cap).
+    pub jitter: Duration,
+    /// How long a stream must stay Active before the backoff resets.
+    pub backoff_reset_after: Duration,
+    /// Executes a registration runs at once, unless its config says otherwise.
+    pub max_concurrent_requests: u32,
+    /// Executes a registration holds waiting for a slot; past this the
+    /// server gets an `OVERLOADED` response instead of an unbounded queue.
+    pub max_queued_requests: usize,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Watchdog: a stream with no server message for this long is dead.
+    pub heartbeat_timeout: Duration,
+    /// Graceful shutdown and `drain`: how long in-flight requests may take
+    /// before they are answered `CANCELLED`.
+    pub drain_timeout: Duration,
+    /// Period of `metrics_report` messages (`None`: never sent).
+    pub metrics_report_interval: Option<Duration>,
+    /// Largest message accepted or sent, in bytes.
+    pub max_message_size: usize,
+    /// Responses finished while their stream was down are kept this long for
+    /// delivery on the next stream.
+    pub redelivery_ttl: Duration,
+    /// At most this many such responses are kept per registration.
+    pub redelivery_capacity: usize,
+    /// Seed for the backoff jitter (`None`: seeded from the clock and key).
+    pub jitter_seed: Option<u64>,
+}
+
+impl MultiTransportOptions {
+    /// A builder for `url` with every default.
+    pub fn builder(url: impl Into<String>) -> MultiTransportOptionsBuilder {
+        MultiTransportOptionsBuilder {
+            url: url.into(),
+            use_tls: None,
+            tls: TlsOptions::default(),
+            max_streams_per_channel: 80,
+            connect_timeout: Duration::from_secs(10),
+            reconnect: true,
+            reconnect_delay: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            jitter: Duration::from_millis(500),
+            backoff_reset_after: Duration::from_secs(10),
+            max_concurrent_requests: 100,
+            max_queued_requests: 10_000,
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(45),
+            drain_timeout: Duration::from_secs(30),
+            metrics_report_interval: Some(Duration::from_secs(30)),
+            max_message_size: 4 * 1024 * 1024,
+            redelivery_ttl: Duration::from_secs(300),
+            redelivery_capacity: 1024,
+            jitter_seed: None,
+        }
+    }
+
+    /// Turns these options back into a builder, to change a few fields.
+    pub fn to_builder(&self) -> MultiTransportOptionsBuilder {
+        MultiTransportOptionsBuilder {
+            url: self.endpoint.to_string(),
+            use_tls: Some(self.endpoint.tls),
+            tls: self.tls.clone(),
+            max_streams_per_channel: self.max_streams_per_channel,
+            connect_timeout: self.connect_timeout,
+            reconnect: self.reconnect,
+            reconnect_delay: self.reconnect_delay,
+            max_backoff: self.max_backoff,
+            jitter: self.jitter,
+            backoff_reset_after: self.backoff_reset_after,
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_queued_requests: self.max_queued_requests,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            drain_timeout: self.drain_timeout,
+            metrics_report_interval: self.metrics_report_interval,
+            max_message_size: self.max_message_size,
+            redelivery_ttl: self.redelivery_ttl,
+            redelivery_capacity: self.redelivery_capacity,
+            jitter_seed: self.jitter_seed,
+        }
+    }
+}
+
+/// Builds [`MultiTransportOptions`]; `build` validates.
+#[derive(Debug, Clone)]
+pub struct MultiTransportOptionsBuilder {
+    url: String,
+    use_tls: Option<bool>,
+    tls: TlsOptions,
+    max_streams_per_channel: usize,
+    connect_timeout: Duration,
+    reconnect: bool,
+    reconnect_delay: Duration,
+    max_backoff: Duration,
+    jitter: Duration,
+    backoff_reset_after: Duration,
+    max_concurrent_requests: u32,
+    max_queued_requests: usize,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+    drain_timeout: Duration,
+    metrics_report_interval: Option<Duration>,
+    max_message_size: usize,
+    redelivery_ttl: Duration,
+    redelivery_capacity: usize,
+    jitter_seed: Option<u64>,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl MultiTransportOptionsBuilder {
+    /// Forces TLS on or off whatever the scheme says (`grpc` + `true` is
+    /// `grpcs`).
+    pub fn use_tls(mut self, on: bool) -> Self {
+        self.use_tls = Some(on);
+        self
+    }
+
+    /// Extra trusted CA certificates (PEM file) for `grpcs`/`wss`.
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_cert = Some(path.into());
+        self
+    }
+
+    /// Client certificate and key (PEM files) for mutual TLS.
+    pub fn client_identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls.client_cert = Some(cert.into());
+        self.tls.client_key = Some(key.into());
+        self
+    }
+
+    setter!(
+        /// gRPC streams per HTTP/2 connection (default 80).
+        max_streams_per_channel: usize
+    );
+    setter!(
+        /// Dial + TLS + first response deadline (default 10 s).
+        connect_timeout: Duration
+    );
+    setter!(
+        /// Reconnect ended streams (default on).
+        reconnect: bool
+    );
+    setter!(
+        /// Backoff base (default 500 ms).
+        reconnect_delay: Duration
+    );
+    setter!(
+        /// Backoff cap, jitter included (default 60 s).
+        max_backoff: Duration
+    );
+    setter!(
+        /// Random extra backoff (default 500 ms).
+        jitter: Duration
+    );
+    setter!(
+        /// Healthy time before the backoff resets (default 10 s).
+        backoff_reset_after: Duration
+    );
+    setter!(
+        /// Concurrent executes per registration (default 100).
+        max_concurrent_requests: u32
+    );
+    setter!(
+        /// Executes waiting for a slot per registration (default 10 000).
+        max_queued_requests: usize
+    );
+    setter!(
+        /// Heartbeat period (default 30 s).
+        heartbeat_interval: Duration
+    );
+    setter!(
+        /// Watchdog timeout (default 45 s).
+        heartbeat_timeout: Duration
+    );
+    setter!(
+        /// Drain and graceful-shutdown bound (default 30 s).
+        drain_timeout: Duration
+    );
+    setter!(
+        /// `metrics_report` period (default 30 s; `None` turns it off).
+        metrics_report_interval: Option<Duration>
+    );
+    setter!(
+        /// Largest message in bytes (default 4 MiB).
+        max_message_size: usize
+    );
+    setter!(
+        /// How long an undelivered response is kept (default 5 min).
+        redelivery_ttl: Duration
+    );
+    setter!(
+        /// How many undelivered responses are kept (default 1024).
+        redelivery_capacity: usize
+    );
+    setter!(
+        /// Seed for the jitter (tests); default: from the clock.
+        jitter_seed: Option<u64>
+    );
+
+    /// Validates and builds. Warns (tracing) when the watchdog timeout is
+    /// shorter than the heartbeat interval: such a watchdog can fire between
+    /// two healthy heartbeats.
+    pub fn build(self) -> Result<MultiTransportOptions, ConnectorError> {
+        let mut endpoint = Endpoint::parse(&self.url)?;
+        if let Some(tls) = self.use_tls {
+            endpoint.tls = tls;
+        }
+        let invalid = |m: String| Err(ConnectorError::InvalidConfig(m));
+        if self.max_streams_per_channel == 0 {
+            return invalid("max_streams_per_channel must be at least 1".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return invalid("max_concurrent_requests must be at least 1".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return invalid("heartbeat_interval must be more than 0".into());
+        }
+        if self.heartbeat_timeout.is_zero() {
+            return invalid("heartbeat_timeout must be more than 0".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("connect_timeout must be more than 0".into());
+        }
+        if self.max_backoff < self.reconnect_delay {
+            return invalid(format!(
+                "max_backoff ({:?}) is below reconnect_delay ({:?})",
+                self.max_backoff, self.reconnect_delay
+            ));
+        }
+        if self.max_message_size < 1024 {
+            return invalid("max_message_size must be at least 1024 bytes".into());
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return invalid("client_cert and client_key go together".into());
+        }
+        if self.heartbeat_timeout < self.heartbeat_interval {
+            tracing::warn!(
+                heartbeat_interval_ms = self.heartbeat_interval.as_millis() as u64,
+                heartbeat_timeout_ms = self.heartbeat_timeout.as_millis() as u64,
+                "heartbeat timeout is shorter than the interval; the watchdog may fire between healthy heartbeats"
+            );
+        }
+        Ok(MultiTransportOptions {
+            endpoint,
+            tls: self.tls,
+            max_streams_per_channel: self.max_streams_per_channel,
+            connect_timeout: self.connect_timeout,
+            reconnect: self.reconnect,
+            reconnect_delay: self.reconnect_delay,
+            max_backoff: self.max_backoff,
+            jitter: self.jitter,
+            backoff_reset_after: self.backoff_reset_after,
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_queued_requests: self.max_queued_requests,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            drain_timeout: self.drain_timeout,
+            metrics_report_interval: self.metrics_report_interval,
+            max_message_size: self.max_message_size,
+            redelivery_ttl: self.redelivery_ttl,
+            redelivery_capacity: self.redelivery_capacity,
+            jitter_seed: self.jitter_seed,
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! What a user implements: [`BaseConnector`], and what it is given and
+//! returns for one execute.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use connector_proto::{Capability, ConnectorBehavior, ExecuteErrorKind, PayloadEncoding};
+use tokio::time::Instant;
+
+use crate::config::{ConnectorConfig, RegistrationKey};
+
+/// A connector: what it is, what it can do, and how it executes one request.
+///
+/// One value serves every request of its registration concurrently (up to
+/// the registration's `max_concurrent_requests`), so `execute` takes `&self`
+/// and keeps per-request state on the stack.
+#[async_trait]
+pub trait BaseConnector: Send + Sync + 'static {
+    /// The kind of connector (`echo`, `jira`, …), sent in `register`.
+    fn connector_type(&self) -> &str;
+
+    /// The connector's version, sent in `register`.
+    fn version(&self) -> &str {
+        "0.0.0"
+    }
+
+    /// What kind of connector this is.
+    fn behavior(&self) -> ConnectorBehavior {
+        ConnectorBehavior::Tool
+    }
+
+    /// What it can execute. When the list is not empty, a request for any
+    /// other capability id is answered `UNKNOWN_CAPABILITY` without calling
+    /// [`BaseConnector::execute`]; an empty id always reaches `execute`.
+    fn capabilities(&self) -> Vec<Capability> {
+        Vec::new()
+    }
+
+    /// Runs one request. The SDK has already checked the capability id and,
+    /// for JSON requests, that the payload is valid JSON. The future is
+    /// dropped when the request is cancelled or its deadline passes.
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError>;
+}
+
+/// One execute request, as the handler sees it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ExecuteContext {
+    /// The server's id for the request.
+    pub request_id: String,
+    /// The capability asked for (may be empty).
+    pub capability_id: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// How the payload is encoded.
+    pub encoding: PayloadEncoding,
+    /// Free context from the server.
+    pub context: HashMap<String, String>,
+    /// When the server stops waiting, if it set a deadline.
+    pub deadline: Option<Instant>,
+    /// The registration the request came to.
+    pub key: RegistrationKey,
+}
+
+impl ExecuteContext {
+    /// Decodes a JSON payload.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ExecuteError> {
+        serde_json::from_slice(&self.payload)
+            .map_err(|e| ExecuteError::bad_payload(format!("payload does not decode: {e}")))
+    }
+}
+
+impl fmt::Debug for ExecuteContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecuteContext")
+            .field("request_id", &self.request_id)
+            .field("capability_id", &self.capability_id)
+            .field("payload_len", &self.payload.len())
+            .field("encoding", &self.encoding)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A successful result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecuteOutput {
+    /// The result payload.
+    pub payload: Bytes,
+    /// How it is encoded.
+    pub encoding: PayloadEncoding,
+}
+
+impl ExecuteOutput {
+    /// A JSON result from bytes the caller knows to be JSON.
+    pub fn json_bytes(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            encoding: PayloadEncoding::Json,
+        }
+    }
+
+    /// A JSON result from any serialisable value.
+    pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Self, ExecuteError> {
+        serde_json::to_vec(value)
+            .map(Self::json_bytes)
+            .map_err(|e| ExecuteError::handler(format!("result does not encode as JSON: {e}")))
+    }
+
+    /// A raw (opaque bytes) result.
+    pub fn raw(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            encoding: PayloadEncoding::Raw,
+        }
+    }
+}
+
+/// A failed execute, as the server will see it (`success = false`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+#[non_exhaustive]
+pub struct ExecuteError {
+    /// The protocol's error kind.
+    pub kind: ExecuteErrorKind,
+    /// A message for the server's logs.
+    pub message: String,
+}
+
+impl ExecuteError {
+    /// The handler failed (`HANDLER`).
+    pub fn handler(message: impl Into<String>) -> Self {
+        Self {
+            kind: ExecuteErrorKind::Handler,
+            message: message.into(),
+        }
+    }
+
+    /// The payload is not what the capability takes (`BAD_PAYLOAD`).
+    pub fn bad_payload(message: impl Into<String>) -> Self {
+        Self {
+            kind: ExecuteErrorKind::BadPayload,
+            message: message.into(),
+        }
+    }
+
+    /// The capability id is not one this connector has (`UNKNOWN_CAPABILITY`).
+    pub fn unknown_capability(capability_id: &str) -> Self {
+        Self {
+            kind: ExecuteErrorKind::UnknownCapability,
+            message: format!("unknown capability {capability_id:?}"),
+        }
+    }
+
+    /// An error of any kind.
+    pub fn new(kind: ExecuteErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A connector with its registration config: one unit a runner hosts.
+#[derive(Clone)]
+pub struct ConnectorRegistration {
+    pub(crate) config: ConnectorConfig,
+    pub(crate) connector: Arc<dyn BaseConnector>,
+}
+
+impl ConnectorRegistration {
+    /// Pairs a config with a connector.
+    pub fn new(config: ConnectorConfig, connector: impl BaseConnector) -> Self {
+        Self::from_arc(config, Arc::new(connector))
+    }
+
+    /// Pairs a config with a shared connector (one value may serve several
+    /// registrations).
+    pub fn from_arc(config: ConnectorConfig, connector: Arc<dyn BaseConnector>) -> Self {
+        Self { config, connector }
+    }
+
+    /// The registration's key.
+    pub fn key(&self) -> &RegistrationKey {
+        &self.config.key
+    }
+
+    /// The registration's config.
+    pub fn config(&self) -> &ConnectorConfig {
+        &self.config
+    }
+
+    /// The connector.
+    pub fn connector(&self) -> &Arc<dyn BaseConnector> {
+        &self.connector
+    }
+}
+
+impl fmt::Debug for ConnectorRegistration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectorRegistration")
+            .field("config", &self.config)
+            .field("connector_type", &self.connector.connector_type())
+            .finish()
+    }
+}

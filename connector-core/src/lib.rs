@@ -1,0 +1,33 @@
+//! Transport-agnostic core of the connector SDK.
+//!
+//! A host process runs many *registrations* (tenant, type, instance), each a
+//! [`BaseConnector`] with its [`ConnectorConfig`]. Every registration is
+//! driven by one sans-IO state machine ([`Registration`]) that owns the whole
+//! protocol: register, approval, heartbeats and the watchdog, backoff, drain,
+//! and the bookkeeping that gives every `execute_request` exactly one
+//! response. A thin async driver runs it over any [`StreamMux`]; the gRPC
+//! and WebSocket transports live in their own crates and only move messages.
+#![deny(missing_docs)]
+
+mod backoff;
+mod config;
+mod connector;
+mod error;
+mod transport;
+
+pub use backoff::{Backoff, JitterRng};
+pub use config::{
+    validate_identifier, ConnectorConfig, ConnectorConfigBuilder, Endpoint, MultiTransportOptions,
+    MultiTransportOptionsBuilder, RegistrationKey, Secret, TlsOptions, TransportKind,
+    MAX_IDENTIFIER_LEN,
+};
+pub use connector::{
+    BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
+};
+pub use error::{ConnectorError, TransportError, TransportErrorKind};
+pub use transport::{
+    ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
+};
+
+/// The wire protocol's messages, re-exported so users need one dependency.
+pub use connector_proto as proto;
