@@ -12,7 +12,12 @@
 mod backoff;
 mod config;
 mod connector;
+mod driver;
 mod error;
+mod metrics;
+mod registration;
+mod runner;
+mod state;
 mod transport;
 
 pub use backoff::{Backoff, JitterRng};
@@ -24,10 +29,18 @@ pub use config::{
 pub use connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
+pub use driver::RegistrationHandle;
 pub use error::{ConnectorError, TransportError, TransportErrorKind};
+pub use metrics::ConnectorMetrics;
+pub use registration::{Action, Registration};
+pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
+pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
 
 /// The wire protocol's messages, re-exported so users need one dependency.
 pub use connector_proto as proto;
+
+#[cfg(test)]
+mod registration_tests;

@@ -1,0 +1,435 @@
+//! The thin async loop that runs one [`Registration`] over a [`StreamMux`]:
+//! it turns IO and timers into `handle_*` calls and carries out the state
+//! machine's actions. No protocol decision is made here.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use connector_proto::{ExecuteRequest, PayloadEncoding, StreamMessage};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{broadcast, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{MultiTransportOptions, RegistrationKey};
+use crate::connector::{
+    BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
+};
+use crate::error::TransportError;
+use crate::metrics::{ConnectorMetrics, MetricsCell};
+use crate::registration::{Action, Registration};
+use crate::state::{RegistrationEvent, RegistrationState};
+use crate::transport::{MessageStream, StreamMux};
+
+/// How long a graceful close waits for the outbox to flush and the server to
+/// end its side before the stream is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Live view of one registration, shared by its driver and its runner.
+#[derive(Debug)]
+pub(crate) struct LiveShared {
+    pub(crate) key: RegistrationKey,
+    pub(crate) metrics: Arc<MetricsCell>,
+    pub(crate) state: watch::Sender<RegistrationState>,
+    pub(crate) events: broadcast::Sender<RegistrationEvent>,
+    /// Cancelled by `remove` (and, as a child, by the runner's shutdown).
+    pub(crate) stop: CancellationToken,
+    pub(crate) removing: std::sync::atomic::AtomicBool,
+}
+
+impl LiveShared {
+    pub(crate) fn new(key: RegistrationKey, stop: CancellationToken) -> Self {
+        Self {
+            key,
+            metrics: Arc::new(MetricsCell::default()),
+            state: watch::channel(RegistrationState::Idle).0,
+            events: broadcast::channel(64).0,
+            stop,
+            removing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// A handle on one hosted registration: its state, events and metrics.
+#[derive(Debug, Clone)]
+pub struct RegistrationHandle {
+    pub(crate) shared: Arc<LiveShared>,
+}
+
+impl RegistrationHandle {
+    /// The registration's key.
+    pub fn key(&self) -> &RegistrationKey {
+        &self.shared.key
+    }
+
+    /// The state now.
+    pub fn state(&self) -> RegistrationState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// A receiver that sees every state change (`watch` semantics: the
+    /// latest value, never a backlog).
+    pub fn watch_state(&self) -> watch::Receiver<RegistrationState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Events from now on. A receiver that falls more than 64 events behind
+    /// loses the oldest (`broadcast` semantics) and is told so.
+    pub fn events(&self) -> broadcast::Receiver<RegistrationEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> ConnectorMetrics {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Waits until the state satisfies `pred`, or `timeout` passes; returns
+    /// the state that satisfied it.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&RegistrationState) -> bool,
+    ) -> Option<RegistrationState> {
+        let mut rx = self.watch_state();
+        tokio::time::timeout(timeout, async {
+            let state = rx.wait_for(|s| pred(s)).await.ok()?;
+            Some(state.clone())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+type Opening = Pin<Box<dyn Future<Output = Result<MessageStream, TransportError>> + Send>>;
+type Outcome = (String, Result<ExecuteOutput, ExecuteError>);
+
+/// What woke the driver.
+enum Input {
+    Stop,
+    Opened(Result<MessageStream, TransportError>),
+    Inbound(Option<Result<StreamMessage, TransportError>>),
+    OutboundClosed,
+    Sent,
+    Done(Outcome),
+    Timer,
+}
+
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs one registration until it stops. Returns when the registration is
+/// stopped and every handler task is gone (no task outlives this future).
+pub(crate) async fn drive(
+    registration: ConnectorRegistration,
+    options: Arc<MultiTransportOptions>,
+    mux: Arc<dyn StreamMux>,
+    live: Arc<LiveShared>,
+) {
+    let key = live.key.clone();
+    let span = tracing::info_span!("registration", key = %key);
+    async move {
+        let connector = registration.connector().clone();
+        let mut sm = Registration::with_metrics(
+            &registration,
+            &options,
+            Instant::now(),
+            unix_ms_now(),
+            live.metrics.clone(),
+        );
+        let mut driver = Driver {
+            key,
+            connector,
+            mux,
+            stream: None,
+            opening: None,
+            tasks: JoinSet::new(),
+            aborts: HashMap::new(),
+            stop_seen: false,
+            published: u64::MAX,
+        };
+        sm.handle_start(Instant::now());
+        loop {
+            driver.apply_actions(&mut sm).await;
+            driver.publish(&mut sm, &live);
+            if sm.is_finished() && driver.stream.is_none() && driver.opening.is_none() {
+                break;
+            }
+            let input = driver.next_input(&mut sm, &live.stop).await;
+            driver.handle(&mut sm, input).await;
+        }
+        driver.tasks.abort_all();
+        while driver.tasks.join_next().await.is_some() {}
+        driver.publish(&mut sm, &live);
+    }
+    .instrument(span)
+    .await
+}
+
+struct Driver {
+    key: RegistrationKey,
+    connector: Arc<dyn BaseConnector>,
+    mux: Arc<dyn StreamMux>,
+    stream: Option<MessageStream>,
+    opening: Option<Opening>,
+    tasks: JoinSet<Outcome>,
+    aborts: HashMap<String, AbortHandle>,
+    stop_seen: bool,
+    published: u64,
+}
+
+impl Driver {
+    async fn apply_actions(&mut self, sm: &mut Registration) {
+        while let Some(action) = sm.poll_action() {
+            match action {
+                Action::OpenStream(register) => {
+                    let mux = self.mux.clone();
+                    let key = self.key.clone();
+                    self.opening = Some(Box::pin(async move { mux.open(&key, register).await }));
+                }
+                Action::CloseStream => {
+                    if let Some(stream) = self.stream.take() {
+                        close_gracefully(stream, sm).await;
+                    }
+                    self.opening = None;
+                }
+                Action::DropStream => {
+                    self.stream = None;
+                    self.opening = None;
+                }
+                Action::Execute(request) => self.spawn_execute(request),
+                Action::Abort(id) => {
+                    if let Some(handle) = self.aborts.remove(&id) {
+                        handle.abort();
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_execute(&mut self, request: ExecuteRequest) {
+        let connector = self.connector.clone();
+        let id = request.request_id.clone();
+        let ctx = ExecuteContext {
+            deadline: (request.timeout_ms > 0)
+                .then(|| Instant::now() + Duration::from_millis(request.timeout_ms as u64)),
+            request_id: request.request_id,
+            capability_id: request.capability_id,
+            payload: request.payload.into(),
+            encoding: PayloadEncoding::try_from(request.encoding)
+                .unwrap_or(PayloadEncoding::Unspecified),
+            context: request.context,
+            key: self.key.clone(),
+        };
+        let task_id = id.clone();
+        let handle = self.tasks.spawn(async move {
+            let result = AssertUnwindSafe(connector.execute(ctx))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(ExecuteError::handler("the handler panicked")));
+            (task_id, result)
+        });
+        self.aborts.insert(id, handle);
+    }
+
+    fn publish(&mut self, sm: &mut Registration, live: &LiveShared) {
+        while let Some(event) = sm.poll_event() {
+            match &event {
+                RegistrationEvent::Approved { reconnect } => {
+                    tracing::info!(reconnect, "registration approved")
+                }
+                RegistrationEvent::Disconnected { cause } => {
+                    tracing::debug!(%cause, "disconnected")
+                }
+                RegistrationEvent::BackingOff { delay } => {
+                    tracing::debug!(delay_ms = delay.as_millis() as u64, "backing off")
+                }
+                RegistrationEvent::Stopped { reason } => tracing::info!(%reason, "stopped"),
+                _ => tracing::trace!(?event, "event"),
+            }
+            // No receiver is fine: events are for whoever listens.
+            let _ = live.events.send(event);
+        }
+        if sm.state_version() != self.published {
+            self.published = sm.state_version();
+            live.state.send_replace(sm.state().clone());
+        }
+    }
+
+    async fn next_input(&mut self, sm: &mut Registration, stop: &CancellationToken) -> Input {
+        let deadline = sm.poll_timeout();
+        let wants_send = sm.has_transmit();
+        let Self {
+            stream,
+            opening,
+            tasks,
+            stop_seen,
+            ..
+        } = self;
+        let (inbound, outbound) = match stream.as_mut() {
+            Some(s) => (Some(&mut s.inbound), Some(&s.outbound)),
+            None => (None, None),
+        };
+        let has_opening = opening.is_some();
+        let has_tasks = !tasks.is_empty();
+        let has_stream = inbound.is_some();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if !*stop_seen => Input::Stop,
+            res = async { match opening.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_opening => Input::Opened(res),
+            Some(done) = tasks.join_next(), if has_tasks => match done {
+                Ok(outcome) => Input::Done(outcome),
+                // Aborted after its response was made (timeout, cancel).
+                Err(_) => Input::Timer,
+            },
+            msg = async { match inbound { Some(i) => i.next().await, None => std::future::pending().await } }, if has_stream => Input::Inbound(msg),
+            permit = async { match outbound { Some(o) => o.reserve().await, None => std::future::pending().await } }, if has_stream && wants_send => match permit {
+                Ok(permit) => {
+                    if let Some(m) = sm.poll_transmit() {
+                        permit.send(m);
+                    }
+                    Input::Sent
+                }
+                Err(_) => Input::OutboundClosed,
+            },
+            _ = sleep_until_opt(deadline) => Input::Timer,
+        }
+    }
+
+    async fn handle(&mut self, sm: &mut Registration, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Stop => {
+                self.stop_seen = true;
+                sm.handle_shutdown(now);
+            }
+            Input::Opened(res) => {
+                self.opening = None;
+                match res {
+                    Ok(stream) => {
+                        tracing::debug!(connection_id = stream.info.connection_id, "stream open");
+                        self.stream = Some(stream);
+                        sm.handle_stream_opened(now);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not open stream");
+                        sm.handle_open_failed(now, &e.to_string());
+                    }
+                }
+            }
+            Input::Inbound(Some(Ok(msg))) => {
+                sm.handle_message(now, msg);
+                // Take what else is ready without another trip through select.
+                for _ in 0..64 {
+                    let Some(s) = self.stream.as_mut() else { break };
+                    match s.inbound.next().now_or_never() {
+                        Some(Some(Ok(msg))) => sm.handle_message(Instant::now(), msg),
+                        Some(Some(Err(e))) => {
+                            self.stream = None;
+                            tracing::warn!(error = %e, "stream failed");
+                            sm.handle_stream_closed(Instant::now(), Some(&e.to_string()));
+                            break;
+                        }
+                        Some(None) => {
+                            self.stream = None;
+                            sm.handle_stream_closed(Instant::now(), None);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Input::Inbound(Some(Err(e))) => {
+                self.stream = None;
+                tracing::warn!(error = %e, "stream failed");
+                sm.handle_stream_closed(now, Some(&e.to_string()));
+            }
+            Input::Inbound(None) => {
+                self.stream = None;
+                sm.handle_stream_closed(now, None);
+            }
+            Input::OutboundClosed => {
+                self.stream = None;
+                sm.handle_stream_closed(now, Some("outbound half closed"));
+            }
+            Input::Sent => {
+                // Fill the stream's queue while it has room.
+                if let Some(s) = self.stream.as_ref() {
+                    while sm.has_transmit() {
+                        match s.outbound.try_reserve() {
+                            Ok(permit) => {
+                                if let Some(m) = sm.poll_transmit() {
+                                    permit.send(m);
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            Input::Done((id, result)) => {
+                self.aborts.remove(&id);
+                sm.handle_execute_done(now, &id, result);
+                while let Some(Some(Ok((id, result)))) = self.tasks.join_next().now_or_never() {
+                    self.aborts.remove(&id);
+                    sm.handle_execute_done(Instant::now(), &id, result);
+                }
+            }
+            Input::Timer => {}
+        }
+        // Timers are checked after every input: cheap, and it keeps a busy
+        // stream from starving the watchdog or request deadlines.
+        if sm.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+            sm.handle_timeout(Instant::now());
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends what the state machine still has for this stream, half-closes, and
+/// waits (bounded) for the server to end its side, so nothing queued is lost
+/// to a reset.
+async fn close_gracefully(mut stream: MessageStream, sm: &mut Registration) {
+    let deadline = Instant::now() + CLOSE_LINGER;
+    while sm.has_transmit() {
+        match tokio::time::timeout_at(deadline, stream.outbound.reserve()).await {
+            Ok(Ok(permit)) => {
+                if let Some(m) = sm.poll_transmit() {
+                    permit.send(m);
+                }
+            }
+            _ => {
+                while let Some(m) = sm.poll_transmit() {
+                    sm.handle_unsent(Instant::now(), m);
+                }
+                break;
+            }
+        }
+    }
+    drop(stream.outbound);
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Some(item) = stream.inbound.next().await {
+            if item.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}

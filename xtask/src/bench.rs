@@ -1,0 +1,41 @@
+//! `cargo xtask bench [--quick|--smoke] [SCENARIO...]`: a dispatcher to the
+//! benchmark binary in `examples`, which gets every argument unchanged.
+
+use crate::cmd;
+
+/// The benchmark binary's source; its presence decides whether there is a
+/// benchmark to run.
+const BENCH_SOURCE: &str = "examples/src/bin/connector-bench.rs";
+
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "-h" || a == "--help") && !bench_exists() {
+        println!("usage: cargo xtask bench [--quick|--smoke] [SCENARIO...]");
+        return Ok(());
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    if !bench_exists() {
+        println!("bench: not implemented yet ({BENCH_SOURCE} does not exist)");
+        return if smoke {
+            Ok(())
+        } else {
+            Err(format!(
+                "no benchmark to run: {BENCH_SOURCE} does not exist"
+            ))
+        };
+    }
+    let mut command = cmd::cargo([
+        "run",
+        "--release",
+        "--package",
+        "examples",
+        "--bin",
+        "connector-bench",
+        "--",
+    ]);
+    command.args(args);
+    cmd::run(&mut command)
+}
+
+fn bench_exists() -> bool {
+    cmd::workspace_root().join(BENCH_SOURCE).is_file()
+}
