@@ -28,7 +28,6 @@ use crate::metrics::MetricsCell;
 use crate::state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 
 /// Something the driver must do for the state machine.
-#[derive(Debug)]
 #[non_exhaustive]
 pub enum Action {
     /// Open a stream and send this `register` message first.
@@ -42,6 +41,19 @@ pub enum Action {
     Execute(ExecuteRequest),
     /// Abort the handler of this request (its response was already made).
     Abort(String),
+}
+
+impl std::fmt::Debug for Action {
+    // Manual: `OpenStream` carries the auth token, which must never be printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OpenStream(_) => f.write_str("OpenStream(<register>)"),
+            Self::CloseStream => f.write_str("CloseStream"),
+            Self::DropStream => f.write_str("DropStream"),
+            Self::Execute(r) => write!(f, "Execute({:?})", r.request_id),
+            Self::Abort(id) => write!(f, "Abort({id:?})"),
+        }
+    }
 }
 
 /// Why the stream is going away, when the state machine closes it itself.
@@ -336,6 +348,11 @@ impl Registration {
         }
     }
 
+    /// The registration's counters now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::ConnectorMetrics {
+        self.metrics.snapshot()
+    }
+
     /// Requests received and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.requests.len()
@@ -384,8 +401,10 @@ impl Registration {
         self.heartbeat_interval = self.settings.heartbeat_interval;
         self.heartbeat_timeout = self.settings.heartbeat_timeout;
         self.heartbeats_sent.clear();
-        self.timers.set(Timer::Heartbeat, now + self.heartbeat_interval);
-        self.timers.set(Timer::Watchdog, now + self.heartbeat_timeout);
+        self.timers
+            .set(Timer::Heartbeat, now + self.heartbeat_interval);
+        self.timers
+            .set(Timer::Watchdog, now + self.heartbeat_timeout);
         self.timers
             .set(Timer::Register, now + self.settings.connect_timeout);
         self.set_state(RegistrationState::Registering);
@@ -422,7 +441,8 @@ impl Registration {
             return;
         }
         // Any server message proves the stream alive.
-        self.timers.set(Timer::Watchdog, now + self.heartbeat_timeout);
+        self.timers
+            .set(Timer::Watchdog, now + self.heartbeat_timeout);
         match message.kind {
             Some(Kind::RegisterResponse(r)) => self.on_register_response(now, r),
             Some(Kind::ApprovalUpdate(u)) => self.on_approval_update(now, u),
@@ -717,7 +737,8 @@ impl Registration {
             self.heartbeat_interval = interval;
             self.heartbeat_timeout = self.settings.heartbeat_timeout.max(interval * 3 / 2);
             self.timers.set(Timer::Heartbeat, now + interval);
-            self.timers.set(Timer::Watchdog, now + self.heartbeat_timeout);
+            self.timers
+                .set(Timer::Watchdog, now + self.heartbeat_timeout);
         }
         self.on_status(now, r.status, r.session_token, r.reject_reason, r.message);
     }
@@ -834,7 +855,8 @@ impl Registration {
                 sent_at_unix_ms,
             })),
         });
-        self.timers.set(Timer::Heartbeat, now + self.heartbeat_interval);
+        self.timers
+            .set(Timer::Heartbeat, now + self.heartbeat_interval);
     }
 
     fn on_heartbeat_ack(&mut self, now: Instant, ack: HeartbeatAck) {
@@ -884,7 +906,8 @@ impl Registration {
             RegistrationState::Registering | RegistrationState::PendingApproval => {
                 // Nothing in flight: go at once.
                 self.after_drain = Some(AfterDrain::Reconnect(delay));
-                self.events.push_back(RegistrationEvent::Draining { reason });
+                self.events
+                    .push_back(RegistrationEvent::Draining { reason });
                 self.lose_stream(now, DisconnectCause::Drained, false);
                 self.actions.push_front(Action::CloseStream);
             }
@@ -901,7 +924,8 @@ impl Registration {
         self.after_drain = Some(then);
         if !matches!(self.state, RegistrationState::Draining) {
             self.set_state(RegistrationState::Draining);
-            self.events.push_back(RegistrationEvent::Draining { reason });
+            self.events
+                .push_back(RegistrationEvent::Draining { reason });
             self.timers
                 .set(Timer::Drain, now + self.settings.drain_timeout);
             self.timers.stop(Timer::MetricsReport);
@@ -960,7 +984,11 @@ impl Registration {
                 ),
             );
         }
-        self.close_after_drain(now);
+        // Answering the last request already closed the stream; otherwise
+        // (nothing was in flight) close it now.
+        if matches!(self.state, RegistrationState::Draining) {
+            self.close_after_drain(now);
+        }
     }
 
     fn on_execute_request(&mut self, now: Instant, req: ExecuteRequest) {
@@ -1003,7 +1031,8 @@ impl Registration {
             );
             return;
         }
-        let encoding = PayloadEncoding::try_from(req.encoding).unwrap_or(PayloadEncoding::Unspecified);
+        let encoding =
+            PayloadEncoding::try_from(req.encoding).unwrap_or(PayloadEncoding::Unspecified);
         if encoding == PayloadEncoding::Json {
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&req.payload) {
                 self.respond_now(
@@ -1117,7 +1146,8 @@ impl Registration {
         if p.running {
             self.running -= 1;
             // Harmless when the handler already finished.
-            self.actions.push_back(Action::Abort(request_id.to_string()));
+            self.actions
+                .push_back(Action::Abort(request_id.to_string()));
         } else {
             self.queue.retain(|id| id != request_id);
         }

@@ -158,7 +158,10 @@ impl MultiConnectorRunner {
     /// is brought up at once on the live transport. Fails with
     /// `InvalidConfig` if the key is already hosted and with `AlreadyRunning`
     /// once the runner has finished.
-    pub fn add(&self, registration: ConnectorRegistration) -> Result<RegistrationHandle, ConnectorError> {
+    pub fn add(
+        &self,
+        registration: ConnectorRegistration,
+    ) -> Result<RegistrationHandle, ConnectorError> {
         let key = registration.key().clone();
         let mut state = self.lock();
         if matches!(state.phase, Phase::Finished) {

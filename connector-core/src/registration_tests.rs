@@ -1,0 +1,865 @@
+//! State-machine tests on synthetic instants: no runtime, no sockets, no
+//! sleeping. Each test drives [`Registration`] as a transcript.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_proto::{
+    stream_message::Kind, ApprovalUpdate, CancelRequest, Capability, Drain, ExecuteErrorKind,
+    ExecuteRequest, ExecuteResponse, HeartbeatAck, PayloadEncoding, RegisterResponse,
+    RegistrationStatus, RejectReason, StreamMessage,
+};
+use tokio::time::Instant;
+
+use crate::{
+    Action, BaseConnector, ConnectorConfig, ConnectorRegistration, DisconnectCause, ExecuteContext,
+    ExecuteError, ExecuteOutput, MultiTransportOptions, Registration, RegistrationEvent,
+    RegistrationState, StopReason,
+};
+
+struct Echo;
+
+#[async_trait]
+impl BaseConnector for Echo {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+    fn capabilities(&self) -> Vec<Capability> {
+        ["echo", "sleep"]
+            .into_iter()
+            .map(|id| Capability {
+                id: id.into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        Ok(ExecuteOutput::json_bytes(ctx.payload))
+    }
+}
+
+const HB: Duration = Duration::from_secs(30);
+const WD: Duration = Duration::from_secs(45);
+
+fn options() -> MultiTransportOptions {
+    MultiTransportOptions::builder("grpc://127.0.0.1:1")
+        .jitter_seed(Some(7))
+        .max_concurrent_requests(2)
+        .metrics_report_interval(None)
+        .build()
+        .expect("valid options")
+}
+
+/// A scripted harness: the test plays the driver and the server.
+struct H {
+    sm: Registration,
+    now: Instant,
+    sent: Vec<StreamMessage>,
+    actions: Vec<Action>,
+    events: Vec<RegistrationEvent>,
+}
+
+impl H {
+    fn new() -> Self {
+        Self::with(options())
+    }
+
+    fn with(options: MultiTransportOptions) -> Self {
+        let config = ConnectorConfig::builder("t", "echo", "i1")
+            .auth_token("secret-auth")
+            .build()
+            .expect("valid config");
+        let reg = ConnectorRegistration::new(config, Echo);
+        let now = Instant::now();
+        Self {
+            sm: Registration::new(&reg, &options, now, 1_000_000),
+            now,
+            sent: Vec::new(),
+            actions: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        while let Some(a) = self.sm.poll_action() {
+            self.actions.push(a);
+        }
+        while let Some(m) = self.sm.poll_transmit() {
+            self.sent.push(m);
+        }
+        while let Some(e) = self.sm.poll_event() {
+            self.events.push(e);
+        }
+    }
+
+    /// Moves the clock forward, firing every timer on the way at its own
+    /// deadline (as a driver would).
+    fn advance(&mut self, d: Duration) {
+        let target = self.now + d;
+        while let Some(at) = self.sm.poll_timeout() {
+            if at > target {
+                break;
+            }
+            self.now = at;
+            self.sm.handle_timeout(at);
+            self.pump();
+        }
+        self.now = target;
+        self.pump();
+    }
+
+    fn recv(&mut self, kind: Kind) {
+        self.sm
+            .handle_message(self.now, StreamMessage { kind: Some(kind) });
+        self.pump();
+    }
+
+    fn take_actions(&mut self) -> Vec<Action> {
+        self.pump();
+        std::mem::take(&mut self.actions)
+    }
+
+    fn take_sent(&mut self) -> Vec<StreamMessage> {
+        self.pump();
+        std::mem::take(&mut self.sent)
+    }
+
+    fn responses(&mut self) -> Vec<ExecuteResponse> {
+        self.take_sent()
+            .into_iter()
+            .filter_map(|m| match m.kind {
+                Some(Kind::ExecuteResponse(r)) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Start, open, and answer `register` with `status`.
+    fn open(&mut self) {
+        self.sm.handle_start(self.now);
+        self.pump();
+        self.sm.handle_stream_opened(self.now);
+        self.pump();
+    }
+
+    fn approve(&mut self) {
+        self.open();
+        self.recv(Kind::RegisterResponse(RegisterResponse {
+            status: RegistrationStatus::Approved as i32,
+            session_token: "sess-1".into(),
+            ..Default::default()
+        }));
+        assert_eq!(self.sm.state(), &RegistrationState::Active);
+        self.take_actions();
+        self.take_sent();
+    }
+
+    fn execute(&mut self, id: &str, capability: &str, payload: &[u8], timeout_ms: u32) {
+        self.recv(Kind::ExecuteRequest(ExecuteRequest {
+            request_id: id.into(),
+            payload: payload.to_vec(),
+            encoding: PayloadEncoding::Json as i32,
+            capability_id: capability.into(),
+            timeout_ms,
+            ..Default::default()
+        }));
+    }
+}
+
+fn register_of(action: &Action) -> Option<&connector_proto::RegisterRequest> {
+    match action {
+        Action::OpenStream(StreamMessage {
+            kind: Some(Kind::Register(r)),
+        }) => Some(r),
+        _ => None,
+    }
+}
+
+fn executes(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Execute(r) => Some(r.request_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn start_opens_a_stream_with_register_first() {
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    let actions = h.take_actions();
+    let reg = register_of(&actions[0]).expect("first action opens a stream with register");
+    assert_eq!(
+        (
+            reg.tenant_id.as_str(),
+            reg.connector_type.as_str(),
+            reg.instance_id.as_str()
+        ),
+        ("t", "echo", "i1")
+    );
+    assert_eq!(reg.auth_token, "secret-auth");
+    assert_eq!(reg.session_token, "");
+    assert_eq!(reg.max_concurrent_requests, 2);
+    assert_eq!(reg.capabilities.len(), 2);
+    assert_eq!(h.sm.state(), &RegistrationState::Connecting);
+}
+
+#[test]
+fn watchdog_fires_at_the_timeout_and_not_before() {
+    let mut h = H::new();
+    h.approve();
+    h.advance(WD - Duration::from_millis(1));
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    h.advance(Duration::from_millis(1));
+    assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        RegistrationEvent::Disconnected {
+            cause: DisconnectCause::Watchdog
+        }
+    )));
+    assert!(h.actions.iter().any(|a| matches!(a, Action::DropStream)));
+}
+
+#[test]
+fn any_server_message_feeds_the_watchdog() {
+    let mut h = H::new();
+    h.approve();
+    h.advance(Duration::from_secs(40));
+    h.execute("r1", "echo", b"{}", 0);
+    h.advance(Duration::from_secs(40));
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    h.advance(Duration::from_secs(5));
+    assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
+}
+
+#[test]
+fn twenty_intervals_with_acks_never_disconnect() {
+    let mut h = H::new();
+    h.approve();
+    for round in 0..20u64 {
+        // Land exactly on each heartbeat: the previous round spent 20 ms.
+        h.advance(if round == 0 {
+            HB
+        } else {
+            HB - Duration::from_millis(20)
+        });
+        let sent = h.take_sent();
+        let hb = sent
+            .iter()
+            .find_map(|m| match &m.kind {
+                Some(Kind::Heartbeat(hb)) => Some(hb.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no heartbeat in round {round}"));
+        assert_eq!(hb.sequence, round + 1);
+        h.advance(Duration::from_millis(20));
+        h.recv(Kind::HeartbeatAck(HeartbeatAck {
+            sequence: hb.sequence,
+            sent_at_unix_ms: hb.sent_at_unix_ms,
+            should_reconnect: false,
+        }));
+    }
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    assert!(!h
+        .events
+        .iter()
+        .any(|e| matches!(e, RegistrationEvent::Disconnected { .. })));
+    let m = h.sm_metrics();
+    assert_eq!(m.last_heartbeat_rtt, Some(Duration::from_millis(20)));
+    assert_eq!(m.total_disconnects, 0);
+}
+
+impl H {
+    fn sm_metrics(&self) -> crate::ConnectorMetrics {
+        self.sm.metrics_snapshot()
+    }
+}
+
+#[test]
+fn heartbeats_start_when_the_stream_opens_even_while_pending() {
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Pending as i32,
+        ..Default::default()
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+    h.advance(HB);
+    assert!(h
+        .take_sent()
+        .iter()
+        .any(|m| matches!(m.kind, Some(Kind::Heartbeat(_)))));
+}
+
+#[test]
+fn pending_then_approved_then_execute() {
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Pending as i32,
+        ..Default::default()
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+    // Pending may last longer than the connect timeout: no register timeout.
+    h.advance(Duration::from_secs(20));
+    assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+        status: RegistrationStatus::Approved as i32,
+        session_token: "tok".into(),
+        ..Default::default()
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    assert!(h.sm.has_session_token());
+}
+
+#[test]
+fn pending_then_rejected_stops_for_good() {
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Pending as i32,
+        ..Default::default()
+    }));
+    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: RejectReason::Denied as i32,
+        message: "no".into(),
+        ..Default::default()
+    }));
+    assert!(matches!(
+        h.sm.state(),
+        RegistrationState::Stopped(StopReason::Rejected {
+            reason: RejectReason::Denied,
+            ..
+        })
+    ));
+    assert!(h.sm.is_finished() || !h.take_actions().is_empty());
+}
+
+fn reject(h: &mut H, reason: RejectReason) {
+    h.open();
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: reason as i32,
+        message: "test".into(),
+        ..Default::default()
+    }));
+}
+
+#[test]
+fn final_reject_reasons_stop_the_registration() {
+    for reason in [
+        RejectReason::Denied,
+        RejectReason::InvalidCredentials,
+        RejectReason::InvalidRequest,
+    ] {
+        let mut h = H::new();
+        reject(&mut h, reason);
+        match h.sm.state() {
+            RegistrationState::Stopped(StopReason::Rejected { reason: r, message }) => {
+                assert_eq!(*r, reason);
+                assert_eq!(message, "test");
+            }
+            other => panic!("{reason:?}: {other:?}"),
+        }
+        let actions = h.take_actions();
+        assert!(actions.iter().any(|a| matches!(a, Action::CloseStream)));
+        // No reconnect is ever scheduled.
+        h.advance(Duration::from_secs(3600));
+        assert!(h.take_actions().iter().all(|a| register_of(a).is_none()));
+    }
+}
+
+#[test]
+fn session_expired_drops_token_and_registers_again_at_once() {
+    let mut h = H::new();
+    h.approve();
+    // Lose the stream, come back with the token.
+    h.sm.handle_stream_closed(h.now, None);
+    h.advance(Duration::from_secs(2));
+    let actions = h.take_actions();
+    let reg = actions
+        .iter()
+        .find_map(register_of)
+        .expect("reconnect after backoff");
+    assert_eq!(reg.session_token, "sess-1", "session token reused");
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: RejectReason::SessionExpired as i32,
+        ..Default::default()
+    }));
+    let actions = h.take_actions();
+    assert!(matches!(actions[0], Action::CloseStream));
+    let reg = actions
+        .iter()
+        .find_map(register_of)
+        .expect("registers again at once, without backoff");
+    assert_eq!(reg.session_token, "", "expired token dropped");
+    assert_eq!(reg.auth_token, "secret-auth");
+}
+
+#[test]
+fn duplicate_backs_off_and_retries() {
+    let mut h = H::new();
+    reject(&mut h, RejectReason::Duplicate);
+    assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
+    h.advance(Duration::from_secs(2));
+    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+}
+
+#[test]
+fn backoff_grows_and_is_capped_across_failures() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_backoff(Duration::from_secs(4))
+            .build()
+            .expect("valid"),
+    );
+    h.sm.handle_start(h.now);
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        h.take_actions();
+        h.sm.handle_open_failed(h.now, "refused");
+        match h.sm.state() {
+            RegistrationState::Backoff { delay } => delays.push(*delay),
+            other => panic!("{other:?}"),
+        }
+        let d = *delays.last().expect("one");
+        h.advance(d);
+        assert_eq!(h.sm.state(), &RegistrationState::Connecting);
+    }
+    assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
+    assert!(delays[2] >= Duration::from_secs(2));
+    assert!(delays.iter().all(|d| *d <= Duration::from_secs(4)));
+    assert_eq!(*delays.last().expect("one"), Duration::from_secs(4));
+}
+
+#[test]
+fn backoff_resets_only_after_a_healthy_while() {
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    for _ in 0..4 {
+        h.take_actions();
+        h.sm.handle_open_failed(h.now, "refused");
+        h.advance(Duration::from_secs(10));
+    }
+    // A short-lived approval does not reset it.
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    h.advance(Duration::from_secs(1));
+    h.sm.handle_stream_closed(h.now, Some("reset"));
+    match h.sm.state() {
+        RegistrationState::Backoff { delay } => assert!(*delay >= Duration::from_secs(8)),
+        other => panic!("{other:?}"),
+    }
+    // A long healthy stream does.
+    h.advance(Duration::from_secs(20));
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    h.advance(Duration::from_secs(11));
+    h.sm.handle_stream_closed(h.now, Some("reset"));
+    match h.sm.state() {
+        RegistrationState::Backoff { delay } => assert!(*delay <= Duration::from_secs(1)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn register_timeout_reconnects() {
+    let mut h = H::new();
+    h.open();
+    h.advance(Duration::from_secs(10));
+    assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        RegistrationEvent::Disconnected {
+            cause: DisconnectCause::RegisterTimeout
+        }
+    )));
+}
+
+#[test]
+fn execute_success_bad_payload_and_unknown_capability() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("ok", "echo", br#"{"a":1}"#, 0);
+    h.execute("bad", "echo", b"{not json", 0);
+    h.execute("unknown", "nope", b"{}", 0);
+    assert_eq!(executes(&h.take_actions()), vec!["ok"]);
+    let responses = h.responses();
+    assert_eq!(responses.len(), 2);
+    assert_eq!(responses[0].request_id, "bad");
+    assert_eq!(responses[0].error_kind, ExecuteErrorKind::BadPayload as i32);
+    assert_eq!(responses[1].request_id, "unknown");
+    assert_eq!(
+        responses[1].error_kind,
+        ExecuteErrorKind::UnknownCapability as i32
+    );
+    h.sm.handle_execute_done(
+        h.now,
+        "ok",
+        Ok(ExecuteOutput::json_bytes(&br#"{"a":1}"#[..])),
+    );
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert!(r[0].success);
+    assert_eq!(r[0].payload, br#"{"a":1}"#);
+    let m = h.sm_metrics();
+    assert_eq!(
+        (m.requests_received, m.requests_succeeded, m.requests_failed),
+        (3, 1, 2)
+    );
+}
+
+#[test]
+fn handler_error_is_reported_with_its_kind() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("f", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_execute_done(h.now, "f", Err(ExecuteError::handler("boom")));
+    let r = h.responses();
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Handler as i32);
+    assert_eq!(r[0].error, "boom");
+    assert!(!r[0].success);
+}
+
+#[test]
+fn concurrency_bound_queues_excess_and_never_drops_it() {
+    let mut h = H::new(); // max 2 concurrent
+    h.approve();
+    for i in 0..5 {
+        h.execute(&format!("r{i}"), "echo", b"{}", 0);
+    }
+    assert_eq!(executes(&h.take_actions()), vec!["r0", "r1"]);
+    assert_eq!(h.sm.in_flight(), 5);
+    assert_eq!(h.sm.running(), 2);
+    for i in 0..5 {
+        h.sm.handle_execute_done(
+            h.now,
+            &format!("r{i}"),
+            Ok(ExecuteOutput::json_bytes(&b"{}"[..])),
+        );
+        assert!(h.sm.running() <= 2);
+    }
+    let started = executes(&h.take_actions());
+    assert_eq!(
+        started,
+        vec!["r2", "r3", "r4"],
+        "queued work starts in order"
+    );
+    let ids: Vec<_> = h.responses().into_iter().map(|r| r.request_id).collect();
+    assert_eq!(ids, vec!["r0", "r1", "r2", "r3", "r4"]);
+    assert_eq!(h.sm.in_flight(), 0);
+}
+
+#[test]
+fn queue_limit_answers_overloaded() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1)
+            .max_queued_requests(1)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.execute("a", "echo", b"{}", 0);
+    h.execute("b", "echo", b"{}", 0);
+    h.execute("c", "echo", b"{}", 0);
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].request_id, "c");
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+}
+
+#[test]
+fn exactly_one_response_under_timeout() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("slow", "sleep", b"{}", 100);
+    assert_eq!(executes(&h.take_actions()), vec!["slow"]);
+    h.advance(Duration::from_millis(99));
+    assert!(h.responses().is_empty());
+    h.advance(Duration::from_millis(1));
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Timeout as i32);
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Abort(id) if id == "slow")));
+    // The handler finishing late changes nothing.
+    h.sm.handle_execute_done(h.now, "slow", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    assert!(h.responses().is_empty());
+}
+
+#[test]
+fn exactly_one_response_under_cancel_and_unknown_cancel_is_ignored() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("c1", "sleep", b"{}", 0);
+    h.recv(Kind::Cancel(CancelRequest {
+        request_id: "c1".into(),
+    }));
+    h.recv(Kind::Cancel(CancelRequest {
+        request_id: "never-sent".into(),
+    }));
+    h.sm.handle_execute_done(h.now, "c1", Err(ExecuteError::handler("late")));
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Cancelled as i32);
+    assert_eq!(h.sm_metrics().protocol_errors, 0);
+}
+
+#[test]
+fn duplicate_request_id_in_flight_is_counted_not_answered_twice() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("d", "echo", b"{}", 0);
+    h.execute("d", "echo", b"{}", 0);
+    assert_eq!(executes(&h.take_actions()), vec!["d"]);
+    assert_eq!(h.sm_metrics().protocol_errors, 1);
+    h.sm.handle_execute_done(h.now, "d", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    assert_eq!(h.responses().len(), 1);
+}
+
+#[test]
+fn response_finished_while_down_is_redelivered_after_reregistering() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("x", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_stream_closed(h.now, Some("connection reset"));
+    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    assert!(h.responses().is_empty(), "no stream: nothing sent");
+    assert_eq!(h.sm.undelivered(), 1);
+    h.advance(Duration::from_secs(2));
+    h.sm.handle_stream_opened(h.now);
+    assert!(
+        h.responses().is_empty(),
+        "not before the registration is approved"
+    );
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].request_id, "x");
+    let m = h.sm_metrics();
+    assert_eq!((m.responses_redelivered, m.successful_reconnects), (1, 1));
+}
+
+#[test]
+fn redelivery_respects_its_ttl() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .redelivery_ttl(Duration::from_secs(1))
+            .reconnect_delay(Duration::from_secs(5))
+            .max_backoff(Duration::from_secs(5))
+            .jitter(Duration::ZERO)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.execute("x", "echo", b"{}", 0);
+    h.sm.handle_stream_closed(h.now, None);
+    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.advance(Duration::from_secs(5));
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    assert!(h.responses().is_empty());
+    assert_eq!(h.sm_metrics().responses_expired, 1);
+}
+
+#[test]
+fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("a", "echo", b"{}", 0);
+    h.take_actions();
+    h.recv(Kind::Drain(Drain {
+        reason: "deploy".into(),
+        reconnect_after_ms: 3000,
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::Draining);
+    // New work is refused while draining, with a response.
+    h.execute("late", "echo", b"{}", 0);
+    let r = h.responses();
+    assert_eq!(r[0].request_id, "late");
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+    assert!(h
+        .take_actions()
+        .iter()
+        .all(|a| !matches!(a, Action::CloseStream)));
+    h.sm.handle_execute_done(h.now, "a", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    // The response is queued before the close, so a graceful close sends it.
+    assert_eq!(
+        h.sm.poll_transmit()
+            .map(|m| matches!(m.kind, Some(Kind::ExecuteResponse(_)))),
+        Some(true)
+    );
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::CloseStream)));
+    match h.sm.state() {
+        RegistrationState::Backoff { delay } => {
+            assert!(*delay >= Duration::from_secs(3) && *delay <= Duration::from_millis(3500))
+        }
+        other => panic!("{other:?}"),
+    }
+    h.advance(Duration::from_millis(3500));
+    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+}
+
+#[test]
+fn should_reconnect_drains_like_drain() {
+    let mut h = H::new();
+    h.approve();
+    h.recv(Kind::HeartbeatAck(HeartbeatAck {
+        sequence: 0,
+        sent_at_unix_ms: 0,
+        should_reconnect: true,
+    }));
+    // Nothing in flight: closes at once and backs off by jitter only.
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::CloseStream)));
+    match h.sm.state() {
+        RegistrationState::Backoff { delay } => assert!(*delay <= Duration::from_millis(500)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn drain_timeout_cancels_what_is_left() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .drain_timeout(Duration::from_secs(5))
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.execute("stuck", "sleep", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_shutdown(h.now);
+    assert_eq!(h.sm.state(), &RegistrationState::Draining);
+    h.advance(Duration::from_secs(5));
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Cancelled as i32);
+    assert_eq!(
+        h.sm.state(),
+        &RegistrationState::Stopped(StopReason::Shutdown)
+    );
+}
+
+#[test]
+fn shutdown_during_backoff_stops_at_once() {
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    h.sm.handle_open_failed(h.now, "refused");
+    h.sm.handle_shutdown(h.now);
+    assert_eq!(
+        h.sm.state(),
+        &RegistrationState::Stopped(StopReason::Shutdown)
+    );
+    assert!(h.sm.poll_timeout().is_none(), "no timer left armed");
+}
+
+#[test]
+fn no_reconnect_stops_when_the_stream_ends() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .reconnect(false)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.sm.handle_stream_closed(h.now, None);
+    assert!(matches!(
+        h.sm.state(),
+        RegistrationState::Stopped(StopReason::StreamEnded { .. })
+    ));
+}
+
+#[test]
+fn unexpected_messages_are_counted_and_ignored() {
+    let mut h = H::new();
+    h.open();
+    h.execute("early", "echo", b"{}", 0);
+    let r = h.responses();
+    assert!(
+        r.is_empty(),
+        "not deliverable before approval; kept instead"
+    );
+    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    h.sm.handle_message(h.now, StreamMessage { kind: None });
+    h.recv(Kind::Heartbeat(Default::default()));
+    assert_eq!(h.sm.state(), &RegistrationState::Registering);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    // early execute, approval while registering, no kind, heartbeat from
+    // server, second register_response.
+    assert_eq!(h.sm_metrics().protocol_errors, 5);
+    // The early request got its one (OVERLOADED) answer once approved.
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+}
+
+#[test]
+fn server_heartbeat_interval_is_honoured() {
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        heartbeat_interval_ms: 5_000,
+        ..Default::default()
+    }));
+    h.take_sent();
+    h.advance(Duration::from_secs(5));
+    assert!(h
+        .take_sent()
+        .iter()
+        .any(|m| matches!(m.kind, Some(Kind::Heartbeat(_)))));
+}
+
+#[test]
+fn debug_output_never_shows_tokens() {
+    let mut h = H::new();
+    h.approve();
+    let dump = format!("{:?}", h.sm);
+    assert!(!dump.contains("secret-auth"), "{dump}");
+    assert!(!dump.contains("sess-1"), "{dump}");
+}
