@@ -699,6 +699,9 @@ impl Registration {
         if self.has_stream {
             self.has_stream = false;
             self.actions.push_back(Action::CloseStream);
+        } else if matches!(self.state, RegistrationState::Connecting) {
+            // Abandon the open under way (it may never complete).
+            self.actions.push_back(Action::DropStream);
         }
         self.set_state(RegistrationState::Stopped(reason.clone()));
         self.events.push_back(RegistrationEvent::Stopped { reason });

@@ -1,0 +1,585 @@
+//! Runner tests over the testkit's in-memory mux, on paused tokio time: the
+//! whole driver + state machine + engine, without sockets.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding, RejectReason};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, ConnectorRunner,
+    ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationKey, RegistrationState, StopReason,
+};
+use connector_testkit::{ApprovalPolicy, MemoryMux, MemoryTransport, TestServer};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Echoes JSON; `sleep` waits `{"ms": N}`; counts how many run at once.
+#[derive(Default)]
+struct Echo {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+    /// Handler starts so far, to wait on without polling.
+    started: tokio::sync::watch::Sender<usize>,
+}
+
+impl Echo {
+    async fn wait_started(&self, n: usize) {
+        let mut rx = self.started.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|s| *s >= n))
+            .await
+            .expect("handler started in time")
+            .expect("sender alive");
+    }
+}
+
+#[async_trait]
+impl BaseConnector for Echo {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        let running = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(running, Ordering::SeqCst);
+        self.started.send_modify(|s| *s += 1);
+        struct Dec<'a>(&'a AtomicUsize);
+        impl Drop for Dec<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _dec = Dec(&self.now);
+        if ctx.capability_id == "sleep" {
+            let v: serde_json::Value = ctx.json()?;
+            let ms = v["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Ok(ExecuteOutput::json_bytes(ctx.payload))
+    }
+}
+
+fn options() -> MultiTransportOptions {
+    MultiTransportOptions::builder("grpc://127.0.0.1:1")
+        .jitter_seed(Some(1))
+        .build()
+        .expect("valid options")
+}
+
+fn reg(instance: &str, connector: Arc<Echo>) -> ConnectorRegistration {
+    ConnectorRegistration::from_arc(
+        ConnectorConfig::builder("t", "echo", instance)
+            .build()
+            .expect("valid config"),
+        connector,
+    )
+}
+
+fn setup(n: usize) -> (TestServer, MemoryMux, MultiConnectorRunner, Arc<Echo>) {
+    setup_with(n, options())
+}
+
+fn setup_with(
+    n: usize,
+    options: MultiTransportOptions,
+) -> (TestServer, MemoryMux, MultiConnectorRunner, Arc<Echo>) {
+    let server = TestServer::new();
+    let mux = server.memory_mux();
+    let echo = Arc::new(Echo::default());
+    let regs = (0..n)
+        .map(|i| reg(&format!("e{i}"), echo.clone()))
+        .collect();
+    let runner = MultiConnectorRunner::new(regs, options, MemoryTransport::new(mux.clone()));
+    (server, mux, runner, echo)
+}
+
+fn json_request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: id.into(),
+        payload: payload.as_bytes().to_vec(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: capability.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn builder_defaults_overrides_and_round_trip() {
+    let o = options();
+    assert_eq!(o.max_streams_per_channel, 80);
+    assert_eq!(o.connect_timeout, Duration::from_secs(10));
+    assert!(o.reconnect);
+    assert_eq!(o.reconnect_delay, Duration::from_millis(500));
+    assert_eq!(o.max_backoff, Duration::from_secs(60));
+    assert_eq!(o.jitter, Duration::from_millis(500));
+    assert_eq!(o.max_concurrent_requests, 100);
+    assert_eq!(o.heartbeat_interval, Duration::from_secs(30));
+    assert_eq!(o.heartbeat_timeout, Duration::from_secs(45));
+    assert!(!o.endpoint.tls);
+    let o2 = o
+        .to_builder()
+        .heartbeat_interval(Duration::from_secs(5))
+        .heartbeat_timeout(Duration::from_secs(8))
+        .max_streams_per_channel(10)
+        .build()
+        .expect("valid");
+    assert_eq!(o2.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(o2.heartbeat_timeout, Duration::from_secs(8));
+    assert_eq!(o2.max_streams_per_channel, 10);
+    let back = o2.to_builder().build().expect("valid");
+    assert_eq!(back.heartbeat_interval, o2.heartbeat_interval);
+    assert_eq!(back.endpoint, o2.endpoint);
+    let tls = MultiTransportOptions::builder("grpcs://example.com:443")
+        .build()
+        .expect("valid");
+    assert!(tls.endpoint.tls);
+}
+
+#[test]
+fn heartbeat_pair_is_validated() {
+    // Shorter timeout than interval: allowed, but warned about.
+    assert!(MultiTransportOptions::builder("grpc://h:1")
+        .heartbeat_interval(Duration::from_secs(30))
+        .heartbeat_timeout(Duration::from_secs(10))
+        .build()
+        .is_ok());
+    for (i, t) in [(0, 45), (30, 0)] {
+        let err = MultiTransportOptions::builder("grpc://h:1")
+            .heartbeat_interval(Duration::from_secs(i))
+            .heartbeat_timeout(Duration::from_secs(t))
+            .build()
+            .expect_err("zero is invalid");
+        assert!(err.is_config(), "{err}");
+    }
+}
+
+#[test]
+fn invalid_urls_and_identifiers_are_config_errors() {
+    for url in [
+        "ftp://h:1",
+        "grpc://:1",
+        "grpc://h:0",
+        "grpc://h:70000",
+        "grpc://h:1/path",
+        "nonsense",
+        "ws://user:pw@h:1",
+    ] {
+        let err = MultiTransportOptions::builder(url).build().expect_err(url);
+        assert!(
+            matches!(err, ConnectorError::InvalidConfig(_)),
+            "{url}: {err}"
+        );
+    }
+    let ws = MultiTransportOptions::builder("ws://h:9")
+        .build()
+        .expect("ok");
+    assert_eq!(ws.endpoint.path, "/v1/connect");
+    for (t, ty, i) in [
+        ("", "echo", "a"),
+        ("t t", "echo", "a"),
+        ("t", "ec.ho", "a"),
+        ("t", "echo", "ä"),
+    ] {
+        assert!(ConnectorConfig::builder(t, ty, i).build().is_err());
+    }
+    let long = "x".repeat(129);
+    assert!(ConnectorConfig::builder("t", "echo", long).build().is_err());
+    assert!(ConnectorConfig::builder("t", "echo", "x".repeat(128))
+        .build()
+        .is_ok());
+}
+
+#[test]
+fn key_display_and_debug_hide_tokens() {
+    let key = RegistrationKey::new("acme", "jira", "i-1").expect("valid");
+    assert_eq!(key.to_string(), "acme.jira.i-1");
+    let config = ConnectorConfig::builder("acme", "jira", "i-1")
+        .auth_token("top-secret-token")
+        .build()
+        .expect("valid");
+    let dump = format!("{config:?}");
+    assert!(!dump.contains("top-secret-token"), "{dump}");
+}
+
+#[test]
+fn new_collapses_duplicates_keeping_the_first() {
+    let echo = Arc::new(Echo::default());
+    let runner = MultiConnectorRunner::new(
+        vec![
+            reg("a", echo.clone()),
+            reg("b", echo.clone()),
+            reg("a", echo),
+        ],
+        options(),
+        MemoryTransport::new(TestServer::new().memory_mux()),
+    );
+    let keys: Vec<String> = runner
+        .registrations()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(keys, vec!["t.echo.a", "t.echo.b"]);
+}
+
+#[test]
+fn add_duplicate_is_rejected_naming_the_key() {
+    let (_s, _m, runner, echo) = setup(1);
+    let err = runner.add(reg("e0", echo)).expect_err("duplicate");
+    assert!(
+        matches!(&err, ConnectorError::InvalidConfig(m) if m.contains("t.echo.e0")),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_run_and_pre_signalled_shutdown_are_clean() {
+    let (_s, _m, empty, _) = setup(0);
+    empty.run().await.expect("empty run is Ok");
+    let (server, _m, runner, _) = setup(3);
+    let stop = runner.shutdown_handle();
+    assert!(!stop.is_shutdown());
+    stop.shutdown();
+    assert!(stop.is_shutdown());
+    runner.run().await.expect("pre-signalled shutdown is Ok");
+    assert_eq!(server.stats().streams_opened, 0, "nothing was dialled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_twice_and_add_after_finish_are_already_running() {
+    let (server, _m, runner, echo) = setup(2);
+    let r2 = runner.clone();
+    let first = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(2, WAIT).await.expect("active");
+    let err = runner.run().await.expect_err("second run");
+    assert!(matches!(err, ConnectorError::AlreadyRunning(_)));
+    runner.shutdown_handle().shutdown();
+    first.await.expect("join").expect("run ok");
+    let err = runner.add(reg("late", echo)).expect_err("finished");
+    assert!(matches!(err, ConnectorError::AlreadyRunning(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_registrations_reach_active_and_answer() {
+    let (server, _m, runner, _) = setup(25);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(25, WAIT).await.expect("all active");
+    for key in server.active_keys() {
+        let resp = server
+            .execute(&key, json_request(&format!("{key}-1"), "", r#"{"k":1}"#))
+            .await
+            .expect("response");
+        assert!(resp.success);
+        assert_eq!(resp.payload, br#"{"k":1}"#);
+    }
+    let summary = runner.summary();
+    assert_eq!(summary.count("active"), 25);
+    assert_eq!(summary.transport.open_connections(), 25);
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+    assert_eq!(server.stats().outstanding, 0);
+    assert!(
+        server.stats().protocol_errors.is_empty(),
+        "{:?}",
+        server.stats().protocol_errors
+    );
+    for (_, m) in runner.metrics_snapshot() {
+        assert_eq!(m.state, RegistrationState::Stopped(StopReason::Shutdown));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_bound_is_respected_and_excess_waits() {
+    let (server, _m, runner, echo) = setup_with(
+        1,
+        options()
+            .to_builder()
+            .max_concurrent_requests(3)
+            .build()
+            .expect("valid"),
+    );
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let pending: Vec<_> = (0..10)
+        .map(|i| {
+            server
+                .send_execute(
+                    "t.echo.e0",
+                    json_request(&format!("s{i}"), "sleep", r#"{"ms":100}"#),
+                )
+                .expect("sent")
+        })
+        .collect();
+    for p in pending {
+        let r = p.wait(WAIT).await.expect("answered");
+        assert!(r.success, "{r:?}");
+    }
+    assert_eq!(echo.peak.load(Ordering::SeqCst), 3);
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_backoff_exits_promptly() {
+    let (_server, mux, runner, _) = setup_with(
+        2,
+        options()
+            .to_builder()
+            .reconnect_delay(Duration::from_secs(30))
+            .max_backoff(Duration::from_secs(60))
+            .build()
+            .expect("valid"),
+    );
+    mux.fail_next_opens(2);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    let key = runner.registrations()[0].clone();
+    let handle = runner.registration(&key).expect("hosted");
+    handle
+        .wait_for(WAIT, |s| matches!(s, RegistrationState::Backoff { .. }))
+        .await
+        .expect("backing off");
+    let started = tokio::time::Instant::now();
+    runner.shutdown_handle().shutdown();
+    tokio::time::timeout(Duration::from_secs(1), run)
+        .await
+        .expect("prompt")
+        .expect("join")
+        .expect("ok");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_mid_register_with_a_black_hole_is_prompt() {
+    let (_server, mux, runner, _) = setup(3);
+    mux.set_black_hole(true);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    let key = runner.registrations()[0].clone();
+    runner
+        .registration(&key)
+        .expect("hosted")
+        .wait_for(WAIT, |s| *s == RegistrationState::Connecting)
+        .await
+        .expect("connecting");
+    runner.shutdown_handle().shutdown();
+    tokio::time::timeout(Duration::from_secs(1), run)
+        .await
+        .expect("prompt")
+        .expect("join")
+        .expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_registration_stops_others_carry_on() {
+    let (server, _m, runner, _) = setup(3);
+    server.set_policy_for("t.echo.e1", ApprovalPolicy::Reject(RejectReason::Denied));
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(2, WAIT).await.expect("two active");
+    let key = RegistrationKey::new("t", "echo", "e1").expect("valid");
+    let state = runner
+        .registration(&key)
+        .expect("hosted")
+        .wait_for(WAIT, RegistrationState::is_stopped)
+        .await
+        .expect("stopped");
+    assert!(matches!(
+        state,
+        RegistrationState::Stopped(StopReason::Rejected {
+            reason: RejectReason::Denied,
+            ..
+        })
+    ));
+    assert_eq!(server.active_keys().len(), 2);
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_racing_run_is_either_driven_or_rejected() {
+    for round in 0..200 {
+        let (server, _m, runner, echo) = setup(1);
+        let r2 = runner.clone();
+        let run = tokio::spawn(async move { r2.run().await });
+        let added = runner.add(reg("raced", echo));
+        match &added {
+            Ok(_) => {
+                server
+                    .wait_for_active(2, WAIT)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: added but not driven: {e}"));
+            }
+            Err(ConnectorError::AlreadyRunning(_)) => {}
+            Err(e) => panic!("round {round}: {e}"),
+        }
+        runner.shutdown_handle().shutdown();
+        run.await.expect("join").expect("ok");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn add_and_remove_while_running() {
+    let (server, _m, runner, echo) = setup(2);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(2, WAIT).await.expect("active");
+    let handle = runner.add(reg("new", echo)).expect("added while running");
+    server
+        .wait_for_active(3, WAIT)
+        .await
+        .expect("new one active");
+    assert_eq!(handle.state(), RegistrationState::Active);
+    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
+    runner.remove(&key).await.expect("removed");
+    server
+        .wait_until(WAIT, |s| s.active_keys().len() == 2)
+        .await
+        .expect("stream gone from the server");
+    assert!(runner.registration(&key).is_none());
+    assert!(matches!(
+        runner.remove(&key).await,
+        Err(ConnectorError::UnknownRegistration(_))
+    ));
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_answers_in_flight_requests() {
+    let (server, _m, runner, echo) = setup(1);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let pending = server
+        .send_execute("t.echo.e0", json_request("slow", "sleep", r#"{"ms":2000}"#))
+        .expect("sent");
+    echo.wait_started(1).await;
+    runner.shutdown_handle().shutdown();
+    let r = pending
+        .wait(WAIT)
+        .await
+        .expect("answered before the stream closed");
+    assert!(r.success);
+    run.await.expect("join").expect("ok");
+    assert_eq!(server.stats().outstanding, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn killed_stream_reconnects_and_redelivers() {
+    // The backoff (5 s) outlasts the handler (1 s): the response is made
+    // while no stream is up.
+    let (server, mux, runner, echo) = setup_with(
+        1,
+        options()
+            .to_builder()
+            .reconnect_delay(Duration::from_secs(5))
+            .build()
+            .expect("valid"),
+    );
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let pending = server
+        .send_execute("t.echo.e0", json_request("x", "sleep", r#"{"ms":1000}"#))
+        .expect("sent");
+    // Let the request reach the handler, then kill the connection under it.
+    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
+    let handle = runner.registration(&key).expect("hosted");
+    echo.wait_started(1).await;
+    assert_eq!(mux.kill_all_connections(), 1);
+    let r = pending
+        .wait(WAIT)
+        .await
+        .expect("delivered on the next stream");
+    assert!(r.success);
+    let m = handle.metrics();
+    assert_eq!(m.total_disconnects, 1);
+    assert_eq!(m.successful_reconnects, 1);
+    assert_eq!(m.responses_redelivered, 1);
+    assert_eq!(server.stats().duplicate_responses, 0);
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn watchdog_reconnects_when_acks_stop() {
+    let (server, _m, runner, _) = setup_with(
+        1,
+        options()
+            .to_builder()
+            .heartbeat_interval(Duration::from_secs(1))
+            .heartbeat_timeout(Duration::from_secs(3))
+            .build()
+            .expect("valid"),
+    );
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    server.set_ack_heartbeats(false);
+    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
+    let handle = runner.registration(&key).expect("hosted");
+    server
+        .wait_until(WAIT, |_| handle.metrics().total_disconnects >= 1)
+        .await
+        .expect("watchdog fired");
+    server.set_ack_heartbeats(true);
+    server
+        .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
+        .await
+        .expect("back");
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_payload_and_unknown_capability_through_the_runner() {
+    struct Picky;
+    #[async_trait]
+    impl BaseConnector for Picky {
+        fn connector_type(&self) -> &str {
+            "picky"
+        }
+        fn capabilities(&self) -> Vec<connector_core::proto::Capability> {
+            vec![connector_core::proto::Capability {
+                id: "echo".into(),
+                ..Default::default()
+            }]
+        }
+        async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+            Ok(ExecuteOutput::json_bytes(ctx.payload))
+        }
+    }
+    let server = TestServer::new();
+    let runner = ConnectorRunner::new(
+        ConnectorRegistration::new(
+            ConnectorConfig::builder("t", "picky", "p")
+                .build()
+                .expect("valid"),
+            Picky,
+        ),
+        options(),
+        MemoryTransport::new(server.memory_mux()),
+    );
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let bad = server
+        .execute("t.picky.p", json_request("b", "echo", "{nope"))
+        .await
+        .expect("answered");
+    assert_eq!(bad.error_kind, ExecuteErrorKind::BadPayload as i32);
+    let unknown = server
+        .execute("t.picky.p", json_request("u", "other", "{}"))
+        .await
+        .expect("answered");
+    assert_eq!(
+        unknown.error_kind,
+        ExecuteErrorKind::UnknownCapability as i32
+    );
+    assert_eq!(runner.metrics().expect("metrics").requests_failed, 2);
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
