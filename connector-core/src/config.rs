@@ -179,6 +179,59 @@ impl ConnectorConfig {
     pub fn key(&self) -> &RegistrationKey {
         &self.key
     }
+
+    /// A config from the process environment:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `CONNECTOR_TENANT_ID` | tenant (required) |
+    /// | `CONNECTOR_TYPE` | connector type (required) |
+    /// | `CONNECTOR_INSTANCE_ID` | instance (required) |
+    /// | `CONNECTOR_AUTH_TOKEN` | bearer credential |
+    /// | `CONNECTOR_DISPLAY_NAME` | human name |
+    /// | `CONNECTOR_TAGS` | comma-separated tags |
+    /// | `CONNECTOR_MAX_CONCURRENT_REQUESTS` | executes at once |
+    ///
+    /// A missing required variable or a bad value is an `InvalidConfig`
+    /// error that names the variable.
+    pub fn from_env() -> Result<Self, ConnectorError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// As [`ConnectorConfig::from_env`], reading variables through `lookup`
+    /// (for tests, or a source other than the process environment).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConnectorError> {
+        let required = |name: &str| {
+            lookup(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+                ConnectorError::InvalidConfig(format!("environment variable {name} is not set"))
+            })
+        };
+        let mut b = ConnectorConfig::builder(
+            required("CONNECTOR_TENANT_ID")?,
+            required("CONNECTOR_TYPE")?,
+            required("CONNECTOR_INSTANCE_ID")?,
+        );
+        if let Some(t) = lookup("CONNECTOR_AUTH_TOKEN") {
+            b = b.auth_token(t);
+        }
+        if let Some(n) = lookup("CONNECTOR_DISPLAY_NAME").filter(|v| !v.is_empty()) {
+            b = b.display_name(n);
+        }
+        if let Some(tags) = lookup("CONNECTOR_TAGS") {
+            for tag in tags.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                b = b.tag(tag);
+            }
+        }
+        if let Some(n) = lookup("CONNECTOR_MAX_CONCURRENT_REQUESTS") {
+            let n = n.trim().parse::<u32>().map_err(|_| {
+                ConnectorError::InvalidConfig(format!(
+                    "CONNECTOR_MAX_CONCURRENT_REQUESTS={n:?} is not a whole number"
+                ))
+            })?;
+            b = b.max_concurrent_requests(n);
+        }
+        b.build()
+    }
 }
 
 /// Builds a [`ConnectorConfig`].
@@ -675,5 +728,74 @@ impl MultiTransportOptionsBuilder {
             redelivery_capacity: self.redelivery_capacity,
             jitter_seed: self.jitter_seed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn from_env_reads_every_variable() {
+        let c = ConnectorConfig::from_lookup(env(&[
+            ("CONNECTOR_TENANT_ID", "acme"),
+            ("CONNECTOR_TYPE", "jira"),
+            ("CONNECTOR_INSTANCE_ID", "i1"),
+            ("CONNECTOR_AUTH_TOKEN", "tok"),
+            ("CONNECTOR_TAGS", "a, b,,c"),
+            ("CONNECTOR_MAX_CONCURRENT_REQUESTS", "7"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.key.to_string(), "acme.jira.i1");
+        assert_eq!(c.auth_token.expose(), "tok");
+        assert_eq!(c.tags, vec!["a", "b", "c"]);
+        assert_eq!(c.max_concurrent_requests, Some(7));
+    }
+
+    #[test]
+    fn from_env_names_what_is_wrong() {
+        let err = ConnectorConfig::from_lookup(env(&[("CONNECTOR_TENANT_ID", "acme")]))
+            .expect_err("missing");
+        assert!(err.to_string().contains("CONNECTOR_TYPE"), "{err}");
+        let err = ConnectorConfig::from_lookup(env(&[
+            ("CONNECTOR_TENANT_ID", "acme"),
+            ("CONNECTOR_TYPE", "jira"),
+            ("CONNECTOR_INSTANCE_ID", "i1"),
+            ("CONNECTOR_MAX_CONCURRENT_REQUESTS", "lots"),
+        ]))
+        .expect_err("bad number");
+        assert!(
+            err.to_string()
+                .contains("CONNECTOR_MAX_CONCURRENT_REQUESTS"),
+            "{err}"
+        );
+        let err = ConnectorConfig::from_lookup(env(&[
+            ("CONNECTOR_TENANT_ID", "ac me"),
+            ("CONNECTOR_TYPE", "jira"),
+            ("CONNECTOR_INSTANCE_ID", "i1"),
+        ]))
+        .expect_err("bad identifier");
+        assert!(err.is_config());
+    }
+
+    #[test]
+    fn endpoint_parsing_keeps_what_it_is_given() {
+        let e = Endpoint::parse("wss://[::1]:8443/custom").expect("valid");
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str(), e.tls),
+            ("::1", 8443, "/custom", true)
+        );
+        assert_eq!(e.to_string(), "wss://[::1]:8443/custom");
+        let g = Endpoint::parse("grpc://localhost:50051").expect("valid");
+        assert_eq!(g.kind, TransportKind::Grpc);
+        assert_eq!(g.authority(), "localhost:50051");
     }
 }
