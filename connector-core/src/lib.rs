@@ -14,6 +14,7 @@ mod config;
 mod connector;
 mod driver;
 mod error;
+mod fleet;
 mod metrics;
 mod registration;
 mod runner;
@@ -31,6 +32,7 @@ pub use connector::{
 };
 pub use driver::RegistrationHandle;
 pub use error::{ConnectorError, TransportError, TransportErrorKind};
+pub use fleet::{shard_of, Shard};
 pub use metrics::ConnectorMetrics;
 pub use registration::{Action, Registration};
 pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
