@@ -112,6 +112,9 @@ type Opening = Pin<Box<dyn Future<Output = Result<MessageStream, TransportError>
 type Outcome = (String, Result<ExecuteOutput, ExecuteError>);
 
 /// What woke the driver.
+// Lives for one loop iteration on the stack; boxing the big variants would
+// cost an allocation per inbound message.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     Stop,
     Opened(Result<MessageStream, TransportError>),

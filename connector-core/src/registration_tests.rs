@@ -250,7 +250,7 @@ fn twenty_intervals_with_acks_never_disconnect() {
         let hb = sent
             .iter()
             .find_map(|m| match &m.kind {
-                Some(Kind::Heartbeat(hb)) => Some(hb.clone()),
+                Some(Kind::Heartbeat(hb)) => Some(*hb),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no heartbeat in round {round}"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use connector_core::proto::{
     stream_message::Kind, ApprovalUpdate, CancelRequest, Drain, ExecuteRequest, HeartbeatAck,
-    PayloadEncoding, RegisterResponse, RegistrationStatus, StreamMessage,
+    PayloadEncoding, RegisterResponse, StreamMessage,
 };
 use connector_core::{
     Action, BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,

@@ -48,7 +48,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             Err(message) => {
                 println!("== {name}: FAILED in {}", fmt_duration(elapsed));
                 results.push((name, Outcome::Failed(elapsed)));
-                failure = Some(format!("step `{name}` ({title}) failed: {message}"));
+                failure = Some(format!("step `{name}` failed: {message}"));
             }
         }
         flush();
@@ -96,7 +96,13 @@ fn parse_args(args: &[String]) -> Result<Vec<String>, String> {
 
 fn run_step(name: &str, tests: &mut TestCounts) -> Result<(), String> {
     match name {
-        "fmt" => cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"])),
+        "fmt" => {
+            let mut command = cmd::cargo(["fmt", "--all", "--", "--check"]);
+            if cmd::is_ci() {
+                command.args(["--color", "never"]);
+            }
+            cmd::run(&mut command).map_err(|e| format!("{e}\nrun `cargo fmt --all` to fix"))
+        }
         "clippy" => cmd::run(&mut cmd::cargo([
             "clippy",
             "--workspace",
