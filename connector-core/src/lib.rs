@@ -19,6 +19,7 @@ mod metrics;
 mod registration;
 mod runner;
 mod state;
+mod telemetry;
 mod transport;
 
 pub use backoff::{Backoff, JitterRng};
@@ -37,6 +38,7 @@ pub use metrics::ConnectorMetrics;
 pub use registration::{Action, Registration};
 pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
+pub use telemetry::names as metric_names;
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };

@@ -26,6 +26,7 @@ use crate::config::{MultiTransportOptions, RegistrationKey, Secret};
 use crate::connector::{ConnectorRegistration, ExecuteError, ExecuteOutput};
 use crate::metrics::MetricsCell;
 use crate::state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
+use crate::telemetry::Telemetry;
 
 /// Something the driver must do for the state machine.
 #[non_exhaustive]
@@ -179,6 +180,7 @@ pub struct Registration {
     actions: VecDeque<Action>,
     events: VecDeque<RegistrationEvent>,
     metrics: Arc<MetricsCell>,
+    telemetry: Telemetry,
     /// Maps tokio instants to wall-clock milliseconds for heartbeats.
     clock_origin: (Instant, i64),
 }
@@ -293,6 +295,7 @@ impl Registration {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             metrics,
+            telemetry: Telemetry::new(key.to_string()),
             clock_origin: (now, unix_ms_now),
             key,
         }
@@ -398,6 +401,7 @@ impl Registration {
             return;
         }
         self.has_stream = true;
+        self.telemetry.connection_attempt(true);
         self.heartbeat_interval = self.settings.heartbeat_interval;
         self.heartbeat_timeout = self.settings.heartbeat_timeout;
         self.heartbeats_sent.clear();
@@ -417,6 +421,7 @@ impl Registration {
             return;
         }
         MetricsCell::inc(&self.metrics.connect_failures);
+        self.telemetry.connection_attempt(false);
         self.events.push_back(RegistrationEvent::Disconnected {
             cause: DisconnectCause::OpenFailed(error.to_string()),
         });
@@ -578,6 +583,11 @@ impl Registration {
 
     fn set_state(&mut self, state: RegistrationState) {
         if self.state != state {
+            let was_active = matches!(self.state, RegistrationState::Active);
+            let is_active = matches!(state, RegistrationState::Active);
+            if was_active != is_active {
+                self.telemetry.active(is_active);
+            }
             self.state = state;
             self.state_version += 1;
             self.metrics.set_state(&self.state);
@@ -606,6 +616,7 @@ impl Registration {
 
     fn protocol_error(&mut self, detail: &str) {
         MetricsCell::inc(&self.metrics.protocol_errors);
+        self.telemetry.protocol_error();
         tracing::debug!(key = %self.key, detail, "protocol error from server; ignored");
         self.events.push_back(RegistrationEvent::ProtocolError {
             detail: detail.to_string(),
@@ -639,6 +650,7 @@ impl Registration {
         }
         self.stop_timers_of_stream();
         MetricsCell::inc(&self.metrics.total_disconnects);
+        self.telemetry.disconnected(&cause);
         tracing::info!(key = %self.key, %cause, in_flight = self.requests.len(), "stream lost");
         self.events.push_back(RegistrationEvent::Disconnected {
             cause: cause.clone(),
@@ -870,7 +882,9 @@ impl Registration {
         {
             let (_, sent) = self.heartbeats_sent[pos];
             self.heartbeats_sent.drain(..=pos);
-            self.metrics.set_rtt(now.saturating_duration_since(sent));
+            let rtt = now.saturating_duration_since(sent);
+            self.metrics.set_rtt(rtt);
+            self.telemetry.heartbeat_rtt(rtt);
         }
         if ack.should_reconnect {
             self.on_drain(now, "server asked to reconnect".into(), Duration::ZERO);
@@ -953,6 +967,7 @@ impl Registration {
             Some(AfterDrain::Stop(kind)) => self.stop(now, kind.reason()),
             Some(AfterDrain::Reconnect(delay)) => {
                 MetricsCell::inc(&self.metrics.total_disconnects);
+                self.telemetry.disconnected(&DisconnectCause::Drained);
                 self.events.push_back(RegistrationEvent::Disconnected {
                     cause: DisconnectCause::Drained,
                 });
@@ -1131,6 +1146,8 @@ impl Registration {
     fn respond_now(&mut self, request_id: &str, error: ExecuteError, now: Instant) {
         MetricsCell::inc(&self.metrics.requests_failed);
         let resp = error_response(request_id, error);
+        self.telemetry
+            .executed(false, resp.error_kind, Duration::ZERO);
         self.send_response(now, resp);
     }
 
@@ -1154,7 +1171,10 @@ impl Registration {
         } else {
             self.queue.retain(|id| id != request_id);
         }
-        response.duration_ms = now.saturating_duration_since(p.received_at).as_millis() as u64;
+        let took = now.saturating_duration_since(p.received_at);
+        response.duration_ms = took.as_millis() as u64;
+        self.telemetry
+            .executed(response.success, response.error_kind, took);
         if response.success {
             MetricsCell::inc(&self.metrics.requests_succeeded);
         } else {
