@@ -144,6 +144,7 @@ struct Settings {
     redelivery_ttl: Duration,
     redelivery_capacity: usize,
     max_message_size: usize,
+    max_outbox: usize,
 }
 
 /// How many heartbeats are remembered for RTT measurement.
@@ -268,6 +269,12 @@ impl Registration {
                 redelivery_ttl: options.redelivery_ttl,
                 redelivery_capacity: options.redelivery_capacity,
                 max_message_size: options.max_message_size,
+                // Far above what a stream that is read ever holds: every
+                // request that can be in flight, plus every kept response.
+                max_outbox: options.max_queued_requests
+                    + max_concurrent as usize
+                    + options.redelivery_capacity
+                    + 64,
             },
             state: RegistrationState::Idle,
             state_version: 0,
@@ -864,12 +871,15 @@ impl Registration {
         self.heartbeats_sent.push_back((seq, now));
         let since = now.saturating_duration_since(self.clock_origin.0);
         let sent_at_unix_ms = self.clock_origin.1 + since.as_millis() as i64;
-        self.outbox.push_back(StreamMessage {
-            kind: Some(Kind::Heartbeat(Heartbeat {
-                sequence: seq,
-                sent_at_unix_ms,
-            })),
-        });
+        self.push_out(
+            now,
+            StreamMessage {
+                kind: Some(Kind::Heartbeat(Heartbeat {
+                    sequence: seq,
+                    sent_at_unix_ms,
+                })),
+            },
+        );
         self.timers
             .set(Timer::Heartbeat, now + self.heartbeat_interval);
     }
@@ -896,20 +906,23 @@ impl Registration {
             return;
         }
         let m = self.metrics.snapshot();
-        self.outbox.push_back(StreamMessage {
-            kind: Some(Kind::MetricsReport(MetricsReport {
-                requests_received: m.requests_received,
-                requests_succeeded: m.requests_succeeded,
-                requests_failed: m.requests_failed,
-                in_flight: m.in_flight.min(u32::MAX as u64) as u32,
-                total_disconnects: m.total_disconnects,
-                successful_reconnects: m.successful_reconnects,
-                last_heartbeat_rtt_ms: m
-                    .last_heartbeat_rtt
-                    .map(|d| d.as_millis().min(u32::MAX as u128) as u32)
-                    .unwrap_or(0),
-            })),
-        });
+        self.push_out(
+            now,
+            StreamMessage {
+                kind: Some(Kind::MetricsReport(MetricsReport {
+                    requests_received: m.requests_received,
+                    requests_succeeded: m.requests_succeeded,
+                    requests_failed: m.requests_failed,
+                    in_flight: m.in_flight.min(u32::MAX as u64) as u32,
+                    total_disconnects: m.total_disconnects,
+                    successful_reconnects: m.successful_reconnects,
+                    last_heartbeat_rtt_ms: m
+                        .last_heartbeat_rtt
+                        .map(|d| d.as_millis().min(u32::MAX as u128) as u32)
+                        .unwrap_or(0),
+                })),
+            },
+        );
         if let Some(every) = self.settings.metrics_report_interval {
             self.timers.set(Timer::MetricsReport, now + every);
         }
@@ -1192,11 +1205,25 @@ impl Registration {
                 RegistrationState::Active | RegistrationState::Draining
             );
         if deliverable {
-            self.outbox.push_back(StreamMessage {
-                kind: Some(Kind::ExecuteResponse(response)),
-            });
+            self.push_out(
+                now,
+                StreamMessage {
+                    kind: Some(Kind::ExecuteResponse(response)),
+                },
+            );
         } else {
             self.keep_for_redelivery(now, response);
+        }
+    }
+
+    /// Queues a message for the stream. A stream whose queue keeps growing
+    /// is not being read by the server: rather than buffer without limit,
+    /// give it up (responses move to the bounded redelivery buffer).
+    fn push_out(&mut self, now: Instant, message: StreamMessage) {
+        self.outbox.push_back(message);
+        if self.outbox.len() > self.settings.max_outbox && self.has_stream {
+            tracing::warn!(key = %self.key, queued = self.outbox.len(), "server is not reading this stream; dropping it");
+            self.lose_stream(now, DisconnectCause::OutboundStalled, true);
         }
     }
 

@@ -863,3 +863,46 @@ fn debug_output_never_shows_tokens() {
     assert!(!dump.contains("secret-auth"), "{dump}");
     assert!(!dump.contains("sess-1"), "{dump}");
 }
+
+#[test]
+fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1)
+            .max_queued_requests(2)
+            .redelivery_capacity(4)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    // The driver never pulls: the stream's queue is full. Requests keep
+    // coming and are answered at once (bad payload), piling up.
+    for i in 0..200 {
+        h.sm.handle_message(
+            h.now,
+            StreamMessage {
+                kind: Some(Kind::ExecuteRequest(ExecuteRequest {
+                    request_id: format!("r{i}"),
+                    payload: b"{".to_vec(),
+                    encoding: PayloadEncoding::Json as i32,
+                    ..Default::default()
+                })),
+            },
+        );
+        while let Some(e) = h.sm.poll_event() {
+            h.events.push(e);
+        }
+        assert!(h.sm.undelivered() <= 4);
+    }
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        RegistrationEvent::Disconnected {
+            cause: DisconnectCause::OutboundStalled
+        }
+    )));
+    assert!(
+        h.sm_metrics().responses_expired > 0,
+        "what was dropped is counted"
+    );
+}

@@ -117,6 +117,8 @@ pub enum DisconnectCause {
     SessionExpired,
     /// The server still holds another stream of this registration.
     Duplicate,
+    /// The server stopped reading: messages for it piled up past the limit.
+    OutboundStalled,
 }
 
 impl fmt::Display for DisconnectCause {
@@ -130,6 +132,7 @@ impl fmt::Display for DisconnectCause {
             Self::Drained => f.write_str("drained by server"),
             Self::SessionExpired => f.write_str("session expired"),
             Self::Duplicate => f.write_str("duplicate registration"),
+            Self::OutboundStalled => f.write_str("server stopped reading"),
         }
     }
 }
@@ -146,6 +149,7 @@ impl DisconnectCause {
             Self::Drained => "drained",
             Self::SessionExpired => "session_expired",
             Self::Duplicate => "duplicate",
+            Self::OutboundStalled => "outbound_stalled",
         }
     }
 }
