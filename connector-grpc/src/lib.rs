@@ -1,1 +1,36 @@
-//! placeholder
+//! gRPC transport for the connector SDK.
+//!
+//! [`GrpcTransport`] implements [`connector_core::Transport`] for
+//! `grpc://` and `grpcs://` URLs. The [`GrpcMux`] it makes runs every
+//! registration as one `connector.v1.ConnectorService/Connect` stream and
+//! packs streams onto shared HTTP/2 connections (tonic channels), at most
+//! `max_streams_per_channel` per connection, dialling another connection
+//! only when every one is full. See [`GrpcMux`] for the accounting, the
+//! handling of servers with a low concurrent-stream limit, channel health
+//! and deadlines.
+//!
+//! TLS uses rustls (ring) with the system roots plus an optional extra CA
+//! file, the server name taken from the URL, and an optional client
+//! identity for mutual TLS.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use connector_core::{MultiTransportOptions, Transport};
+//! use connector_grpc::GrpcTransport;
+//!
+//! let options = MultiTransportOptions::builder("grpcs://control.example.com:443")
+//!     .ca_cert("/etc/connector/ca.pem")
+//!     .build()?;
+//! let mux = GrpcTransport::new().mux(&options).await?;
+//! println!("{} connections", mux.stats().open_connections());
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod channel;
+mod error;
+mod mux;
+mod pool;
+
+pub use error::{Cause, GrpcError};
+pub use mux::{GrpcMux, GrpcTransport};

@@ -1,0 +1,307 @@
+//! How one channel (one HTTP/2 connection) is configured and dialled.
+
+use std::path::Path;
+use std::time::Duration;
+
+use connector_core::{MultiTransportOptions, TlsOptions, TransportKind};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::error::{dial_error, GrpcError};
+
+/// HTTP/2 keepalive ping period.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A keepalive ping unanswered this long fails the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// hyper's default stream window (2 MiB), set explicitly so the connection
+/// window below can be computed from it.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// hyper's default connection window (5 MiB), the floor.
+const MIN_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest window HTTP/2 allows.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// The connection window for `streams` streams of [`STREAM_WINDOW`] each:
+/// every stream can use its whole window at once, so one stream whose
+/// reader is slow never stalls the others on the connection-level window.
+pub(crate) fn connection_window(streams: usize) -> u32 {
+    let wanted = (streams as u64).saturating_mul(u64::from(STREAM_WINDOW));
+    let wanted = u32::try_from(wanted.min(u64::from(MAX_WINDOW))).unwrap_or(MAX_WINDOW);
+    wanted.max(MIN_CONNECTION_WINDOW)
+}
+
+/// Everything needed to dial channels to one server, validated once.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelFactory {
+    endpoint: Endpoint,
+    target: String,
+    connect_timeout: Duration,
+}
+
+impl ChannelFactory {
+    /// Validates the options (scheme, TLS files) and builds the endpoint.
+    /// Makes no connection.
+    pub(crate) fn new(options: &MultiTransportOptions) -> Result<Self, GrpcError> {
+        let ep = &options.endpoint;
+        if ep.kind != TransportKind::Grpc {
+            return Err(GrpcError::config(format!(
+                "url {ep} is not a gRPC URL; the gRPC transport takes grpc:// or grpcs://"
+            )));
+        }
+        let target = ep.to_string();
+        let scheme = if ep.tls { "https" } else { "http" };
+        let uri = format!("{scheme}://{}", ep.authority());
+        let connect_timeout = options.connect_timeout;
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| GrpcError::config(format!("url {target}: {e}")))?
+            .user_agent(concat!("connector-grpc/", env!("CARGO_PKG_VERSION")))
+            .map_err(|e| GrpcError::config(format!("user agent: {e}")))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            // Keepalive pings only while streams are open. A gRPC server with
+            // the default ping policy (grpc-core/grpc-go: at most one ping
+            // per 5 minutes while no data flows, none without streams)
+            // answers pings that do not follow data with a strike and, after
+            // two, a GOAWAY `too_many_pings`. With `while_idle(false)` an
+            // idle connection sends no pings at all; while streams are open
+            // every stream carries heartbeats and acks (30 s by default)
+            // both ways, so the server always sent data since our last ping
+            // and never counts a strike. The pings still catch a dead peer
+            // that TCP would not notice for minutes.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(false)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(connection_window(options.max_streams_per_channel));
+        let endpoint = if ep.tls {
+            let tls = tls_config(&ep.host, &options.tls, connect_timeout)?;
+            with_tls(endpoint, tls, options.tls.ca_cert.is_some())?
+        } else {
+            if options.tls != TlsOptions::default() {
+                tracing::warn!(
+                    server = %target,
+                    "TLS files are configured but the URL is grpc:// (plaintext); they are not used"
+                );
+            }
+            endpoint
+        };
+        Ok(Self {
+            endpoint,
+            target,
+            connect_timeout,
+        })
+    }
+
+    /// The server, as `grpc[s]://host:port`, for logs and errors.
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The dial and response-headers deadline.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Dials one HTTP/2 connection (TCP, TLS, HTTP/2 preface), bounded by
+    /// the connect timeout.
+    pub(crate) async fn dial(&self) -> Result<Channel, GrpcError> {
+        match tokio::time::timeout(self.connect_timeout, self.endpoint.connect()).await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) => Err(dial_error(&self.target, self.connect_timeout, e)),
+            Err(_) => Err(GrpcError::timeout(
+                format!("connecting to {}", self.target),
+                self.connect_timeout,
+            )),
+        }
+    }
+}
+
+/// Reads a PEM file named by option `what`, with the path in any error.
+fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, GrpcError> {
+    std::fs::read(path).map_err(|e| {
+        GrpcError::config(format!(
+            "{what} {}: cannot read the file: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Reads and checks the extra CA file: PEM, at least one certificate, each
+/// usable as a trust anchor. (tonic would silently skip a bad one.)
+fn read_ca(path: &Path) -> Result<Vec<u8>, GrpcError> {
+    let pem = read_pem("ca_cert", path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            GrpcError::config(format!("ca_cert {}: not valid PEM: {e}", path.display()))
+        })?;
+    if certs.is_empty() {
+        return Err(GrpcError::config(format!(
+            "ca_cert {}: no CERTIFICATE block found; expected a PEM file of CA certificates",
+            path.display()
+        )));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            GrpcError::config(format!(
+                "ca_cert {}: certificate #{} is not a usable CA certificate: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+    }
+    Ok(pem)
+}
+
+/// Reads and checks a client identity (certificate chain + private key).
+fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, GrpcError> {
+    let cert = read_pem("client_cert", cert_path)?;
+    let key = read_pem("client_key", key_path)?;
+    let certs = rustls_pemfile::certs(&mut cert.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            GrpcError::config(format!(
+                "client_cert {}: not valid PEM: {e}",
+                cert_path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(GrpcError::config(format!(
+            "client_cert {}: no CERTIFICATE block found",
+            cert_path.display()
+        )));
+    }
+    match rustls_pemfile::private_key(&mut key.as_slice()) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(GrpcError::config(format!(
+                "client_key {}: no PRIVATE KEY block found",
+                key_path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(GrpcError::config(format!(
+                "client_key {}: not valid PEM: {e}",
+                key_path.display()
+            )))
+        }
+    }
+    Ok(Identity::from_pem(cert, key))
+}
+
+/// The TLS settings: SNI from the URL's host, the extra CA and the client
+/// identity if configured. Roots are added by [`with_tls`].
+fn tls_config(
+    host: &str,
+    tls: &TlsOptions,
+    timeout: Duration,
+) -> Result<ClientTlsConfig, GrpcError> {
+    let mut config = ClientTlsConfig::new()
+        .domain_name(host)
+        .timeout(timeout)
+        // gRPC is HTTP/2 only: a server that does not answer ALPN still
+        // gets HTTP/2 rather than a handshake error.
+        .assume_http2(true);
+    if let Some(path) = &tls.ca_cert {
+        config = config.ca_certificate(Certificate::from_pem(read_ca(path)?));
+    }
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => config = config.identity(read_identity(cert, key)?),
+        (None, None) => {}
+        _ => {
+            return Err(GrpcError::config(
+                "client_cert and client_key go together; set both or neither",
+            ))
+        }
+    }
+    Ok(config)
+}
+
+/// Applies TLS with the system roots. When the machine has no system roots
+/// but an extra CA is configured, that CA alone is trusted.
+fn with_tls(
+    endpoint: Endpoint,
+    config: ClientTlsConfig,
+    has_extra_ca: bool,
+) -> Result<Endpoint, GrpcError> {
+    match endpoint
+        .clone()
+        .tls_config(config.clone().with_native_roots())
+    {
+        Ok(ep) => Ok(ep),
+        Err(e) if has_extra_ca => {
+            tracing::warn!(error = %e, "system root certificates unavailable; trusting only ca_cert");
+            endpoint
+                .tls_config(config)
+                .map_err(|e| GrpcError::config(format!("TLS settings: {e}")))
+        }
+        Err(e) => Err(GrpcError::config(format!(
+            "TLS settings: {e}; no system root certificates were found, set ca_cert"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_window_covers_every_stream_and_stays_legal() {
+        assert_eq!(connection_window(1), MIN_CONNECTION_WINDOW);
+        assert_eq!(connection_window(80), 80 * STREAM_WINDOW);
+        assert_eq!(connection_window(100_000), MAX_WINDOW);
+    }
+
+    fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
+        MultiTransportOptions::builder(url)
+    }
+
+    #[test]
+    fn websocket_url_is_a_config_error() {
+        let o = options("ws://127.0.0.1:1").build().expect("valid options");
+        let err = ChannelFactory::new(&o).expect_err("ws is not grpc");
+        assert!(matches!(err, GrpcError::Config { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_ca_file_is_a_config_error_naming_the_path() {
+        let o = options("grpcs://localhost:1")
+            .ca_cert("/nonexistent/ca.pem")
+            .build()
+            .expect("valid options");
+        let err = ChannelFactory::new(&o).expect_err("missing file");
+        assert!(matches!(err, GrpcError::Config { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn garbage_ca_file_is_a_config_error() {
+        let dir = std::env::temp_dir().join(format!("connector-grpc-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("garbage.pem");
+        std::fs::write(&path, b"this is not a certificate\n").expect("write");
+        let o = options("grpcs://localhost:1")
+            .ca_cert(&path)
+            .build()
+            .expect("valid options");
+        let err = ChannelFactory::new(&o).expect_err("garbage");
+        assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
+
+        // A CERTIFICATE block whose contents are not a certificate.
+        std::fs::write(
+            &path,
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let err = ChannelFactory::new(&o).expect_err("bad DER");
+        assert!(matches!(err, GrpcError::Config { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn plaintext_endpoint_builds_without_tls_files() {
+        let o = options("grpc://127.0.0.1:50051").build().expect("valid");
+        let f = ChannelFactory::new(&o).expect("plaintext builds");
+        assert_eq!(f.target(), "grpc://127.0.0.1:50051");
+    }
+}

@@ -1,0 +1,459 @@
+//! The crate's one error type, and how tonic's errors are sorted into it.
+
+use std::error::Error as StdError;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use connector_core::{TransportError, TransportErrorKind};
+use tonic::{Code, Status};
+
+/// The underlying cause of a [`GrpcError`], shared so the error can be
+/// cloned (one failed dial is reported to every open that waited for it).
+pub type Cause = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// Everything the gRPC transport reports.
+///
+/// [`GrpcError::Config`] is the caller's to fix (retrying cannot help); every
+/// other variant is the network or the server failing, which the runner
+/// retries with backoff. Converts into [`TransportError`] with the matching
+/// [`TransportErrorKind`], keeping this error as the source so callers can
+/// downcast to it. Messages never contain a token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrpcError {
+    /// The options cannot work: not a gRPC URL, an unreadable or invalid CA
+    /// file or client identity. Raised before any connection is made.
+    #[error("invalid gRPC transport configuration: {message}")]
+    Config {
+        /// What is wrong, naming the option or file.
+        message: String,
+    },
+    /// No connection could be made (refused, unreachable, reset while
+    /// connecting).
+    #[error("cannot connect to {target}: {message}")]
+    Connect {
+        /// The server, as `grpc[s]://host:port`.
+        target: String,
+        /// Why.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Cause>,
+    },
+    /// Something took longer than its deadline.
+    #[error("{what} took longer than {after:?}")]
+    Timeout {
+        /// What timed out (a dial, the response headers of a stream, …).
+        what: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The TLS handshake failed: unknown CA, wrong name, expired
+    /// certificate. Check `ca_cert` and the URL's host.
+    #[error("TLS with {target} failed: {message}; check the CA (ca_cert) and the host name")]
+    Tls {
+        /// The server.
+        target: String,
+        /// Why, as rustls says it.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Cause>,
+    },
+    /// The stream or its connection was closed or reset, or the mux was
+    /// closed.
+    #[error("stream closed: {message}")]
+    Closed {
+        /// Why.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Cause>,
+    },
+    /// The server answered with a gRPC error status.
+    #[error("server refused the stream with status {code:?}: {message}")]
+    Refused {
+        /// The gRPC status code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The peer broke the protocol (undecodable or oversized message, h2
+    /// protocol error).
+    #[error("protocol error: {message}")]
+    Protocol {
+        /// What went wrong.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl GrpcError {
+    /// The transport-level category of this error.
+    pub fn kind(&self) -> TransportErrorKind {
+        match self {
+            Self::Config { .. } => TransportErrorKind::Config,
+            Self::Connect { .. } => TransportErrorKind::Connect,
+            Self::Timeout { .. } => TransportErrorKind::Timeout,
+            Self::Tls { .. } => TransportErrorKind::Tls,
+            Self::Closed { .. } => TransportErrorKind::Closed,
+            Self::Refused { .. } => TransportErrorKind::Refused,
+            Self::Protocol { .. } => TransportErrorKind::Protocol,
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Self::Config {
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn closed(message: impl Into<String>) -> Self {
+        Self::Closed {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> Self {
+        Self::Timeout {
+            what: what.into(),
+            after,
+        }
+    }
+}
+
+impl From<GrpcError> for TransportError {
+    fn from(e: GrpcError) -> Self {
+        TransportError::new(e.kind(), e.to_string()).with_source(e)
+    }
+}
+
+/// What the source chain of an error says, beyond its message.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ChainFacts {
+    tls: bool,
+    timed_out: bool,
+    refused: bool,
+    refused_stream: bool,
+}
+
+/// Walks a source chain. `io::Error::source` skips the error it wraps, so
+/// custom io errors are looked into with `get_ref` as well.
+fn chain_facts(err: &(dyn StdError + 'static)) -> ChainFacts {
+    let mut facts = ChainFacts::default();
+    let mut next = Some(err);
+    let mut depth = 0;
+    while let Some(e) = next {
+        depth += 1;
+        if depth > 32 {
+            break;
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            facts.tls = true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                facts.refused_stream = true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::TimedOut => facts.timed_out = true,
+                io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+                | io::ErrorKind::AddrNotAvailable => facts.refused = true,
+                _ => {}
+            }
+            if let Some(inner) = io.get_ref() {
+                let inner_facts = chain_facts(inner);
+                facts.tls |= inner_facts.tls;
+                facts.timed_out |= inner_facts.timed_out;
+                facts.refused |= inner_facts.refused;
+                facts.refused_stream |= inner_facts.refused_stream;
+            }
+        }
+        next = e.source();
+    }
+    facts
+}
+
+/// The message of an error with its sources, `a: b: c`, for people.
+fn chain_message(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    let mut depth = 0;
+    while let Some(e) = next {
+        depth += 1;
+        if depth > 8 {
+            break;
+        }
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        next = e.source();
+    }
+    out
+}
+
+/// Sorts a failed dial (`Endpoint::connect`).
+pub(crate) fn dial_error(
+    target: &str,
+    connect_timeout: Duration,
+    err: tonic::transport::Error,
+) -> GrpcError {
+    let facts = chain_facts(&err);
+    let message = chain_message(&err);
+    let source: Cause = Arc::new(err);
+    if facts.tls {
+        GrpcError::Tls {
+            target: target.to_string(),
+            message,
+            source: Some(source),
+        }
+    } else if facts.timed_out {
+        GrpcError::timeout(format!("connecting to {target}"), connect_timeout)
+    } else {
+        GrpcError::Connect {
+            target: target.to_string(),
+            message,
+            source: Some(source),
+        }
+    }
+}
+
+/// How a failed status bears on the channel it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// The connection failed (a transport error): counts against the
+    /// channel's health.
+    Channel,
+    /// The server answered; the channel is fine.
+    Server,
+    /// The server's h2 refused the stream (`REFUSED_STREAM`: over its
+    /// concurrent-stream limit, typically before our h2 saw its SETTINGS).
+    /// Nothing was processed, so the open may be retried elsewhere.
+    Limit,
+}
+
+/// Sorts the error of an open that failed before response headers.
+///
+/// A status with a source was made locally from a transport error; one
+/// without came from the server (a trailers-only response).
+pub(crate) fn open_error(target: &str, status: Status) -> (GrpcError, Blame) {
+    if status.source().is_none() {
+        return (
+            GrpcError::Refused {
+                code: status.code(),
+                message: status.message().to_string(),
+            },
+            Blame::Server,
+        );
+    }
+    let facts = chain_facts(&status);
+    let message = chain_message(&status);
+    let source: Cause = Arc::new(status);
+    if facts.refused_stream {
+        let err = GrpcError::Closed {
+            message: format!("the server refused the stream (over its stream limit): {message}"),
+            source: Some(source),
+        };
+        return (err, Blame::Limit);
+    }
+    let err = if facts.tls {
+        GrpcError::Tls {
+            target: target.to_string(),
+            message,
+            source: Some(source),
+        }
+    } else if facts.refused {
+        GrpcError::Connect {
+            target: target.to_string(),
+            message,
+            source: Some(source),
+        }
+    } else {
+        GrpcError::Closed {
+            message: format!("before the response headers: {message}"),
+            source: Some(source),
+        }
+    };
+    (err, Blame::Channel)
+}
+
+/// Sorts the error that ended an open stream.
+pub(crate) fn stream_error(target: &str, status: Status) -> (GrpcError, Blame) {
+    let code = status.code();
+    if status.source().is_none() {
+        // The server's status, or one tonic made locally for a message it
+        // could not decode (no source either).
+        let err = match code {
+            Code::Internal | Code::OutOfRange | Code::DataLoss => GrpcError::Protocol {
+                message: format!("{code:?}: {}", status.message()),
+                source: Some(Arc::new(status)),
+            },
+            Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => GrpcError::Refused {
+                code,
+                message: status.message().to_string(),
+            },
+            _ => GrpcError::Closed {
+                message: format!(
+                    "server ended the stream with {code:?}: {}",
+                    status.message()
+                ),
+                source: Some(Arc::new(status)),
+            },
+        };
+        return (err, Blame::Server);
+    }
+    let facts = chain_facts(&status);
+    let message = chain_message(&status);
+    let source: Cause = Arc::new(status);
+    let err = if facts.tls {
+        GrpcError::Tls {
+            target: target.to_string(),
+            message,
+            source: Some(source),
+        }
+    } else if code == Code::Internal {
+        // tonic maps h2 PROTOCOL_ERROR, FRAME_SIZE_ERROR, … to Internal.
+        GrpcError::Protocol {
+            message,
+            source: Some(source),
+        }
+    } else {
+        GrpcError::Closed {
+            message,
+            source: Some(source),
+        }
+    };
+    (err, Blame::Channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_one_to_one() {
+        let cases = [
+            (GrpcError::config("x"), TransportErrorKind::Config),
+            (
+                GrpcError::Connect {
+                    target: "t".into(),
+                    message: "m".into(),
+                    source: None,
+                },
+                TransportErrorKind::Connect,
+            ),
+            (
+                GrpcError::timeout("dial", Duration::from_secs(1)),
+                TransportErrorKind::Timeout,
+            ),
+            (
+                GrpcError::Tls {
+                    target: "t".into(),
+                    message: "m".into(),
+                    source: None,
+                },
+                TransportErrorKind::Tls,
+            ),
+            (GrpcError::closed("x"), TransportErrorKind::Closed),
+            (
+                GrpcError::Refused {
+                    code: Code::PermissionDenied,
+                    message: "no".into(),
+                },
+                TransportErrorKind::Refused,
+            ),
+            (
+                GrpcError::Protocol {
+                    message: "m".into(),
+                    source: None,
+                },
+                TransportErrorKind::Protocol,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(err.kind(), kind);
+            let message = err.to_string();
+            let t: TransportError = err.into();
+            assert_eq!(t.kind(), kind);
+            assert_eq!(t.message(), message);
+            let src = std::error::Error::source(&t).expect("source kept");
+            assert!(src.downcast_ref::<GrpcError>().is_some());
+        }
+    }
+
+    #[test]
+    fn server_status_before_headers_is_refused_and_not_the_channels_fault() {
+        let (err, blame) = open_error("grpc://h:1", Status::permission_denied("nope"));
+        assert_eq!(err.kind(), TransportErrorKind::Refused);
+        assert_eq!(blame, Blame::Server);
+    }
+
+    #[test]
+    fn transport_status_before_headers_blames_the_channel() {
+        let io = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        let status = Status::from_error(Box::new(io));
+        let (err, blame) = open_error("grpc://h:1", status);
+        assert_eq!(err.kind(), TransportErrorKind::Connect);
+        assert_eq!(blame, Blame::Channel);
+
+        let io = io::Error::new(io::ErrorKind::BrokenPipe, "gone");
+        let (err, blame) = open_error("grpc://h:1", Status::from_error(Box::new(io)));
+        assert_eq!(err.kind(), TransportErrorKind::Closed);
+        assert_eq!(blame, Blame::Channel);
+    }
+
+    #[test]
+    fn refused_stream_is_a_limit_not_a_failure() {
+        let h2 = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        let (err, blame) = open_error("grpc://h:1", Status::from_error(Box::new(h2)));
+        assert_eq!(blame, Blame::Limit);
+        assert_eq!(err.kind(), TransportErrorKind::Closed);
+    }
+
+    #[test]
+    fn tls_errors_are_found_inside_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = io::Error::new(io::ErrorKind::InvalidData, tls);
+        let status = Status::from_error(Box::new(io));
+        let (err, _) = open_error("grpcs://h:1", status);
+        assert_eq!(err.kind(), TransportErrorKind::Tls);
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    }
+
+    #[test]
+    fn stream_errors_are_sorted() {
+        let (e, b) = stream_error(
+            "grpc://h:1",
+            Status::internal("failed to decode Protobuf message"),
+        );
+        assert_eq!((e.kind(), b), (TransportErrorKind::Protocol, Blame::Server));
+        let (e, b) = stream_error(
+            "grpc://h:1",
+            Status::out_of_range("decoded message length too large"),
+        );
+        assert_eq!((e.kind(), b), (TransportErrorKind::Protocol, Blame::Server));
+        let (e, b) = stream_error("grpc://h:1", Status::unavailable("going away"));
+        assert_eq!((e.kind(), b), (TransportErrorKind::Closed, Blame::Server));
+        let (e, b) = stream_error("grpc://h:1", Status::unauthenticated("bad token"));
+        assert_eq!((e.kind(), b), (TransportErrorKind::Refused, Blame::Server));
+        let io = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        let (e, b) = stream_error("grpc://h:1", Status::from_error(Box::new(io)));
+        assert_eq!((e.kind(), b), (TransportErrorKind::Closed, Blame::Channel));
+    }
+}

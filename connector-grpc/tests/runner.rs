@@ -1,0 +1,379 @@
+//! The whole SDK over gRPC: `MultiConnectorRunner` + `GrpcTransport`
+//! against the testkit's gRPC server on loopback sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
+    ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationEvent, RegistrationKey, RegistrationState,
+};
+use connector_grpc::GrpcTransport;
+use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Echoes the payload.
+struct Echo;
+
+#[async_trait]
+impl BaseConnector for Echo {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        Ok(ExecuteOutput::json_bytes(ctx.payload))
+    }
+}
+
+fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
+    MultiTransportOptions::builder(url)
+        .connect_timeout(Duration::from_secs(5))
+        .reconnect_delay(Duration::from_millis(20))
+        .jitter(Duration::from_millis(20))
+        .max_backoff(Duration::from_millis(200))
+        .drain_timeout(Duration::from_secs(5))
+        .jitter_seed(Some(7))
+}
+
+fn runner(n: usize, options: MultiTransportOptions) -> MultiConnectorRunner {
+    let echo: Arc<dyn BaseConnector> = Arc::new(Echo);
+    let regs = (0..n)
+        .map(|i| {
+            ConnectorRegistration::from_arc(
+                ConnectorConfig::builder("acme", "echo", format!("i{i}"))
+                    .auth_token("secret-token")
+                    .build()
+                    .expect("valid config"),
+                Arc::clone(&echo),
+            )
+        })
+        .collect();
+    MultiConnectorRunner::new(regs, options, GrpcTransport::new())
+}
+
+fn start(runner: &MultiConnectorRunner) -> JoinHandle<Result<(), ConnectorError>> {
+    let r = runner.clone();
+    tokio::spawn(async move { r.run().await })
+}
+
+async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), ConnectorError>>) {
+    runner.shutdown_handle().shutdown();
+    timeout(WAIT, run)
+        .await
+        .expect("run() returns after shutdown")
+        .expect("no panic")
+        .expect("clean stop");
+    assert_eq!(runner.summary().transport.open_connections(), 0);
+}
+
+async fn grpc_server(opts: GrpcServerOptions) -> (TestServer, GrpcTestServer) {
+    let engine = TestServer::new();
+    let server = GrpcTestServer::start(engine.clone(), opts)
+        .await
+        .expect("server starts");
+    (engine, server)
+}
+
+fn echo_request(id: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: id.into(),
+        payload: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        encoding: PayloadEncoding::Json as i32,
+        ..Default::default()
+    }
+}
+
+async fn wait_all_active(runner: &MultiConnectorRunner) {
+    for key in runner.registrations() {
+        runner
+            .registration(&key)
+            .expect("hosted")
+            .wait_for(WAIT, |s| *s == RegistrationState::Active)
+            .await
+            .unwrap_or_else(|| panic!("{key} not active"));
+    }
+}
+
+async fn echo(engine: &TestServer, key: &str, id: &str) {
+    let resp = timeout(WAIT, engine.execute(key, echo_request(id)))
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    assert!(resp.success, "{resp:?}");
+    assert_eq!(resp.payload, echo_request(id).payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_registrations_share_three_connections_and_echo() {
+    let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
+    let runner = runner(200, options(&server.url()).build().expect("options"));
+    let run = start(&runner);
+
+    engine.wait_for_active(200, WAIT).await.expect("200 active");
+    wait_all_active(&runner).await;
+    server
+        .wait_for_connection_count(3, WAIT)
+        .await
+        .expect("3 connections");
+    let transport = runner.summary().transport;
+    assert_eq!(transport.open_connections(), 3, "{transport:?}");
+    assert_eq!(transport.open_streams(), 200, "{transport:?}");
+    assert_eq!(server.total_connections_accepted(), 3);
+
+    let tasks: Vec<_> = runner
+        .registrations()
+        .into_iter()
+        .map(|key| {
+            let engine = engine.clone();
+            tokio::spawn(
+                async move { echo(&engine, &key.to_string(), &format!("req-{key}")).await },
+            )
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("echo task");
+    }
+
+    stop(&runner, run).await;
+    server
+        .wait_for_connection_count(0, WAIT)
+        .await
+        .expect("connections closed");
+    let stats = engine.stats();
+    assert!(stats.protocol_errors.is_empty(), "{stats:?}");
+    assert_eq!(stats.duplicate_active, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cap_ten_with_thirty_five_registrations_uses_four_connections() {
+    let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
+    let runner = runner(
+        35,
+        options(&server.url())
+            .max_streams_per_channel(10)
+            .build()
+            .expect("options"),
+    );
+    let run = start(&runner);
+    engine.wait_for_active(35, WAIT).await.expect("35 active");
+    server
+        .wait_for_connection_count(4, WAIT)
+        .await
+        .expect("4 connections");
+    assert_eq!(runner.summary().transport.open_connections(), 4);
+    echo(&engine, "acme.echo.i34", "last").await;
+    stop(&runner, run).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_limit_below_the_cap_gets_every_registration_active() {
+    let (engine, server) =
+        grpc_server(GrpcServerOptions::default().max_concurrent_streams(5)).await;
+    let runner = runner(
+        12,
+        options(&server.url())
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .expect("options"),
+    );
+    let run = start(&runner);
+    engine.wait_for_active(12, WAIT).await.expect("12 active");
+    wait_all_active(&runner).await;
+    server
+        .wait_for_connection_count(3, WAIT)
+        .await
+        .expect("3 connections");
+    for i in [0, 6, 11] {
+        echo(&engine, &format!("acme.echo.i{i}"), &format!("r{i}")).await;
+    }
+    stop(&runner, run).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() {
+    let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
+    let runner = runner(
+        15,
+        options(&server.url())
+            .max_streams_per_channel(10)
+            .build()
+            .expect("options"),
+    );
+    let run = start(&runner);
+    engine.wait_for_active(15, WAIT).await.expect("15 active");
+    wait_all_active(&runner).await;
+    server
+        .wait_for_connection_count(2, WAIT)
+        .await
+        .expect("2 connections");
+
+    let victim = server
+        .connections()
+        .into_iter()
+        .find(|c| c.open_streams == 5)
+        .expect("the connection with 5 streams");
+    let victims: Vec<String> = engine
+        .registrations()
+        .into_iter()
+        .filter(|r| r.connection_id == victim.connection_id)
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(victims.len(), 5);
+    let registers_before = engine.stats().registers;
+    assert!(server.kill_connection(victim.connection_id));
+
+    engine
+        .wait_until(WAIT, |e| {
+            e.stats().registers >= registers_before + 5 && e.active_keys().len() == 15
+        })
+        .await
+        .expect("the 5 re-registered");
+    wait_all_active(&runner).await;
+    for key in runner.registrations() {
+        let m = runner.registration(&key).expect("hosted").metrics();
+        if victims.contains(&key.to_string()) {
+            assert!(m.total_disconnects >= 1, "{key}: {m:?}");
+            assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
+        } else {
+            assert_eq!(m.total_disconnects, 0, "{key} was untouched: {m:?}");
+        }
+    }
+    for v in &victims {
+        echo(&engine, v, &format!("after-{v}")).await;
+    }
+    assert!(runner.summary().transport.open_streams() == 15);
+    stop(&runner, run).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_restart_brings_every_registration_back() {
+    let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
+    let runner = runner(10, options(&server.url()).build().expect("options"));
+    let run = start(&runner);
+    engine.wait_for_active(10, WAIT).await.expect("10 active");
+    wait_all_active(&runner).await;
+    let mut events: Vec<_> = runner
+        .registrations()
+        .iter()
+        .map(|k| (k.clone(), runner.registration(k).expect("hosted").events()))
+        .collect();
+
+    server.restart().await.expect("restart");
+    for (key, rx) in &mut events {
+        timeout(WAIT, async {
+            loop {
+                match rx.recv().await {
+                    Ok(RegistrationEvent::Approved { reconnect: true }) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("{key}: event stream: {e}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{key} did not come back after the restart"));
+    }
+    engine
+        .wait_for_active(10, WAIT)
+        .await
+        .expect("10 active again");
+    for key in runner.registrations() {
+        let m = runner.registration(&key).expect("hosted").metrics();
+        assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
+        assert!(m.total_disconnects >= 1, "{key}: {m:?}");
+    }
+    server
+        .wait_for_connection_count(1, WAIT)
+        .await
+        .expect("one connection again");
+    echo(&engine, "acme.echo.i3", "after-restart").await;
+    stop(&runner, run).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcs_runner_with_a_custom_ca() {
+    let cert = TestCertificate::generate().expect("cert");
+    let (engine, server) = grpc_server(GrpcServerOptions::default().tls(cert.clone())).await;
+    let dir = std::env::temp_dir().join(format!("connector-grpc-runner-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = cert.write_ca_pem(&dir).expect("ca");
+    let runner = runner(
+        3,
+        options(&server.url()).ca_cert(ca).build().expect("options"),
+    );
+    let run = start(&runner);
+    engine.wait_for_active(3, WAIT).await.expect("3 active");
+    echo(&engine, "acme.echo.i2", "tls").await;
+    assert_eq!(runner.summary().transport.open_connections(), 1);
+    stop(&runner, run).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_ca_is_a_tls_error_retried_with_backoff() {
+    let served = TestCertificate::generate().expect("cert");
+    let other = TestCertificate::generate().expect("cert");
+    let (engine, server) = grpc_server(GrpcServerOptions::default().tls(served)).await;
+    let dir = std::env::temp_dir().join(format!(
+        "connector-grpc-runner-bad-ca-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let wrong = other.write_ca_pem(&dir).expect("ca");
+    let runner = runner(
+        1,
+        options(&server.url())
+            .ca_cert(wrong)
+            .build()
+            .expect("options"),
+    );
+    let key = RegistrationKey::new("acme", "echo", "i0").expect("key");
+    let mut events = runner.registration(&key).expect("hosted").events();
+    let run = start(&runner);
+
+    // Two failed opens that name TLS, with a backoff between them.
+    let mut tls_failures = 0;
+    let mut backoffs = 0;
+    timeout(WAIT, async {
+        while tls_failures < 2 || backoffs < 1 {
+            match events.recv().await {
+                Ok(RegistrationEvent::Disconnected {
+                    cause: DisconnectCause::OpenFailed(msg),
+                }) => {
+                    assert!(msg.to_lowercase().contains("tls"), "{msg}");
+                    tls_failures += 1;
+                }
+                Ok(RegistrationEvent::BackingOff { .. }) => backoffs += 1,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("retries in time");
+    assert!(engine.registrations().is_empty());
+    assert!(!run.is_finished(), "a TLS failure does not end the runner");
+    stop(&runner, run).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn unreadable_ca_file_fails_run_with_a_config_error() {
+    let opts = options("grpcs://localhost:1")
+        .ca_cert("/nonexistent/ca.pem")
+        .build()
+        .expect("options");
+    let runner = runner(1, opts);
+    let err = timeout(WAIT, runner.run())
+        .await
+        .expect("in time")
+        .expect_err("config error");
+    assert!(err.is_config(), "{err}");
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
