@@ -5,7 +5,7 @@ use crate::cmd;
 
 /// The benchmark binary's source; its presence decides whether there is a
 /// benchmark to run.
-const BENCH_SOURCE: &str = "examples/src/bin/connector-bench.rs";
+const BENCH_SOURCE: &str = "bench/src/main.rs";
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "-h" || a == "--help") && !bench_exists() {
@@ -23,15 +23,28 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             ))
         };
     }
-    let mut command = cmd::cargo([
-        "run",
-        "--release",
-        "--package",
-        "examples",
-        "--bin",
-        "connector-bench",
-        "--",
-    ]);
+    // The smoke run only proves the benchmark still builds and runs: a debug
+    // build reuses what the tests compiled instead of a second, release build.
+    let mut command = if smoke {
+        cmd::cargo([
+            "run",
+            "--package",
+            "connector-bench",
+            "--bin",
+            "connector-bench",
+            "--",
+        ])
+    } else {
+        cmd::cargo([
+            "run",
+            "--release",
+            "--package",
+            "connector-bench",
+            "--bin",
+            "connector-bench",
+            "--",
+        ])
+    };
     command.args(args);
     cmd::run(&mut command)
 }
