@@ -9,6 +9,7 @@
 //! and WebSocket transports live in their own crates and only move messages.
 #![deny(missing_docs)]
 
+mod answered;
 mod backoff;
 mod config;
 mod connector;

@@ -21,6 +21,7 @@ use connector_proto::{
 };
 use tokio::time::Instant;
 
+use crate::answered::{AnsweredLog, Known};
 use crate::backoff::{Backoff, JitterRng};
 use crate::config::{MultiTransportOptions, RegistrationKey, Secret};
 use crate::connector::{ConnectorRegistration, ExecuteError, ExecuteOutput};
@@ -141,11 +142,13 @@ struct Settings {
     max_queued: usize,
     drain_timeout: Duration,
     metrics_report_interval: Option<Duration>,
-    redelivery_ttl: Duration,
-    redelivery_capacity: usize,
     max_message_size: usize,
     max_outbox: usize,
 }
+
+/// Responses queued without a heartbeat after them before one is sent early
+/// (its ack confirms them, which bounds what must be kept for replay).
+const EARLY_HEARTBEAT_AFTER: usize = 128;
 
 /// How many heartbeats are remembered for RTT measurement.
 const HEARTBEATS_REMEMBERED: usize = 8;
@@ -177,7 +180,12 @@ pub struct Registration {
     deadline_seq: u64,
     running: usize,
     outbox: VecDeque<StreamMessage>,
-    redelivery: VecDeque<(ExecuteResponse, Instant)>,
+    answered: AnsweredLog,
+    /// Bumped for every stream opened; tags what was sent on which.
+    stream_gen: u64,
+    /// Responses queued since the last heartbeat; past a threshold a
+    /// heartbeat goes out early so its ack confirms them sooner.
+    queued_since_heartbeat: usize,
     actions: VecDeque<Action>,
     events: VecDeque<RegistrationEvent>,
     metrics: Arc<MetricsCell>,
@@ -266,8 +274,6 @@ impl Registration {
                 max_queued: options.max_queued_requests,
                 drain_timeout: options.drain_timeout,
                 metrics_report_interval: options.metrics_report_interval,
-                redelivery_ttl: options.redelivery_ttl,
-                redelivery_capacity: options.redelivery_capacity,
                 max_message_size: options.max_message_size,
                 // Far above what a stream that is read ever holds: every
                 // request that can be in flight, plus every kept response.
@@ -298,7 +304,9 @@ impl Registration {
             deadline_seq: 0,
             running: 0,
             outbox: VecDeque::new(),
-            redelivery: VecDeque::new(),
+            answered: AnsweredLog::new(options.redelivery_capacity, options.redelivery_ttl),
+            stream_gen: 0,
+            queued_since_heartbeat: 0,
             actions: VecDeque::new(),
             events: VecDeque::new(),
             metrics,
@@ -375,7 +383,7 @@ impl Registration {
 
     /// Responses waiting for a stream to be delivered on.
     pub fn undelivered(&self) -> usize {
-        self.redelivery.len()
+        self.answered.waiting()
     }
 
     /// True when the registration stopped and nothing is left to do.
@@ -408,6 +416,8 @@ impl Registration {
             return;
         }
         self.has_stream = true;
+        self.stream_gen += 1;
+        self.queued_since_heartbeat = 0;
         self.telemetry.connection_attempt(true);
         self.heartbeat_interval = self.settings.heartbeat_interval;
         self.heartbeat_timeout = self.settings.heartbeat_timeout;
@@ -534,7 +544,7 @@ impl Registration {
     /// stream, anything else is dropped.
     pub fn handle_unsent(&mut self, now: Instant, message: StreamMessage) {
         if let Some(Kind::ExecuteResponse(r)) = message.kind {
-            self.keep_for_redelivery(now, r);
+            self.not_sent(now, r);
         }
     }
 
@@ -652,7 +662,7 @@ impl Registration {
         }
         for m in std::mem::take(&mut self.outbox) {
             if let Some(Kind::ExecuteResponse(r)) = m.kind {
-                self.keep_for_redelivery(now, r);
+                self.not_sent(now, r);
             }
         }
         self.stop_timers_of_stream();
@@ -822,16 +832,13 @@ impl Registration {
             self.timers.set(Timer::MetricsReport, now + every);
         }
         // Deliver what finished while no stream was up.
-        let kept = std::mem::take(&mut self.redelivery);
-        for (resp, expires) in kept {
-            if expires <= now {
-                MetricsCell::inc(&self.metrics.responses_expired);
-                continue;
-            }
+        let (kept, expired) = self.answered.take_waiting(now);
+        self.metrics
+            .responses_expired
+            .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+        for resp in kept {
             MetricsCell::inc(&self.metrics.responses_redelivered);
-            self.outbox.push_back(StreamMessage {
-                kind: Some(Kind::ExecuteResponse(resp)),
-            });
+            self.send_response(now, resp);
         }
         // Work that waited for a slot while down can start now.
         self.start_queued(now);
@@ -869,6 +876,7 @@ impl Registration {
             self.heartbeats_sent.pop_front();
         }
         self.heartbeats_sent.push_back((seq, now));
+        self.queued_since_heartbeat = 0;
         let since = now.saturating_duration_since(self.clock_origin.0);
         let sent_at_unix_ms = self.clock_origin.1 + since.as_millis() as i64;
         self.push_out(
@@ -885,6 +893,8 @@ impl Registration {
     }
 
     fn on_heartbeat_ack(&mut self, now: Instant, ack: HeartbeatAck) {
+        // Ordered stream: the server has read everything queued before it.
+        self.answered.confirm(self.stream_gen, ack.sequence);
         if let Some(pos) = self
             .heartbeats_sent
             .iter()
@@ -1032,6 +1042,25 @@ impl Registration {
             // "exactly one response per request_id".
             self.protocol_error("duplicate request_id while the first is in flight");
             return;
+        }
+        match self.answered.known(&req.request_id) {
+            Some(Known::SentOn(stream)) if stream != self.stream_gen => {
+                // Asked again after a reconnect: the answer may have died
+                // with the old stream. Replay it; the handler does not run twice.
+                if let Some(resp) = self.answered.replay(&req.request_id) {
+                    tracing::debug!(key = %self.key, request_id = %req.request_id, "replaying a response that may have been lost");
+                    MetricsCell::inc(&self.metrics.responses_redelivered);
+                    self.send_response(now, resp);
+                }
+                return;
+            }
+            Some(_) => {
+                // Already answered on this stream, or waiting to be: the
+                // one answer is on its way.
+                tracing::debug!(key = %self.key, request_id = %req.request_id, "request asked again while its answer is on its way; ignored");
+                return;
+            }
+            None => {}
         }
         MetricsCell::inc(&self.metrics.requests_received);
         let id = req.request_id.clone();
@@ -1205,12 +1234,23 @@ impl Registration {
                 RegistrationState::Active | RegistrationState::Draining
             );
         if deliverable {
+            // The next heartbeat queued goes out after this response; its
+            // ack confirms the response was read.
+            let tag = self.heartbeat_seq + 1;
+            let dropped = self
+                .answered
+                .sent(now, response.clone(), self.stream_gen, tag);
+            self.count_dropped(dropped);
             self.push_out(
                 now,
                 StreamMessage {
                     kind: Some(Kind::ExecuteResponse(response)),
                 },
             );
+            self.queued_since_heartbeat += 1;
+            if self.queued_since_heartbeat >= EARLY_HEARTBEAT_AFTER && self.has_stream {
+                self.on_heartbeat_timer(now);
+            }
         } else {
             self.keep_for_redelivery(now, response);
         }
@@ -1228,17 +1268,25 @@ impl Registration {
     }
 
     fn keep_for_redelivery(&mut self, now: Instant, response: ExecuteResponse) {
-        if self.settings.redelivery_capacity == 0 {
-            MetricsCell::inc(&self.metrics.responses_expired);
-            return;
+        let dropped = self.answered.keep_waiting(now, response);
+        self.count_dropped(dropped);
+    }
+
+    /// A response queued on a stream that went away before taking it.
+    fn not_sent(&mut self, now: Instant, response: ExecuteResponse) {
+        match self.answered.known(&response.request_id) {
+            Some(_) => self.answered.unsent(&response.request_id),
+            None => self.keep_for_redelivery(now, response),
         }
-        while self.redelivery.len() >= self.settings.redelivery_capacity {
-            self.redelivery.pop_front();
-            MetricsCell::inc(&self.metrics.responses_expired);
-            tracing::warn!(key = %self.key, "redelivery buffer full: oldest undelivered response dropped");
+    }
+
+    fn count_dropped(&mut self, dropped: u64) {
+        if dropped > 0 {
+            tracing::warn!(key = %self.key, dropped, "undelivered responses dropped (redelivery capacity or TTL)");
+            self.metrics
+                .responses_expired
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
         }
-        self.redelivery
-            .push_back((response, now + self.settings.redelivery_ttl));
     }
 
     fn start_queued(&mut self, _now: Instant) {

@@ -906,3 +906,97 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
         "what was dropped is counted"
     );
 }
+
+fn reconnect(h: &mut H) {
+    h.advance(Duration::from_secs(2));
+    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        ..Default::default()
+    }));
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+}
+
+#[test]
+fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("x", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{\"v\":1}"[..])));
+    assert_eq!(h.responses().len(), 1, "sent once");
+    // The connection dies before the server acknowledged a later heartbeat.
+    h.sm.handle_stream_closed(h.now, Some("reset"));
+    reconnect(&mut h);
+    assert!(h.responses().is_empty(), "not resent on its own");
+    h.execute("x", "echo", b"{}", 0);
+    assert!(
+        executes(&h.take_actions()).is_empty(),
+        "the handler does not run twice"
+    );
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].payload, b"{\"v\":1}");
+    // Asked a third time on the same stream: the answer is on its way.
+    h.execute("x", "echo", b"{}", 0);
+    assert!(h.responses().is_empty());
+    assert!(executes(&h.take_actions()).is_empty());
+}
+
+#[test]
+fn an_acknowledged_heartbeat_confirms_earlier_answers() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("x", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.take_sent();
+    h.advance(HB);
+    let seq = h
+        .take_sent()
+        .iter()
+        .find_map(|m| match &m.kind {
+            Some(Kind::Heartbeat(hb)) => Some(hb.sequence),
+            _ => None,
+        })
+        .expect("heartbeat");
+    h.recv(Kind::HeartbeatAck(HeartbeatAck {
+        sequence: seq,
+        ..Default::default()
+    }));
+    h.sm.handle_stream_closed(h.now, Some("reset"));
+    reconnect(&mut h);
+    // The server read the answer, so the id is free: a new request.
+    h.execute("x", "echo", b"{}", 0);
+    assert_eq!(executes(&h.take_actions()), vec!["x"]);
+}
+
+#[test]
+fn many_answers_without_a_heartbeat_ask_for_an_early_ack() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1000)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    for i in 0..130 {
+        h.execute(&format!("r{i}"), "echo", b"{}", 0);
+    }
+    h.take_actions();
+    for i in 0..130 {
+        h.sm.handle_execute_done(
+            h.now,
+            &format!("r{i}"),
+            Ok(ExecuteOutput::json_bytes(&b"{}"[..])),
+        );
+    }
+    let sent = h.take_sent();
+    let beats = sent
+        .iter()
+        .filter(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
+        .count();
+    assert_eq!(beats, 1, "one early heartbeat after 128 answers");
+}

@@ -1,0 +1,319 @@
+//! What happened to each response after it was made: the bookkeeping behind
+//! "every `execute_request` gets exactly one response" across reconnects.
+//!
+//! The protocol has no acknowledgement for responses, but the stream is
+//! ordered: when the server acknowledges heartbeat `k`, it has read every
+//! message queued before that heartbeat. So a response is
+//!
+//! - **waiting**: made while no stream could carry it; sent on the next
+//!   stream once the registration is approved again;
+//! - **sent, unconfirmed**: queued on stream `g` after heartbeat `tag - 1`;
+//!   confirmed (and forgotten) when heartbeat `tag` is acknowledged on `g`;
+//! - **maybe lost**: still unconfirmed when stream `g` died. It is *not*
+//!   resent on its own (the server may well have read it); if the server
+//!   asks again with the same `request_id` on a later stream, the kept
+//!   response is replayed instead of running the handler a second time.
+//!
+//! Everything is bounded by a capacity and a TTL; dropping a waiting
+//! response is counted by the caller as expired.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use connector_proto::ExecuteResponse;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    Waiting,
+    Sent { stream: u64, tag: u64 },
+}
+
+#[derive(Debug)]
+struct Entry {
+    response: ExecuteResponse,
+    place: Place,
+    expires: Instant,
+    seq: u64,
+}
+
+/// The kept responses of one registration.
+#[derive(Debug)]
+pub(crate) struct AnsweredLog {
+    entries: HashMap<String, Entry>,
+    /// (seq, id) in insertion order, for TTL and capacity eviction. Stale
+    /// pairs (the entry was removed or re-inserted) are skipped.
+    order: VecDeque<(u64, String)>,
+    /// (stream, tag, seq, id) in the order responses were queued.
+    unconfirmed: VecDeque<(u64, u64, u64, String)>,
+    waiting: usize,
+    next_seq: u64,
+    capacity: usize,
+    ttl: Duration,
+}
+
+/// What the log knows of a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    Waiting,
+    SentOn(u64),
+}
+
+impl AnsweredLog {
+    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
+            waiting: 0,
+            next_seq: 0,
+            capacity,
+            ttl,
+        }
+    }
+
+    /// Responses waiting for a stream.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    pub(crate) fn known(&self, id: &str) -> Option<Known> {
+        self.entries.get(id).map(|e| match e.place {
+            Place::Waiting => Known::Waiting,
+            Place::Sent { stream, .. } => Known::SentOn(stream),
+        })
+    }
+
+    /// Keeps a response no stream can carry now. Returns how many waiting
+    /// responses were dropped to make room (or by TTL).
+    pub(crate) fn keep_waiting(&mut self, now: Instant, response: ExecuteResponse) -> u64 {
+        self.insert(now, response, Place::Waiting)
+    }
+
+    /// Records a response queued on `stream` before heartbeat `tag`.
+    pub(crate) fn sent(
+        &mut self,
+        now: Instant,
+        response: ExecuteResponse,
+        stream: u64,
+        tag: u64,
+    ) -> u64 {
+        self.insert(now, response, Place::Sent { stream, tag })
+    }
+
+    fn insert(&mut self, now: Instant, response: ExecuteResponse, place: Place) -> u64 {
+        let mut dropped = self.expire(now);
+        if self.capacity == 0 {
+            return dropped + u64::from(place == Place::Waiting);
+        }
+        let id = response.request_id.clone();
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let expires = match self.entries.get(&id) {
+            Some(old) => old.expires,
+            None => now + self.ttl,
+        };
+        if let Some(old) = self.entries.insert(
+            id.clone(),
+            Entry {
+                response,
+                place,
+                expires,
+                seq,
+            },
+        ) {
+            if old.place == Place::Waiting {
+                self.waiting -= 1;
+            }
+        }
+        match place {
+            Place::Waiting => self.waiting += 1,
+            Place::Sent { stream, tag } => {
+                self.unconfirmed.push_back((stream, tag, seq, id.clone()))
+            }
+        }
+        self.order.push_back((seq, id));
+        while self.entries.len() > self.capacity {
+            match self.pop_oldest() {
+                Some(true) => dropped += 1,
+                Some(false) => {}
+                None => break,
+            }
+        }
+        dropped
+    }
+
+    /// Removes the oldest live entry; `Some(true)` if it was waiting.
+    fn pop_oldest(&mut self) -> Option<bool> {
+        while let Some((seq, id)) = self.order.pop_front() {
+            if self.entries.get(&id).is_some_and(|e| e.seq == seq) {
+                let e = self.entries.remove(&id)?;
+                let was_waiting = e.place == Place::Waiting;
+                if was_waiting {
+                    self.waiting -= 1;
+                }
+                return Some(was_waiting);
+            }
+        }
+        None
+    }
+
+    /// Drops entries past their TTL; returns how many were waiting.
+    pub(crate) fn expire(&mut self, now: Instant) -> u64 {
+        let mut dropped = 0;
+        while let Some((seq, id)) = self.order.front() {
+            let live = self.entries.get(id).filter(|e| e.seq == *seq);
+            match live {
+                Some(e) if e.expires > now => break,
+                Some(_) => {
+                    if self.pop_oldest() == Some(true) {
+                        dropped += 1;
+                    }
+                }
+                None => {
+                    self.order.pop_front();
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Heartbeat `upto` was acknowledged on `stream`: everything queued
+    /// before it arrived.
+    pub(crate) fn confirm(&mut self, stream: u64, upto: u64) {
+        while let Some(&(s, tag, _, _)) = self.unconfirmed.front() {
+            if s == stream && tag > upto {
+                break;
+            }
+            let Some((s, tag, seq, id)) = self.unconfirmed.pop_front() else {
+                break;
+            };
+            if s != stream {
+                // A dead stream's unconfirmed entries stay as "maybe lost";
+                // only their place in this queue goes.
+                continue;
+            }
+            let confirmed = self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.seq == seq && e.place == Place::Sent { stream: s, tag });
+            if confirmed {
+                self.entries.remove(&id);
+            }
+        }
+    }
+
+    /// A response queued on a stream but never handed to it: waiting again.
+    pub(crate) fn unsent(&mut self, id: &str) {
+        if let Some(e) = self.entries.get_mut(id) {
+            if e.place != Place::Waiting {
+                e.place = Place::Waiting;
+                self.waiting += 1;
+            }
+        }
+    }
+
+    /// Takes every waiting response, oldest first, dropping expired ones;
+    /// returns them and how many expired.
+    pub(crate) fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, u64) {
+        let expired = self.expire(now);
+        if self.waiting == 0 {
+            return (Vec::new(), expired);
+        }
+        let mut out = Vec::with_capacity(self.waiting);
+        for (seq, id) in &self.order {
+            if let Some(e) = self.entries.get(id) {
+                if e.seq == *seq && e.place == Place::Waiting {
+                    out.push(e.response.clone());
+                }
+            }
+        }
+        for r in &out {
+            self.entries.remove(&r.request_id);
+        }
+        self.waiting = 0;
+        (out, expired)
+    }
+
+    /// The kept response for a request the server asked for again.
+    pub(crate) fn replay(&self, id: &str) -> Option<ExecuteResponse> {
+        self.entries.get(id).map(|e| e.response.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(id: &str) -> ExecuteResponse {
+        ExecuteResponse {
+            request_id: id.into(),
+            success: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn confirmation_forgets_what_the_server_read() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(100, Duration::from_secs(60));
+        log.sent(now, resp("a"), 1, 1);
+        log.sent(now, resp("b"), 1, 2);
+        log.confirm(1, 1);
+        assert_eq!(log.known("a"), None);
+        assert_eq!(log.known("b"), Some(Known::SentOn(1)));
+        log.confirm(1, 2);
+        assert_eq!(log.known("b"), None);
+    }
+
+    #[test]
+    fn unconfirmed_of_a_dead_stream_stay_for_replay() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(100, Duration::from_secs(60));
+        log.sent(now, resp("a"), 1, 1);
+        log.sent(now, resp("b"), 2, 1);
+        log.confirm(2, 1);
+        assert_eq!(log.known("a"), Some(Known::SentOn(1)));
+        assert_eq!(log.known("b"), None);
+        assert_eq!(log.replay("a").map(|r| r.request_id), Some("a".into()));
+    }
+
+    #[test]
+    fn waiting_responses_come_back_in_order_and_expire() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(100, Duration::from_secs(1));
+        log.keep_waiting(now, resp("a"));
+        log.keep_waiting(now + Duration::from_millis(500), resp("b"));
+        let (out, expired) = log.take_waiting(now + Duration::from_millis(1200));
+        assert_eq!(expired, 1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].request_id, "b");
+        assert_eq!(log.waiting(), 0);
+    }
+
+    #[test]
+    fn capacity_is_a_hard_bound_and_drops_are_counted() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(3, Duration::from_secs(60));
+        let mut dropped = 0;
+        for i in 0..10 {
+            dropped += log.keep_waiting(now, resp(&format!("r{i}")));
+            assert!(log.entries.len() <= 3);
+        }
+        assert_eq!(dropped, 7);
+        assert_eq!(log.waiting(), 3);
+        let (out, _) = log.take_waiting(now);
+        let ids: Vec<_> = out.into_iter().map(|r| r.request_id).collect();
+        assert_eq!(ids, vec!["r7", "r8", "r9"]);
+    }
+
+    #[test]
+    fn unsent_goes_back_to_waiting() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(10, Duration::from_secs(60));
+        log.sent(now, resp("a"), 1, 1);
+        log.unsent("a");
+        assert_eq!(log.known("a"), Some(Known::Waiting));
+        assert_eq!(log.waiting(), 1);
+    }
+}
