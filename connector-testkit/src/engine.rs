@@ -132,6 +132,9 @@ pub struct ServerStats {
     /// Requests sent and not answered yet; 0 at the end of a test means no
     /// request was lost.
     pub outstanding: u64,
+    /// `execute_request`s sent again after their key registered on a new
+    /// stream while their answer was still missing.
+    pub executes_resent: u64,
     /// `metrics_report` messages received.
     pub metrics_reports: u64,
     /// Every protocol violation seen, in order, as a human-readable line.
@@ -452,6 +455,10 @@ struct State {
     streams: HashMap<u64, StreamEntry>,
     next_stream_id: u64,
     execs: HashMap<String, HashMap<String, ExecSlot>>,
+    /// Unanswered requests per key, with the stream each was last sent on,
+    /// for resending after the key registers again.
+    unanswered: HashMap<String, HashMap<String, (u64, ExecuteRequest)>>,
+    resend_on_reconnect: bool,
     stats: ServerStats,
     events: Vec<ServerEvent>,
 }
@@ -518,6 +525,29 @@ impl State {
             stream_id,
         });
         self.token_for(key)
+    }
+
+    /// After `key` was approved on `stream_id`: asks again for every answer
+    /// still missing from its earlier streams (the answer may have died with
+    /// them). A client replays a kept answer rather than running it twice.
+    fn resend_unanswered(&mut self, stream_id: u64, key: &str) {
+        if !self.resend_on_reconnect {
+            return;
+        }
+        let Some(reqs) = self.unanswered.get_mut(key) else {
+            return;
+        };
+        let mut resend = Vec::new();
+        for (sent_on, req) in reqs.values_mut() {
+            if *sent_on != stream_id {
+                *sent_on = stream_id;
+                resend.push(req.clone());
+            }
+        }
+        for req in resend {
+            self.stats.executes_resent += 1;
+            self.send(stream_id, msg(Kind::ExecuteRequest(req)));
+        }
     }
 
     fn close(&mut self, stream_id: u64) {
@@ -591,6 +621,8 @@ impl TestServer {
                     streams: HashMap::new(),
                     next_stream_id: 1,
                     execs: HashMap::new(),
+                    unanswered: HashMap::new(),
+                    resend_on_reconnect: true,
                     stats: ServerStats::default(),
                     events: Vec::new(),
                 }),
@@ -640,6 +672,14 @@ impl TestServer {
         });
     }
 
+    /// Whether requests still unanswered when a key's stream died are sent
+    /// again once the key is approved on a new stream (default on, as a
+    /// control plane that wants every request answered would do). A client
+    /// that kept the answer replays it; one that had not got it runs it.
+    pub fn set_resend_on_reconnect(&self, on: bool) {
+        self.update(|st| st.resend_on_reconnect = on);
+    }
+
     /// The `heartbeat_interval_ms` sent in every register response (0: the
     /// client keeps its own).
     pub fn set_heartbeat_interval_ms(&self, ms: u32) {
@@ -664,7 +704,7 @@ impl TestServer {
                 return false;
             };
             let token = st.mark_approved(id, key);
-            st.send(
+            let sent = st.send(
                 id,
                 msg(Kind::ApprovalUpdate(ApprovalUpdate {
                     status: RegistrationStatus::Approved as i32,
@@ -672,7 +712,9 @@ impl TestServer {
                     message: "approved by the test".to_string(),
                     reject_reason: RejectReason::Unspecified as i32,
                 })),
-            )
+            );
+            st.resend_unanswered(id, key);
+            sent
         })
     }
 
@@ -833,10 +875,17 @@ impl TestServer {
             }
             let (tx, rx) = oneshot::channel();
             slots.insert(request_id.clone(), ExecSlot::Pending(Some(tx)));
+            st.unanswered
+                .entry(key.to_string())
+                .or_default()
+                .insert(request_id.clone(), (id, req.clone()));
             if !st.send(id, msg(Kind::ExecuteRequest(req))) {
                 // The stream's task is gone; it is being torn down.
                 if let Some(slots) = st.execs.get_mut(key) {
                     slots.remove(&request_id);
+                }
+                if let Some(reqs) = st.unanswered.get_mut(key) {
+                    reqs.remove(&request_id);
                 }
                 return Err(TestkitError::NoSuchRegistration(key.to_string()));
             }
@@ -1235,7 +1284,11 @@ impl TestServer {
                 true
             }
         };
+        let approved = resp.status == RegistrationStatus::Approved as i32;
         st.send(stream_id, msg(Kind::RegisterResponse(resp)));
+        if approved {
+            st.resend_unanswered(stream_id, &key);
+        }
         if close {
             st.close(stream_id);
         }
@@ -1245,6 +1298,9 @@ impl TestServer {
         st.stats.responses_received += 1;
         let request_id = resp.request_id.clone();
         let success = resp.success;
+        if let Some(reqs) = st.unanswered.get_mut(key) {
+            reqs.remove(&request_id);
+        }
         let slot = st.execs.get_mut(key).and_then(|m| m.get_mut(&request_id));
         match slot {
             Some(slot @ ExecSlot::Pending(_)) => {
