@@ -1,0 +1,186 @@
+//! [`WsError`], the crate's one error type, and its mapping onto
+//! [`TransportError`].
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use connector_core::{TransportError, TransportErrorKind};
+
+/// A boxed cause.
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What went wrong in the WebSocket transport.
+///
+/// [`WsError::Config`] is the caller's to fix (retrying cannot help); every
+/// other variant is a failure of the peer or the network, which the runner
+/// retries with backoff. Every variant converts into a
+/// [`TransportError`] of the matching [`TransportErrorKind`], with the
+/// `WsError` as its source (downcast it to get the details back).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WsError {
+    /// The configuration is unusable: wrong URL scheme, unreadable or
+    /// invalid certificate file, inconsistent buffer sizes.
+    #[error("invalid WebSocket transport configuration: {0}")]
+    Config(String),
+    /// The TCP connection could not be made.
+    #[error("could not connect to {addr}")]
+    Connect {
+        /// `host:port` dialled.
+        addr: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting (TCP, TLS, WebSocket upgrade and the first frame) took
+    /// longer than the connect timeout.
+    #[error("connecting to {addr} timed out after {after:?}")]
+    Timeout {
+        /// `host:port` dialled.
+        addr: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The TLS handshake failed: unknown CA, wrong name, no TLS on the port.
+    #[error("TLS handshake with {addr} failed")]
+    Tls {
+        /// `host:port` dialled.
+        addr: String,
+        /// The TLS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server broke the WebSocket binding of `connector.v1`: no or a
+    /// different subprotocol, a text frame, a frame that is not a
+    /// `StreamMessage`, an oversized message.
+    #[error("WebSocket protocol error: {message}")]
+    Protocol {
+        /// What was wrong.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The socket was closed or reset.
+    #[error("WebSocket closed: {message}")]
+    Closed {
+        /// How it ended.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The server answered the upgrade request with an HTTP status other
+    /// than 101.
+    #[error("server at {addr} refused the WebSocket upgrade with HTTP {status}")]
+    Refused {
+        /// `host:port` dialled.
+        addr: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+}
+
+impl WsError {
+    /// The [`TransportErrorKind`] this error maps to.
+    pub fn kind(&self) -> TransportErrorKind {
+        match self {
+            Self::Config(_) => TransportErrorKind::Config,
+            Self::Connect { .. } => TransportErrorKind::Connect,
+            Self::Timeout { .. } => TransportErrorKind::Timeout,
+            Self::Tls { .. } => TransportErrorKind::Tls,
+            Self::Protocol { .. } => TransportErrorKind::Protocol,
+            Self::Closed { .. } => TransportErrorKind::Closed,
+            Self::Refused { .. } => TransportErrorKind::Refused,
+        }
+    }
+
+    /// True when the configuration is at fault and retrying cannot help.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+
+    pub(crate) fn protocol(message: impl Into<String>) -> Self {
+        Self::Protocol {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn protocol_with(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Protocol {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub(crate) fn closed(message: impl Into<String>) -> Self {
+        Self::Closed {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn closed_with(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Closed {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl From<WsError> for TransportError {
+    /// The message is the whole cause chain on one line (what a log line
+    /// wants); the source is the `WsError` itself.
+    fn from(err: WsError) -> Self {
+        let mut message = err.to_string();
+        let mut cause = err.source();
+        while let Some(c) = cause {
+            let _ = write!(message, ": {c}");
+            cause = c.source();
+        }
+        TransportError::new(err.kind(), message).with_source(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_chain() {
+        let err = WsError::Connect {
+            addr: "127.0.0.1:1".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+        };
+        let t: TransportError = err.into();
+        assert_eq!(t.kind(), TransportErrorKind::Connect);
+        assert_eq!(t.message(), "could not connect to 127.0.0.1:1: refused");
+        let source = std::error::Error::source(&t).expect("has a source");
+        assert!(source.downcast_ref::<WsError>().is_some());
+
+        let cases = [
+            (WsError::Config("x".into()), TransportErrorKind::Config),
+            (
+                WsError::Timeout {
+                    addr: "a:1".into(),
+                    after: Duration::from_secs(1),
+                },
+                TransportErrorKind::Timeout,
+            ),
+            (WsError::protocol("x"), TransportErrorKind::Protocol),
+            (WsError::closed("x"), TransportErrorKind::Closed),
+            (
+                WsError::Refused {
+                    addr: "a:1".into(),
+                    status: 404,
+                },
+                TransportErrorKind::Refused,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(TransportError::from(err).kind(), kind);
+        }
+    }
+}
