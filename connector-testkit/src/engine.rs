@@ -24,6 +24,7 @@ use connector_proto::{
     ApprovalUpdate, CancelRequest, Drain, ExecuteRequest, ExecuteResponse, HeartbeatAck, Kind,
     RegisterRequest, RegisterResponse, RegistrationStatus, RejectReason, StreamMessage,
 };
+use futures_util::FutureExt as _;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -1093,13 +1094,25 @@ impl TestServer {
                             permit.send(m);
                         }
                     }
-                    Err(_) => break CloseCause::PeerGone,
+                    Err(_) => {
+                        while let Some(Some(Ok(m))) = inbound.next().now_or_never() {
+                            self.on_message(stream_id, m);
+                        }
+                        break CloseCause::PeerGone;
+                    }
                 },
                 cmd = cmd_rx.recv(), if pending.is_none() => match cmd {
                     Some(Cmd::Send(m)) => pending = Some(*m),
                     Some(Cmd::Close) | None => break CloseCause::Server,
                 },
-                _ = outbound.closed(), if pending.is_none() => break CloseCause::PeerGone,
+                _ = outbound.closed(), if pending.is_none() => {
+                    // The front-end's writer is gone; what the client sent
+                    // before it closed may still be buffered: take it.
+                    while let Some(Some(Ok(m))) = inbound.next().now_or_never() {
+                        self.on_message(stream_id, m);
+                    }
+                    break CloseCause::PeerGone;
+                }
                 item = inbound.next() => match item {
                     Some(Ok(m)) => self.on_message(stream_id, m),
                     Some(Err(e)) => break CloseCause::Error(e),

@@ -225,9 +225,6 @@ async fn text_and_garbage_frames_make_the_registration_reconnect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "connector-testkit drops inbound frames queued before a client close frame \
-            (TestServer::serve_stream selects outbound.closed() over buffered inbound); \
-            the client sends every response before its close frame"]
 async fn shutdown_with_requests_in_flight_delivers_responses() {
     let (engine, server) = ws_server(WsServerOptions::default()).await;
     let gate = Arc::new(Semaphore::new(0));
