@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::ConnectorError;
+use crate::proxy::{Proxy, ProxySetting};
 
 /// The identity of one registration: `tenant.type.instance`.
 ///
@@ -483,6 +484,8 @@ pub struct MultiTransportOptions {
     pub redelivery_capacity: usize,
     /// Seed for the backoff jitter (`None`: seeded from the clock and key).
     pub jitter_seed: Option<u64>,
+    /// HTTP CONNECT proxy (default: from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`).
+    pub proxy: ProxySetting,
 }
 
 impl MultiTransportOptions {
@@ -509,7 +512,13 @@ impl MultiTransportOptions {
             redelivery_ttl: Duration::from_secs(300),
             redelivery_capacity: 1024,
             jitter_seed: None,
+            proxy: ProxySetting::FromEnv,
         }
+    }
+
+    /// The proxy the transport should tunnel through, if any.
+    pub fn resolve_proxy(&self) -> Result<Option<Proxy>, ConnectorError> {
+        Proxy::for_endpoint(&self.endpoint, &self.proxy)
     }
 
     /// Turns these options back into a builder, to change a few fields.
@@ -535,6 +544,7 @@ impl MultiTransportOptions {
             redelivery_ttl: self.redelivery_ttl,
             redelivery_capacity: self.redelivery_capacity,
             jitter_seed: self.jitter_seed,
+            proxy: self.proxy.clone(),
         }
     }
 }
@@ -562,6 +572,7 @@ pub struct MultiTransportOptionsBuilder {
     redelivery_ttl: Duration,
     redelivery_capacity: usize,
     jitter_seed: Option<u64>,
+    proxy: ProxySetting,
 }
 
 macro_rules! setter {
@@ -663,6 +674,10 @@ impl MultiTransportOptionsBuilder {
         /// Seed for the jitter (tests); default: from the clock.
         jitter_seed: Option<u64>
     );
+    setter!(
+        /// HTTP CONNECT proxy (default: from the environment).
+        proxy: ProxySetting
+    );
 
     /// Validates and builds. Warns (tracing) when the watchdog timeout is
     /// shorter than the heartbeat interval: such a watchdog can fire between
@@ -697,6 +712,9 @@ impl MultiTransportOptionsBuilder {
         if self.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024 bytes".into());
         }
+        if let ProxySetting::Url(url) = &self.proxy {
+            Proxy::parse(url)?;
+        }
         if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
             return invalid("client_cert and client_key go together".into());
         }
@@ -727,6 +745,7 @@ impl MultiTransportOptionsBuilder {
             redelivery_ttl: self.redelivery_ttl,
             redelivery_capacity: self.redelivery_capacity,
             jitter_seed: self.jitter_seed,
+            proxy: self.proxy,
         })
     }
 }

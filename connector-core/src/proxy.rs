@@ -1,0 +1,326 @@
+//! HTTP CONNECT proxies: which one (if any) a connection goes through.
+//!
+//! Both transports tunnel through an HTTP proxy with `CONNECT host:port`
+//! before their own TLS and protocol handshakes, so the proxy sees only an
+//! opaque TCP stream. The proxy comes from [`ProxySetting`]: the usual
+//! environment variables by default, an explicit URL, or none.
+
+use std::fmt;
+
+use crate::config::{Endpoint, Secret};
+use crate::error::ConnectorError;
+
+/// Where the proxy setting comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProxySetting {
+    /// `HTTPS_PROXY` (for `grpcs`/`wss`) or `HTTP_PROXY` (for `grpc`/`ws`),
+    /// lower-case forms too, minus hosts listed in `NO_PROXY`.
+    #[default]
+    FromEnv,
+    /// Never use a proxy.
+    Disabled,
+    /// Always this proxy (`http://[user:password@]host:port`).
+    Url(String),
+}
+
+/// A resolved proxy to tunnel through.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Proxy {
+    /// Proxy host.
+    pub host: String,
+    /// Proxy port.
+    pub port: u16,
+    /// `Proxy-Authorization` value (`Basic …`), from the URL's user info.
+    pub authorization: Option<Secret>,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxy")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("authorization", &self.authorization)
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// `host:port` of the proxy, brackets around an IPv6 literal.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Parses `http://[user:password@]host[:port]` (port 80 by default).
+    pub fn parse(url: &str) -> Result<Self, ConnectorError> {
+        let bad = |why: &str| ConnectorError::InvalidConfig(format!("proxy url: {why}"));
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => {
+                return Err(bad(&format!(
+                    "scheme {scheme:?} is not supported; use http://host:port"
+                )))
+            }
+            None => url,
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(after) = hostport.strip_prefix('[') {
+            let (h, p) = after
+                .split_once(']')
+                .ok_or_else(|| bad("unterminated IPv6 literal"))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("port is not in 1..=65535"))?,
+            None => 80,
+        };
+        let authorization =
+            userinfo.map(|u| Secret::new(format!("Basic {}", base64(u.as_bytes()))));
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            authorization,
+        })
+    }
+
+    /// The proxy `endpoint` should go through under `setting`, reading
+    /// variables with `lookup` (the process environment in
+    /// [`Proxy::for_endpoint`]).
+    pub fn resolve(
+        endpoint: &Endpoint,
+        setting: &ProxySetting,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, ConnectorError> {
+        match setting {
+            ProxySetting::Disabled => Ok(None),
+            ProxySetting::Url(url) => Self::parse(url).map(Some),
+            ProxySetting::FromEnv => {
+                let get = |name: &str| {
+                    lookup(name)
+                        .or_else(|| lookup(&name.to_ascii_lowercase()))
+                        .filter(|v| !v.trim().is_empty())
+                };
+                let var = if endpoint.tls {
+                    "HTTPS_PROXY"
+                } else {
+                    "HTTP_PROXY"
+                };
+                let Some(url) = get(var) else {
+                    return Ok(None);
+                };
+                if let Some(no_proxy) = get("NO_PROXY") {
+                    if bypasses(&no_proxy, &endpoint.host, endpoint.port) {
+                        return Ok(None);
+                    }
+                }
+                Self::parse(&url).map(Some)
+            }
+        }
+    }
+
+    /// As [`Proxy::resolve`] with the process environment.
+    pub fn for_endpoint(
+        endpoint: &Endpoint,
+        setting: &ProxySetting,
+    ) -> Result<Option<Self>, ConnectorError> {
+        Self::resolve(endpoint, setting, |name| std::env::var(name).ok())
+    }
+
+    /// The CONNECT request that opens a tunnel to `target` (`host:port`).
+    pub fn connect_request(&self, target: &str) -> String {
+        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(auth) = &self.authorization {
+            req.push_str("Proxy-Authorization: ");
+            req.push_str(auth.expose());
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        req
+    }
+}
+
+/// `NO_PROXY` semantics as curl has them: `*` matches everything; an entry
+/// matches the host itself or any subdomain (a leading dot is optional);
+/// `host:port` entries match that port only.
+fn bypasses(no_proxy: &str, host: &str, port: u16) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    no_proxy
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            let (name, entry_port) = match entry.rsplit_once(':') {
+                Some((n, p)) if !n.contains(':') || n.ends_with(']') => (n, p.parse::<u16>().ok()),
+                _ => (entry, None),
+            };
+            if entry_port.is_some_and(|p| p != port) {
+                return false;
+            }
+            let name = name
+                .trim_start_matches('.')
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase();
+            host == name || host.ends_with(&format!(".{name}"))
+        })
+}
+
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    fn ep(url: &str) -> Endpoint {
+        Endpoint::parse(url).expect("valid")
+    }
+
+    #[test]
+    fn env_picks_by_tls_and_honours_no_proxy() {
+        let vars = [
+            ("HTTPS_PROXY", "http://secure-proxy:3128"),
+            ("http_proxy", "http://plain-proxy:8080"),
+            ("NO_PROXY", "internal.example, .corp, localhost:9000"),
+        ];
+        let p = Proxy::resolve(
+            &ep("grpcs://api.example.com:443"),
+            &ProxySetting::FromEnv,
+            env(&vars),
+        )
+        .expect("ok")
+        .expect("proxied");
+        assert_eq!((p.host.as_str(), p.port), ("secure-proxy", 3128));
+        let p = Proxy::resolve(
+            &ep("ws://api.example.com:80"),
+            &ProxySetting::FromEnv,
+            env(&vars),
+        )
+        .expect("ok")
+        .expect("proxied");
+        assert_eq!(p.authority(), "plain-proxy:8080");
+        for direct in [
+            "grpc://internal.example:1",
+            "grpc://a.b.corp:1",
+            "grpc://localhost:9000",
+        ] {
+            assert_eq!(
+                Proxy::resolve(&ep(direct), &ProxySetting::FromEnv, env(&vars)).expect("ok"),
+                None,
+                "{direct}"
+            );
+        }
+        assert!(Proxy::resolve(
+            &ep("grpc://localhost:9001"),
+            &ProxySetting::FromEnv,
+            env(&vars)
+        )
+        .expect("ok")
+        .is_some());
+        assert_eq!(
+            Proxy::resolve(&ep("grpc://h:1"), &ProxySetting::FromEnv, env(&[])).expect("ok"),
+            None
+        );
+    }
+
+    #[test]
+    fn explicit_and_disabled_settings_win() {
+        let vars = [("HTTP_PROXY", "http://env-proxy:1")];
+        let p = Proxy::resolve(
+            &ep("grpc://h:1"),
+            &ProxySetting::Url("http://user:pa55@explicit:3128".into()),
+            env(&vars),
+        )
+        .expect("ok")
+        .expect("proxied");
+        assert_eq!(p.host, "explicit");
+        let req = p.connect_request("h:1");
+        assert!(req.starts_with("CONNECT h:1 HTTP/1.1\r\nHost: h:1\r\n"));
+        assert!(
+            req.contains("Proxy-Authorization: Basic dXNlcjpwYTU1\r\n"),
+            "{req}"
+        );
+        assert!(
+            !format!("{p:?}").contains("dXNlcjpwYTU1"),
+            "no credential in Debug"
+        );
+        assert_eq!(
+            Proxy::resolve(&ep("grpc://h:1"), &ProxySetting::Disabled, env(&vars)).expect("ok"),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_proxy_urls_are_config_errors() {
+        for bad in ["https://p:1", "http://:1", "http://p:0", "socks5://p:1"] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Proxy::parse("p:3128").expect("bare host:port").port, 3128);
+    }
+
+    #[test]
+    fn base64_matches_the_rfc_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+}
