@@ -39,6 +39,9 @@ pub struct GrpcServerOptions {
     pub max_concurrent_streams: Option<u32>,
     /// Serve TLS with this certificate (`grpcs://localhost:PORT`).
     pub tls: Option<TestCertificate>,
+    /// With `tls`: refuse clients that present no certificate signed by
+    /// the test CA (mutual TLS; see `TestCertificate::generate_client_identity`).
+    pub require_client_cert: bool,
 }
 
 impl GrpcServerOptions {
@@ -51,6 +54,12 @@ impl GrpcServerOptions {
     /// Sets [`GrpcServerOptions::tls`].
     pub fn tls(mut self, cert: TestCertificate) -> Self {
         self.tls = Some(cert);
+        self
+    }
+
+    /// Sets [`GrpcServerOptions::require_client_cert`].
+    pub fn require_client_cert(mut self, on: bool) -> Self {
+        self.require_client_cert = on;
         self
     }
 }
@@ -111,7 +120,9 @@ impl GrpcTestServer {
         opts: GrpcServerOptions,
     ) -> Result<GrpcTestServer, TestkitError> {
         let tls = match &opts.tls {
-            Some(cert) => Some(TlsAcceptor::from(cert.server_config(&[b"h2"])?)),
+            Some(cert) => Some(TlsAcceptor::from(
+                cert.server_config(&[b"h2"], opts.require_client_cert)?,
+            )),
             None => None,
         };
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;

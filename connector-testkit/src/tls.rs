@@ -9,6 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject as _;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -138,16 +140,38 @@ impl TestCertificate {
     /// offered application protocols (`h2` for gRPC, `http/1.1` for
     /// WebSocket). The ring provider is named explicitly so the config does
     /// not depend on a process-wide default provider being installed.
+    ///
+    /// With `require_client_cert`, the handshake fails unless the client
+    /// presents a certificate signed by this CA (mutual TLS).
     pub(crate) fn server_config(
         &self,
         alpn: &[&[u8]],
+        require_client_cert: bool,
     ) -> Result<Arc<rustls::ServerConfig>, TestkitError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.inner.server_key_der.clone()));
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TestkitError::Tls(format!("protocol versions: {e}")))?
-            .with_no_client_auth()
+            .map_err(|e| TestkitError::Tls(format!("protocol versions: {e}")))?;
+        let builder = if require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            let ca =
+                rustls::pki_types::CertificateDer::from_pem_slice(self.inner.ca_pem.as_bytes())
+                    .map_err(|e| TestkitError::Tls(format!("CA certificate: {e}")))?;
+            roots
+                .add(ca)
+                .map_err(|e| TestkitError::Tls(format!("CA certificate: {e}")))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TestkitError::Tls(format!("client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
             .with_single_cert(vec![self.inner.server_cert_der.clone()], key)
             .map_err(|e| TestkitError::Tls(format!("server certificate: {e}")))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -44,6 +44,9 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct WsServerOptions {
     /// Serve TLS with this certificate (`wss://localhost:PORT`).
     pub tls: Option<TestCertificate>,
+    /// With `tls`: refuse clients that present no certificate signed by
+    /// the test CA (mutual TLS; see `TestCertificate::generate_client_identity`).
+    pub require_client_cert: bool,
     /// Largest message (and frame) accepted from a client; `None` keeps
     /// tungstenite's defaults (64 MiB message, 16 MiB frame).
     pub max_message_size: Option<usize>,
@@ -53,6 +56,12 @@ impl WsServerOptions {
     /// Sets [`WsServerOptions::tls`].
     pub fn tls(mut self, cert: TestCertificate) -> Self {
         self.tls = Some(cert);
+        self
+    }
+
+    /// Sets [`WsServerOptions::require_client_cert`].
+    pub fn require_client_cert(mut self, on: bool) -> Self {
+        self.require_client_cert = on;
         self
     }
 
@@ -134,7 +143,9 @@ impl WsTestServer {
         opts: WsServerOptions,
     ) -> Result<WsTestServer, TestkitError> {
         let tls = match &opts.tls {
-            Some(cert) => Some(TlsAcceptor::from(cert.server_config(&[b"http/1.1"])?)),
+            Some(cert) => Some(TlsAcceptor::from(
+                cert.server_config(&[b"http/1.1"], opts.require_client_cert)?,
+            )),
             None => None,
         };
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;

@@ -1,0 +1,169 @@
+//! A full run over both transports, with every log line of the SDK captured
+//! at `trace`: neither the auth token nor a session token may appear in a
+//! log line, an error, a `Debug` output or an event.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{ExecuteRequest, PayloadEncoding, RejectReason};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
+    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, Transport,
+};
+use connector_grpc::GrpcTransport;
+use connector_testkit::{
+    ApprovalPolicy, GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
+};
+use connector_ws::WsTransport;
+
+const AUTH: &str = "AUTH-SECRET-7f3a9c";
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Echo;
+
+#[async_trait]
+impl BaseConnector for Echo {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        Ok(ExecuteOutput::json_bytes(ctx.payload))
+    }
+}
+
+async fn exercise(
+    engine: &TestServer,
+    url: String,
+    transport: impl Transport,
+    kill: impl Fn(),
+) -> String {
+    let regs = (0..3)
+        .map(|i| {
+            ConnectorRegistration::new(
+                ConnectorConfig::builder("t", "echo", format!("e{i}"))
+                    .auth_token(AUTH)
+                    .build()
+                    .expect("valid"),
+                Echo,
+            )
+        })
+        .collect();
+    engine.set_policy_for(
+        "t.echo.e2",
+        ApprovalPolicy::Reject(RejectReason::InvalidCredentials),
+    );
+    let options = MultiTransportOptions::builder(url)
+        .reconnect_delay(Duration::from_millis(10))
+        .jitter(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(100))
+        .build()
+        .expect("valid");
+    let runner = MultiConnectorRunner::new(regs, options, transport);
+    let mut events = runner
+        .registration(&RegistrationKey::new("t", "echo", "e0").expect("valid"))
+        .expect("hosted")
+        .events();
+    let r = runner.clone();
+    let run = tokio::spawn(async move { r.run().await });
+    engine.wait_for_active(2, WAIT).await.expect("active");
+    // Reconnect with the session token.
+    kill();
+    engine
+        .wait_until(WAIT, |s| s.stats().registers >= 5)
+        .await
+        .expect("re-registered");
+    engine.wait_for_active(2, WAIT).await.expect("back");
+    let resp = engine
+        .execute(
+            "t.echo.e0",
+            ExecuteRequest {
+                request_id: "x".into(),
+                payload: b"{}".to_vec(),
+                encoding: PayloadEncoding::Json as i32,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("answered");
+    assert!(resp.success);
+    let mut dump = format!(
+        "{:?}\n{:?}\n{:?}\n",
+        runner,
+        runner.summary(),
+        runner.metrics_snapshot()
+    );
+    while let Ok(e) = events.try_recv() {
+        dump.push_str(&format!("{e:?}\n"));
+    }
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("clean");
+    dump
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_reach_logs_errors_or_debug_output() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "trace,h2=debug,hyper=debug,hyper_util=debug,tower=debug,tungstenite=debug,tokio_tungstenite=debug,rustls=debug",
+        ))
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+
+    let engine = TestServer::new();
+    let grpc = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
+        .await
+        .expect("grpc server");
+    let g = grpc.clone();
+    let mut dump = exercise(&engine, grpc.url(), GrpcTransport::new(), move || {
+        g.kill_all_connections();
+    })
+    .await;
+
+    let engine = TestServer::new();
+    let ws = WsTestServer::start(engine.clone(), WsServerOptions::default())
+        .await
+        .expect("ws server");
+    let w = ws.clone();
+    dump.push_str(
+        &exercise(&engine, ws.url(), WsTransport::new(), move || {
+            w.kill_all_connections();
+        })
+        .await,
+    );
+
+    let logs = String::from_utf8_lossy(&captured.0.lock().expect("lock")).to_string();
+    assert!(
+        logs.lines().count() > 50,
+        "the run was logged: {} lines",
+        logs.lines().count()
+    );
+    assert!(logs.contains("rejected"), "the rejection was logged");
+    for secret in [AUTH, "testkit-session-"] {
+        for (what, text) in [("log", &logs), ("debug output", &dump)] {
+            if let Some(line) = text.lines().find(|l| l.contains(secret)) {
+                panic!("{secret} found in {what}: {line}");
+            }
+        }
+    }
+}
