@@ -21,7 +21,7 @@ use crate::config::{MultiTransportOptions, RegistrationKey};
 use crate::connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
-use crate::error::TransportError;
+use crate::error::{TransportError, TransportErrorKind};
 use crate::metrics::{ConnectorMetrics, MetricsCell};
 use crate::registration::{Action, Registration};
 use crate::state::{RegistrationEvent, RegistrationState};
@@ -340,8 +340,7 @@ impl Driver {
                         Some(Some(Ok(msg))) => sm.handle_message(Instant::now(), msg),
                         Some(Some(Err(e))) => {
                             self.stream = None;
-                            tracing::warn!(error = %e, "stream failed");
-                            sm.handle_stream_closed(Instant::now(), Some(&e.to_string()));
+                            stream_failed(sm, &e);
                             break;
                         }
                         Some(None) => {
@@ -355,8 +354,7 @@ impl Driver {
             }
             Input::Inbound(Some(Err(e))) => {
                 self.stream = None;
-                tracing::warn!(error = %e, "stream failed");
-                sm.handle_stream_closed(now, Some(&e.to_string()));
+                stream_failed(sm, &e);
             }
             Input::Inbound(None) => {
                 self.stream = None;
@@ -397,6 +395,15 @@ impl Driver {
             sm.handle_timeout(Instant::now());
         }
     }
+}
+
+fn stream_failed(sm: &mut Registration, error: &TransportError) {
+    let now = Instant::now();
+    tracing::warn!(error = %error, kind = %error.kind(), "stream failed");
+    if error.kind() == TransportErrorKind::Protocol {
+        sm.handle_malformed(now, error.message());
+    }
+    sm.handle_stream_closed(now, Some(&error.to_string()));
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

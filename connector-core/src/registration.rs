@@ -457,6 +457,14 @@ impl Registration {
         self.lose_stream(now, cause, false);
     }
 
+    /// The transport could not make a message out of what the server sent
+    /// (a text frame, bytes that are not a `StreamMessage`, an oversized
+    /// message). Counted like any protocol error; the transport ends the
+    /// stream, which arrives as [`Registration::handle_stream_closed`].
+    pub fn handle_malformed(&mut self, _now: Instant, detail: &str) {
+        self.protocol_error(detail);
+    }
+
     /// A message from the server.
     pub fn handle_message(&mut self, now: Instant, message: StreamMessage) {
         if !self.has_stream {
