@@ -2,6 +2,8 @@
 //! client certificate admits a client with one signed by its CA and refuses
 //! (with a TLS error, retried with backoff) a client without.
 
+mod sdk;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer, WsServerOptions, WsTestServer,
 };
 use connector_ws::WsTransport;
+use sdk::AnyTransport;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -86,7 +89,7 @@ fn runner(
     MultiConnectorRunner::new(vec![reg], b.build().expect("valid"), transport)
 }
 
-async fn check(engine: TestServer, url: String, f: Files, transport: fn() -> TransportBox) {
+async fn check(engine: TestServer, url: String, f: Files, transport: fn() -> AnyTransport) {
     // Without a client certificate: refused at the TLS layer, retried.
     let refused = runner(&url, &f, false, transport());
     let mut events = refused
@@ -124,25 +127,6 @@ async fn check(engine: TestServer, url: String, f: Files, transport: fn() -> Tra
     run.await.expect("join").expect("clean");
 }
 
-/// Either transport, so one test body serves both.
-enum TransportBox {
-    Grpc(GrpcTransport),
-    Ws(WsTransport),
-}
-
-#[async_trait]
-impl Transport for TransportBox {
-    async fn mux(
-        &self,
-        options: &MultiTransportOptions,
-    ) -> Result<std::sync::Arc<dyn connector_core::StreamMux>, connector_core::TransportError> {
-        match self {
-            Self::Grpc(t) => t.mux(options).await,
-            Self::Ws(t) => t.mux(options).await,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_mutual_tls() {
     let cert = TestCertificate::generate().expect("cert");
@@ -156,7 +140,7 @@ async fn grpc_mutual_tls() {
     .await
     .expect("server");
     check(engine, server.url(), files(&cert, "grpc"), || {
-        TransportBox::Grpc(GrpcTransport::new())
+        AnyTransport::Grpc(GrpcTransport::new())
     })
     .await;
 }
@@ -174,7 +158,7 @@ async fn websocket_mutual_tls() {
     .await
     .expect("server");
     check(engine, server.url(), files(&cert, "ws"), || {
-        TransportBox::Ws(WsTransport::new())
+        AnyTransport::Ws(WsTransport::new())
     })
     .await;
 }
