@@ -219,7 +219,10 @@ async fn text_and_garbage_frames_make_the_registration_reconnect() {
         let m = runner.registration(&key).unwrap().metrics();
         assert!(m.total_disconnects >= 1, "{key}: {m:?}");
         assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
-        assert_eq!(m.protocol_errors, 1, "{key}: the bad frame is counted: {m:?}");
+        assert_eq!(
+            m.protocol_errors, 1,
+            "{key}: the bad frame is counted: {m:?}"
+        );
     }
     stop(&runner, run).await;
     server.wait_for_connection_count(0, WAIT).await.unwrap();
