@@ -350,31 +350,8 @@ impl Endpoint {
         if authority.contains('@') {
             return Err(bad("credentials in the URL are not supported"));
         }
-        let (host, port) = if let Some(after) = authority.strip_prefix('[') {
-            let (h, p) = after
-                .split_once(']')
-                .ok_or_else(|| bad("unterminated IPv6 literal"))?;
-            (h, p.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad(&format!("port {p:?} is not in 1..=65535")))?,
-            None => match (kind, tls) {
-                (_, true) => 443,
-                (_, false) => 80,
-            },
-        };
+        let (host, port) = parse_host_port(authority).map_err(|why| bad(&why))?;
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
         let path = match kind {
             TransportKind::Grpc => {
                 if !path.is_empty() && path != "/" {
@@ -419,6 +396,35 @@ impl fmt::Display for Endpoint {
         };
         write!(f, "{scheme}://{}{}", self.authority(), self.path)
     }
+}
+
+/// Splits `host[:port]` (`[v6]:port` too) and validates both parts: the host
+/// is not empty and the port, when given, is in 1..=65535.
+pub(crate) fn parse_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if let Some(after) = authority.strip_prefix('[') {
+        let (h, p) = after
+            .split_once(']')
+            .ok_or_else(|| "unterminated IPv6 literal".to_string())?;
+        (h, p.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    let port = match port {
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {p:?} is not in 1..=65535"))?,
+        ),
+        None => None,
+    };
+    Ok((host, port))
 }
 
 /// TLS material beyond the system roots.

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::config::{Endpoint, Secret};
+use crate::config::{parse_host_port, Endpoint, Secret};
 use crate::error::ConnectorError;
 
 /// Where the proxy setting comes from.
@@ -73,28 +73,8 @@ impl Proxy {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let (host, port) = if let Some(after) = hostport.strip_prefix('[') {
-            let (h, p) = after
-                .split_once(']')
-                .ok_or_else(|| bad("unterminated IPv6 literal"))?;
-            (h, p.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("port is not in 1..=65535"))?,
-            None => 80,
-        };
+        let (host, port) = parse_host_port(hostport).map_err(|why| bad(&why))?;
+        let port = port.unwrap_or(80);
         let authorization =
             userinfo.map(|u| Secret::new(format!("Basic {}", base64(u.as_bytes()))));
         Ok(Self {
