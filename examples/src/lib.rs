@@ -5,8 +5,11 @@
 //! - [`HostTransport`] / [`transport_for`]: the gRPC or WebSocket transport,
 //!   picked by the URL scheme of the options;
 //! - [`SummaryRow`] / [`render_summary`]: the table `connector-host` prints
-//!   when it stops.
+//!   when it stops;
+//! - [`ops`]: the `/metrics` and `/ready` endpoint of `--metrics-addr`.
 #![deny(missing_docs)]
+
+pub mod ops;
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -7,6 +7,12 @@
 //! `--url` it runs against a real server until SIGINT/SIGTERM or
 //! `--duration-secs`, then shuts down gracefully.
 //!
+//! Operating it: `--metrics-addr HOST:PORT` serves `/metrics` (Prometheus)
+//! and `/ready` (see `examples::ops`); `--shard I/N`, or `--shards N` with
+//! the ordinal at the end of `HOSTNAME`, hosts only this replica's share of
+//! the registrations; every flag can also be set by a `CONNECTOR_HOST_…`
+//! environment variable (listed by `--help`).
+//!
 //! Exit codes: 0 after a graceful stop, 1 when something went wrong at run
 //! time (demo responses not as expected, every registration stopped on its
 //! own), 2 for a configuration error (one line on stderr, never a panic).
@@ -23,12 +29,14 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, ExecuteResponse, PayloadEncoding};
 use connector_core::{
     validate_identifier, BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration,
-    MultiConnectorRunner, MultiTransportOptions, RegistrationKey, RegistrationState,
+    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationKey, RegistrationState,
+    Shard,
 };
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, PendingExecute, TestServer, TestkitError, WsServerOptions,
     WsTestServer,
 };
+use examples::ops::{OpsEndpoint, OpsServer};
 use examples::{render_summary, transport_for, EchoConnector, SummaryRow};
 use tokio::task::JoinHandle;
 
@@ -39,15 +47,29 @@ Echo capabilities (capability_id → result):
   fail              a handler error (success = false, kind HANDLER)
   A payload that is not valid JSON gets BAD_PAYLOAD; any other id UNKNOWN_CAPABILITY.
 
+Operating:
+  --metrics-addr HOST:PORT serves GET /metrics (Prometheus text: the SDK's
+  connector_client_* metrics and connector_host_registrations{state},
+  connector_host_connections, connector_host_streams, connector_host_ready)
+  and GET /ready (200 while every hosted registration is active, else 503).
+  --shard I/N hosts only the registrations shard I of N owns; or --shards N
+  (CONNECTOR_HOST_SHARDS) takes I from the -ORDINAL at the end of HOSTNAME, as
+  in a StatefulSet pod. N replicas cover the registrations exactly once. A
+  shard that owns none idles (ready) until SIGINT/SIGTERM.
+  Every flag can also come from the environment variable shown beside it; a
+  flag on the command line wins over its variable.
+
 Exit codes: 0 after a graceful stop; 1 when the run failed (demo responses not
 as expected, or every registration stopped on its own); 2 for a configuration
-error (bad URL, bad identifier, unreadable CA file), printed as one line.
+error (bad URL, bad identifier, unreadable CA file, bad shard, metrics address
+not bindable), printed as one line.
 
 Examples:
   connector-host                                    # demo on an embedded server
   connector-host --transport ws                     # the demo over WebSocket
   connector-host --url grpc://127.0.0.1:50051 --count 200
-  connector-host --url wss://cp.example.com --ca-cert ca.pem --auth-token \"$TOKEN\"";
+  connector-host --url wss://cp.example.com --ca-cert ca.pem --auth-token \"$TOKEN\"
+  connector-host --url grpc://cp:50051 --count 3000 --shard 1/4 --metrics-addr 0.0.0.0:9090";
 
 /// Hosts N echo connectors against a connector.v1 control plane.
 #[derive(Debug, Parser)]
@@ -68,24 +90,39 @@ Examples:
 struct Args {
     /// Server to connect to: grpc://HOST:PORT, grpcs://HOST:PORT, ws://HOST:PORT or
     /// wss://HOST:PORT. Without it, the demo runs on an embedded test server.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "CONNECTOR_HOST_URL")]
     url: Option<String>,
 
     /// Number of registrations (instances P0 … P{N-1}).
-    #[arg(long, value_name = "N", default_value_t = 3,
+    #[arg(long, value_name = "N", default_value_t = 3, env = "CONNECTOR_HOST_COUNT",
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     count: u32,
 
     /// Tenant of every registration (1-128 of A-Z a-z 0-9 _ -).
-    #[arg(long, value_name = "T", default_value = "demo")]
+    #[arg(
+        long,
+        value_name = "T",
+        default_value = "demo",
+        env = "CONNECTOR_HOST_TENANT"
+    )]
     tenant: String,
 
     /// Connector type of every registration (1-128 of A-Z a-z 0-9 _ -).
-    #[arg(long, value_name = "T", default_value = "echo")]
+    #[arg(
+        long,
+        value_name = "T",
+        default_value = "echo",
+        env = "CONNECTOR_HOST_CONNECTOR_TYPE"
+    )]
     connector_type: String,
 
     /// Instance ids are P0, P1, … P{N-1} (each 1-128 of A-Z a-z 0-9 _ -).
-    #[arg(long, value_name = "P", default_value = "echo-")]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value = "echo-",
+        env = "CONNECTOR_HOST_INSTANCE_PREFIX"
+    )]
     instance_prefix: String,
 
     /// Bearer credential sent in `register` (default: empty). Never logged.
@@ -98,55 +135,144 @@ struct Args {
     auth_token: Option<String>,
 
     /// gRPC: streams one HTTP/2 connection carries before another is opened.
-    #[arg(long, value_name = "K", default_value_t = 80)]
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 80,
+        env = "CONNECTOR_HOST_MAX_STREAMS_PER_CHANNEL"
+    )]
     max_streams_per_channel: usize,
 
     /// Execute requests each registration runs at once; more wait for a slot.
-    #[arg(long, value_name = "K", default_value_t = 100)]
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 100,
+        env = "CONNECTOR_HOST_MAX_CONCURRENT_REQUESTS"
+    )]
     max_concurrent_requests: u32,
 
     /// Heartbeat period. The demo uses 500 ms unless this is given.
-    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 30_000,
+        env = "CONNECTOR_HOST_HEARTBEAT_INTERVAL_MS"
+    )]
     heartbeat_interval_ms: u64,
 
     /// A stream with no server message for this long is dead and reconnected.
     /// The demo uses 5000 ms unless this is given.
-    #[arg(long, value_name = "MS", default_value_t = 45_000)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 45_000,
+        env = "CONNECTOR_HOST_HEARTBEAT_TIMEOUT_MS"
+    )]
     heartbeat_timeout_ms: u64,
 
     /// Reconnect backoff base (doubles per failed attempt).
-    #[arg(long, value_name = "MS", default_value_t = 500)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        env = "CONNECTOR_HOST_RECONNECT_DELAY_MS"
+    )]
     reconnect_delay_ms: u64,
 
     /// Reconnect backoff cap, jitter included.
-    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 60_000,
+        env = "CONNECTOR_HOST_MAX_BACKOFF_MS"
+    )]
     max_backoff_ms: u64,
 
     /// Random extra delay added to each backoff.
-    #[arg(long, value_name = "MS", default_value_t = 500)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        env = "CONNECTOR_HOST_JITTER_MS"
+    )]
     jitter_ms: u64,
 
-    /// A registration whose stream ends stops instead of reconnecting.
-    #[arg(long)]
+    /// A registration whose stream ends stops instead of reconnecting
+    /// (variable: true/false, 1/0, yes/no, on/off).
+    #[arg(long, env = "CONNECTOR_HOST_NO_RECONNECT",
+          value_parser = clap::builder::BoolishValueParser::new())]
     no_reconnect: bool,
 
     /// Stop gracefully by itself after S seconds.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", env = "CONNECTOR_HOST_DURATION_SECS")]
     duration_secs: Option<u64>,
 
     /// Extra trusted CA certificate(s), PEM, for grpcs:// and wss://.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "CONNECTOR_HOST_CA_CERT")]
     ca_cert: Option<PathBuf>,
 
     /// Tracing filter for the logs on stderr, e.g. `debug` or
     /// `info,connector_core=debug`. [default: info; RUST_LOG is used when
     /// this is not given]
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", env = "CONNECTOR_HOST_LOG")]
     log: Option<String>,
 
     /// Kind of embedded test server for the demo (only used without --url).
-    #[arg(long, value_enum, default_value_t = DemoTransport::Grpc)]
+    #[arg(long, value_enum, default_value_t = DemoTransport::Grpc, env = "CONNECTOR_HOST_TRANSPORT")]
     transport: DemoTransport,
+
+    /// HTTP CONNECT proxy: `http://[USER:PASSWORD@]HOST:PORT`, or `none` for a
+    /// direct connection. [default: HTTPS_PROXY for grpcs/wss, HTTP_PROXY
+    /// for grpc/ws (or their lower-case forms), except hosts in NO_PROXY]
+    #[arg(
+        long,
+        value_name = "URL|none",
+        env = "CONNECTOR_HOST_PROXY",
+        hide_env_values = true
+    )]
+    proxy: Option<String>,
+
+    /// Serve GET /metrics (Prometheus text) and GET /ready (200 while every
+    /// hosted registration is active, else 503) on this address, e.g.
+    /// 0.0.0.0:9090 (port 0: any free port, logged at startup).
+    #[arg(long, value_name = "HOST:PORT", env = "CONNECTOR_HOST_METRICS_ADDR",
+          value_parser = parse_host_port)]
+    metrics_addr: Option<String>,
+
+    /// Host only the registrations that shard I of N owns (0 <= I < N):
+    /// N replicas, one per shard, cover the registrations exactly once.
+    #[arg(long, value_name = "I/N", env = "CONNECTOR_HOST_SHARD",
+          value_parser = parse_shard)]
+    shard: Option<Shard>,
+
+    /// Number of replicas (shards) when --shard is not given: this
+    /// replica's index is the ordinal at the end of HOSTNAME, as a
+    /// StatefulSet pod's name `connector-host-3` is shard 3.
+    #[arg(long, value_name = "N", env = "CONNECTOR_HOST_SHARDS",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    shards: Option<u32>,
+}
+
+/// `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6 address, and a
+/// port 0-65535); the name is resolved when binding.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?}: expected HOST:PORT, e.g. 0.0.0.0:9090 or [::]:9090");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    s.parse::<Shard>().map_err(|e| match e {
+        ConnectorError::InvalidConfig(m) => m,
+        other => other.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,6 +389,7 @@ async fn run(args: Args, matches: ArgMatches) -> Result<(), Failure> {
     if let Some(path) = &args.ca_cert {
         check_ca_file(path)?;
     }
+    let shard = resolve_shard(&args)?;
     match args.url.clone() {
         Some(url) => {
             let options = build_options(&args, &url, false, &matches)?;
@@ -272,13 +399,14 @@ async fn run(args: Args, matches: ArgMatches) -> Result<(), Failure> {
                     "--ca-cert is ignored: the URL is not TLS (use grpcs:// or wss://)"
                 );
             }
-            if matches.value_source("transport") == Some(ValueSource::CommandLine) {
+            if given(&matches, "transport") {
                 tracing::warn!(
                     "--transport only selects the embedded demo server; \
                      with --url the URL scheme decides"
                 );
             }
-            run_remote(&args, options).await
+            let ops = bind_ops(&args).await?;
+            run_remote(&args, options, shard, ops).await
         }
         None => {
             // Check the flag values now; the real URL is known once the
@@ -289,9 +417,83 @@ async fn run(args: Args, matches: ArgMatches) -> Result<(), Failure> {
                     "--ca-cert is ignored by the demo: its embedded server is plaintext"
                 );
             }
-            run_demo(&args, &matches).await
+            if args.proxy.is_some() {
+                tracing::warn!("--proxy is ignored by the demo: its server is in this process");
+            }
+            let ops = bind_ops(&args).await?;
+            run_demo(&args, &matches, shard, ops).await
         }
     }
+}
+
+/// Whether the flag `id` was given, on the command line or by its variable.
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// This replica's shard: `--shard I/N`, else `--shards N` with the ordinal
+/// at the end of `HOSTNAME`, else none (every registration).
+fn resolve_shard(args: &Args) -> Result<Option<Shard>, Failure> {
+    if let Some(shard) = args.shard {
+        if let Some(count) = args.shards.filter(|n| *n != shard.count()) {
+            tracing::warn!(
+                %shard,
+                shards = count,
+                "--shard is given, so --shards (CONNECTOR_HOST_SHARDS) is ignored"
+            );
+        }
+        return Ok(Some(shard));
+    }
+    let Some(count) = args.shards else {
+        return Ok(None);
+    };
+    let hostname = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .ok_or_else(|| {
+            Failure::Config(format!(
+                "--shards {count} (CONNECTOR_HOST_SHARDS) takes this replica's index from \
+                 HOSTNAME, which is not set; set HOSTNAME=NAME-ORDINAL or use --shard I/{count}"
+            ))
+        })?;
+    let shard = Shard::from_hostname(hostname.trim(), count).map_err(|e| {
+        let why = match e {
+            ConnectorError::InvalidConfig(m) => m,
+            other => other.to_string(),
+        };
+        Failure::Config(format!(
+            "--shards {count} (CONNECTOR_HOST_SHARDS) with HOSTNAME={hostname:?}: {why}"
+        ))
+    })?;
+    Ok(Some(shard))
+}
+
+/// Binds `--metrics-addr` and installs the Prometheus recorder, before
+/// anything connects (so no metric is missed and a bad address is a
+/// configuration error).
+async fn bind_ops(args: &Args) -> Result<Option<OpsEndpoint>, Failure> {
+    let Some(addr) = &args.metrics_addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|e| Failure::Config(format!("--metrics-addr {addr}: cannot listen: {e}")))?;
+    let prometheus = examples::ops::install_recorder().map_err(Failure::Runtime)?;
+    Ok(Some(OpsEndpoint::new(listener, prometheus)))
+}
+
+/// Starts serving `/metrics` and `/ready` for `runner`; the log line gives
+/// the bound address (the real port when `--metrics-addr` asked for 0).
+fn serve_ops(ops: Option<OpsEndpoint>, runner: &MultiConnectorRunner) -> Option<OpsServer> {
+    let server = ops?.serve(runner.clone());
+    tracing::info!(
+        "metrics: listening on {} (GET /metrics, GET /ready)",
+        server.local_addr()
+    );
+    Some(server)
 }
 
 /// Checks every identifier of every registration before any connection:
@@ -329,7 +531,7 @@ fn build_options(
     demo: bool,
     matches: &ArgMatches,
 ) -> Result<MultiTransportOptions, Failure> {
-    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let given = |id: &str| given(matches, id);
     let ms = Duration::from_millis;
     // The demo wants heartbeat RTTs in its table after a second or two.
     let heartbeat_interval = if demo && !given("heartbeat_interval_ms") {
@@ -354,6 +556,14 @@ fn build_options(
     if let (Some(ca), false) = (&args.ca_cert, demo) {
         builder = builder.ca_cert(ca);
     }
+    // The demo's server is in this process: never through a proxy.
+    let proxy = match (&args.proxy, demo) {
+        (_, true) => ProxySetting::Disabled,
+        (Some(p), false) if p.trim().eq_ignore_ascii_case("none") => ProxySetting::Disabled,
+        (Some(p), false) => ProxySetting::Url(p.trim().to_string()),
+        (None, false) => ProxySetting::FromEnv,
+    };
+    builder = builder.proxy(proxy);
     builder.build().map_err(|e| match e {
         // The builder's message names the field; drop its generic prefix.
         ConnectorError::InvalidConfig(m) => Failure::Config(m),
@@ -361,10 +571,12 @@ fn build_options(
     })
 }
 
-fn registrations(args: &Args) -> Result<Vec<ConnectorRegistration>, Failure> {
+/// The registrations this process hosts: all `--count`, or the share of
+/// `shard`.
+fn registrations(args: &Args, shard: Option<Shard>) -> Result<Vec<ConnectorRegistration>, Failure> {
     // One connector value serves every registration: it is stateless.
     let echo: Arc<dyn BaseConnector> = Arc::new(EchoConnector::with_type(&args.connector_type));
-    (0..args.count)
+    let all = (0..args.count)
         .map(|i| {
             let mut config = ConnectorConfig::builder(
                 &args.tenant,
@@ -379,8 +591,23 @@ fn registrations(args: &Args) -> Result<Vec<ConnectorRegistration>, Failure> {
                 echo.clone(),
             ))
         })
-        .collect::<Result<_, ConnectorError>>()
-        .map_err(Failure::from)
+        .collect::<Result<Vec<_>, ConnectorError>>()
+        .map_err(Failure::from)?;
+    Ok(all
+        .into_iter()
+        .filter(|r| shard.is_none_or(|s| s.owns(r.key())))
+        .collect())
+}
+
+/// The log line saying what this process hosts.
+fn log_hosting(endpoint: &str, shard: Option<Shard>, hosted: usize, count: u32) {
+    match shard {
+        Some(shard) => tracing::info!(
+            %endpoint,
+            "shard {shard}: hosting {hosted} of {count} registrations"
+        ),
+        None => tracing::info!(%endpoint, registrations = hosted, "hosting echo connectors"),
+    }
 }
 
 /// The per-registration rows: counters from `now`, states from `states`
@@ -484,20 +711,35 @@ impl Signals {
     }
 }
 
-async fn run_remote(args: &Args, options: MultiTransportOptions) -> Result<(), Failure> {
-    let regs = registrations(args)?;
+/// Resolves after `--duration-secs`, or never.
+async fn duration_elapsed(duration_secs: Option<u64>) {
+    match duration_secs {
+        Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_remote(
+    args: &Args,
+    options: MultiTransportOptions,
+    shard: Option<Shard>,
+    ops: Option<OpsEndpoint>,
+) -> Result<(), Failure> {
+    let regs = registrations(args, shard)?;
+    let hosted = regs.len();
     let endpoint = options.endpoint.to_string();
     let runner = MultiConnectorRunner::new(regs, options.clone(), transport_for(&options));
     // Installed before anything connects, so an early signal is not lost.
     let mut signals = Signals::install()?;
-    tracing::info!(%endpoint, registrations = args.count, "hosting echo connectors");
+    // Serves until this function returns: `/ready` turns 503 while the
+    // registrations drain at shutdown.
+    let _ops = serve_ops(ops, &runner);
+    log_hosting(&endpoint, shard, hosted, args.count);
+    if hosted == 0 {
+        return idle(args, &mut signals).await;
+    }
     let mut run_task = spawn_run(&runner);
-    let deadline = async {
-        match args.duration_secs {
-            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
-            None => std::future::pending().await,
-        }
-    };
+    let deadline = duration_elapsed(args.duration_secs);
     let reason = tokio::select! {
         joined = &mut run_task => {
             // Ended by itself: a configuration error (bad CA file), or every
@@ -534,6 +776,25 @@ async fn run_remote(args: &Args, options: MultiTransportOptions) -> Result<(), F
         render_summary(&summary_rows(&runner, &at_stop), connections)
     );
     print_stop_reasons(&at_stop);
+    println!("stopped gracefully ({reason})");
+    Ok(())
+}
+
+/// A shard that owns none of the registrations: nothing to connect, ready,
+/// until a signal or `--duration-secs`. Idling (rather than exiting) keeps a
+/// StatefulSet replica from crash-looping when there are fewer
+/// registrations than replicas; it takes registrations as soon as `--count`
+/// grows and it is restarted.
+async fn idle(args: &Args, signals: &mut Signals) -> Result<(), Failure> {
+    tracing::info!(
+        "this shard owns none of the {} registrations: idle until SIGINT or SIGTERM",
+        args.count
+    );
+    let reason = tokio::select! {
+        signal = signals.recv() => signal,
+        () = duration_elapsed(args.duration_secs) => "--duration-secs elapsed",
+    };
+    print!("{}", render_summary(&[], 0));
     println!("stopped gracefully ({reason})");
     Ok(())
 }
@@ -835,13 +1096,28 @@ async fn drive_workload(engine: &TestServer, planned: Vec<Planned>) -> Vec<Strin
     unexpected
 }
 
-async fn run_demo(args: &Args, matches: &ArgMatches) -> Result<(), Failure> {
+async fn run_demo(
+    args: &Args,
+    matches: &ArgMatches,
+    shard: Option<Shard>,
+    ops: Option<OpsEndpoint>,
+) -> Result<(), Failure> {
+    let regs = registrations(args, shard)?;
+    if let (true, Some(shard)) = (regs.is_empty(), shard) {
+        return Err(Failure::Config(format!(
+            "shard {shard} owns none of the {} registrations: nothing to demo \
+             (raise --count, or run without --shard)",
+            args.count
+        )));
+    }
     let server = DemoServer::start(args.transport)
         .await
         .map_err(|e| Failure::Runtime(format!("cannot start the embedded test server: {e}")))?;
     let url = server.url();
     let options = build_options(args, &url, true, matches)?;
-    let regs = registrations(args)?;
+    if shard.is_some() {
+        log_hosting(&url, shard, regs.len(), args.count);
+    }
     let keys: Vec<RegistrationKey> = regs.iter().map(|r| r.key().clone()).collect();
     let addresses: Vec<String> = keys.iter().map(ToString::to_string).collect();
     println!(
@@ -850,6 +1126,7 @@ async fn run_demo(args: &Args, matches: &ArgMatches) -> Result<(), Failure> {
         server.label()
     );
     let runner = MultiConnectorRunner::new(regs, options.clone(), transport_for(&options));
+    let _ops = serve_ops(ops, &runner);
     let mut run_task = spawn_run(&runner);
     let started = tokio::time::Instant::now();
 

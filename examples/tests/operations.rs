@@ -1,0 +1,774 @@
+//! `connector-host` as an operator runs it: `--metrics-addr` scraped over
+//! real loopback HTTP, `/ready` following the registrations, `--shard` and
+//! the StatefulSet ordinal splitting one registration list across
+//! processes, and configuration from the environment.
+//!
+//! Every wait is on an event (a log line, the test server's state, a
+//! process exit) and bounded; every port is 0.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use connector_core::proto::{ExecuteRequest, PayloadEncoding, RejectReason};
+use connector_core::{RegistrationKey, Shard};
+use connector_testkit::{ApprovalPolicy, GrpcServerOptions, GrpcTestServer, TestServer};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_connector-host");
+/// Bound for any one wait.
+const WAIT: Duration = Duration::from_secs(60);
+/// The host's own info lines (the metrics address, the shard line) and
+/// warnings from everything else.
+const LOG: &str = "warn,connector_host=info";
+
+/// The program with a clean environment: none of the variables it reads
+/// leaks in from the machine running the tests.
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        let lower = name.to_ascii_lowercase();
+        if name.starts_with("CONNECTOR_HOST_")
+            || name == "RUST_LOG"
+            || name == "HOSTNAME"
+            || lower.ends_with("_proxy")
+        {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A failed assertion or timeout must not leave the process behind.
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running `connector-host` whose stderr is read line by line as it
+/// comes, so the test can wait for a line and the pipe never fills.
+struct Host {
+    child: Child,
+    stderr: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Host {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = command(args, env).spawn().expect("spawn connector-host");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stderr: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first stderr line (from now on) that contains `needle`.
+    async fn line_with(&mut self, needle: &str) -> String {
+        let Self { stderr, seen, .. } = self;
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = stderr.recv().await {
+                seen.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "no stderr line with {needle:?}; stderr so far:\n{}",
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// The address of `--metrics-addr 127.0.0.1:0`, from its log line.
+    async fn metrics_addr(&mut self) -> SocketAddr {
+        let line = self.line_with("metrics: listening on ").await;
+        line.split("metrics: listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("the child is running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// SIGTERM, then [`Host::finish`].
+    async fn stop(self) -> (i32, String, String) {
+        self.sigterm();
+        self.finish().await
+    }
+
+    /// Waits for the exit: code, stdout, all of stderr.
+    async fn finish(self) -> (i32, String, String) {
+        let Self {
+            child,
+            mut stderr,
+            mut seen,
+        } = self;
+        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .expect("connector-host exited in time")
+            .expect("connector-host output collected");
+        // The reader ends at EOF, which the exit brings.
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(line) = stderr.recv().await {
+                seen.push(line);
+            }
+        })
+        .await;
+        (
+            out.status.code().expect("exited with a code, not a signal"),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            seen.join("\n"),
+        )
+    }
+}
+
+/// Runs to completion (configuration errors).
+async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    Host::spawn(args, env).finish().await
+}
+
+#[derive(Debug)]
+struct HttpResponse {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// Sends `request` as is, reads the response until the server closes.
+async fn http(addr: SocketAddr, request: &[u8], half_close: bool) -> HttpResponse {
+    let raw = tokio::time::timeout(WAIT, async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request).await.expect("send the request");
+        if half_close {
+            stream.shutdown().await.expect("half-close");
+        }
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .expect("read the response");
+        raw
+    })
+    .await
+    .expect("answered in time");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    http(addr, request.as_bytes(), false).await
+}
+
+fn has_line(body: &str, line: &str) -> bool {
+    body.lines().any(|l| l == line)
+}
+
+fn execute(id: &str, capability: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: id.into(),
+        payload: b"{}".to_vec(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: capability.into(),
+        timeout_ms: 30_000,
+        ..Default::default()
+    }
+}
+
+/// One execute answered per key. The host reads its approval before the
+/// execute on the same stream, so afterwards every key is Active on the
+/// host's side too, not only on the server's.
+async fn one_execute_each(engine: &TestServer, keys: &[String]) {
+    for (i, key) in keys.iter().enumerate() {
+        let r = engine
+            .send_execute(key, execute(&format!("e{i}"), "echo"))
+            .expect("sent")
+            .wait(WAIT)
+            .await
+            .expect("answered");
+        assert!(r.success, "{key}: {}", r.error);
+    }
+}
+
+/// `demo.echo.echo-0` … `-{count-1}`, the keys of `shard` (or all), sorted
+/// as the test server sorts them.
+fn keys(count: u32, shard: Option<Shard>) -> Vec<String> {
+    let mut keys: Vec<String> = (0..count)
+        .map(|i| RegistrationKey::new("demo", "echo", format!("echo-{i}")).expect("valid key"))
+        .filter(|k| shard.is_none_or(|s| s.owns(k)))
+        .map(|k| k.to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn assert_one_line_config_error(what: &str, code: i32, stderr: &str, needle: &str) {
+    assert_eq!(code, 2, "{what}: stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: one line on stderr, got:\n{stderr}");
+    assert!(
+        lines[0].starts_with("connector-host: error: "),
+        "{what}: {stderr}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{what}: {needle:?} not in {stderr:?}"
+    );
+}
+
+async fn grpc_server() -> GrpcTestServer {
+    GrpcTestServer::start(TestServer::new(), GrpcServerOptions::default())
+        .await
+        .expect("server starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_ready_are_served_while_every_registration_is_active() {
+    let server = grpc_server().await;
+    let engine = server.engine().clone();
+    let url = server.url();
+    let mut host = Host::spawn(
+        &[
+            "--url",
+            &url,
+            "--count",
+            "5",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ],
+        &[],
+    );
+    let addr = host.metrics_addr().await;
+    engine.wait_for_active(5, WAIT).await.expect("5 active");
+    let keys = engine.active_keys();
+    assert_eq!(keys, self::keys(5, None));
+    one_execute_each(&engine, &keys).await;
+    let failed = engine
+        .send_execute(&keys[0], execute("f", "fail"))
+        .expect("sent")
+        .wait(WAIT)
+        .await
+        .expect("answered");
+    assert!(!failed.success);
+
+    let metrics = get(addr, "/metrics").await;
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics
+            .head
+            .contains("Content-Type: text/plain; version=0.0.4"),
+        "{}",
+        metrics.head
+    );
+    let body = &metrics.body;
+    for (i, key) in keys.iter().enumerate() {
+        // The first key also answered the `fail`.
+        let answered = if i == 0 { 2 } else { 1 };
+        for line in [
+            format!(r#"connector_client_executes{{registration="{key}",outcome="success"}} 1"#),
+            format!(r#"connector_client_active{{registration="{key}"}} 1"#),
+            format!(
+                r#"connector_client_connection_attempts{{registration="{key}",outcome="succeeded"}} 1"#
+            ),
+            format!(
+                r#"connector_client_execute_duration_count{{registration="{key}"}} {answered}"#
+            ),
+        ] {
+            assert!(has_line(body, &line), "{line} missing from:\n{body}");
+        }
+    }
+    for line in [
+        r#"connector_client_executes{registration="demo.echo.echo-0",outcome="handler"} 1"#,
+        r#"connector_host_registrations{state="active"} 5"#,
+        r#"connector_host_registrations{state="stopped"} 0"#,
+        r#"connector_host_registrations{state="backoff"} 0"#,
+        "connector_host_connections 1",
+        "connector_host_streams 5",
+        "connector_host_ready 1",
+        "# TYPE connector_client_execute_duration histogram",
+        "# TYPE connector_host_registrations gauge",
+    ] {
+        assert!(has_line(body, line), "{line} missing from:\n{body}");
+    }
+    assert!(
+        body.contains("# HELP connector_client_executes "),
+        "descriptions are rendered:\n{body}"
+    );
+
+    let ready = get(addr, "/ready").await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    let head = http(addr, b"HEAD /ready HTTP/1.1\r\nHost: t\r\n\r\n", false).await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""), "{head:?}");
+
+    // What is not a scrape or a probe gets a clear status and no harm done.
+    let not_found = get(addr, "/nope").await;
+    assert_eq!(not_found.status, 404, "{not_found:?}");
+    let post = http(
+        addr,
+        b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody",
+        false,
+    )
+    .await;
+    assert_eq!(post.status, 405, "{post:?}");
+    assert!(post.head.contains("Allow: GET, HEAD"), "{post:?}");
+    let garbage = http(addr, b"\x16\x03\x01 hello there\r\n\r\n", false).await;
+    assert_eq!(garbage.status, 400, "{garbage:?}");
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX-Filler: {}\r\n\r\n",
+        "x".repeat(16 * 1024)
+    );
+    let huge = http(addr, huge.as_bytes(), false).await;
+    assert_eq!(huge.status, 431, "{huge:?}");
+    // A bare request line, then end of input (`printf … | nc`).
+    let bare = http(addr, b"GET /ready HTTP/1.0\n", true).await;
+    assert_eq!(bare.status, 200, "{bare:?}");
+    let ready = get(addr, "/ready?after=abuse").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_while_a_registration_is_rejected() {
+    let server = grpc_server().await;
+    let engine = server.engine().clone();
+    let rejected = "demo.echo.echo-2";
+    engine.set_policy_for(rejected, ApprovalPolicy::Reject(RejectReason::Denied));
+    let mut host = Host::spawn(
+        &[
+            "--url",
+            &server.url(),
+            "--count",
+            "5",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ],
+        &[],
+    );
+    let addr = host.metrics_addr().await;
+    engine.wait_for_active(4, WAIT).await.expect("4 active");
+    let active = engine.active_keys();
+    assert!(!active.iter().any(|k| k == rejected), "{active:?}");
+    one_execute_each(&engine, &active).await;
+    // The host has read the rejection (its warning), so it will not retry.
+    let warning = host.line_with("registration rejected").await;
+    assert!(warning.contains(rejected), "{warning}");
+
+    let ready = get(addr, "/ready").await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(
+        ready
+            .body
+            .starts_with("not ready: 1 of 5 registrations not active"),
+        "{ready:?}"
+    );
+    let head = http(addr, b"HEAD /ready HTTP/1.1\r\n\r\n", false).await;
+    assert_eq!((head.status, head.body.as_str()), (503, ""), "{head:?}");
+    let metrics = get(addr, "/metrics").await;
+    for line in [
+        r#"connector_host_registrations{state="active"} 4"#,
+        "connector_host_ready 0",
+    ] {
+        assert!(
+            has_line(&metrics.body, line),
+            "{line} in:\n{}",
+            metrics.body
+        );
+    }
+
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(rejected))
+        .unwrap_or_else(|| panic!("no row for {rejected}:\n{stdout}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("stopped"), "{stdout}");
+    assert!(
+        stdout.contains("DENIED"),
+        "the stop reason is printed: {stdout}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_cover_thirty_registrations_exactly_once() {
+    let server = grpc_server().await;
+    let engine = server.engine().clone();
+    let url = server.url();
+    let mut hosts: Vec<Host> = (0..3)
+        .map(|i| {
+            let shard = format!("{i}/3");
+            Host::spawn(
+                &[
+                    "--url", &url, "--count", "30", "--shard", &shard, "--log", LOG,
+                ],
+                &[],
+            )
+        })
+        .collect();
+    engine.wait_for_active(30, WAIT).await.expect("30 active");
+    assert_eq!(engine.active_keys(), keys(30, None));
+    let streams = engine.registrations();
+    assert_eq!(streams.len(), 30, "one live stream per key: {streams:?}");
+    assert_eq!(engine.stats().duplicate_active, 0);
+
+    // Each process has its own HTTP/2 connection, so the streams of one
+    // connection are the keys one process hosts: they must be exactly the
+    // keys its shard owns.
+    let mut by_connection: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for s in &streams {
+        by_connection
+            .entry(s.connection_id)
+            .or_default()
+            .insert(s.key.clone());
+    }
+    let hosted: BTreeSet<BTreeSet<String>> = by_connection.into_values().collect();
+    let owned: BTreeSet<BTreeSet<String>> = (0..3)
+        .map(|i| {
+            keys(30, Some(Shard::new(i, 3).expect("valid")))
+                .into_iter()
+                .collect()
+        })
+        .collect();
+    assert_eq!(hosted, owned);
+
+    for (i, host) in hosts.iter_mut().enumerate() {
+        let n = keys(30, Some(Shard::new(i as u32, 3).expect("valid"))).len();
+        let line = host.line_with(&format!("shard {i}/3: hosting")).await;
+        assert!(
+            line.contains(&format!("hosting {n} of 30 registrations")),
+            "{line}"
+        );
+    }
+    for host in hosts {
+        let (code, stdout, stderr) = host.stop().await;
+        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_shard_settings_are_one_line_and_exit_2() {
+    let url = ["--url", "grpc://127.0.0.1:1"];
+    /// What is wrong, the arguments, the environment, what the error names.
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 9] = [
+        ("--shard 3/3", &["--shard", "3/3"], &[], "3/3"),
+        ("--shard 1/0", &["--shard", "1/0"], &[], "1/0"),
+        ("--shard x", &["--shard", "x"], &[], "expected I/N"),
+        (
+            "CONNECTOR_HOST_SHARD=5/2",
+            &url,
+            &[("CONNECTOR_HOST_SHARD", "5/2")],
+            "5/2",
+        ),
+        (
+            "no ordinal in HOSTNAME",
+            &url,
+            &[("CONNECTOR_HOST_SHARDS", "2"), ("HOSTNAME", "laptop")],
+            "laptop",
+        ),
+        (
+            "ordinal out of range",
+            &url,
+            &[("CONNECTOR_HOST_SHARDS", "2"), ("HOSTNAME", "conn-2")],
+            "2/2",
+        ),
+        (
+            "no HOSTNAME",
+            &url,
+            &[("CONNECTOR_HOST_SHARDS", "2")],
+            "HOSTNAME",
+        ),
+        (
+            "CONNECTOR_HOST_SHARDS=0",
+            &url,
+            &[("CONNECTOR_HOST_SHARDS", "0"), ("HOSTNAME", "conn-0")],
+            "--shards",
+        ),
+        (
+            "--metrics-addr without a port",
+            &["--metrics-addr", "127.0.0.1"],
+            &[],
+            "HOST:PORT",
+        ),
+    ];
+    for (what, args, env, needle) in cases {
+        let (code, stdout, stderr) = run(args, env).await;
+        assert!(stdout.is_empty(), "{what}: nothing started: {stdout}");
+        assert_one_line_config_error(what, code, &stderr, needle);
+    }
+}
+
+#[tokio::test]
+async fn a_metrics_address_in_use_is_one_line_and_exit_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, _, stderr) = run(
+        &["--url", "grpc://127.0.0.1:1", "--metrics-addr", &addr],
+        &[],
+    )
+    .await;
+    assert_one_line_config_error("address in use", code, &stderr, "cannot listen");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefulset_ordinal_hosts_the_same_keys_as_the_explicit_shard() {
+    let expected = keys(12, Some(Shard::new(1, 2).expect("valid")));
+    assert!(
+        !expected.is_empty() && expected.len() < 12,
+        "a real split: {expected:?}"
+    );
+    let mut seen = Vec::new();
+    for by_env in [false, true] {
+        let server = grpc_server().await;
+        let engine = server.engine().clone();
+        let url = server.url();
+        // The second run is configured the way the StatefulSet does it:
+        // from the environment only.
+        let host = if by_env {
+            Host::spawn(
+                &[],
+                &[
+                    ("CONNECTOR_HOST_URL", url.as_str()),
+                    ("CONNECTOR_HOST_COUNT", "12"),
+                    ("CONNECTOR_HOST_LOG", LOG),
+                    ("CONNECTOR_HOST_SHARDS", "2"),
+                    ("HOSTNAME", "connector-host-1"),
+                ],
+            )
+        } else {
+            Host::spawn(
+                &[
+                    "--url", &url, "--count", "12", "--shard", "1/2", "--log", LOG,
+                ],
+                &[],
+            )
+        };
+        let mut host = host;
+        let line = host.line_with("shard 1/2: hosting").await;
+        assert!(
+            line.contains(&format!("hosting {} of 12 registrations", expected.len())),
+            "{line}"
+        );
+        engine
+            .wait_for_active(expected.len(), WAIT)
+            .await
+            .expect("the shard's keys active");
+        seen.push(engine.active_keys());
+        let (code, stdout, stderr) = host.stop().await;
+        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(
+            stdout.contains(&format!("total ({})", expected.len())),
+            "{stdout}"
+        );
+        server.stop().await;
+    }
+    assert_eq!(seen[0], expected);
+    assert_eq!(seen[1], expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_owns_nothing_idles_ready_until_sigterm() {
+    // One registration, two shards: one of them owns nothing.
+    let key = &keys(1, None)[0];
+    let idle = (0..2)
+        .map(|i| Shard::new(i, 2).expect("valid"))
+        .find(|s| !keys(1, Some(*s)).contains(key))
+        .expect("one shard owns nothing");
+    let server = grpc_server().await;
+    let shard = idle.to_string();
+    let mut host = Host::spawn(
+        &[
+            "--url",
+            &server.url(),
+            "--count",
+            "1",
+            "--shard",
+            &shard,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ],
+        &[],
+    );
+    let addr = host.metrics_addr().await;
+    host.line_with("owns none of the 1 registrations").await;
+    let ready = get(addr, "/ready").await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    let metrics = get(addr, "/metrics").await;
+    for line in [
+        r#"connector_host_registrations{state="active"} 0"#,
+        "connector_host_connections 0",
+        "connector_host_ready 1",
+    ] {
+        assert!(
+            has_line(&metrics.body, line),
+            "{line} in:\n{}",
+            metrics.body
+        );
+    }
+    assert_eq!(server.total_connections_accepted(), 0);
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("total (0)"), "{stdout}");
+    assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_demo_serves_metrics_too() {
+    let mut host = Host::spawn(
+        &[
+            "--count",
+            "2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ],
+        &[],
+    );
+    host.metrics_addr().await;
+    let (code, stdout, stderr) = host.finish().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("2 active"), "{stdout}");
+}
+
+#[tokio::test]
+async fn every_flag_can_come_from_the_environment() {
+    let (code, stdout, _) = run(&["--help"], &[]).await;
+    assert_eq!(code, 0);
+    for var in [
+        "CONNECTOR_HOST_URL",
+        "CONNECTOR_HOST_COUNT",
+        "CONNECTOR_HOST_TENANT",
+        "CONNECTOR_HOST_CONNECTOR_TYPE",
+        "CONNECTOR_HOST_INSTANCE_PREFIX",
+        "CONNECTOR_HOST_AUTH_TOKEN",
+        "CONNECTOR_HOST_MAX_STREAMS_PER_CHANNEL",
+        "CONNECTOR_HOST_MAX_CONCURRENT_REQUESTS",
+        "CONNECTOR_HOST_HEARTBEAT_INTERVAL_MS",
+        "CONNECTOR_HOST_HEARTBEAT_TIMEOUT_MS",
+        "CONNECTOR_HOST_RECONNECT_DELAY_MS",
+        "CONNECTOR_HOST_MAX_BACKOFF_MS",
+        "CONNECTOR_HOST_JITTER_MS",
+        "CONNECTOR_HOST_NO_RECONNECT",
+        "CONNECTOR_HOST_DURATION_SECS",
+        "CONNECTOR_HOST_CA_CERT",
+        "CONNECTOR_HOST_LOG",
+        "CONNECTOR_HOST_TRANSPORT",
+        "CONNECTOR_HOST_PROXY",
+        "CONNECTOR_HOST_METRICS_ADDR",
+        "CONNECTOR_HOST_SHARD",
+        "CONNECTOR_HOST_SHARDS",
+    ] {
+        assert!(stdout.contains(var), "{var} missing from --help:\n{stdout}");
+    }
+
+    // The demo configured by variables alone; a bad variable is exit 2,
+    // named like its flag.
+    let (code, stdout, stderr) = run(
+        &[],
+        &[
+            ("CONNECTOR_HOST_COUNT", "2"),
+            ("CONNECTOR_HOST_TENANT", "envt"),
+            ("CONNECTOR_HOST_TRANSPORT", "ws"),
+            ("CONNECTOR_HOST_LOG", "warn"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("envt.echo.echo-1"), "{stdout}");
+    assert!(stdout.contains("TCP connections used: 2"), "{stdout}");
+    let (code, _, stderr) = run(&[], &[("CONNECTOR_HOST_COUNT", "lots")]).await;
+    assert_one_line_config_error("bad CONNECTOR_HOST_COUNT", code, &stderr, "--count");
+    // A flag on the command line wins over its variable.
+    let (code, stdout, stderr) = run(
+        &["--count", "1", "--log", "warn"],
+        &[("CONNECTOR_HOST_COUNT", "lots")],
+    )
+    .await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("total (1)"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_statefulset_manifest_uses_real_variables_and_routes() {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/statefulset.yaml"
+    ))
+    .expect("read deploy/statefulset.yaml");
+    let (code, help, _) = run(&["--help"], &[]).await;
+    assert_eq!(code, 0);
+    let vars: BTreeSet<&str> = manifest
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("CONNECTOR_HOST_"))
+        .collect();
+    assert!(vars.contains("CONNECTOR_HOST_SHARDS"), "{vars:?}");
+    assert!(vars.contains("CONNECTOR_HOST_AUTH_TOKEN"), "{vars:?}");
+    for var in vars {
+        assert!(help.contains(var), "{var} is not a connector-host variable");
+    }
+    for needle in [
+        "path: /ready",
+        "path: /metrics",
+        r#"args: ["--metrics-addr", "0.0.0.0:9090"]"#,
+        "fieldPath: metadata.name",
+        "clusterIP: None",
+    ] {
+        assert!(manifest.contains(needle), "{needle} missing");
+    }
+}
