@@ -1,12 +1,14 @@
 //! How one channel (one HTTP/2 connection) is configured and dialled.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::{MultiTransportOptions, TlsOptions, TransportKind};
+use connector_core::{ConnectorError, MultiTransportOptions, Proxy, TlsOptions, TransportKind};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{dial_error, GrpcError};
+use crate::proxy::ProxyConnector;
 
 /// HTTP/2 keepalive ping period.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -35,11 +37,17 @@ pub(crate) struct ChannelFactory {
     endpoint: Endpoint,
     target: String,
     connect_timeout: Duration,
+    /// Set when connections go through an HTTP CONNECT proxy.
+    proxy: Option<ProxyConnector>,
 }
 
 impl ChannelFactory {
-    /// Validates the options (scheme, TLS files) and builds the endpoint.
-    /// Makes no connection.
+    /// Validates the options (scheme, TLS files, proxy) and builds the
+    /// endpoint. Makes no connection.
+    ///
+    /// The proxy is resolved here, once: the environment is read when the
+    /// mux is made, not on every dial, so every channel of a mux goes the
+    /// same way.
     pub(crate) fn new(options: &MultiTransportOptions) -> Result<Self, GrpcError> {
         let ep = &options.endpoint;
         if ep.kind != TransportKind::Grpc {
@@ -84,10 +92,19 @@ impl ChannelFactory {
             }
             endpoint
         };
+        let proxy = options.resolve_proxy().map_err(|e| match e {
+            ConnectorError::InvalidConfig(message) => GrpcError::config(message),
+            other => GrpcError::config(other.to_string()),
+        })?;
+        let proxy = proxy.map(|p: Proxy| {
+            tracing::debug!(server = %target, proxy = %p.authority(), "connecting through an HTTP proxy");
+            ProxyConnector::new(Arc::new(p), &ep.authority())
+        });
         Ok(Self {
             endpoint,
             target,
             connect_timeout,
+            proxy,
         })
     }
 
@@ -101,10 +118,18 @@ impl ChannelFactory {
         self.connect_timeout
     }
 
-    /// Dials one HTTP/2 connection (TCP, TLS, HTTP/2 preface), bounded by
-    /// the connect timeout.
+    /// Dials one HTTP/2 connection (TCP, the proxy's tunnel if any, TLS,
+    /// HTTP/2 preface), bounded by the connect timeout.
     pub(crate) async fn dial(&self) -> Result<Channel, GrpcError> {
-        match tokio::time::timeout(self.connect_timeout, self.endpoint.connect()).await {
+        let connect = async {
+            match &self.proxy {
+                // tonic still runs TLS (when the URI is https) over what the
+                // connector returns, and the endpoint's HTTP/2 settings.
+                Some(proxy) => self.endpoint.connect_with_connector(proxy.clone()).await,
+                None => self.endpoint.connect().await,
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(channel)) => Ok(channel),
             Ok(Err(e)) => Err(dial_error(&self.target, self.connect_timeout, e)),
             Err(_) => Err(GrpcError::timeout(
@@ -296,6 +321,22 @@ mod tests {
         let err = ChannelFactory::new(&o).expect_err("bad DER");
         assert!(matches!(err, GrpcError::Config { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_proxy_url_is_a_config_error_and_disabled_means_direct() {
+        let mut o = options("grpc://127.0.0.1:50051").build().expect("valid");
+        o.proxy = connector_core::ProxySetting::Url("socks5://p:1".into());
+        let err = ChannelFactory::new(&o).expect_err("bad proxy");
+        assert!(matches!(err, GrpcError::Config { .. }), "{err}");
+        assert!(err.to_string().contains("proxy url"), "{err}");
+
+        o.proxy = connector_core::ProxySetting::Disabled;
+        assert!(ChannelFactory::new(&o).expect("direct").proxy.is_none());
+        o.proxy = connector_core::ProxySetting::Url("http://u:p@127.0.0.1:3128".into());
+        let f = ChannelFactory::new(&o).expect("proxied");
+        assert!(f.proxy.is_some());
+        assert!(!format!("{f:?}").contains("dTpw"), "no credential in Debug");
     }
 
     #[test]

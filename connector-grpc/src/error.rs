@@ -79,6 +79,19 @@ pub enum GrpcError {
         /// The server's message.
         message: String,
     },
+    /// The HTTP CONNECT proxy did not open a tunnel to the server: it could
+    /// not be reached, refused (`status`; 407 means its credentials, the
+    /// user and password of the proxy URL, were missing or wrong), or did
+    /// not answer HTTP.
+    #[error("through HTTP proxy {proxy}: {message}")]
+    Proxy {
+        /// The proxy, as `host:port` (never its credentials).
+        proxy: String,
+        /// The proxy's HTTP status, when it answered with one.
+        status: Option<u16>,
+        /// What happened.
+        message: String,
+    },
     /// The peer broke the protocol (undecodable or oversized message, h2
     /// protocol error).
     #[error("protocol error: {message}")]
@@ -102,7 +115,24 @@ impl GrpcError {
             Self::Closed { .. } => TransportErrorKind::Closed,
             Self::Refused { .. } => TransportErrorKind::Refused,
             Self::Protocol { .. } => TransportErrorKind::Protocol,
+            // A proxy's answer is a refusal; no answer is a failed connect.
+            Self::Proxy {
+                status: Some(_), ..
+            } => TransportErrorKind::Refused,
+            Self::Proxy { status: None, .. } => TransportErrorKind::Connect,
         }
+    }
+
+    /// True when an HTTP proxy refused the tunnel for want of the right
+    /// credentials (`407`): fix the user and password in the proxy URL.
+    pub fn is_proxy_auth(&self) -> bool {
+        matches!(
+            self,
+            Self::Proxy {
+                status: Some(407),
+                ..
+            }
+        )
     }
 
     pub(crate) fn config(message: impl Into<String>) -> Self {
@@ -202,12 +232,38 @@ fn chain_message(err: &(dyn StdError + 'static)) -> String {
     out
 }
 
-/// Sorts a failed dial (`Endpoint::connect`).
+/// A [`GrpcError`] our own connector returned, found in tonic's chain.
+fn own_error(err: &(dyn StdError + 'static)) -> Option<GrpcError> {
+    let mut next = Some(err);
+    let mut depth = 0;
+    while let Some(e) = next {
+        depth += 1;
+        if depth > 32 {
+            break;
+        }
+        if let Some(own) = e.downcast_ref::<GrpcError>() {
+            return Some(own.clone());
+        }
+        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            if let Some(own) = own_error(inner) {
+                return Some(own);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Sorts a failed dial (`Endpoint::connect`, or `connect_with_connector`
+/// through a proxy, whose errors come back as they were made).
 pub(crate) fn dial_error(
     target: &str,
     connect_timeout: Duration,
     err: tonic::transport::Error,
 ) -> GrpcError {
+    if let Some(own) = own_error(&err) {
+        return own;
+    }
     let facts = chain_facts(&err);
     let message = chain_message(&err);
     let source: Cause = Arc::new(err);
@@ -384,6 +440,22 @@ mod tests {
                     source: None,
                 },
                 TransportErrorKind::Protocol,
+            ),
+            (
+                GrpcError::Proxy {
+                    proxy: "p:1".into(),
+                    status: Some(407),
+                    message: "m".into(),
+                },
+                TransportErrorKind::Refused,
+            ),
+            (
+                GrpcError::Proxy {
+                    proxy: "p:1".into(),
+                    status: None,
+                    message: "m".into(),
+                },
+                TransportErrorKind::Connect,
             ),
         ];
         for (err, kind) in cases {

@@ -13,6 +13,13 @@
 //! file, the server name taken from the URL, and an optional client
 //! identity for mutual TLS.
 //!
+//! Behind an HTTP proxy (`MultiTransportOptions::proxy`: `HTTPS_PROXY`,
+//! `HTTP_PROXY` and `NO_PROXY` by default, or an explicit URL) each
+//! connection is an HTTP `CONNECT` tunnel to the server, with TLS and
+//! HTTP/2 inside it, so the proxy never sees the traffic. A proxy that
+//! refuses the tunnel (`407` for missing or wrong credentials) fails the
+//! dial with [`GrpcError::Proxy`]; the registrations back off and retry.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use connector_core::{MultiTransportOptions, Transport};
@@ -31,6 +38,7 @@ mod channel;
 mod error;
 mod mux;
 mod pool;
+mod proxy;
 
 pub use error::{Cause, GrpcError};
 pub use mux::{GrpcMux, GrpcTransport};

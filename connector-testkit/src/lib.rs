@@ -45,6 +45,7 @@ mod engine;
 mod error;
 mod grpc_server;
 mod memory;
+mod proxy;
 mod tls;
 mod ws_server;
 
@@ -56,6 +57,7 @@ pub use engine::{
 pub use error::TestkitError;
 pub use grpc_server::{GrpcServerOptions, GrpcTestServer};
 pub use memory::{MemoryMux, MemoryTransport};
+pub use proxy::ConnectProxy;
 pub use tls::TestCertificate;
 pub use ws_server::{WsServerOptions, WsTestServer};
 

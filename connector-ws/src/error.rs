@@ -71,6 +71,19 @@ pub enum WsError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The HTTP CONNECT proxy did not open a tunnel to the server: it could
+    /// not be reached, refused (`status`; 407 means its credentials, the
+    /// user and password of the proxy URL, were missing or wrong), or did
+    /// not answer HTTP.
+    #[error("through HTTP proxy {proxy}: {message}")]
+    Proxy {
+        /// The proxy, as `host:port` (never its credentials).
+        proxy: String,
+        /// The proxy's HTTP status, when it answered with one.
+        status: Option<u16>,
+        /// What happened.
+        message: String,
+    },
     /// The server answered the upgrade request with an HTTP status other
     /// than 101.
     #[error("server at {addr} refused the WebSocket upgrade with HTTP {status}")]
@@ -93,7 +106,24 @@ impl WsError {
             Self::Protocol { .. } => TransportErrorKind::Protocol,
             Self::Closed { .. } => TransportErrorKind::Closed,
             Self::Refused { .. } => TransportErrorKind::Refused,
+            // A proxy's answer is a refusal; no answer is a failed connect.
+            Self::Proxy {
+                status: Some(_), ..
+            } => TransportErrorKind::Refused,
+            Self::Proxy { status: None, .. } => TransportErrorKind::Connect,
         }
+    }
+
+    /// True when an HTTP proxy refused the tunnel for want of the right
+    /// credentials (`407`): fix the user and password in the proxy URL.
+    pub fn is_proxy_auth(&self) -> bool {
+        matches!(
+            self,
+            Self::Proxy {
+                status: Some(407),
+                ..
+            }
+        )
     }
 
     /// True when the configuration is at fault and retrying cannot help.
@@ -177,6 +207,22 @@ mod tests {
                     status: 404,
                 },
                 TransportErrorKind::Refused,
+            ),
+            (
+                WsError::Proxy {
+                    proxy: "p:1".into(),
+                    status: Some(407),
+                    message: "m".into(),
+                },
+                TransportErrorKind::Refused,
+            ),
+            (
+                WsError::Proxy {
+                    proxy: "p:1".into(),
+                    status: None,
+                    message: "m".into(),
+                },
+                TransportErrorKind::Connect,
             ),
         ];
         for (err, kind) in cases {

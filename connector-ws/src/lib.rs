@@ -15,6 +15,13 @@
 //! server yields one `Protocol` error, closes the socket with 1003, 1007 or
 //! 1009 and ends the stream. Dropping the stream closes the socket.
 //!
+//! Behind an HTTP proxy (`MultiTransportOptions::proxy`: `HTTPS_PROXY`,
+//! `HTTP_PROXY` and `NO_PROXY` by default, or an explicit URL) each socket
+//! is an HTTP `CONNECT` tunnel to the server, with TLS and the upgrade
+//! inside it. A proxy that refuses the tunnel (`407` for missing or wrong
+//! credentials) fails the open with [`WsError::Proxy`]; the registration
+//! backs off and retries.
+//!
 //! Sockets are cheap when idle: a 4 KiB read buffer instead of
 //! tungstenite's 128 KiB, no write buffering, and a bounded write buffer
 //! (see [`WsConfig`]).
@@ -23,6 +30,7 @@
 mod config;
 mod error;
 mod mux;
+mod proxy;
 mod socket;
 mod tls;
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use connector_core::{
-    ConnectionStats, Endpoint, MessageStream, MultiTransportOptions, MuxStats, RegistrationKey,
-    StreamInfo, StreamMux, Transport, TransportError, TransportKind,
+    ConnectionStats, ConnectorError, Endpoint, MessageStream, MultiTransportOptions, MuxStats,
+    Proxy, RegistrationKey, StreamInfo, StreamMux, Transport, TransportError, TransportKind,
 };
 use connector_proto::{StreamMessage, WS_SUBPROTOCOL};
 use futures_util::{SinkExt, StreamExt};
@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::{Resolved, WsConfig};
 use crate::error::WsError;
+use crate::proxy::open_tunnel;
 use crate::socket::{self, Inbound, Registry, Shared, WriterSettings, Ws};
 use crate::tls::{self, TlsSetup};
 
@@ -97,6 +98,8 @@ struct Inner {
     /// `ws[s]://authority/path`, for the upgrade request and logs.
     url: String,
     tls: Option<TlsSetup>,
+    /// The HTTP CONNECT proxy every socket tunnels through, if any.
+    proxy: Option<Proxy>,
     settings: Resolved,
     connect_timeout: std::time::Duration,
     handshakes: Semaphore,
@@ -112,9 +115,10 @@ impl WsMux {
     /// Builds a mux for `options.endpoint` with `config`.
     ///
     /// For `wss://` this loads the system's CA certificates and the files of
-    /// `options.tls` (blocking file reads). Fails with [`WsError::Config`]
-    /// for a non-WebSocket URL, invalid `config` values or unusable TLS
-    /// files.
+    /// `options.tls` (blocking file reads). The proxy (`options.proxy`) is
+    /// resolved here, once, so every socket of the mux goes the same way.
+    /// Fails with [`WsError::Config`] for a non-WebSocket URL, invalid
+    /// `config` values, unusable TLS files or a bad proxy URL.
     pub fn new(options: &MultiTransportOptions, config: WsConfig) -> Result<Self, WsError> {
         let endpoint = options.endpoint.clone();
         if endpoint.kind != TransportKind::WebSocket {
@@ -135,11 +139,19 @@ impl WsMux {
         let url = format!("{scheme}://{}{}", endpoint.authority(), endpoint.path);
         // Fail now, not on every dial, if the URL cannot make a request.
         upgrade_request(&url)?;
+        let proxy = options.resolve_proxy().map_err(|e| match e {
+            ConnectorError::InvalidConfig(message) => WsError::Config(message),
+            other => WsError::Config(other.to_string()),
+        })?;
+        if let Some(p) = &proxy {
+            tracing::debug!(url = %url, proxy = %p.authority(), "connecting through an HTTP proxy");
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
                 url,
                 tls,
+                proxy,
                 handshakes: Semaphore::new(settings.max_concurrent_handshakes),
                 settings,
                 connect_timeout: options.connect_timeout,
@@ -202,18 +214,31 @@ impl WsMux {
 }
 
 impl Inner {
-    /// TCP, TLS, the upgrade and the first frame.
+    /// TCP (through the proxy's tunnel if any), TLS, the upgrade and the
+    /// first frame.
     async fn dial(&self, register: &StreamMessage) -> Result<Ws, WsError> {
         let addr = self.endpoint.authority();
-        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
-            .await
-            .map_err(|source| WsError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
+        let tcp = match &self.proxy {
+            Some(proxy) => open_tunnel(proxy, &addr)
+                .await
+                .map_err(|e| WsError::Proxy {
+                    proxy: proxy.authority(),
+                    status: e.status(),
+                    message: e.describe(&addr),
+                })?,
+            None => {
+                let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+                    .await
+                    .map_err(|source| WsError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+                tcp
+            }
+        };
         let io = match &self.tls {
             None => Either::Left(tcp),
             Some(tls) => Either::Right(
