@@ -213,6 +213,16 @@ async fn goaway_and_restart_bring_everyone_back() {
     );
     let run = start(&runner);
     engine.wait_for_active(N, WAIT).await.expect("all active");
+    // The client side too: an approval still in flight when the server
+    // restarts would make the next one a first approval, not a reconnect.
+    for key in runner.registrations() {
+        runner
+            .registration(&key)
+            .expect("hosted")
+            .wait_for(WAIT, |s| *s == RegistrationState::Active)
+            .await
+            .expect("active on the client");
+    }
     let mut events: Vec<_> = runner
         .registrations()
         .iter()
@@ -230,7 +240,14 @@ async fn goaway_and_restart_bring_everyone_back() {
             }
         })
         .await
-        .expect("every registration reconnected");
+        .unwrap_or_else(|_| {
+            panic!(
+                "every registration reconnected: {:#?}\n{:?}\n{:?}",
+                runner.metrics_snapshot(),
+                runner.summary(),
+                engine.stats()
+            )
+        });
     }
     for m in runner.metrics_snapshot().values() {
         assert_eq!(m.successful_reconnects, 1, "{m:?}");
