@@ -364,21 +364,7 @@ impl Driver {
                 self.stream = None;
                 sm.handle_stream_closed(now, Some("outbound half closed"));
             }
-            Input::Sent => {
-                // Fill the stream's queue while it has room.
-                if let Some(s) = self.stream.as_ref() {
-                    while sm.has_transmit() {
-                        match s.outbound.try_reserve() {
-                            Ok(permit) => {
-                                if let Some(m) = sm.poll_transmit() {
-                                    permit.send(m);
-                                }
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
+            Input::Sent => {}
             Input::Done((id, result)) => {
                 self.aborts.remove(&id);
                 sm.handle_execute_done(now, &id, result);
@@ -393,6 +379,22 @@ impl Driver {
         // stream from starving the watchdog or request deadlines.
         if sm.poll_timeout().is_some_and(|t| t <= Instant::now()) {
             sm.handle_timeout(Instant::now());
+        }
+        // Likewise the outbox: fill the stream's queue while it has room,
+        // so a stream that never stops delivering requests still gets its
+        // responses out (the select's send branch is only the slow path,
+        // for when the queue is full).
+        if let Some(s) = self.stream.as_ref() {
+            while sm.has_transmit() {
+                match s.outbound.try_reserve() {
+                    Ok(permit) => {
+                        if let Some(m) = sm.poll_transmit() {
+                            permit.send(m);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
         }
     }
 }
