@@ -444,7 +444,8 @@ pub struct TlsOptions {
 ///
 /// Defaults (see [`MultiTransportOptions::builder`]): 80 streams per gRPC
 /// channel, 10 s connect timeout, reconnect on with a 500 ms base, a 60 s
-/// cap and 500 ms of jitter, 100 concurrent requests per registration,
+/// cap and 500 ms of jitter, reconnects paced at 2 000/s after a burst of
+/// 200 across the runner, 100 concurrent requests per registration,
 /// heartbeats every 30 s with a 45 s watchdog.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -467,6 +468,13 @@ pub struct MultiTransportOptions {
     pub jitter: Duration,
     /// How long a stream must stay Active before the backoff resets.
     pub backoff_reset_after: Duration,
+    /// Reconnects per second the whole runner may start once
+    /// [`reconnect_burst`](Self::reconnect_burst) is spent (0: no limit).
+    /// Spreads a mass reconnect (server restart) over several seconds; a
+    /// registration's first connect is never paced.
+    pub reconnect_rate: u32,
+    /// Reconnects that may start at once before the rate applies.
+    pub reconnect_burst: u32,
     /// Executes a registration runs at once, unless its config says otherwise.
     pub max_concurrent_requests: u32,
     /// Executes a registration holds waiting for a slot; past this the
@@ -508,6 +516,8 @@ impl MultiTransportOptions {
             max_backoff: Duration::from_secs(60),
             jitter: Duration::from_millis(500),
             backoff_reset_after: Duration::from_secs(10),
+            reconnect_rate: 2_000,
+            reconnect_burst: 200,
             max_concurrent_requests: 100,
             max_queued_requests: 10_000,
             heartbeat_interval: Duration::from_secs(30),
@@ -540,6 +550,8 @@ impl MultiTransportOptions {
             max_backoff: self.max_backoff,
             jitter: self.jitter,
             backoff_reset_after: self.backoff_reset_after,
+            reconnect_rate: self.reconnect_rate,
+            reconnect_burst: self.reconnect_burst,
             max_concurrent_requests: self.max_concurrent_requests,
             max_queued_requests: self.max_queued_requests,
             heartbeat_interval: self.heartbeat_interval,
@@ -568,6 +580,8 @@ pub struct MultiTransportOptionsBuilder {
     max_backoff: Duration,
     jitter: Duration,
     backoff_reset_after: Duration,
+    reconnect_rate: u32,
+    reconnect_burst: u32,
     max_concurrent_requests: u32,
     max_queued_requests: usize,
     heartbeat_interval: Duration,
@@ -639,6 +653,15 @@ impl MultiTransportOptionsBuilder {
     setter!(
         /// Healthy time before the backoff resets (default 10 s).
         backoff_reset_after: Duration
+    );
+    setter!(
+        /// Reconnects per second across the runner once the burst is spent
+        /// (default 2 000; 0 turns pacing off).
+        reconnect_rate: u32
+    );
+    setter!(
+        /// Reconnects that may start at once (default 200).
+        reconnect_burst: u32
     );
     setter!(
         /// Concurrent executes per registration (default 100).
@@ -741,6 +764,8 @@ impl MultiTransportOptionsBuilder {
             max_backoff: self.max_backoff,
             jitter: self.jitter,
             backoff_reset_after: self.backoff_reset_after,
+            reconnect_rate: self.reconnect_rate,
+            reconnect_burst: self.reconnect_burst,
             max_concurrent_requests: self.max_concurrent_requests,
             max_queued_requests: self.max_queued_requests,
             heartbeat_interval: self.heartbeat_interval,

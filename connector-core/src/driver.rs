@@ -23,6 +23,7 @@ use crate::connector::{
 };
 use crate::error::{TransportError, TransportErrorKind};
 use crate::metrics::{ConnectorMetrics, MetricsCell};
+use crate::pacing::ReconnectPacer;
 use crate::registration::{Action, Registration};
 use crate::state::{RegistrationEvent, RegistrationState};
 use crate::transport::{MessageStream, StreamMux};
@@ -138,6 +139,7 @@ pub(crate) async fn drive(
     registration: ConnectorRegistration,
     options: Arc<MultiTransportOptions>,
     mux: Arc<dyn StreamMux>,
+    pacer: Option<Arc<ReconnectPacer>>,
     live: Arc<LiveShared>,
 ) {
     let key = live.key.clone();
@@ -155,6 +157,8 @@ pub(crate) async fn drive(
             key,
             connector,
             mux,
+            pacer,
+            opened_before: false,
             stream: None,
             opening: None,
             tasks: JoinSet::new(),
@@ -184,6 +188,9 @@ struct Driver {
     key: RegistrationKey,
     connector: Arc<dyn BaseConnector>,
     mux: Arc<dyn StreamMux>,
+    /// Paces every open but the first (see [`ReconnectPacer`]).
+    pacer: Option<Arc<ReconnectPacer>>,
+    opened_before: bool,
     stream: Option<MessageStream>,
     opening: Option<Opening>,
     tasks: JoinSet<Outcome>,
@@ -199,7 +206,18 @@ impl Driver {
                 Action::OpenStream(register) => {
                     let mux = self.mux.clone();
                     let key = self.key.clone();
-                    self.opening = Some(Box::pin(async move { mux.open(&key, register).await }));
+                    let pacer = if self.opened_before {
+                        self.pacer.clone()
+                    } else {
+                        None
+                    };
+                    self.opened_before = true;
+                    self.opening = Some(Box::pin(async move {
+                        if let Some(pacer) = pacer {
+                            pacer.admit().await;
+                        }
+                        mux.open(&key, register).await
+                    }));
                 }
                 Action::CloseStream => {
                     if let Some(stream) = self.stream.take() {

@@ -17,6 +17,7 @@ mod driver;
 mod error;
 mod fleet;
 mod metrics;
+mod pacing;
 mod proxy;
 mod registration;
 mod runner;

@@ -14,6 +14,7 @@ use crate::connector::ConnectorRegistration;
 use crate::driver::{drive, LiveShared, RegistrationHandle};
 use crate::error::ConnectorError;
 use crate::metrics::ConnectorMetrics;
+use crate::pacing::ReconnectPacer;
 use crate::state::RegistrationState;
 use crate::transport::{MuxStats, StreamMux, Transport};
 
@@ -67,6 +68,8 @@ struct RunnerState {
 
 struct Shared {
     options: Arc<MultiTransportOptions>,
+    /// Shared by every registration of the runner (see [`ReconnectPacer`]).
+    pacer: Option<Arc<ReconnectPacer>>,
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
     state: Mutex<RunnerState>,
@@ -138,6 +141,8 @@ impl MultiConnectorRunner {
         }
         Self {
             shared: Arc::new(Shared {
+                pacer: ReconnectPacer::new(options.reconnect_rate, options.reconnect_burst)
+                    .map(Arc::new),
                 options: Arc::new(options),
                 transport: Arc::new(transport),
                 shutdown,
@@ -313,10 +318,11 @@ impl MultiConnectorRunner {
         let mut drivers = JoinSet::new();
         let spawn = |drivers: &mut JoinSet<RegistrationKey>, entry: Entry| {
             let options = self.shared.options.clone();
+            let pacer = self.shared.pacer.clone();
             let mux = mux.clone();
             let key = entry.live.key.clone();
             drivers.spawn(async move {
-                drive(entry.registration, options, mux, entry.live).await;
+                drive(entry.registration, options, mux, pacer, entry.live).await;
                 key
             });
         };

@@ -583,3 +583,91 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     runner.shutdown_handle().shutdown();
     run.await.expect("join").expect("ok");
 }
+
+/// Kills every stream of `n` active registrations and returns, per second
+/// since the kill, how many `register`s reached the server, and the time
+/// until all were Active again.
+async fn mass_reconnect(n: usize, options: MultiTransportOptions) -> (Vec<usize>, Duration) {
+    use connector_testkit::ServerEvent;
+    let (server, mux, runner, _) = setup_with(n, options);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(n, WAIT).await.expect("active");
+    let killed_at = tokio::time::Instant::now();
+    assert!(mux.kill_all_connections() > 0);
+    server
+        .wait_until(WAIT, |s| s.active_keys().is_empty())
+        .await
+        .expect("all down");
+    server
+        .wait_for_active(n, Duration::from_secs(60))
+        .await
+        .expect("all back");
+    let back = killed_at.elapsed();
+    let mut per_second = Vec::new();
+    for e in server.events() {
+        if let ServerEvent::Registered { at, .. } = e {
+            if at > killed_at {
+                let s = (at - killed_at).as_secs() as usize;
+                if per_second.len() <= s {
+                    per_second.resize(s + 1, 0);
+                }
+                per_second[s] += 1;
+            }
+        }
+    }
+    assert_eq!(per_second.iter().sum::<usize>(), n, "one register each");
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+    (per_second, back)
+}
+
+#[tokio::test(start_paused = true)]
+async fn mass_reconnect_is_paced_across_the_runner() {
+    // 300 registrations, 100 reconnects/s after a burst of 20: no second
+    // sees more than 120 of them, and all are back after ~2.8 s + backoff.
+    let paced = options()
+        .to_builder()
+        .reconnect_delay(Duration::from_millis(100))
+        .jitter(Duration::from_millis(100))
+        .reconnect_rate(100)
+        .reconnect_burst(20)
+        .build()
+        .expect("valid");
+    let (per_second, back) = mass_reconnect(300, paced.clone()).await;
+    assert!(
+        per_second.iter().all(|&c| c <= 120),
+        "per second: {per_second:?}"
+    );
+    assert!(back >= Duration::from_millis(2_800), "back after {back:?}");
+    assert!(back < Duration::from_secs(5), "back after {back:?}");
+
+    // The same without pacing: all within the first second.
+    let (per_second, back) = mass_reconnect(
+        300,
+        paced.to_builder().reconnect_rate(0).build().expect("valid"),
+    )
+    .await;
+    assert_eq!(per_second, vec![300], "unpaced");
+    assert!(back < Duration::from_secs(1), "back after {back:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_connects_are_not_paced() {
+    // A rate of 1/s would take minutes to start 100 registrations if the
+    // first connect were paced; they all come up at once.
+    let slow = options()
+        .to_builder()
+        .reconnect_rate(1)
+        .reconnect_burst(1)
+        .build()
+        .expect("valid");
+    let (server, _mux, runner, _) = setup_with(100, slow);
+    let started = tokio::time::Instant::now();
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(100, WAIT).await.expect("active");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
