@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The RPC is called `Connect`; the generated `connect(dst)` constructor
         // would clash with it, and the SDK builds its own channels anyway.
         .build_transport(false)
+        // Payloads as `Bytes`: decoding slices tonic's receive buffer instead
+        // of copying, and the response a registration keeps for redelivery
+        // shares its payload with the one on the wire.
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

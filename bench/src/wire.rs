@@ -103,7 +103,7 @@ pub(crate) fn heartbeat_ack(h: &Heartbeat) -> StreamMessage {
 pub(crate) fn execute(id: u64, payload: &[u8]) -> StreamMessage {
     msg(Kind::ExecuteRequest(ExecuteRequest {
         request_id: id.to_string(),
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         ..Default::default()
     }))

@@ -18,6 +18,7 @@
 //! response is counted by the caller as expired.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use connector_proto::ExecuteResponse;
@@ -40,12 +41,14 @@ struct Entry {
 /// The kept responses of one registration.
 #[derive(Debug)]
 pub(crate) struct AnsweredLog {
-    entries: HashMap<String, Entry>,
+    /// Keyed by request id; the id is shared (one allocation) with the two
+    /// queues below, since every response passes through here.
+    entries: HashMap<Arc<str>, Entry>,
     /// (seq, id) in insertion order, for TTL and capacity eviction. Stale
     /// pairs (the entry was removed or re-inserted) are skipped.
-    order: VecDeque<(u64, String)>,
+    order: VecDeque<(u64, Arc<str>)>,
     /// (stream, tag, seq, id) in the order responses were queued.
-    unconfirmed: VecDeque<(u64, u64, u64, String)>,
+    unconfirmed: VecDeque<(u64, u64, u64, Arc<str>)>,
     waiting: usize,
     next_seq: u64,
     capacity: usize,
@@ -106,10 +109,10 @@ impl AnsweredLog {
         if self.capacity == 0 {
             return dropped + u64::from(place == Place::Waiting);
         }
-        let id = response.request_id.clone();
+        let id: Arc<str> = Arc::from(response.request_id.as_str());
         self.next_seq += 1;
         let seq = self.next_seq;
-        let expires = match self.entries.get(&id) {
+        let expires = match self.entries.get(&*id) {
             Some(old) => old.expires,
             None => now + self.ttl,
         };
@@ -229,7 +232,7 @@ impl AnsweredLog {
             }
         }
         for r in &out {
-            self.entries.remove(&r.request_id);
+            self.entries.remove(r.request_id.as_str());
         }
         self.waiting = 0;
         (out, expired)

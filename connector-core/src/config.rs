@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ConnectorError;
@@ -18,8 +19,16 @@ use crate::proxy::{Proxy, ProxySetting};
 ///
 /// Two registrations with the same key cannot be hosted by one runner: the
 /// server would treat the second as a duplicate of the first.
+///
+/// Cloning is a reference-count increment: every execute carries the key
+/// in its context.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegistrationKey {
+    parts: Arc<KeyParts>,
+}
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KeyParts {
     tenant_id: String,
     connector_type: String,
     instance_id: String,
@@ -33,30 +42,32 @@ impl RegistrationKey {
         connector_type: impl Into<String>,
         instance_id: impl Into<String>,
     ) -> Result<Self, ConnectorError> {
-        let key = Self {
+        let parts = KeyParts {
             tenant_id: tenant_id.into(),
             connector_type: connector_type.into(),
             instance_id: instance_id.into(),
         };
-        validate_identifier("tenant_id", &key.tenant_id)?;
-        validate_identifier("connector_type", &key.connector_type)?;
-        validate_identifier("instance_id", &key.instance_id)?;
-        Ok(key)
+        validate_identifier("tenant_id", &parts.tenant_id)?;
+        validate_identifier("connector_type", &parts.connector_type)?;
+        validate_identifier("instance_id", &parts.instance_id)?;
+        Ok(Self {
+            parts: Arc::new(parts),
+        })
     }
 
     /// The tenant.
     pub fn tenant_id(&self) -> &str {
-        &self.tenant_id
+        &self.parts.tenant_id
     }
 
     /// The connector type.
     pub fn connector_type(&self) -> &str {
-        &self.connector_type
+        &self.parts.connector_type
     }
 
     /// The instance.
     pub fn instance_id(&self) -> &str {
-        &self.instance_id
+        &self.parts.instance_id
     }
 }
 
@@ -65,7 +76,7 @@ impl fmt::Display for RegistrationKey {
         write!(
             f,
             "{}.{}.{}",
-            self.tenant_id, self.connector_type, self.instance_id
+            self.parts.tenant_id, self.parts.connector_type, self.parts.instance_id
         )
     }
 }

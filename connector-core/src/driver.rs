@@ -247,7 +247,7 @@ impl Driver {
                 .then(|| Instant::now() + Duration::from_millis(request.timeout_ms as u64)),
             request_id: request.request_id,
             capability_id: request.capability_id,
-            payload: request.payload.into(),
+            payload: request.payload,
             encoding: PayloadEncoding::try_from(request.encoding)
                 .unwrap_or(PayloadEncoding::Unspecified),
             context: request.context,

@@ -524,7 +524,7 @@ impl Registration {
             Ok(out) => ExecuteResponse {
                 request_id: request_id.to_string(),
                 success: true,
-                payload: out.payload.to_vec(),
+                payload: out.payload,
                 encoding: out.encoding as i32,
                 error: String::new(),
                 duration_ms: 0,
@@ -1324,7 +1324,7 @@ fn error_response(request_id: &str, error: ExecuteError) -> ExecuteResponse {
     ExecuteResponse {
         request_id: request_id.to_string(),
         success: false,
-        payload: Vec::new(),
+        payload: Default::default(),
         encoding: PayloadEncoding::Unspecified as i32,
         error: error.message,
         duration_ms: 0,

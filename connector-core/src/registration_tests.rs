@@ -157,7 +157,7 @@ impl H {
     fn execute(&mut self, id: &str, capability: &str, payload: &[u8], timeout_ms: u32) {
         self.recv(Kind::ExecuteRequest(ExecuteRequest {
             request_id: id.into(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             encoding: PayloadEncoding::Json as i32,
             capability_id: capability.into(),
             timeout_ms,
@@ -514,7 +514,7 @@ fn execute_success_bad_payload_and_unknown_capability() {
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert!(r[0].success);
-    assert_eq!(r[0].payload, br#"{"a":1}"#);
+    assert_eq!(r[0].payload, &br#"{"a":1}"#[..]);
     let m = h.sm_metrics();
     assert_eq!(
         (m.requests_received, m.requests_succeeded, m.requests_failed),
@@ -884,7 +884,7 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
             StreamMessage {
                 kind: Some(Kind::ExecuteRequest(ExecuteRequest {
                     request_id: format!("r{i}"),
-                    payload: b"{".to_vec(),
+                    payload: b"{".to_vec().into(),
                     encoding: PayloadEncoding::Json as i32,
                     ..Default::default()
                 })),
@@ -937,7 +937,7 @@ fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
     );
     let r = h.responses();
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].payload, b"{\"v\":1}");
+    assert_eq!(r[0].payload, &b"{\"v\":1}"[..]);
     // Asked a third time on the same stream: the answer is on its way.
     h.execute("x", "echo", b"{}", 0);
     assert!(h.responses().is_empty());

@@ -97,7 +97,7 @@ fn setup_with(
 fn json_request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: payload.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: capability.into(),
         ..Default::default()
@@ -271,7 +271,7 @@ async fn all_registrations_reach_active_and_answer() {
             .await
             .expect("response");
         assert!(resp.success);
-        assert_eq!(resp.payload, br#"{"k":1}"#);
+        assert_eq!(resp.payload, &br#"{"k":1}"#[..]);
     }
     let summary = runner.summary();
     assert_eq!(summary.count("active"), 25);

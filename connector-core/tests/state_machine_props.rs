@@ -118,7 +118,7 @@ proptest! {
                     *asked.entry(id.clone()).or_default() += 1;
                     sm.handle_message(now, msg(Kind::ExecuteRequest(ExecuteRequest {
                         request_id: id,
-                        payload: if json_ok { b"{}".to_vec() } else { b"{".to_vec() },
+                        payload: if json_ok { &b"{}"[..] } else { &b"{"[..] }.to_vec().into(),
                         encoding: PayloadEncoding::Json as i32,
                         timeout_ms,
                         ..Default::default()
@@ -132,7 +132,7 @@ proptest! {
                             *asked.entry(id.clone()).or_default() += 1;
                             sm.handle_message(now, msg(Kind::ExecuteRequest(ExecuteRequest {
                                 request_id: id.clone(),
-                                payload: b"{}".to_vec(),
+                                payload: b"{}".to_vec().into(),
                                 encoding: PayloadEncoding::Json as i32,
                                 ..Default::default()
                             })));

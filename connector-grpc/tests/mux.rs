@@ -553,7 +553,7 @@ async fn oversized_server_message_is_a_protocol_error() {
     let big = StreamMessage {
         kind: Some(Kind::ExecuteRequest(ExecuteRequest {
             request_id: "r1".into(),
-            payload: vec![7; 4096],
+            payload: vec![7; 4096].into(),
             ..Default::default()
         })),
     };

@@ -89,7 +89,7 @@ async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), Connecto
 fn request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: payload.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: capability.into(),
         ..Default::default()

@@ -84,7 +84,7 @@ async fn grpc_server(opts: GrpcServerOptions) -> (TestServer, GrpcTestServer) {
 fn echo_request(id: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        payload: format!("{{\"id\":\"{id}\"}}").into_bytes().into(),
         encoding: PayloadEncoding::Json as i32,
         ..Default::default()
     }

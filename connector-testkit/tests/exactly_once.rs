@@ -61,7 +61,7 @@ async fn run_chaos(engine: TestServer, server: AnyServer) {
             let ms = rng.next_u64() % 40;
             let req = ExecuteRequest {
                 request_id: format!("r{round}-{i}"),
-                payload: format!("{{\"ms\":{ms}}}").into_bytes(),
+                payload: format!("{{\"ms\":{ms}}}").into_bytes().into(),
                 encoding: PayloadEncoding::Json as i32,
                 capability_id: "sleep".into(),
                 ..Default::default()

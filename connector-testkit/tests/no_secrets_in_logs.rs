@@ -95,7 +95,7 @@ async fn exercise(
             "t.echo.e0",
             ExecuteRequest {
                 request_id: "x".into(),
-                payload: b"{}".to_vec(),
+                payload: b"{}".to_vec().into(),
                 encoding: PayloadEncoding::Json as i32,
                 ..Default::default()
             },

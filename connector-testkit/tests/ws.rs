@@ -262,7 +262,7 @@ async fn max_message_size_is_enforced_on_client_frames() {
     let _ = next_msg(&mut ws).await;
     let mut big = exec_resp("r1");
     if let Some(Kind::ExecuteResponse(r)) = &mut big.kind {
-        r.payload = vec![1; 4096];
+        r.payload = vec![1; 4096].into();
     }
     send(&mut ws, big).await;
     engine

@@ -180,7 +180,7 @@ async fn messages_flow_both_ways() {
             &k.to_string(),
             connector_core::proto::ExecuteRequest {
                 request_id: "r1".into(),
-                payload: b"{}".to_vec(),
+                payload: b"{}".to_vec().into(),
                 ..Default::default()
             },
         )
@@ -195,7 +195,7 @@ async fn messages_flow_both_ways() {
                 connector_core::proto::ExecuteResponse {
                     request_id: req.request_id,
                     success: true,
-                    payload: b"{\"ok\":true}".to_vec(),
+                    payload: b"{\"ok\":true}".to_vec().into(),
                     ..Default::default()
                 },
             )),

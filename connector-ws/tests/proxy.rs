@@ -110,7 +110,7 @@ async fn wait_all_active(runner: &MultiConnectorRunner) {
 async fn echo(engine: &TestServer, key: &str, id: &str) {
     let request = ExecuteRequest {
         request_id: id.into(),
-        payload: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        payload: format!("{{\"id\":\"{id}\"}}").into_bytes().into(),
         encoding: PayloadEncoding::Json as i32,
         ..Default::default()
     };

@@ -101,7 +101,7 @@ async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), Connecto
 fn echo_request(id: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        payload: format!("{{\"id\":\"{id}\"}}").into_bytes().into(),
         encoding: PayloadEncoding::Json as i32,
         ..Default::default()
     }

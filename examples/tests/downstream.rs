@@ -67,7 +67,7 @@ impl BaseConnector for Inventory {
 fn request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: payload.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: capability.into(),
         timeout_ms: 5_000,

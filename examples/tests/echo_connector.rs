@@ -58,7 +58,7 @@ async fn call(
             KEY,
             ExecuteRequest {
                 request_id: format!("r{id}"),
-                payload: payload.to_vec(),
+                payload: payload.to_vec().into(),
                 encoding: encoding as i32,
                 capability_id: capability.into(),
                 ..Default::default()

@@ -252,7 +252,7 @@ async fn help_explains_every_flag_of_the_contract() {
 fn execute(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: payload.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: capability.into(),
         timeout_ms: 30_000,
@@ -296,7 +296,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
             .await
             .expect("answered");
         assert!(r.success, "{}", r.error);
-        assert_eq!(r.payload, br#"{"n": 1}"#);
+        assert_eq!(r.payload, &br#"{"n": 1}"#[..]);
     }
     let fail = engine
         .send_execute(&keys[1], execute("f", "fail", "{}"))

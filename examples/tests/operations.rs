@@ -209,7 +209,7 @@ fn has_line(body: &str, line: &str) -> bool {
 fn execute(id: &str, capability: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: id.into(),
-        payload: b"{}".to_vec(),
+        payload: b"{}".to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: capability.into(),
         timeout_ms: 30_000,

@@ -49,7 +49,7 @@ pub(crate) fn heartbeat(sequence: u64, sent_at_unix_ms: i64) -> StreamMessage {
 pub(crate) fn exec_req(request_id: &str) -> ExecuteRequest {
     ExecuteRequest {
         request_id: request_id.to_string(),
-        payload: br#"{"x":1}"#.to_vec(),
+        payload: br#"{"x":1}"#.to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         capability_id: "echo".to_string(),
         ..Default::default()
@@ -61,7 +61,7 @@ pub(crate) fn exec_resp(request_id: &str) -> StreamMessage {
         kind: Some(Kind::ExecuteResponse(ExecuteResponse {
             request_id: request_id.to_string(),
             success: true,
-            payload: br#"{"ok":true}"#.to_vec(),
+            payload: br#"{"ok":true}"#.to_vec().into(),
             encoding: PayloadEncoding::Json as i32,
             ..Default::default()
         })),

@@ -939,7 +939,7 @@ fn plan(keys: &[String]) -> Vec<Planned> {
                 key: keys[i % keys.len()].clone(),
                 request: ExecuteRequest {
                     request_id: format!("demo-{i}"),
-                    payload,
+                    payload: payload.into(),
                     encoding: encoding as i32,
                     capability_id: capability.into(),
                     timeout_ms: RESPONSE_TIMEOUT.as_millis() as u32,
