@@ -65,14 +65,14 @@ pub(crate) fn msg(kind: Kind) -> StreamMessage {
 
 /// The `register` of simulated registration `i` (`bench.echo.i<i>`).
 pub(crate) fn register(i: usize) -> StreamMessage {
-    msg(Kind::Register(RegisterRequest {
+    msg(Kind::Register(Box::new(RegisterRequest {
         tenant_id: "bench".into(),
         connector_type: "echo".into(),
         instance_id: format!("i{i}"),
         version: "0.0.0".into(),
         max_concurrent_requests: 100,
         ..Default::default()
-    }))
+    })))
 }
 
 /// The instance id of simulated registration `i`.

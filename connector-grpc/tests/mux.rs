@@ -26,7 +26,7 @@ fn key(i: usize) -> RegistrationKey {
 
 fn register(i: usize) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::Register(RegisterRequest {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
             tenant_id: "tenant".into(),
             connector_type: "echo".into(),
             instance_id: format!("i{i}"),
@@ -34,7 +34,7 @@ fn register(i: usize) -> StreamMessage {
             auth_token: "secret-token".into(),
             max_concurrent_requests: 1,
             ..Default::default()
-        })),
+        }))),
     }
 }
 

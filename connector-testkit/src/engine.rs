@@ -1161,11 +1161,11 @@ impl TestServer {
             let registered = entry.register.is_some();
             let key = entry.key.clone();
             match (m.kind, registered, key) {
-                (Some(Kind::Register(r)), false, _) => Self::on_register(st, stream_id, r),
+                (Some(Kind::Register(r)), false, _) => Self::on_register(st, stream_id, *r),
                 (Some(Kind::Register(r)), true, _) => {
                     st.stats.registers += 1;
                     if let Some(s) = st.streams.get_mut(&stream_id) {
-                        s.register = Some(r);
+                        s.register = Some(*r);
                     }
                     st.protocol_error(
                         Some(stream_id),

@@ -30,12 +30,12 @@ fn vm_rss_kib() -> u64 {
 
 fn register(key: &RegistrationKey) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::Register(RegisterRequest {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
             tenant_id: key.tenant_id().into(),
             connector_type: key.connector_type().into(),
             instance_id: key.instance_id().into(),
             ..Default::default()
-        })),
+        }))),
     }
 }
 

@@ -39,7 +39,7 @@ fn key(i: usize) -> RegistrationKey {
 
 fn register(key: &RegistrationKey) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::Register(RegisterRequest {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
             tenant_id: key.tenant_id().into(),
             connector_type: key.connector_type().into(),
             instance_id: key.instance_id().into(),
@@ -47,7 +47,7 @@ fn register(key: &RegistrationKey) -> StreamMessage {
             auth_token: "secret-token".into(),
             max_concurrent_requests: 4,
             ..Default::default()
-        })),
+        }))),
     }
 }
 

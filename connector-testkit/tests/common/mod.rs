@@ -23,7 +23,7 @@ pub(crate) fn register_with_token(
     session_token: &str,
 ) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::Register(RegisterRequest {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
             tenant_id: tenant.to_string(),
             connector_type: ty.to_string(),
             instance_id: instance.to_string(),
@@ -33,7 +33,7 @@ pub(crate) fn register_with_token(
             display_name: format!("{tenant}.{ty}.{instance}"),
             max_concurrent_requests: 4,
             ..Default::default()
-        })),
+        }))),
     }
 }
 
