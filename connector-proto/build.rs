@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // 272 bytes) and is sent once per stream: boxed, every message in a
         // queue (a channel block holds 32) takes 136 bytes instead.
         .boxed(".connector.v1.StreamMessage.kind.register")
+        .boxed(".connector.v1.StreamMessage.kind.register_response")
+        .boxed(".connector.v1.StreamMessage.kind.execute_request")
+        .boxed(".connector.v1.StreamMessage.kind.execute_response")
         .compile_fds(fds)?;
     Ok(())
 }

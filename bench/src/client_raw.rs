@@ -78,7 +78,7 @@ impl Progress {
             }
             Some(Kind::ExecuteRequest(req)) => {
                 self.echoed.fetch_add(1, Relaxed);
-                Some(echo(req))
+                Some(echo(*req))
             }
             _ => None,
         }

@@ -74,6 +74,9 @@ pub(crate) async fn run(args: &ClientArgs) -> Result<()> {
     if let Some(ms) = args.jitter_ms {
         options = options.jitter(Duration::from_millis(ms));
     }
+    if let Some(rate) = args.reconnect_rate {
+        options = options.reconnect_rate(rate);
+    }
     let options = options.build()?;
     let runner = if args.url.starts_with("ws") {
         MultiConnectorRunner::new(registrations, options, WsTransport::new())

@@ -131,6 +131,9 @@ pub(crate) struct ClientArgs {
     /// SDK only: backoff jitter instead of the default 500 ms.
     #[arg(long)]
     jitter_ms: Option<u64>,
+    /// SDK only: `MultiTransportOptions::reconnect_rate` (0 turns pacing off).
+    #[arg(long)]
+    reconnect_rate: Option<u32>,
 }
 
 fn main() -> ExitCode {

@@ -96,10 +96,6 @@ impl Plan {
     }
 }
 
-/// The jitter of the informational second storm: spreading 10 000 first
-/// attempts uniformly over 5 s keeps any one second near 20 %.
-const STORM_JITTER_MS: u64 = 5000;
-
 /// Requests each bench-server stream keeps outstanding.
 const WINDOW: usize = 32;
 /// The SDK's default, and the raw baseline's channel size.
@@ -254,7 +250,7 @@ impl Orchestrator {
         ca: Option<&str>,
         timeout_secs: f64,
     ) -> Result<ChildProc> {
-        self.client_with(name, kind, url, n, k, ca, timeout_secs, None)
+        self.client_with(name, kind, url, n, k, ca, timeout_secs, &[])
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -267,7 +263,7 @@ impl Orchestrator {
         k: usize,
         ca: Option<&str>,
         timeout_secs: f64,
-        jitter_ms: Option<u64>,
+        extra: &[&str],
     ) -> Result<ChildProc> {
         let mut args = vec![
             "child-client".to_string(),
@@ -286,10 +282,7 @@ impl Orchestrator {
             args.push("--ca".into());
             args.push(ca.into());
         }
-        if let Some(ms) = jitter_ms {
-            args.push("--jitter-ms".into());
-            args.push(ms.to_string());
-        }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut child = ChildProc::spawn(name, &args, &self.logs())?;
         child.expect("ready", READY)?;
         Ok(child)
@@ -685,15 +678,16 @@ impl Orchestrator {
     // --------------------------------------------------------------------- storm
 
     fn storm(&self) -> Result<Vec<Section>> {
-        let mut sections = vec![self.storm_run(None)?];
+        let mut sections = vec![self.storm_run(true)?];
         if self.mode != Mode::Smoke {
-            // Not the default: what the one knob a user has does to the storm.
-            sections.push(self.storm_run(Some(STORM_JITTER_MS))?);
+            // Not the default: the same storm with the runner's reconnect
+            // pacing turned off, to show what it does.
+            sections.push(self.storm_run(false)?);
         }
         Ok(sections)
     }
 
-    fn storm_run(&self, jitter_ms: Option<u64>) -> Result<Section> {
+    fn storm_run(&self, paced: bool) -> Result<Section> {
         let n = self.plan.storm;
         let (mut server, ready) = self.server("server-storm", &["--kind", "testkit-grpc"])?;
         let url = ready["url"].as_str().ok_or("server url")?.to_string();
@@ -706,7 +700,11 @@ impl Orchestrator {
             STREAMS_PER_CHANNEL,
             None,
             timeout,
-            jitter_ms,
+            if paced {
+                &[]
+            } else {
+                &["--reconnect-rate", "0"]
+            },
         )?;
         client.send("go")?;
         let active = client.expect("active", Duration::from_secs_f64(timeout + 10.0))?;
@@ -721,15 +719,16 @@ impl Orchestrator {
         let dups = u(&report, "duplicate_active");
         let sliding = f(&report, "max_share_sliding_1s");
         let aligned = f(&report, "max_share_aligned_1s");
-        let mut s = Section::new(match jitter_ms {
-            None => format!(
-                "storm: {n} gRPC registrations, server restarted (testkit server), SDK default \
-                 backoff (500 ms base + up to 500 ms jitter)"
-            ),
-            Some(ms) => format!(
-                "storm, informational: the same with MultiTransportOptions::jitter = {ms} ms \
-                 (not the default)"
-            ),
+        let mut s = Section::new(if paced {
+            format!(
+                "storm: {n} gRPC registrations, server restarted (testkit server), SDK defaults \
+                 (backoff 500 ms + up to 500 ms jitter; reconnects paced at 2 000/s after a \
+                 burst of 200)"
+            )
+        } else {
+            "storm, informational: the same with reconnect pacing off \
+             (MultiTransportOptions::reconnect_rate = 0)"
+                .to_string()
         });
         s.columns = ["SDK".into(), "-".into()];
         s.rows.push(
@@ -795,7 +794,7 @@ impl Orchestrator {
         ));
         s.data = json!({
             "n": n,
-            "jitter_ms": jitter_ms,
+            "reconnect_paced": paced,
             "initial_active": active,
             "restarted": restarted,
             "back": back,

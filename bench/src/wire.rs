@@ -82,12 +82,12 @@ pub(crate) fn instance_id(i: usize) -> String {
 
 /// `register_response` with `APPROVED`.
 pub(crate) fn approved(r: &RegisterRequest) -> StreamMessage {
-    msg(Kind::RegisterResponse(RegisterResponse {
+    msg(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         session_token: "bench-session".into(),
         address: format!("{}.{}.{}", r.tenant_id, r.connector_type, r.instance_id),
         ..Default::default()
-    }))
+    })))
 }
 
 /// The ack of a heartbeat.
@@ -101,24 +101,24 @@ pub(crate) fn heartbeat_ack(h: &Heartbeat) -> StreamMessage {
 
 /// An `execute_request` with id `id`.
 pub(crate) fn execute(id: u64, payload: &[u8]) -> StreamMessage {
-    msg(Kind::ExecuteRequest(ExecuteRequest {
+    msg(Kind::ExecuteRequest(Box::new(ExecuteRequest {
         request_id: id.to_string(),
         payload: payload.to_vec().into(),
         encoding: PayloadEncoding::Json as i32,
         ..Default::default()
-    }))
+    })))
 }
 
 /// The raw baseline's answer: the request's id and payload moved into a
 /// successful response, the payload never decoded.
 pub(crate) fn echo(req: ExecuteRequest) -> StreamMessage {
-    msg(Kind::ExecuteResponse(ExecuteResponse {
+    msg(Kind::ExecuteResponse(Box::new(ExecuteResponse {
         request_id: req.request_id,
         success: true,
         payload: req.payload,
         encoding: req.encoding,
         ..Default::default()
-    }))
+    })))
 }
 
 /// A JSON document of exactly `size` bytes (at least 8): `{"d":"xxx…"}`.

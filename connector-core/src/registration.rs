@@ -478,10 +478,10 @@ impl Registration {
         self.timers
             .set(Timer::Watchdog, now + self.heartbeat_timeout);
         match message.kind {
-            Some(Kind::RegisterResponse(r)) => self.on_register_response(now, r),
+            Some(Kind::RegisterResponse(r)) => self.on_register_response(now, *r),
             Some(Kind::ApprovalUpdate(u)) => self.on_approval_update(now, u),
             Some(Kind::HeartbeatAck(a)) => self.on_heartbeat_ack(now, a),
-            Some(Kind::ExecuteRequest(r)) => self.on_execute_request(now, r),
+            Some(Kind::ExecuteRequest(r)) => self.on_execute_request(now, *r),
             Some(Kind::Cancel(c)) => self.on_cancel(now, &c.request_id),
             Some(Kind::Drain(d)) => {
                 let delay = Duration::from_millis(d.reconnect_after_ms as u64);
@@ -556,7 +556,7 @@ impl Registration {
     /// stream, anything else is dropped.
     pub fn handle_unsent(&mut self, now: Instant, message: StreamMessage) {
         if let Some(Kind::ExecuteResponse(r)) = message.kind {
-            self.not_sent(now, r);
+            self.not_sent(now, *r);
         }
     }
 
@@ -674,7 +674,7 @@ impl Registration {
         }
         for m in std::mem::take(&mut self.outbox) {
             if let Some(Kind::ExecuteResponse(r)) = m.kind {
-                self.not_sent(now, r);
+                self.not_sent(now, *r);
             }
         }
         self.stop_timers_of_stream();
@@ -1256,7 +1256,7 @@ impl Registration {
             self.push_out(
                 now,
                 StreamMessage {
-                    kind: Some(Kind::ExecuteResponse(response)),
+                    kind: Some(Kind::ExecuteResponse(Box::new(response))),
                 },
             );
             self.queued_since_heartbeat += 1;

@@ -128,7 +128,7 @@ impl H {
         self.take_sent()
             .into_iter()
             .filter_map(|m| match m.kind {
-                Some(Kind::ExecuteResponse(r)) => Some(r),
+                Some(Kind::ExecuteResponse(r)) => Some(*r),
                 _ => None,
             })
             .collect()
@@ -144,25 +144,25 @@ impl H {
 
     fn approve(&mut self) {
         self.open();
-        self.recv(Kind::RegisterResponse(RegisterResponse {
+        self.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
             status: RegistrationStatus::Approved as i32,
             session_token: "sess-1".into(),
             ..Default::default()
-        }));
+        })));
         assert_eq!(self.sm.state(), &RegistrationState::Active);
         self.take_actions();
         self.take_sent();
     }
 
     fn execute(&mut self, id: &str, capability: &str, payload: &[u8], timeout_ms: u32) {
-        self.recv(Kind::ExecuteRequest(ExecuteRequest {
+        self.recv(Kind::ExecuteRequest(Box::new(ExecuteRequest {
             request_id: id.into(),
             payload: payload.to_vec().into(),
             encoding: PayloadEncoding::Json as i32,
             capability_id: capability.into(),
             timeout_ms,
             ..Default::default()
-        }));
+        })));
     }
 }
 
@@ -282,10 +282,10 @@ impl H {
 fn heartbeats_start_when_the_stream_opens_even_while_pending() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Pending as i32,
         ..Default::default()
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
     h.advance(HB);
     assert!(h
@@ -298,10 +298,10 @@ fn heartbeats_start_when_the_stream_opens_even_while_pending() {
 fn pending_then_approved_then_execute() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Pending as i32,
         ..Default::default()
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
     // Pending may last longer than the connect timeout: no register timeout.
     h.advance(Duration::from_secs(20));
@@ -319,10 +319,10 @@ fn pending_then_approved_then_execute() {
 fn pending_then_rejected_stops_for_good() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Pending as i32,
         ..Default::default()
-    }));
+    })));
     h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
         status: RegistrationStatus::Rejected as i32,
         reject_reason: RejectReason::Denied as i32,
@@ -341,12 +341,12 @@ fn pending_then_rejected_stops_for_good() {
 
 fn reject(h: &mut H, reason: RejectReason) {
     h.open();
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Rejected as i32,
         reject_reason: reason as i32,
         message: "test".into(),
         ..Default::default()
-    }));
+    })));
 }
 
 #[test]
@@ -387,11 +387,11 @@ fn session_expired_drops_token_and_registers_again_at_once() {
         .expect("reconnect after backoff");
     assert_eq!(reg.session_token, "sess-1", "session token reused");
     h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Rejected as i32,
         reject_reason: RejectReason::SessionExpired as i32,
         ..Default::default()
-    }));
+    })));
     let actions = h.take_actions();
     assert!(matches!(actions[0], Action::CloseStream));
     let reg = actions
@@ -450,10 +450,10 @@ fn backoff_resets_only_after_a_healthy_while() {
     }
     // A short-lived approval does not reset it.
     h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     h.advance(Duration::from_secs(1));
     h.sm.handle_stream_closed(h.now, Some("reset"));
     match h.sm.state() {
@@ -463,10 +463,10 @@ fn backoff_resets_only_after_a_healthy_while() {
     // A long healthy stream does.
     h.advance(Duration::from_secs(20));
     h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     h.advance(Duration::from_secs(11));
     h.sm.handle_stream_closed(h.now, Some("reset"));
     match h.sm.state() {
@@ -651,10 +651,10 @@ fn response_finished_while_down_is_redelivered_after_reregistering() {
         h.responses().is_empty(),
         "not before the registration is approved"
     );
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].request_id, "x");
@@ -680,10 +680,10 @@ fn redelivery_respects_its_ttl() {
     h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
     h.advance(Duration::from_secs(5));
     h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     assert!(h.responses().is_empty());
     assert_eq!(h.sm_metrics().responses_expired, 1);
 }
@@ -820,14 +820,14 @@ fn unexpected_messages_are_counted_and_ignored() {
     h.sm.handle_message(h.now, StreamMessage { kind: None });
     h.recv(Kind::Heartbeat(Default::default()));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    })));
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     // early execute, approval while registering, no kind, heartbeat from
     // server, second register_response.
@@ -842,11 +842,11 @@ fn unexpected_messages_are_counted_and_ignored() {
 fn server_heartbeat_interval_is_honoured() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         heartbeat_interval_ms: 5_000,
         ..Default::default()
-    }));
+    })));
     h.take_sent();
     h.advance(Duration::from_secs(5));
     assert!(h
@@ -882,12 +882,12 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
         h.sm.handle_message(
             h.now,
             StreamMessage {
-                kind: Some(Kind::ExecuteRequest(ExecuteRequest {
+                kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
                     request_id: format!("r{i}"),
                     payload: b"{".to_vec().into(),
                     encoding: PayloadEncoding::Json as i32,
                     ..Default::default()
-                })),
+                }))),
             },
         );
         while let Some(e) = h.sm.poll_event() {
@@ -911,10 +911,10 @@ fn reconnect(h: &mut H) {
     h.advance(Duration::from_secs(2));
     assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
     h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(RegisterResponse {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
 }
 

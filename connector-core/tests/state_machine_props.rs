@@ -105,9 +105,9 @@ proptest! {
             match inp {
                 Input::Opened => sm.handle_stream_opened(now),
                 Input::OpenFailed => sm.handle_open_failed(now, "refused"),
-                Input::Status(s, r) => sm.handle_message(now, msg(Kind::RegisterResponse(RegisterResponse {
+                Input::Status(s, r) => sm.handle_message(now, msg(Kind::RegisterResponse(Box::new(RegisterResponse {
                     status: s, reject_reason: r, ..Default::default()
-                }))),
+                })))),
                 Input::Update(s, r) => sm.handle_message(now, msg(Kind::ApprovalUpdate(ApprovalUpdate {
                     status: s, reject_reason: r, ..Default::default()
                 }))),
@@ -116,13 +116,13 @@ proptest! {
                     let id = format!("r{next_id}");
                     sent_ids.push(id.clone());
                     *asked.entry(id.clone()).or_default() += 1;
-                    sm.handle_message(now, msg(Kind::ExecuteRequest(ExecuteRequest {
+                    sm.handle_message(now, msg(Kind::ExecuteRequest(Box::new(ExecuteRequest {
                         request_id: id,
                         payload: if json_ok { &b"{}"[..] } else { &b"{"[..] }.to_vec().into(),
                         encoding: PayloadEncoding::Json as i32,
                         timeout_ms,
                         ..Default::default()
-                    })));
+                    }))));
                 }
                 Input::DuplicateOfRecent(i) => {
                     if let Some(id) = sent_ids.iter().rev().nth(i) {
@@ -130,12 +130,12 @@ proptest! {
                         // or a buggy duplicate).
                         {
                             *asked.entry(id.clone()).or_default() += 1;
-                            sm.handle_message(now, msg(Kind::ExecuteRequest(ExecuteRequest {
+                            sm.handle_message(now, msg(Kind::ExecuteRequest(Box::new(ExecuteRequest {
                                 request_id: id.clone(),
                                 payload: b"{}".to_vec().into(),
                                 encoding: PayloadEncoding::Json as i32,
                                 ..Default::default()
-                            })));
+                            }))));
                         }
                     }
                 }

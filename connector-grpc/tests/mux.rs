@@ -551,11 +551,11 @@ async fn oversized_server_message_is_a_protocol_error() {
     let mux = GrpcMux::new(&o).expect("mux");
     let mut s = open_registered(&mux, 0).await;
     let big = StreamMessage {
-        kind: Some(Kind::ExecuteRequest(ExecuteRequest {
+        kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
             request_id: "r1".into(),
             payload: vec![7; 4096].into(),
             ..Default::default()
-        })),
+        }))),
     };
     assert!(engine.send_raw("tenant.echo.i0", big));
     match next(&mut s).await {

@@ -547,7 +547,7 @@ impl State {
         }
         for req in resend {
             self.stats.executes_resent += 1;
-            self.send(stream_id, msg(Kind::ExecuteRequest(req)));
+            self.send(stream_id, msg(Kind::ExecuteRequest(Box::new(req))));
         }
     }
 
@@ -880,7 +880,7 @@ impl TestServer {
                 .entry(key.to_string())
                 .or_default()
                 .insert(request_id.clone(), (id, req.clone()));
-            if !st.send(id, msg(Kind::ExecuteRequest(req))) {
+            if !st.send(id, msg(Kind::ExecuteRequest(Box::new(req)))) {
                 // The stream's task is gone; it is being torn down.
                 if let Some(slots) = st.execs.get_mut(key) {
                     slots.remove(&request_id);
@@ -1199,7 +1199,7 @@ impl TestServer {
                     }
                 }
                 (Some(Kind::ExecuteResponse(resp)), true, Some(key)) => {
-                    Self::on_response(st, stream_id, &key, resp)
+                    Self::on_response(st, stream_id, &key, *resp)
                 }
                 (Some(Kind::MetricsReport(_)), true, _) => st.stats.metrics_reports += 1,
                 (kind, true, _) => st.protocol_error(
@@ -1298,7 +1298,7 @@ impl TestServer {
             }
         };
         let approved = resp.status == RegistrationStatus::Approved as i32;
-        st.send(stream_id, msg(Kind::RegisterResponse(resp)));
+        st.send(stream_id, msg(Kind::RegisterResponse(Box::new(resp))));
         if approved {
             st.resend_unanswered(stream_id, &key);
         }

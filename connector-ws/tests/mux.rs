@@ -191,14 +191,14 @@ async fn messages_flow_both_ways() {
     };
     s.outbound
         .send(StreamMessage {
-            kind: Some(Kind::ExecuteResponse(
+            kind: Some(Kind::ExecuteResponse(Box::new(
                 connector_core::proto::ExecuteResponse {
                     request_id: req.request_id,
                     success: true,
                     payload: b"{\"ok\":true}".to_vec().into(),
                     ..Default::default()
                 },
-            )),
+            ))),
         })
         .await
         .unwrap();

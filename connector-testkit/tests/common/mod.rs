@@ -58,19 +58,19 @@ pub(crate) fn exec_req(request_id: &str) -> ExecuteRequest {
 
 pub(crate) fn exec_resp(request_id: &str) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::ExecuteResponse(ExecuteResponse {
+        kind: Some(Kind::ExecuteResponse(Box::new(ExecuteResponse {
             request_id: request_id.to_string(),
             success: true,
             payload: br#"{"ok":true}"#.to_vec().into(),
             encoding: PayloadEncoding::Json as i32,
             ..Default::default()
-        })),
+        }))),
     }
 }
 
 pub(crate) fn expect_register_response(m: StreamMessage) -> RegisterResponse {
     match m.kind {
-        Some(Kind::RegisterResponse(r)) => r,
+        Some(Kind::RegisterResponse(r)) => *r,
         other => panic!("expected register_response, got {other:?}"),
     }
 }
