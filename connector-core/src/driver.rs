@@ -14,7 +14,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Instrument;
 
 use crate::config::{MultiTransportOptions, RegistrationKey};
@@ -171,6 +171,9 @@ pub(crate) async fn drive(
             opened_before: false,
             stream: None,
             opening: None,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            timer_at: None,
+            stopped: Box::pin(live.stop.clone().cancelled_owned()),
             tasks: JoinSet::new(),
             aborts: HashMap::new(),
             stop_seen: false,
@@ -183,7 +186,7 @@ pub(crate) async fn drive(
             if sm.is_finished() && driver.stream.is_none() && driver.opening.is_none() {
                 break;
             }
-            let input = driver.next_input(&mut sm, &live.stop).await;
+            let input = driver.next_input(&mut sm).await;
             driver.handle(&mut sm, input).await;
         }
         driver.tasks.abort_all();
@@ -203,6 +206,14 @@ struct Driver {
     opened_before: bool,
     stream: Option<MessageStream>,
     opening: Option<Opening>,
+    /// One timer and one cancellation waiter for the driver's life, reset
+    /// rather than rebuilt on every loop: making a `Sleep` registers it in
+    /// the runtime's timer wheel and a `cancelled()` future in the token's
+    /// waiter list, both behind locks, which per message was a measurable
+    /// share of the per-execute cost.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: Option<Instant>,
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     tasks: JoinSet<Outcome>,
     aborts: HashMap<String, AbortHandle>,
     stop_seen: bool,
@@ -300,16 +311,25 @@ impl Driver {
         }
     }
 
-    async fn next_input(&mut self, sm: &mut Registration, stop: &CancellationToken) -> Input {
+    async fn next_input(&mut self, sm: &mut Registration) -> Input {
         let deadline = sm.poll_timeout();
+        if deadline != self.timer_at {
+            self.timer_at = deadline;
+            if let Some(at) = deadline {
+                self.timer.as_mut().reset(at);
+            }
+        }
         let wants_send = sm.has_transmit();
         let Self {
             stream,
             opening,
             tasks,
             stop_seen,
+            timer,
+            stopped,
             ..
         } = self;
+        let has_timer = deadline.is_some();
         let (inbound, outbound) = match stream.as_mut() {
             Some(s) => (Some(&mut s.inbound), Some(&s.outbound)),
             None => (None, None),
@@ -319,7 +339,7 @@ impl Driver {
         let has_stream = inbound.is_some();
         tokio::select! {
             biased;
-            _ = stop.cancelled(), if !*stop_seen => Input::Stop,
+            _ = stopped.as_mut(), if !*stop_seen => Input::Stop,
             res = async { match opening.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_opening => Input::Opened(res),
             Some(done) = tasks.join_next(), if has_tasks => match done {
                 Ok(outcome) => Input::Done(outcome),
@@ -336,7 +356,7 @@ impl Driver {
                 }
                 Err(_) => Input::OutboundClosed,
             },
-            _ = sleep_until_opt(deadline) => Input::Timer,
+            _ = timer.as_mut(), if has_timer => Input::Timer,
         }
     }
 
@@ -436,13 +456,6 @@ fn stream_failed(sm: &mut Registration, error: &TransportError) {
         sm.handle_malformed(now, error.message());
     }
     sm.handle_stream_closed(now, Some(&error.to_string()));
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sends what the state machine still has for this stream, half-closes, and
