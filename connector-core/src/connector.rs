@@ -42,6 +42,11 @@ pub trait BaseConnector: Send + Sync + 'static {
     /// Runs one request. The SDK has already checked the capability id and,
     /// for JSON requests, that the payload is valid JSON. The future is
     /// dropped when the request is cancelled or its deadline passes.
+    ///
+    /// It is polled once on the registration's own task (a handler that
+    /// finishes at once costs no task spawn), then, if not ready, on a task
+    /// of its own. Like any async code it must not block the thread: put
+    /// blocking or long CPU work in `tokio::task::spawn_blocking`.
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError>;
 }
 

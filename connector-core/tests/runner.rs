@@ -671,3 +671,60 @@ async fn first_connects_are_not_paced() {
     runner.shutdown_handle().shutdown();
     run.await.expect("join").expect("ok");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_is_a_handler_error_whether_it_waited_or_not() {
+    /// `now` panics on the first poll, `later` after waiting; `ok` answers.
+    struct Panicky;
+    #[async_trait]
+    impl BaseConnector for Panicky {
+        fn connector_type(&self) -> &str {
+            "echo"
+        }
+        async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+            match ctx.capability_id.as_str() {
+                "now" => panic!("handler bug"),
+                "later" => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    panic!("handler bug after a wait")
+                }
+                _ => Ok(ExecuteOutput::json_bytes(ctx.payload)),
+            }
+        }
+    }
+    let server = TestServer::new();
+    let mux = server.memory_mux();
+    let reg = ConnectorRegistration::new(
+        ConnectorConfig::builder("t", "echo", "p")
+            .build()
+            .expect("valid config"),
+        Panicky,
+    );
+    let runner = MultiConnectorRunner::new(vec![reg], options(), MemoryTransport::new(mux));
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    for (i, capability) in ["now", "later", "ok", "now", "ok"].iter().enumerate() {
+        let resp = server
+            .execute("t.echo.p", json_request(&format!("r{i}"), capability, "{}"))
+            .await
+            .expect("one response each");
+        if *capability == "ok" {
+            assert!(resp.success, "{resp:?}");
+        } else {
+            assert!(!resp.success);
+            assert_eq!(resp.error_kind, ExecuteErrorKind::Handler as i32);
+            assert!(resp.error.contains("panicked"), "{}", resp.error);
+        }
+    }
+    let key = RegistrationKey::new("t", "echo", "p").expect("valid");
+    let m = runner.registration(&key).expect("hosted").metrics();
+    assert_eq!(m.requests_failed, 3);
+    assert_eq!(m.requests_succeeded, 2);
+    assert_eq!(
+        m.total_disconnects, 0,
+        "a handler panic never costs the stream"
+    );
+    runner.shutdown_handle().shutdown();
+    run.await.expect("join").expect("ok");
+}
