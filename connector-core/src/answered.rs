@@ -17,6 +17,7 @@
 //! Everything is bounded by a capacity and a TTL; dropping a waiting
 //! response is counted by the caller as expired.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,9 +45,10 @@ pub(crate) struct AnsweredLog {
     /// Keyed by request id; the id is shared (one allocation) with the two
     /// queues below, since every response passes through here.
     entries: HashMap<Arc<str>, Entry>,
-    /// (seq, id) in insertion order, for TTL and capacity eviction. Stale
-    /// pairs (the entry was removed or re-inserted) are skipped.
-    order: VecDeque<(u64, Arc<str>)>,
+    /// (seq, expiry, id) in insertion order, for TTL and capacity eviction.
+    /// Stale triples (the entry was removed or re-inserted) are skipped. The
+    /// expiry is here too so the TTL check on every insert needs no lookup.
+    order: VecDeque<(u64, Instant, Arc<str>)>,
     /// (stream, tag, seq, id) in the order responses were queued.
     unconfirmed: VecDeque<(u64, u64, u64, Arc<str>)>,
     waiting: usize,
@@ -112,30 +114,40 @@ impl AnsweredLog {
         let id: Arc<str> = Arc::from(response.request_id.as_str());
         self.next_seq += 1;
         let seq = self.next_seq;
-        let expires = match self.entries.get(&*id) {
-            Some(old) => old.expires,
-            None => now + self.ttl,
-        };
-        if let Some(old) = self.entries.insert(
-            id.clone(),
-            Entry {
-                response,
-                place,
-                expires,
-                seq,
-            },
-        ) {
-            if old.place == Place::Waiting {
-                self.waiting -= 1;
+        let expires = match self.entries.entry(Arc::clone(&id)) {
+            MapEntry::Occupied(mut slot) => {
+                let old = slot.get_mut();
+                if old.place == Place::Waiting {
+                    self.waiting -= 1;
+                }
+                let expires = old.expires;
+                *old = Entry {
+                    response,
+                    place,
+                    expires,
+                    seq,
+                };
+                expires
             }
-        }
+            MapEntry::Vacant(slot) => {
+                let expires = now + self.ttl;
+                slot.insert(Entry {
+                    response,
+                    place,
+                    expires,
+                    seq,
+                });
+                expires
+            }
+        };
         match place {
             Place::Waiting => self.waiting += 1,
             Place::Sent { stream, tag } => {
-                self.unconfirmed.push_back((stream, tag, seq, id.clone()))
+                self.unconfirmed
+                    .push_back((stream, tag, seq, Arc::clone(&id)))
             }
         }
-        self.order.push_back((seq, id));
+        self.order.push_back((seq, expires, id));
         while self.entries.len() > self.capacity {
             match self.pop_oldest() {
                 Some(true) => dropped += 1,
@@ -148,9 +160,12 @@ impl AnsweredLog {
 
     /// Removes the oldest live entry; `Some(true)` if it was waiting.
     fn pop_oldest(&mut self) -> Option<bool> {
-        while let Some((seq, id)) = self.order.pop_front() {
-            if self.entries.get(&id).is_some_and(|e| e.seq == seq) {
-                let e = self.entries.remove(&id)?;
+        while let Some((seq, _, id)) = self.order.pop_front() {
+            if let MapEntry::Occupied(slot) = self.entries.entry(id) {
+                if slot.get().seq != seq {
+                    continue;
+                }
+                let e = slot.remove();
                 let was_waiting = e.place == Place::Waiting;
                 if was_waiting {
                     self.waiting -= 1;
@@ -164,21 +179,40 @@ impl AnsweredLog {
     /// Drops entries past their TTL; returns how many were waiting.
     pub(crate) fn expire(&mut self, now: Instant) -> u64 {
         let mut dropped = 0;
-        while let Some((seq, id)) = self.order.front() {
-            let live = self.entries.get(id).filter(|e| e.seq == *seq);
+        while let Some((seq, expires, id)) = self.order.front() {
+            if *expires > now {
+                // Expiries grow along the queue, except behind a replayed
+                // response (it keeps its first expiry): such an entry can
+                // outlive its TTL until the ones ahead of it expire, at most
+                // one more TTL. Stale triples are trimmed by `trim_stale`
+                // after confirmations, so they do not pile up here.
+                break;
+            }
+            let live = self.entries.get(id).is_some_and(|e| e.seq == *seq);
             match live {
-                Some(e) if e.expires > now => break,
-                Some(_) => {
+                true => {
                     if self.pop_oldest() == Some(true) {
                         dropped += 1;
                     }
                 }
-                None => {
+                false => {
                     self.order.pop_front();
                 }
             }
         }
         dropped
+    }
+
+    /// Pops triples at the front of `order` whose entry is gone (confirmed
+    /// or taken): one lookup each, once per confirmation batch rather than
+    /// on every insert.
+    fn trim_stale(&mut self) {
+        while let Some((seq, _, id)) = self.order.front() {
+            if self.entries.get(id).is_some_and(|e| e.seq == *seq) {
+                break;
+            }
+            self.order.pop_front();
+        }
     }
 
     /// Heartbeat `upto` was acknowledged on `stream`: everything queued
@@ -196,14 +230,14 @@ impl AnsweredLog {
                 // only their place in this queue goes.
                 continue;
             }
-            let confirmed = self
-                .entries
-                .get(&id)
-                .is_some_and(|e| e.seq == seq && e.place == Place::Sent { stream: s, tag });
-            if confirmed {
-                self.entries.remove(&id);
+            if let MapEntry::Occupied(slot) = self.entries.entry(id) {
+                let e = slot.get();
+                if e.seq == seq && e.place == (Place::Sent { stream: s, tag }) {
+                    slot.remove();
+                }
             }
         }
+        self.trim_stale();
     }
 
     /// A response queued on a stream but never handed to it: waiting again.
@@ -224,7 +258,7 @@ impl AnsweredLog {
             return (Vec::new(), expired);
         }
         let mut out = Vec::with_capacity(self.waiting);
-        for (seq, id) in &self.order {
+        for (seq, _, id) in &self.order {
             if let Some(e) = self.entries.get(id) {
                 if e.seq == *seq && e.place == Place::Waiting {
                     out.push(e.response.clone());
@@ -235,6 +269,7 @@ impl AnsweredLog {
             self.entries.remove(r.request_id.as_str());
         }
         self.waiting = 0;
+        self.trim_stale();
         (out, expired)
     }
 
@@ -318,5 +353,23 @@ mod tests {
         log.unsent("a");
         assert_eq!(log.known("a"), Some(Known::Waiting));
         assert_eq!(log.waiting(), 1);
+    }
+
+    #[test]
+    fn confirmed_responses_leave_nothing_behind() {
+        // A busy stream: ten thousand answers confirmed in batches of 32.
+        // The bookkeeping queues must not keep a trace of each one for a
+        // whole TTL.
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(1024, Duration::from_secs(300));
+        for batch in 0..(10_000 / 32) {
+            for i in 0..32 {
+                log.sent(now, resp(&format!("r{batch}-{i}")), 1, batch + 1);
+            }
+            log.confirm(1, batch + 1);
+            assert!(log.entries.is_empty());
+            assert!(log.order.is_empty(), "order holds {}", log.order.len());
+            assert!(log.unconfirmed.is_empty());
+        }
     }
 }
