@@ -250,7 +250,7 @@ impl Driver {
                     self.stream = None;
                     self.opening = None;
                 }
-                Action::Execute(request) => self.start_execute(sm, request),
+                Action::Execute(request) => self.start_execute(sm, *request),
                 Action::Abort(id) => {
                     if let Some(handle) = self.aborts.remove(&id) {
                         handle.abort();

@@ -40,7 +40,7 @@ pub enum Action {
     /// Drop the current stream at once (it is dead or abandoned).
     DropStream,
     /// Run the handler for this request.
-    Execute(ExecuteRequest),
+    Execute(Box<ExecuteRequest>),
     /// Abort the handler of this request (its response was already made).
     Abort(String),
 }
@@ -127,7 +127,7 @@ struct Pending {
     running: bool,
     deadline: Option<(Instant, u64)>,
     /// Set while waiting for a slot.
-    request: Option<ExecuteRequest>,
+    request: Option<Box<ExecuteRequest>>,
 }
 
 /// Per-registration settings taken from [`MultiTransportOptions`].
@@ -479,9 +479,9 @@ impl Registration {
             .set(Timer::Watchdog, now + self.heartbeat_timeout);
         match message.kind {
             Some(Kind::RegisterResponse(r)) => self.on_register_response(now, *r),
-            Some(Kind::ApprovalUpdate(u)) => self.on_approval_update(now, u),
+            Some(Kind::ApprovalUpdate(u)) => self.on_approval_update(now, *u),
             Some(Kind::HeartbeatAck(a)) => self.on_heartbeat_ack(now, a),
-            Some(Kind::ExecuteRequest(r)) => self.on_execute_request(now, *r),
+            Some(Kind::ExecuteRequest(r)) => self.on_execute_request(now, r),
             Some(Kind::Cancel(c)) => self.on_cancel(now, &c.request_id),
             Some(Kind::Drain(d)) => {
                 let delay = Duration::from_millis(d.reconnect_after_ms as u64);
@@ -931,7 +931,7 @@ impl Registration {
         self.push_out(
             now,
             StreamMessage {
-                kind: Some(Kind::MetricsReport(MetricsReport {
+                kind: Some(Kind::MetricsReport(Box::new(MetricsReport {
                     requests_received: m.requests_received,
                     requests_succeeded: m.requests_succeeded,
                     requests_failed: m.requests_failed,
@@ -942,7 +942,7 @@ impl Registration {
                         .last_heartbeat_rtt
                         .map(|d| d.as_millis().min(u32::MAX as u128) as u32)
                         .unwrap_or(0),
-                })),
+                }))),
             },
         );
         if let Some(every) = self.settings.metrics_report_interval {
@@ -1044,7 +1044,7 @@ impl Registration {
         }
     }
 
-    fn on_execute_request(&mut self, now: Instant, req: ExecuteRequest) {
+    fn on_execute_request(&mut self, now: Instant, req: Box<ExecuteRequest>) {
         if req.request_id.is_empty() {
             self.protocol_error("execute_request without request_id");
             return;

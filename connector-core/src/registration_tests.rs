@@ -306,11 +306,11 @@ fn pending_then_approved_then_execute() {
     // Pending may last longer than the connect timeout: no register timeout.
     h.advance(Duration::from_secs(20));
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
-    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
         status: RegistrationStatus::Approved as i32,
         session_token: "tok".into(),
         ..Default::default()
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     assert!(h.sm.has_session_token());
 }
@@ -323,12 +323,12 @@ fn pending_then_rejected_stops_for_good() {
         status: RegistrationStatus::Pending as i32,
         ..Default::default()
     })));
-    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
         status: RegistrationStatus::Rejected as i32,
         reject_reason: RejectReason::Denied as i32,
         message: "no".into(),
         ..Default::default()
-    }));
+    })));
     assert!(matches!(
         h.sm.state(),
         RegistrationState::Stopped(StopReason::Rejected {
@@ -694,10 +694,10 @@ fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
     h.approve();
     h.execute("a", "echo", b"{}", 0);
     h.take_actions();
-    h.recv(Kind::Drain(Drain {
+    h.recv(Kind::Drain(Box::new(Drain {
         reason: "deploy".into(),
         reconnect_after_ms: 3000,
-    }));
+    })));
     assert_eq!(h.sm.state(), &RegistrationState::Draining);
     // New work is refused while draining, with a response.
     h.execute("late", "echo", b"{}", 0);
@@ -813,10 +813,10 @@ fn unexpected_messages_are_counted_and_ignored() {
         r.is_empty(),
         "not deliverable before approval; kept instead"
     );
-    h.recv(Kind::ApprovalUpdate(ApprovalUpdate {
+    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
         status: RegistrationStatus::Approved as i32,
         ..Default::default()
-    }));
+    })));
     h.sm.handle_message(h.now, StreamMessage { kind: None });
     h.recv(Kind::Heartbeat(Default::default()));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);

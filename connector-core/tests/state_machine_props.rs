@@ -108,9 +108,9 @@ proptest! {
                 Input::Status(s, r) => sm.handle_message(now, msg(Kind::RegisterResponse(Box::new(RegisterResponse {
                     status: s, reject_reason: r, ..Default::default()
                 })))),
-                Input::Update(s, r) => sm.handle_message(now, msg(Kind::ApprovalUpdate(ApprovalUpdate {
+                Input::Update(s, r) => sm.handle_message(now, msg(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: s, reject_reason: r, ..Default::default()
-                }))),
+                })))),
                 Input::Execute { json_ok, timeout_ms } => {
                     next_id += 1;
                     let id = format!("r{next_id}");
@@ -151,7 +151,7 @@ proptest! {
                     }
                 }
                 Input::Closed(clean) => sm.handle_stream_closed(now, if clean { None } else { Some("reset") }),
-                Input::Drain(ms) => sm.handle_message(now, msg(Kind::Drain(Drain { reason: String::new(), reconnect_after_ms: ms }))),
+                Input::Drain(ms) => sm.handle_message(now, msg(Kind::Drain(Box::new(Drain { reason: String::new(), reconnect_after_ms: ms })))),
                 Input::Ack(r) => sm.handle_message(now, msg(Kind::HeartbeatAck(HeartbeatAck { sequence: 1, sent_at_unix_ms: 0, should_reconnect: r }))),
                 Input::NoKind => sm.handle_message(now, StreamMessage { kind: None }),
                 Input::WrongDirection => sm.handle_message(now, msg(Kind::Heartbeat(Default::default()))),

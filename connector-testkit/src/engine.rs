@@ -707,12 +707,12 @@ impl TestServer {
             let token = st.mark_approved(id, key);
             let sent = st.send(
                 id,
-                msg(Kind::ApprovalUpdate(ApprovalUpdate {
+                msg(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Approved as i32,
                     session_token: token,
                     message: "approved by the test".to_string(),
                     reject_reason: RejectReason::Unspecified as i32,
-                })),
+                }))),
             );
             st.resend_unanswered(id, key);
             sent
@@ -747,12 +747,12 @@ impl TestServer {
             });
             let sent = st.send(
                 id,
-                msg(Kind::ApprovalUpdate(ApprovalUpdate {
+                msg(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Rejected as i32,
                     session_token: String::new(),
                     message: message.to_string(),
                     reject_reason: reason as i32,
-                })),
+                }))),
             );
             st.close(id);
             sent
@@ -978,10 +978,10 @@ impl TestServer {
             };
             let sent = st.send(
                 id,
-                msg(Kind::Drain(Drain {
+                msg(Kind::Drain(Box::new(Drain {
                     reason: reason.to_string(),
                     reconnect_after_ms,
-                })),
+                }))),
             );
             if sent {
                 st.events.push(ServerEvent::DrainSent {

@@ -13,9 +13,7 @@ use connector_core::{
     InboundStream, MessageStream, MultiTransportOptions, RegistrationKey, StreamMux, Transport,
     TransportErrorKind,
 };
-use connector_testkit::proto::{
-    Kind, MetricsReport, RegistrationStatus, RejectReason, StreamMessage,
-};
+use connector_testkit::proto::{Kind, RegistrationStatus, RejectReason, StreamMessage};
 use connector_testkit::{
     ApprovalPolicy, CloseCause, MemoryMux, MemoryTransport, ServerEvent, TestServer, TestkitError,
 };
@@ -400,7 +398,7 @@ async fn server_actions_reach_the_client() {
         other => panic!("expected drain, got {other:?}"),
     }
     let raw = StreamMessage {
-        kind: Some(Kind::MetricsReport(MetricsReport::default())),
+        kind: Some(Kind::MetricsReport(Box::default())),
     };
     assert!(engine.send_raw(KEY, raw.clone()));
     assert_eq!(next(&mut s.inbound).await, raw);
@@ -456,7 +454,7 @@ async fn protocol_errors_are_recorded_not_fatal_to_the_server() {
     s.outbound.send(StreamMessage { kind: None }).await.unwrap();
     s.outbound
         .send(StreamMessage {
-            kind: Some(Kind::MetricsReport(MetricsReport::default())),
+            kind: Some(Kind::MetricsReport(Box::default())),
         })
         .await
         .unwrap();
