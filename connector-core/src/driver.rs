@@ -163,6 +163,9 @@ pub(crate) async fn drive(
             unix_ms_now(),
             live.metrics.clone(),
         );
+        // The state machine has what it needs; the config's copy (and its
+        // strings) need not live as long as the registration runs.
+        drop(registration);
         let mut driver = Driver {
             key,
             connector,
@@ -242,7 +245,8 @@ impl Driver {
                 }
                 Action::CloseStream => {
                     if let Some(stream) = self.stream.take() {
-                        close_gracefully(stream, sm).await;
+                        // Boxed: the rare path, kept out of every driver's future.
+                        Box::pin(close_gracefully(stream, sm)).await;
                     }
                     self.opening = None;
                 }
