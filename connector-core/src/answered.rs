@@ -91,27 +91,35 @@ impl AnsweredLog {
 
     /// Keeps a response no stream can carry now. Returns how many waiting
     /// responses were dropped to make room (or by TTL).
-    pub(crate) fn keep_waiting(&mut self, now: Instant, response: ExecuteResponse) -> u64 {
-        self.insert(now, response, Place::Waiting)
+    pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> u64 {
+        let id = std::mem::take(&mut response.request_id);
+        self.insert(now, &id, response, Place::Waiting)
     }
 
     /// Records a response queued on `stream` before heartbeat `tag`.
     pub(crate) fn sent(
         &mut self,
         now: Instant,
-        response: ExecuteResponse,
+        response: &ExecuteResponse,
         stream: u64,
         tag: u64,
     ) -> u64 {
-        self.insert(now, response, Place::Sent { stream, tag })
+        self.insert(
+            now,
+            &response.request_id,
+            without_id(response),
+            Place::Sent { stream, tag },
+        )
     }
 
-    fn insert(&mut self, now: Instant, response: ExecuteResponse, place: Place) -> u64 {
+    /// `response` is kept without its id (the map key holds it), so keeping
+    /// a copy of a response costs no allocation; `with_id` puts it back.
+    fn insert(&mut self, now: Instant, id: &str, response: ExecuteResponse, place: Place) -> u64 {
         let mut dropped = self.expire(now);
         if self.capacity == 0 {
             return dropped + u64::from(place == Place::Waiting);
         }
-        let id: Arc<str> = Arc::from(response.request_id.as_str());
+        let id: Arc<str> = Arc::from(id);
         self.next_seq += 1;
         let seq = self.next_seq;
         let expires = match self.entries.entry(Arc::clone(&id)) {
@@ -259,14 +267,12 @@ impl AnsweredLog {
         }
         let mut out = Vec::with_capacity(self.waiting);
         for (seq, _, id) in &self.order {
-            if let Some(e) = self.entries.get(id) {
-                if e.seq == *seq && e.place == Place::Waiting {
-                    out.push(e.response.clone());
+            if let MapEntry::Occupied(slot) = self.entries.entry(Arc::clone(id)) {
+                if slot.get().seq == *seq && slot.get().place == Place::Waiting {
+                    let e = slot.remove();
+                    out.push(with_id(e.response, id));
                 }
             }
-        }
-        for r in &out {
-            self.entries.remove(r.request_id.as_str());
         }
         self.waiting = 0;
         self.trim_stale();
@@ -275,8 +281,29 @@ impl AnsweredLog {
 
     /// The kept response for a request the server asked for again.
     pub(crate) fn replay(&self, id: &str) -> Option<ExecuteResponse> {
-        self.entries.get(id).map(|e| e.response.clone())
+        self.entries
+            .get(id)
+            .map(|e| with_id(without_id(&e.response), id))
     }
+}
+
+/// A copy of `r` without its request id: no string is copied (the error
+/// text is empty on success, the payload is shared).
+fn without_id(r: &ExecuteResponse) -> ExecuteResponse {
+    ExecuteResponse {
+        request_id: String::new(),
+        success: r.success,
+        payload: r.payload.clone(),
+        encoding: r.encoding,
+        error: r.error.clone(),
+        duration_ms: r.duration_ms,
+        error_kind: r.error_kind,
+    }
+}
+
+fn with_id(mut r: ExecuteResponse, id: &str) -> ExecuteResponse {
+    r.request_id = id.to_string();
+    r
 }
 
 #[cfg(test)]
@@ -295,8 +322,8 @@ mod tests {
     fn confirmation_forgets_what_the_server_read() {
         let now = Instant::now();
         let mut log = AnsweredLog::new(100, Duration::from_secs(60));
-        log.sent(now, resp("a"), 1, 1);
-        log.sent(now, resp("b"), 1, 2);
+        log.sent(now, &resp("a"), 1, 1);
+        log.sent(now, &resp("b"), 1, 2);
         log.confirm(1, 1);
         assert_eq!(log.known("a"), None);
         assert_eq!(log.known("b"), Some(Known::SentOn(1)));
@@ -308,8 +335,8 @@ mod tests {
     fn unconfirmed_of_a_dead_stream_stay_for_replay() {
         let now = Instant::now();
         let mut log = AnsweredLog::new(100, Duration::from_secs(60));
-        log.sent(now, resp("a"), 1, 1);
-        log.sent(now, resp("b"), 2, 1);
+        log.sent(now, &resp("a"), 1, 1);
+        log.sent(now, &resp("b"), 2, 1);
         log.confirm(2, 1);
         assert_eq!(log.known("a"), Some(Known::SentOn(1)));
         assert_eq!(log.known("b"), None);
@@ -349,7 +376,7 @@ mod tests {
     fn unsent_goes_back_to_waiting() {
         let now = Instant::now();
         let mut log = AnsweredLog::new(10, Duration::from_secs(60));
-        log.sent(now, resp("a"), 1, 1);
+        log.sent(now, &resp("a"), 1, 1);
         log.unsent("a");
         assert_eq!(log.known("a"), Some(Known::Waiting));
         assert_eq!(log.waiting(), 1);
@@ -364,7 +391,7 @@ mod tests {
         let mut log = AnsweredLog::new(1024, Duration::from_secs(300));
         for batch in 0..(10_000 / 32) {
             for i in 0..32 {
-                log.sent(now, resp(&format!("r{batch}-{i}")), 1, batch + 1);
+                log.sent(now, &resp(&format!("r{batch}-{i}")), 1, batch + 1);
             }
             log.confirm(1, batch + 1);
             assert!(log.entries.is_empty());

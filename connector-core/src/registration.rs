@@ -526,7 +526,8 @@ impl Registration {
                 )),
             ),
             Ok(out) => ExecuteResponse {
-                request_id: request_id.to_string(),
+                // Filled in by `finish` with the table's own copy of the id.
+                request_id: String::new(),
                 success: true,
                 payload: out.payload,
                 encoding: out.encoding as i32,
@@ -536,7 +537,7 @@ impl Registration {
             },
             Err(e) => error_response(request_id, e),
         };
-        self.finish(now, request_id, response);
+        self.finish_done(now, request_id, response);
     }
 
     /// Graceful shutdown of the runner: no new work, in-flight requests are
@@ -1205,12 +1206,32 @@ impl Registration {
         self.send_response(now, resp);
     }
 
+    /// Answers a request whose handler is still running (cancel, deadline,
+    /// drain): the handler is aborted.
+    fn finish(&mut self, now: Instant, request_id: &str, response: ExecuteResponse) {
+        self.finish_with(now, request_id, response, true);
+    }
+
+    /// Answers a request whose handler has returned: nothing to abort.
+    fn finish_done(&mut self, now: Instant, request_id: &str, response: ExecuteResponse) {
+        self.finish_with(now, request_id, response, false);
+    }
+
     /// The one place a request in flight gets its response: it leaves the
     /// table here, so a second response cannot be made.
-    fn finish(&mut self, now: Instant, request_id: &str, mut response: ExecuteResponse) {
-        let Some(p) = self.requests.remove(request_id) else {
+    fn finish_with(
+        &mut self,
+        now: Instant,
+        request_id: &str,
+        mut response: ExecuteResponse,
+        abort: bool,
+    ) {
+        let Some((id, p)) = self.requests.remove_entry(request_id) else {
             return;
         };
+        if response.request_id.is_empty() {
+            response.request_id = id;
+        }
         self.metrics
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -1219,9 +1240,10 @@ impl Registration {
         }
         if p.running {
             self.running -= 1;
-            // Harmless when the handler already finished.
-            self.actions
-                .push_back(Action::Abort(request_id.to_string()));
+            if abort {
+                self.actions
+                    .push_back(Action::Abort(request_id.to_string()));
+            }
         } else {
             self.queue.retain(|id| id != request_id);
         }
@@ -1249,9 +1271,7 @@ impl Registration {
             // The next heartbeat queued goes out after this response; its
             // ack confirms the response was read.
             let tag = self.heartbeat_seq + 1;
-            let dropped = self
-                .answered
-                .sent(now, response.clone(), self.stream_gen, tag);
+            let dropped = self.answered.sent(now, &response, self.stream_gen, tag);
             self.count_dropped(dropped);
             self.push_out(
                 now,
