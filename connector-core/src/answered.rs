@@ -18,6 +18,8 @@
 //! response is counted by the caller as expired.
 
 use std::collections::hash_map::Entry as MapEntry;
+
+use foldhash::fast::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +46,7 @@ struct Entry {
 pub(crate) struct AnsweredLog {
     /// Keyed by request id; the id is shared (one allocation) with the two
     /// queues below, since every response passes through here.
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<Arc<str>, Entry, RandomState>,
     /// (seq, expiry, id) in insertion order, for TTL and capacity eviction.
     /// Stale triples (the entry was removed or re-inserted) are skipped. The
     /// expiry is here too so the TTL check on every insert needs no lookup.
@@ -67,7 +69,7 @@ pub(crate) enum Known {
 impl AnsweredLog {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             order: VecDeque::new(),
             unconfirmed: VecDeque::new(),
             waiting: 0,

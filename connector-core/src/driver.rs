@@ -3,6 +3,8 @@
 //! machine's actions. No protocol decision is made here.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -178,7 +180,7 @@ pub(crate) async fn drive(
             timer_at: None,
             stopped: Box::pin(live.stop.clone().cancelled_owned()),
             tasks: JoinSet::new(),
-            aborts: HashMap::new(),
+            aborts: HashMap::default(),
             stop_seen: false,
             published: u64::MAX,
         };
@@ -218,7 +220,7 @@ struct Driver {
     timer_at: Option<Instant>,
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     tasks: JoinSet<Outcome>,
-    aborts: HashMap<String, AbortHandle>,
+    aborts: HashMap<String, AbortHandle, RandomState>,
     stop_seen: bool,
     published: u64,
 }

@@ -11,6 +11,8 @@
 //! WebSocket transports share every line of it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use foldhash::fast::RandomState;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,7 +180,10 @@ pub struct Registration {
     heartbeats_sent: VecDeque<(u64, Instant)>,
     backoff: Backoff,
     after_drain: Option<AfterDrain>,
-    requests: HashMap<String, Pending>,
+    /// In flight, by request id. foldhash (randomly seeded per process)
+    /// instead of SipHash: ids are hashed several times per execute and
+    /// SipHash was a tenth of the SDK's per-response cost.
+    requests: HashMap<String, Pending, RandomState>,
     queue: VecDeque<String>,
     deadlines: BTreeMap<(Instant, u64), String>,
     deadline_seq: u64,
@@ -302,7 +307,7 @@ impl Registration {
                 JitterRng::new(key_seed),
             ),
             after_drain: None,
-            requests: HashMap::new(),
+            requests: HashMap::default(),
             queue: VecDeque::new(),
             deadlines: BTreeMap::new(),
             deadline_seq: 0,
