@@ -256,7 +256,7 @@ impl Driver {
                     self.stream = None;
                     self.opening = None;
                 }
-                Action::Execute(request) => self.start_execute(sm, *request),
+                Action::Execute(request) => self.start_execute(sm, *request, Instant::now()),
                 Action::Abort(id) => {
                     if let Some(handle) = self.aborts.remove(&id) {
                         handle.abort();
@@ -271,11 +271,11 @@ impl Driver {
     /// answered with no task spawned, which at high rates was the largest
     /// single cost per execute. One that is not ready moves to a task of its
     /// own, so a slow handler never holds up the registration's stream.
-    fn start_execute(&mut self, sm: &mut Registration, request: ExecuteRequest) {
+    fn start_execute(&mut self, sm: &mut Registration, request: ExecuteRequest, now: Instant) {
         let id = request.request_id.clone();
         let ctx = ExecuteContext {
             deadline: (request.timeout_ms > 0)
-                .then(|| Instant::now() + Duration::from_millis(request.timeout_ms as u64)),
+                .then(|| now + Duration::from_millis(request.timeout_ms as u64)),
             request_id: request.request_id,
             capability_id: request.capability_id,
             payload: request.payload,
@@ -381,6 +381,8 @@ impl Driver {
     }
 
     async fn handle(&mut self, sm: &mut Registration, input: Input) {
+        // One clock read per wake-up: everything below is synchronous, and
+        // reading the clock per message was a visible cost at high rates.
         let now = Instant::now();
         match input {
             Input::Stop => {
@@ -407,7 +409,7 @@ impl Driver {
                 for _ in 0..64 {
                     let Some(s) = self.stream.as_mut() else { break };
                     match s.inbound.next().now_or_never() {
-                        Some(Some(Ok(msg))) => sm.handle_message(Instant::now(), msg),
+                        Some(Some(Ok(msg))) => sm.handle_message(now, msg),
                         Some(Some(Err(e))) => {
                             self.stream = None;
                             stream_failed(sm, &e);
@@ -440,15 +442,15 @@ impl Driver {
                 sm.handle_execute_done(now, &id, result);
                 while let Some(Some(Ok((id, result)))) = self.tasks.join_next().now_or_never() {
                     self.aborts.remove(&id);
-                    sm.handle_execute_done(Instant::now(), &id, result);
+                    sm.handle_execute_done(now, &id, result);
                 }
             }
             Input::Timer => {}
         }
         // Timers are checked after every input: cheap, and it keeps a busy
         // stream from starving the watchdog or request deadlines.
-        if sm.poll_timeout().is_some_and(|t| t <= Instant::now()) {
-            sm.handle_timeout(Instant::now());
+        if sm.poll_timeout().is_some_and(|t| t <= now) {
+            sm.handle_timeout(now);
         }
         // Likewise the outbox: fill the stream's queue while it has room,
         // so a stream that never stops delivering requests still gets its
