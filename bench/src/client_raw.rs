@@ -37,7 +37,7 @@ fn connection_window(streams: usize) -> u32 {
 
 /// The same buffers as connector-ws's `WsConfig` defaults: 4 KiB reads, no
 /// write buffering, a write cap of one largest message plus 16 KiB.
-fn ws_config() -> WebSocketConfig {
+pub(crate) fn ws_config() -> WebSocketConfig {
     const MAX_MESSAGE: usize = 4 * 1024 * 1024;
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)

@@ -521,26 +521,7 @@ impl Orchestrator {
             let mut s = Section::new(format!(
                 "idle-grpc: N = {n}, {STREAMS_PER_CHANNEL} streams/connection, plaintext"
             ));
-            let time_ratio = sdk.secs / raw.secs;
-            s.rows.push(
-                Row::new(
-                    "time to all Active (s)",
-                    format!("{:.3}", sdk.secs),
-                    format!("{:.3}", raw.secs),
-                )
-                .ratio(time_ratio)
-                .target("≤ 1.5× raw", time_ratio <= 1.5),
-            );
-            let per = sdk.per_reg_kib();
-            s.rows.push(
-                Row::new(
-                    "client RSS per registration (KiB)",
-                    format!("{per:.1}"),
-                    format!("{:.1}", raw.per_reg_kib()),
-                )
-                .ratio(per / raw.per_reg_kib())
-                .target("≤ 20 KiB", per <= 20.0),
-            );
+            idle_rows(&mut s, &sdk, &raw, Some(1.5), 20.0);
             let want = n.div_ceil(STREAMS_PER_CHANNEL) as u64;
             s.rows.push(
                 Row::new(
@@ -645,25 +626,7 @@ impl Orchestrator {
             let mut s = Section::new(format!(
                 "idle-ws: N = {n} sockets, 4 KiB read buffer, 64 handshakes at once (both)"
             ));
-            let time_ratio = sdk.secs / raw.secs;
-            s.rows.push(
-                Row::new(
-                    "time to all Active (s)",
-                    format!("{:.3}", sdk.secs),
-                    format!("{:.3}", raw.secs),
-                )
-                .ratio(time_ratio),
-            );
-            let per = sdk.per_reg_kib();
-            s.rows.push(
-                Row::new(
-                    "client RSS per registration (KiB)",
-                    format!("{per:.1}"),
-                    format!("{:.1}", raw.per_reg_kib()),
-                )
-                .ratio(per / raw.per_reg_kib())
-                .target("≤ 16 KiB", per <= 16.0),
-            );
+            idle_rows(&mut s, &sdk, &raw, None, 16.0);
             s.rows.push(Row::new(
                 "sockets (server side)",
                 sdk.server_connections.to_string(),
@@ -817,4 +780,37 @@ fn histogram_line(buckets: &[u64]) -> String {
     let last = buckets.iter().rposition(|&c| c > 0).unwrap_or(first);
     let body: Vec<String> = buckets[first..=last].iter().map(u64::to_string).collect();
     format!("from {} ms: [{}]", first * 100, body.join(" "))
+}
+
+/// The two rows every idle-scale table starts with: time to all Active
+/// (against `time_target` × raw, when there is one) and client RSS per
+/// registration (against `rss_target_kib`).
+fn idle_rows(
+    s: &mut Section,
+    sdk: &Idle,
+    raw: &Idle,
+    time_target: Option<f64>,
+    rss_target_kib: f64,
+) {
+    let time_ratio = sdk.secs / raw.secs;
+    let mut time = Row::new(
+        "time to all Active (s)",
+        format!("{:.3}", sdk.secs),
+        format!("{:.3}", raw.secs),
+    )
+    .ratio(time_ratio);
+    if let Some(max) = time_target {
+        time = time.target(format!("≤ {max}× raw"), time_ratio <= max);
+    }
+    s.rows.push(time);
+    let per = sdk.per_reg_kib();
+    s.rows.push(
+        Row::new(
+            "client RSS per registration (KiB)",
+            format!("{per:.1}"),
+            format!("{:.1}", raw.per_reg_kib()),
+        )
+        .ratio(per / raw.per_reg_kib())
+        .target(format!("≤ {rss_target_kib} KiB"), per <= rss_target_kib),
+    );
 }

@@ -16,19 +16,12 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::server_core::ServerShared;
 use crate::wire::{emit, Result};
 
-/// Largest message, as the SDK's default.
-const MAX_MESSAGE: usize = 4 * 1024 * 1024;
-
 /// The server's own sockets are small too (4 KiB read buffer, no write
 /// buffering): it is not what is measured, but thousands of 128 KiB
-/// buffers would crowd the machine the client runs on.
+/// buffers would crowd the machine the client runs on. The same settings
+/// as the raw client's.
 fn config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_MESSAGE + 16 * 1024)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+    crate::client_raw::ws_config()
 }
 
 /// Serves until stdin closes. Commands: `count`, `measure SECS`.
