@@ -106,6 +106,10 @@ impl AnsweredLog {
         stream: u64,
         tag: u64,
     ) -> u64 {
+        if self.capacity == 0 {
+            // Replay is off: nothing to keep, nothing to copy.
+            return self.expire(now);
+        }
         self.insert(
             now,
             &response.request_id,
