@@ -248,6 +248,15 @@ impl AnsweredLog {
                 let e = slot.get();
                 if e.seq == seq && e.place == (Place::Sent { stream: s, tag }) {
                     slot.remove();
+                    // In the steady state answers are confirmed in the order
+                    // they were kept: drop its triple now, without a lookup.
+                    if self
+                        .order
+                        .front()
+                        .is_some_and(|(front, _, _)| *front == seq)
+                    {
+                        self.order.pop_front();
+                    }
                 }
             }
         }
