@@ -24,6 +24,7 @@ mod runner;
 mod state;
 mod telemetry;
 mod transport;
+mod tunnel;
 
 pub use backoff::{Backoff, JitterRng};
 pub use config::{
@@ -46,6 +47,7 @@ pub use telemetry::names as metric_names;
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
+pub use tunnel::TunnelError;
 
 /// The wire protocol's messages, re-exported so users need one dependency.
 pub use connector_proto as proto;

@@ -1,17 +1,13 @@
-//! The HTTP CONNECT tunnel under a channel when a proxy is configured, and
-//! the tonic connector that dials through it.
+//! The tonic connector that dials through an HTTP CONNECT proxy (the
+//! tunnel itself is `connector_core::Proxy::open_tunnel`).
 //!
 //! The tunnel is opened before TLS and HTTP/2, so the proxy sees only the
 //! server's `host:port` and an opaque byte stream; tonic then runs TLS
 //! (its `ClientTlsConfig`, server name from the URL, ALPN `h2`) over the
 //! tunnel exactly as over a direct socket, because it applies TLS to
 //! whatever a custom connector returns when the URI scheme is `https`.
-//!
-//! (The WebSocket crate has its own copy of [`open_tunnel`]: the two
-//! transports share nothing but `connector-core`.)
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,142 +15,9 @@ use std::task::{Context, Poll};
 use connector_core::Proxy;
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::GrpcError;
-
-/// Longest proxy response head read; a proxy that sends more is broken.
-const MAX_RESPONSE_HEAD: usize = 8 * 1024;
-/// Longest part of the proxy's status line quoted in an error.
-const MAX_QUOTED: usize = 120;
-
-/// Why a tunnel could not be opened.
-#[derive(Debug)]
-pub(crate) enum TunnelError {
-    /// The proxy could not be reached.
-    Connect(io::Error),
-    /// The proxy closed or failed before answering in full.
-    Io(io::Error),
-    /// The proxy answered with a status other than 2xx.
-    Status {
-        /// The status code.
-        code: u16,
-        /// The status line, printable ASCII only, shortened.
-        line: String,
-    },
-    /// The answer is not an HTTP/1 response head of at most 8 KiB.
-    Malformed(String),
-}
-
-impl TunnelError {
-    /// The proxy's status code, if it answered with one.
-    pub(crate) fn status(&self) -> Option<u16> {
-        match self {
-            Self::Status { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-
-    /// What happened, for people, without the proxy's name (the caller's
-    /// error adds it) and never with a credential.
-    pub(crate) fn describe(&self, target: &str) -> String {
-        match self {
-            Self::Connect(e) => format!("cannot connect to the proxy: {e}"),
-            Self::Io(e) => format!("the proxy closed the connection during CONNECT: {e}"),
-            Self::Status { code: 407, line } => format!(
-                "proxy authentication failed ({line}); check the user and password in the proxy URL"
-            ),
-            Self::Status { line, .. } => {
-                format!("the proxy refused the tunnel to {target} ({line})")
-            }
-            Self::Malformed(what) => format!("invalid answer to CONNECT: {what}"),
-        }
-    }
-}
-
-/// Dials `proxy`, asks it for a tunnel to `target` (`host:port`) and returns
-/// the socket once the proxy answered 2xx. Unbounded in time: callers bound
-/// it with their connect timeout.
-pub(crate) async fn open_tunnel(proxy: &Proxy, target: &str) -> Result<TcpStream, TunnelError> {
-    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
-        .await
-        .map_err(TunnelError::Connect)?;
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
-    }
-    // The request carries `Proxy-Authorization`: it is written, never logged.
-    tcp.write_all(proxy.connect_request(target).as_bytes())
-        .await
-        .map_err(TunnelError::Io)?;
-    let head = read_head(&mut tcp).await?;
-    check_status(&head)?;
-    Ok(tcp)
-}
-
-/// Reads the response head up to its blank line. One byte at a time: the
-/// bytes right behind the head belong to the tunnelled protocol (a server
-/// may speak first) and must stay in the socket.
-async fn read_head(io: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, TunnelError> {
-    let mut head = Vec::with_capacity(64);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(TunnelError::Malformed(format!(
-                "response head longer than {MAX_RESPONSE_HEAD} bytes"
-            )));
-        }
-        match io.read(&mut byte).await {
-            Ok(0) => {
-                return Err(TunnelError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before the end of the response head",
-                )))
-            }
-            Ok(_) => head.push(byte[0]),
-            Err(e) => return Err(TunnelError::Io(e)),
-        }
-    }
-    Ok(head)
-}
-
-/// Accepts `HTTP/1.x 2xx …` (RFC 9110: any 2xx opens the tunnel).
-fn check_status(head: &[u8]) -> Result<(), TunnelError> {
-    let end = head
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .unwrap_or(head.len());
-    // Quoted in errors: printable ASCII only, bounded.
-    let line: String = head[..end]
-        .iter()
-        .map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                char::from(b)
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_QUOTED)
-        .collect();
-    let mut parts = line.split(' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts
-        .next()
-        .filter(|c| c.len() == 3)
-        .and_then(|c| c.parse::<u16>().ok());
-    match code {
-        Some(code) if version.starts_with("HTTP/1.") => {
-            if (200..300).contains(&code) {
-                Ok(())
-            } else {
-                Err(TunnelError::Status { code, line })
-            }
-        }
-        _ => Err(TunnelError::Malformed(format!(
-            "not an HTTP response: {line:?}"
-        ))),
-    }
-}
 
 /// A tonic connector (`tower::Service<Uri>`) that opens every connection
 /// through the proxy, to the server named when it was made (the `Uri`
@@ -187,7 +50,7 @@ impl tower::Service<Uri> for ProxyConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            match open_tunnel(&this.proxy, &this.authority).await {
+            match this.proxy.open_tunnel(&this.authority).await {
                 Ok(tcp) => {
                     tracing::debug!(proxy = %this.proxy.authority(), "tunnel open");
                     Ok(TokioIo::new(tcp))
@@ -195,65 +58,9 @@ impl tower::Service<Uri> for ProxyConnector {
                 Err(e) => Err(GrpcError::Proxy {
                     proxy: this.proxy.authority(),
                     status: e.status(),
-                    message: e.describe(&this.authority),
+                    message: e.to_string(),
                 }),
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_are_sorted() {
-        assert!(check_status(b"HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
-        assert!(check_status(b"HTTP/1.0 204 OK\r\n\r\n").is_ok());
-        let e =
-            check_status(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").expect_err("407");
-        assert_eq!(e.status(), Some(407));
-        assert!(e.describe("h:1").contains("proxy authentication failed"));
-        let e = check_status(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").expect_err("502");
-        assert!(
-            e.describe("h:1").contains("h:1 (HTTP/1.1 502 Bad Gateway)"),
-            "{}",
-            e.describe("h:1")
-        );
-        for bad in [
-            &b"SSH-2.0-x\r\n\r\n"[..],
-            b"HTTP/1.1 2000 x\r\n\r\n",
-            b"\r\n\r\n",
-        ] {
-            let e = check_status(bad).expect_err("malformed");
-            assert!(matches!(e, TunnelError::Malformed(_)), "{e:?}");
-        }
-        let e = check_status(b"HTTP/1.1 500 \x1b[31mred\r\n\r\n").expect_err("500");
-        assert!(!e.describe("h:1").contains('\x1b'));
-    }
-
-    #[tokio::test]
-    async fn head_is_bounded_and_leaves_the_rest_in_the_socket() {
-        let (mut client, mut proxy) = tokio::io::duplex(64 * 1024);
-        proxy
-            .write_all(b"HTTP/1.1 200 OK\r\n\r\nserver-first")
-            .await
-            .expect("write");
-        let head = read_head(&mut client).await.expect("head");
-        assert_eq!(head, b"HTTP/1.1 200 OK\r\n\r\n");
-        let mut rest = [0u8; 12];
-        client.read_exact(&mut rest).await.expect("rest");
-        assert_eq!(&rest, b"server-first");
-
-        proxy
-            .write_all(&vec![b'a'; MAX_RESPONSE_HEAD + 1])
-            .await
-            .expect("write");
-        let e = read_head(&mut client).await.expect_err("too long");
-        assert!(matches!(e, TunnelError::Malformed(_)), "{e:?}");
-
-        drop(proxy);
-        let e = read_head(&mut client).await.expect_err("eof");
-        assert!(matches!(e, TunnelError::Io(_)), "{e:?}");
     }
 }

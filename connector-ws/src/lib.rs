@@ -30,7 +30,6 @@
 mod config;
 mod error;
 mod mux;
-mod proxy;
 mod socket;
 mod tls;
 

@@ -25,7 +25,6 @@ use tracing::Instrument;
 
 use crate::config::{Resolved, WsConfig};
 use crate::error::WsError;
-use crate::proxy::open_tunnel;
 use crate::socket::{self, Inbound, Registry, Shared, WriterSettings, Ws};
 use crate::tls::{self, TlsSetup};
 
@@ -219,13 +218,11 @@ impl Inner {
     async fn dial(&self, register: &StreamMessage) -> Result<Ws, WsError> {
         let addr = self.endpoint.authority();
         let tcp = match &self.proxy {
-            Some(proxy) => open_tunnel(proxy, &addr)
-                .await
-                .map_err(|e| WsError::Proxy {
-                    proxy: proxy.authority(),
-                    status: e.status(),
-                    message: e.describe(&addr),
-                })?,
+            Some(proxy) => proxy.open_tunnel(&addr).await.map_err(|e| WsError::Proxy {
+                proxy: proxy.authority(),
+                status: e.status(),
+                message: e.to_string(),
+            })?,
             None => {
                 let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
                     .await

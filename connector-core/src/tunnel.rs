@@ -1,25 +1,34 @@
-//! The HTTP CONNECT tunnel under a socket when a proxy is configured.
+//! The HTTP CONNECT tunnel both transports open under a connection when a
+//! proxy is configured: before TLS and before their own handshake, so the
+//! proxy sees only the server's `host:port` and an opaque byte stream.
 //!
-//! The tunnel is opened before TLS and the WebSocket upgrade, so the proxy
-//! sees only the server's `host:port` and an opaque byte stream.
-//!
-//! (The gRPC crate has its own copy of [`open_tunnel`]: the two transports
-//! share nothing but `connector-core`.)
+//! It needs only tokio's TCP, so it lives here once rather than in each
+//! transport crate.
 
+use std::fmt;
 use std::io;
 
-use connector_core::Proxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::proxy::Proxy;
 
 /// Longest proxy response head read; a proxy that sends more is broken.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 /// Longest part of the proxy's status line quoted in an error.
 const MAX_QUOTED: usize = 120;
 
-/// Why a tunnel could not be opened.
+/// Why a tunnel could not be opened (see [`Proxy::open_tunnel`]). Its
+/// message names the target and never a credential; the caller's error adds
+/// the proxy's name.
 #[derive(Debug)]
-pub(crate) enum TunnelError {
+pub struct TunnelError {
+    target: String,
+    failure: TunnelFailure,
+}
+
+#[derive(Debug)]
+enum TunnelFailure {
     /// The proxy could not be reached.
     Connect(io::Error),
     /// The proxy closed or failed before answering in full.
@@ -37,77 +46,97 @@ pub(crate) enum TunnelError {
 
 impl TunnelError {
     /// The proxy's status code, if it answered with one.
-    pub(crate) fn status(&self) -> Option<u16> {
-        match self {
-            Self::Status { code, .. } => Some(*code),
+    pub fn status(&self) -> Option<u16> {
+        match self.failure {
+            TunnelFailure::Status { code, .. } => Some(code),
             _ => None,
-        }
-    }
-
-    /// What happened, for people, without the proxy's name (the caller's
-    /// error adds it) and never with a credential.
-    pub(crate) fn describe(&self, target: &str) -> String {
-        match self {
-            Self::Connect(e) => format!("cannot connect to the proxy: {e}"),
-            Self::Io(e) => format!("the proxy closed the connection during CONNECT: {e}"),
-            Self::Status { code: 407, line } => format!(
-                "proxy authentication failed ({line}); check the user and password in the proxy URL"
-            ),
-            Self::Status { line, .. } => {
-                format!("the proxy refused the tunnel to {target} ({line})")
-            }
-            Self::Malformed(what) => format!("invalid answer to CONNECT: {what}"),
         }
     }
 }
 
-/// Dials `proxy`, asks it for a tunnel to `target` (`host:port`) and returns
-/// the socket once the proxy answered 2xx. Unbounded in time: callers bound
-/// it with their connect timeout.
-pub(crate) async fn open_tunnel(proxy: &Proxy, target: &str) -> Result<TcpStream, TunnelError> {
-    let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
-        .await
-        .map_err(TunnelError::Connect)?;
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.failure {
+            TunnelFailure::Connect(e) => write!(f, "cannot connect to the proxy: {e}"),
+            TunnelFailure::Io(e) => {
+                write!(f, "the proxy closed the connection during CONNECT: {e}")
+            }
+            TunnelFailure::Status { code: 407, line } => write!(
+                f,
+                "proxy authentication failed ({line}); check the user and password in the proxy URL"
+            ),
+            TunnelFailure::Status { line, .. } => write!(
+                f,
+                "the proxy refused the tunnel to {} ({line})",
+                self.target
+            ),
+            TunnelFailure::Malformed(what) => write!(f, "invalid answer to CONNECT: {what}"),
+        }
     }
-    // The request carries `Proxy-Authorization`: it is written, never logged.
-    tcp.write_all(proxy.connect_request(target).as_bytes())
-        .await
-        .map_err(TunnelError::Io)?;
-    let head = read_head(&mut tcp).await?;
-    check_status(&head)?;
-    Ok(tcp)
+}
+
+impl std::error::Error for TunnelError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.failure {
+            TunnelFailure::Connect(e) | TunnelFailure::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Dials the proxy, asks it for a tunnel to `target` (`host:port`) and
+    /// returns the socket once the proxy answered 2xx. Unbounded in time:
+    /// callers bound it with their connect timeout.
+    pub async fn open_tunnel(&self, target: &str) -> Result<TcpStream, TunnelError> {
+        let fail = |failure| TunnelError {
+            target: target.to_string(),
+            failure,
+        };
+        let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| fail(TunnelFailure::Connect(e)))?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        // The request carries `Proxy-Authorization`: it is written, never logged.
+        tcp.write_all(self.connect_request(target).as_bytes())
+            .await
+            .map_err(|e| fail(TunnelFailure::Io(e)))?;
+        let head = read_head(&mut tcp).await.map_err(fail)?;
+        check_status(&head).map_err(fail)?;
+        Ok(tcp)
+    }
 }
 
 /// Reads the response head up to its blank line. One byte at a time: the
 /// bytes right behind the head belong to the tunnelled protocol (a server
 /// may speak first) and must stay in the socket.
-async fn read_head(io: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, TunnelError> {
+async fn read_head(io: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, TunnelFailure> {
     let mut head = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(TunnelError::Malformed(format!(
+            return Err(TunnelFailure::Malformed(format!(
                 "response head longer than {MAX_RESPONSE_HEAD} bytes"
             )));
         }
         match io.read(&mut byte).await {
             Ok(0) => {
-                return Err(TunnelError::Io(io::Error::new(
+                return Err(TunnelFailure::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "connection closed before the end of the response head",
                 )))
             }
             Ok(_) => head.push(byte[0]),
-            Err(e) => return Err(TunnelError::Io(e)),
+            Err(e) => return Err(TunnelFailure::Io(e)),
         }
     }
     Ok(head)
 }
 
 /// Accepts `HTTP/1.x 2xx …` (RFC 9110: any 2xx opens the tunnel).
-fn check_status(head: &[u8]) -> Result<(), TunnelError> {
+fn check_status(head: &[u8]) -> Result<(), TunnelFailure> {
     let end = head
         .windows(2)
         .position(|w| w == b"\r\n")
@@ -135,10 +164,10 @@ fn check_status(head: &[u8]) -> Result<(), TunnelError> {
             if (200..300).contains(&code) {
                 Ok(())
             } else {
-                Err(TunnelError::Status { code, line })
+                Err(TunnelFailure::Status { code, line })
             }
         }
-        _ => Err(TunnelError::Malformed(format!(
+        _ => Err(TunnelFailure::Malformed(format!(
             "not an HTTP response: {line:?}"
         ))),
     }
@@ -148,19 +177,26 @@ fn check_status(head: &[u8]) -> Result<(), TunnelError> {
 mod tests {
     use super::*;
 
+    fn err(failure: TunnelFailure) -> TunnelError {
+        TunnelError {
+            target: "h:1".into(),
+            failure,
+        }
+    }
+
     #[test]
     fn statuses_are_sorted() {
         assert!(check_status(b"HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
         assert!(check_status(b"HTTP/1.0 204 OK\r\n\r\n").is_ok());
-        let e =
-            check_status(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").expect_err("407");
+        let e = err(
+            check_status(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").expect_err("407"),
+        );
         assert_eq!(e.status(), Some(407));
-        assert!(e.describe("h:1").contains("proxy authentication failed"));
-        let e = check_status(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").expect_err("502");
+        assert!(e.to_string().contains("proxy authentication failed"));
+        let e = err(check_status(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").expect_err("502"));
         assert!(
-            e.describe("h:1").contains("h:1 (HTTP/1.1 502 Bad Gateway)"),
-            "{}",
-            e.describe("h:1")
+            e.to_string().contains("h:1 (HTTP/1.1 502 Bad Gateway)"),
+            "{e}"
         );
         for bad in [
             &b"SSH-2.0-x\r\n\r\n"[..],
@@ -168,10 +204,10 @@ mod tests {
             b"\r\n\r\n",
         ] {
             let e = check_status(bad).expect_err("malformed");
-            assert!(matches!(e, TunnelError::Malformed(_)), "{e:?}");
+            assert!(matches!(e, TunnelFailure::Malformed(_)), "{e:?}");
         }
-        let e = check_status(b"HTTP/1.1 500 \x1b[31mred\r\n\r\n").expect_err("500");
-        assert!(!e.describe("h:1").contains('\x1b'));
+        let e = err(check_status(b"HTTP/1.1 500 \x1b[31mred\r\n\r\n").expect_err("500"));
+        assert!(!e.to_string().contains('\x1b'));
     }
 
     #[tokio::test]
@@ -192,10 +228,10 @@ mod tests {
             .await
             .expect("write");
         let e = read_head(&mut client).await.expect_err("too long");
-        assert!(matches!(e, TunnelError::Malformed(_)), "{e:?}");
+        assert!(matches!(e, TunnelFailure::Malformed(_)), "{e:?}");
 
         drop(proxy);
         let e = read_head(&mut client).await.expect_err("eof");
-        assert!(matches!(e, TunnelError::Io(_)), "{e:?}");
+        assert!(matches!(e, TunnelFailure::Io(_)), "{e:?}");
     }
 }
