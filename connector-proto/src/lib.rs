@@ -27,3 +27,30 @@ pub const WS_SUBPROTOCOL: &str = "connector.v1";
 
 /// The WebSocket path a client dials when its URL has none.
 pub const WS_PATH: &str = "/v1/connect";
+
+impl Kind {
+    /// The field name of this variant in the `.proto` (`"execute_request"`),
+    /// for logs and errors: never the message's contents, since `register`
+    /// carries credentials.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Register(_) => "register",
+            Kind::RegisterResponse(_) => "register_response",
+            Kind::ApprovalUpdate(_) => "approval_update",
+            Kind::Heartbeat(_) => "heartbeat",
+            Kind::HeartbeatAck(_) => "heartbeat_ack",
+            Kind::ExecuteRequest(_) => "execute_request",
+            Kind::ExecuteResponse(_) => "execute_response",
+            Kind::Cancel(_) => "cancel",
+            Kind::Drain(_) => "drain",
+            Kind::MetricsReport(_) => "metrics_report",
+        }
+    }
+}
+
+impl StreamMessage {
+    /// [`Kind::name`] of the message, or `"empty"` when no kind is set.
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.as_ref().map_or("empty", Kind::name)
+    }
+}

@@ -577,22 +577,6 @@ fn msg(kind: Kind) -> StreamMessage {
     StreamMessage { kind: Some(kind) }
 }
 
-fn kind_name(kind: &Option<Kind>) -> &'static str {
-    match kind {
-        None => "empty message (no kind set)",
-        Some(Kind::Register(_)) => "register",
-        Some(Kind::RegisterResponse(_)) => "register_response",
-        Some(Kind::ApprovalUpdate(_)) => "approval_update",
-        Some(Kind::Heartbeat(_)) => "heartbeat",
-        Some(Kind::HeartbeatAck(_)) => "heartbeat_ack",
-        Some(Kind::ExecuteRequest(_)) => "execute_request",
-        Some(Kind::ExecuteResponse(_)) => "execute_response",
-        Some(Kind::Cancel(_)) => "cancel",
-        Some(Kind::Drain(_)) => "drain",
-        Some(Kind::MetricsReport(_)) => "metrics_report",
-    }
-}
-
 fn validate(r: &RegisterRequest) -> Result<(), String> {
     for (field, value) in [
         ("tenant_id", &r.tenant_id),
@@ -1177,7 +1161,8 @@ impl TestServer {
                         Some(stream_id),
                         format!(
                             "first message was {}, not register; closing the stream",
-                            kind_name(&kind)
+                            kind.as_ref()
+                                .map_or("empty message (no kind set)", Kind::name)
                         ),
                     );
                     st.close(stream_id);
@@ -1204,7 +1189,11 @@ impl TestServer {
                 (Some(Kind::MetricsReport(_)), true, _) => st.stats.metrics_reports += 1,
                 (kind, true, _) => st.protocol_error(
                     Some(stream_id),
-                    format!("unexpected {} from the client", kind_name(&kind)),
+                    format!(
+                        "unexpected {} from the client",
+                        kind.as_ref()
+                            .map_or("empty message (no kind set)", Kind::name)
+                    ),
                 ),
             }
         });

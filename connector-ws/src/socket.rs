@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use connector_core::TransportError;
-use connector_proto::{Kind, StreamMessage};
+use connector_proto::StreamMessage;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use prost::Message as _;
@@ -206,7 +206,7 @@ async fn send_message(
     msg: StreamMessage,
     settings: &WriterSettings,
 ) -> Result<(), tungstenite::Error> {
-    let kind = kind_name(&msg);
+    let kind = msg.kind_name();
     let bytes = msg.encode_to_vec();
     if bytes.len() > settings.max_message_size {
         tracing::warn!(
@@ -393,7 +393,7 @@ impl Stream for Inbound {
                 Some(Ok(Message::Binary(bytes))) => {
                     return match StreamMessage::decode(bytes) {
                         Ok(msg) => {
-                            tracing::trace!(kind = kind_name(&msg), "received");
+                            tracing::trace!(kind = msg.kind_name(), "received");
                             Poll::Ready(Some(Ok(msg)))
                         }
                         Err(e) => this.fail(
@@ -430,23 +430,5 @@ impl Stream for Inbound {
                 }
             }
         }
-    }
-}
-
-/// The message's kind for logs (never its contents: `register` carries
-/// credentials).
-pub(crate) fn kind_name(msg: &StreamMessage) -> &'static str {
-    match &msg.kind {
-        Some(Kind::Register(_)) => "register",
-        Some(Kind::RegisterResponse(_)) => "register_response",
-        Some(Kind::ApprovalUpdate(_)) => "approval_update",
-        Some(Kind::Heartbeat(_)) => "heartbeat",
-        Some(Kind::HeartbeatAck(_)) => "heartbeat_ack",
-        Some(Kind::ExecuteRequest(_)) => "execute_request",
-        Some(Kind::ExecuteResponse(_)) => "execute_response",
-        Some(Kind::Cancel(_)) => "cancel",
-        Some(Kind::Drain(_)) => "drain",
-        Some(Kind::MetricsReport(_)) => "metrics_report",
-        None => "empty",
     }
 }
