@@ -145,6 +145,17 @@ pub struct ConnectionStats {
     pub capacity: usize,
 }
 
+impl ConnectionStats {
+    /// Connection `id` carrying `streams` of at most `capacity` streams.
+    pub fn new(id: u64, streams: usize, capacity: usize) -> Self {
+        Self {
+            id,
+            streams,
+            capacity,
+        }
+    }
+}
+
 /// Makes the [`StreamMux`] a runner uses, from its options.
 ///
 /// `connector-grpc` and `connector-ws` each provide one; a program picks by

@@ -279,13 +279,7 @@ impl<C: Clone> Pool<C> {
     pub(crate) fn channel_stats(&self) -> Vec<ConnectionStats> {
         self.channels
             .iter()
-            .map(|e| {
-                let mut c = ConnectionStats::default();
-                c.id = e.id;
-                c.streams = e.streams;
-                c.capacity = e.effective_cap();
-                c
-            })
+            .map(|e| ConnectionStats::new(e.id, e.streams, e.effective_cap()))
             .collect()
     }
 

@@ -210,13 +210,7 @@ impl StreamMux for MemoryMux {
         stats.connections = self
             .conns()
             .keys()
-            .map(|id| {
-                let mut c = ConnectionStats::default();
-                c.id = *id;
-                c.streams = 1;
-                c.capacity = 1;
-                c
-            })
+            .map(|id| ConnectionStats::new(*id, 1, 1))
             .collect();
         stats.dials_succeeded = self.inner.dials_succeeded.load(Ordering::Relaxed);
         stats.dials_failed = self.inner.dials_failed.load(Ordering::Relaxed);
