@@ -23,6 +23,7 @@ mod registration;
 mod runner;
 mod state;
 mod telemetry;
+mod text;
 mod transport;
 mod tunnel;
 
@@ -44,6 +45,7 @@ pub use registration::{Action, Registration};
 pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 pub use telemetry::names as metric_names;
+pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
