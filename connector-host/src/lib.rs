@@ -1,0 +1,7 @@
+//! The `connector-host` program and the library behind it.
+//!
+//! Operators run the `connector-host` binary; Rust developers who write their
+//! own connectors call this library to get the same program (flags,
+//! environment, config file, reload, ops endpoints, shards and fleets) for
+//! their connector types.
+#![deny(missing_docs)]
