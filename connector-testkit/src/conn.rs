@@ -336,6 +336,7 @@ impl AsyncWrite for ServerIo {
     }
 }
 
+#[cfg(feature = "grpc")]
 impl tonic::transport::server::Connected for ServerIo {
     type ConnectInfo = ServerConnInfo;
 

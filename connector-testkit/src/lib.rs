@@ -39,14 +39,19 @@
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
+// With a front-end compiled out (`grpc` or `ws` off), the socket and TLS
+// helpers only that front-end uses are unused; that is expected.
+#![cfg_attr(not(all(feature = "grpc", feature = "ws")), allow(dead_code))]
 
 mod conn;
 mod engine;
 mod error;
+#[cfg(feature = "grpc")]
 mod grpc_server;
 mod memory;
 mod proxy;
 mod tls;
+#[cfg(feature = "ws")]
 mod ws_server;
 
 pub use conn::ConnectionInfo;
@@ -55,10 +60,12 @@ pub use engine::{
     ServerStats, TestServer,
 };
 pub use error::TestkitError;
+#[cfg(feature = "grpc")]
 pub use grpc_server::{GrpcServerOptions, GrpcTestServer};
 pub use memory::{MemoryMux, MemoryTransport};
 pub use proxy::ConnectProxy;
 pub use tls::TestCertificate;
+#[cfg(feature = "ws")]
 pub use ws_server::{WsServerOptions, WsTestServer};
 
 /// The wire protocol's messages, re-exported for tests that play the client.
