@@ -486,12 +486,16 @@ pub(crate) fn parse_host_port(authority: &str) -> Result<(&str, Option<u16>), St
     Ok((host, port))
 }
 
-/// TLS material beyond the system roots.
+/// TLS material beyond the system roots. Which CAs are trusted is one rule
+/// for both transports: see [`trust_anchors`](crate::trust_anchors).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TlsOptions {
     /// Extra trusted CA certificates (PEM file).
     pub ca_cert: Option<PathBuf>,
+    /// Trust only `ca_cert`, not the system roots (a private control plane
+    /// whose hosts must not accept any publicly trusted certificate).
+    pub trust_only_ca: bool,
     /// Client certificate chain (PEM) for mutual TLS, with `client_key`.
     pub client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS, with `client_cert`.
@@ -692,6 +696,14 @@ impl MultiTransportOptionsBuilder {
         self
     }
 
+    /// Trust only the CA certificates of this PEM file for `grpcs`/`wss`:
+    /// the system roots are not read.
+    pub fn trust_only_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_cert = Some(path.into());
+        self.tls.trust_only_ca = true;
+        self
+    }
+
     /// Client certificate and key (PEM files) for mutual TLS.
     pub fn client_identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.tls.client_cert = Some(cert.into());
@@ -816,6 +828,9 @@ impl MultiTransportOptionsBuilder {
         }
         if let ProxySetting::Url(url) = &self.proxy {
             Proxy::parse(url)?;
+        }
+        if self.tls.trust_only_ca && self.tls.ca_cert.is_none() {
+            return invalid("trust_only_ca needs a ca_cert to trust".into());
         }
         if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
             return invalid("client_cert and client_key go together".into());

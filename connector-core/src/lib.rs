@@ -26,6 +26,7 @@ mod state;
 mod telemetry;
 mod text;
 mod transport;
+mod trust;
 mod tunnel;
 
 pub use backoff::{Backoff, JitterRng};
@@ -51,6 +52,7 @@ pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
+pub use trust::trust_anchors;
 pub use tunnel::TunnelError;
 
 /// The wire protocol's messages, re-exported so users need one dependency.

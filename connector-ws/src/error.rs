@@ -47,7 +47,7 @@ pub enum WsError {
         after: Duration,
     },
     /// The TLS handshake failed: unknown CA, wrong name, no TLS on the port.
-    #[error("TLS handshake with {addr} failed")]
+    #[error("TLS handshake with {addr} failed; check the CA (ca_cert) and the host name")]
     Tls {
         /// `host:port` dialled.
         addr: String,
