@@ -23,6 +23,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // tokio channel allocates its first block of 32 slots up front)
         // shrinks with it, which at 10 000 idle registrations is ~8 KiB
         // each. The cost is one small allocation per execute each way.
+        // These carry credentials (`auth_token`, `session_token`): their
+        // `Debug` is written by hand in `lib.rs` and redacts them, so a
+        // `{:?}` of a message in a log or a panic never prints a token.
+        .skip_debug([
+            ".connector.v1.RegisterRequest",
+            ".connector.v1.RegisterResponse",
+            ".connector.v1.ApprovalUpdate",
+        ])
         .boxed(".connector.v1.StreamMessage.kind.register")
         .boxed(".connector.v1.StreamMessage.kind.register_response")
         .boxed(".connector.v1.StreamMessage.kind.execute_request")

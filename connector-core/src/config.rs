@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::error::ConnectorError;
 use crate::proxy::{Proxy, ProxySetting};
+use crate::redact::{redact_path_and_query, redact_url};
 
 /// The identity of one registration: `tenant.type.instance`.
 ///
@@ -320,7 +321,11 @@ pub enum TransportKind {
 }
 
 /// A parsed and validated server URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` and `Display` redact the query and fragment values of the path
+/// (`?token=<redacted>`): a server URL may carry a credential there. The
+/// `path` field itself is kept whole, for the request.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Endpoint {
     /// The binding.
@@ -331,15 +336,31 @@ pub struct Endpoint {
     pub host: String,
     /// Port.
     pub port: u16,
-    /// Path (WebSocket only; `/v1/connect` when the URL has none).
+    /// Path and query (WebSocket only; `/v1/connect` when the URL has no
+    /// path). Printing it would print any token in the query: print the
+    /// `Endpoint` instead.
     pub path: String,
 }
 
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("kind", &self.kind)
+            .field("tls", &self.tls)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("path", &redact_path_and_query(&self.path))
+            .finish()
+    }
+}
+
 impl Endpoint {
-    /// Parses `grpc://host:port`, `grpcs://…`, `ws://host:port[/path]`,
-    /// `wss://…`.
+    /// Parses `grpc://host:port`, `grpcs://…`, `ws://host:port[/path][?query]`,
+    /// `wss://…`. Errors quote the URL with its user info and query values
+    /// redacted.
     pub fn parse(url: &str) -> Result<Self, ConnectorError> {
-        let bad = |why: &str| ConnectorError::InvalidConfig(format!("url {url:?}: {why}"));
+        let bad =
+            |why: &str| ConnectorError::InvalidConfig(format!("url {:?}: {why}", redact_url(url)));
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("expected scheme://host:port (grpc, grpcs, ws or wss)"))?;
@@ -354,9 +375,15 @@ impl Endpoint {
                 )))
             }
         };
-        let (authority, path) = match rest.find('/') {
+        let (authority, path) = match rest.find(['/', '?', '#']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
+        };
+        // `path` may still hold a query: split it off so `/v1/connect` can be
+        // put in front of a query-only URL (`ws://h:1?token=…`).
+        let (path, query) = match path.find(['?', '#']) {
+            Some(i) => (&path[..i], &path[i..]),
+            None => (path, ""),
         };
         if authority.contains('@') {
             return Err(bad("credentials in the URL are not supported"));
@@ -365,16 +392,16 @@ impl Endpoint {
         let port = port.unwrap_or(if tls { 443 } else { 80 });
         let path = match kind {
             TransportKind::Grpc => {
-                if !path.is_empty() && path != "/" {
-                    return Err(bad("a gRPC URL takes no path"));
+                if !path.is_empty() && path != "/" || !query.is_empty() {
+                    return Err(bad("a gRPC URL takes no path or query"));
                 }
                 String::new()
             }
             TransportKind::WebSocket => {
                 if path.is_empty() || path == "/" {
-                    connector_proto::WS_PATH.to_string()
+                    format!("{}{query}", connector_proto::WS_PATH)
                 } else {
-                    path.to_string()
+                    format!("{path}{query}")
                 }
             }
         };
@@ -397,15 +424,33 @@ impl Endpoint {
     }
 }
 
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match (self.kind, self.tls) {
+impl Endpoint {
+    fn scheme(&self) -> &'static str {
+        match (self.kind, self.tls) {
             (TransportKind::Grpc, false) => "grpc",
             (TransportKind::Grpc, true) => "grpcs",
             (TransportKind::WebSocket, false) => "ws",
             (TransportKind::WebSocket, true) => "wss",
-        };
-        write!(f, "{scheme}://{}{}", self.authority(), self.path)
+        }
+    }
+
+    /// The whole URL, query values included: only for the request itself
+    /// (and to rebuild options), never for a log.
+    pub fn full_url(&self) -> String {
+        format!("{}://{}{}", self.scheme(), self.authority(), self.path)
+    }
+}
+
+/// `scheme://host:port/path`, with query values redacted.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme(),
+            self.authority(),
+            redact_path_and_query(&self.path)
+        )
     }
 }
 
@@ -426,6 +471,9 @@ pub(crate) fn parse_host_port(authority: &str) -> Result<(&str, Option<u16>), St
     if host.is_empty() {
         return Err("no host".into());
     }
+    if !authority.starts_with('[') && host.contains(':') {
+        return Err("too many ':'; an IPv6 address needs brackets ([::1]:port)".into());
+    }
     let port = match port {
         Some(p) => Some(
             p.parse::<u16>()
@@ -438,12 +486,16 @@ pub(crate) fn parse_host_port(authority: &str) -> Result<(&str, Option<u16>), St
     Ok((host, port))
 }
 
-/// TLS material beyond the system roots.
+/// TLS material beyond the system roots. Which CAs are trusted is one rule
+/// for both transports: see [`trust_anchors`](crate::trust_anchors).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TlsOptions {
     /// Extra trusted CA certificates (PEM file).
     pub ca_cert: Option<PathBuf>,
+    /// Trust only `ca_cert`, not the system roots (a private control plane
+    /// whose hosts must not accept any publicly trusted certificate).
+    pub trust_only_ca: bool,
     /// Client certificate chain (PEM) for mutual TLS, with `client_key`.
     pub client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS, with `client_cert`.
@@ -458,6 +510,9 @@ pub struct TlsOptions {
 /// cap and 500 ms of jitter, reconnects paced at 2 000/s after a burst of
 /// 200 across the runner, 100 concurrent requests per registration,
 /// heartbeats every 30 s with a 45 s watchdog.
+///
+/// `Debug` never prints a credential: the endpoint's query values and the
+/// proxy's user info are redacted.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MultiTransportOptions {
@@ -517,7 +572,7 @@ impl MultiTransportOptions {
     /// A builder for `url` with every default.
     pub fn builder(url: impl Into<String>) -> MultiTransportOptionsBuilder {
         MultiTransportOptionsBuilder {
-            url: url.into(),
+            url: ServerUrl(url.into()),
             use_tls: None,
             tls: TlsOptions::default(),
             max_streams_per_channel: 80,
@@ -551,7 +606,7 @@ impl MultiTransportOptions {
     /// Turns these options back into a builder, to change a few fields.
     pub fn to_builder(&self) -> MultiTransportOptionsBuilder {
         MultiTransportOptionsBuilder {
-            url: self.endpoint.to_string(),
+            url: ServerUrl(self.endpoint.full_url()),
             use_tls: Some(self.endpoint.tls),
             tls: self.tls.clone(),
             max_streams_per_channel: self.max_streams_per_channel,
@@ -578,10 +633,21 @@ impl MultiTransportOptions {
     }
 }
 
-/// Builds [`MultiTransportOptions`]; `build` validates.
+/// The URL a builder was given, printed redacted by `Debug`.
+#[derive(Clone)]
+struct ServerUrl(String);
+
+impl fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact_url(&self.0), f)
+    }
+}
+
+/// Builds [`MultiTransportOptions`]; `build` validates. `Debug` never
+/// prints a credential (URL query values, proxy user info).
 #[derive(Debug, Clone)]
 pub struct MultiTransportOptionsBuilder {
-    url: String,
+    url: ServerUrl,
     use_tls: Option<bool>,
     tls: TlsOptions,
     max_streams_per_channel: usize,
@@ -627,6 +693,14 @@ impl MultiTransportOptionsBuilder {
     /// Extra trusted CA certificates (PEM file) for `grpcs`/`wss`.
     pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls.ca_cert = Some(path.into());
+        self
+    }
+
+    /// Trust only the CA certificates of this PEM file for `grpcs`/`wss`:
+    /// the system roots are not read.
+    pub fn trust_only_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_cert = Some(path.into());
+        self.tls.trust_only_ca = true;
         self
     }
 
@@ -723,7 +797,7 @@ impl MultiTransportOptionsBuilder {
     /// shorter than the heartbeat interval: such a watchdog can fire between
     /// two healthy heartbeats.
     pub fn build(self) -> Result<MultiTransportOptions, ConnectorError> {
-        let mut endpoint = Endpoint::parse(&self.url)?;
+        let mut endpoint = Endpoint::parse(&self.url.0)?;
         if let Some(tls) = self.use_tls {
             endpoint.tls = tls;
         }
@@ -754,6 +828,9 @@ impl MultiTransportOptionsBuilder {
         }
         if let ProxySetting::Url(url) = &self.proxy {
             Proxy::parse(url)?;
+        }
+        if self.tls.trust_only_ca && self.tls.ca_cert.is_none() {
+            return invalid("trust_only_ca needs a ca_cert to trust".into());
         }
         if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
             return invalid("client_cert and client_key go together".into());

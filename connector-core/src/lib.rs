@@ -19,12 +19,14 @@ mod fleet;
 mod metrics;
 mod pacing;
 mod proxy;
+mod redact;
 mod registration;
 mod runner;
 mod state;
 mod telemetry;
 mod text;
 mod transport;
+mod trust;
 mod tunnel;
 
 pub use backoff::{Backoff, JitterRng};
@@ -41,6 +43,7 @@ pub use error::{ConnectorError, TransportError, TransportErrorKind};
 pub use fleet::{shard_of, Shard};
 pub use metrics::ConnectorMetrics;
 pub use proxy::{Proxy, ProxySetting};
+pub use redact::redact_url;
 pub use registration::{Action, Registration};
 pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
@@ -49,6 +52,7 @@ pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
+pub use trust::trust_anchors;
 pub use tunnel::TunnelError;
 
 /// The wire protocol's messages, re-exported so users need one dependency.

@@ -7,11 +7,16 @@
 
 use std::fmt;
 
+use percent_encoding::percent_decode_str;
+
 use crate::config::{parse_host_port, Endpoint, Secret};
 use crate::error::ConnectorError;
+use crate::redact::redact_url;
 
 /// Where the proxy setting comes from.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// `Debug` prints a proxy URL with its user info redacted.
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProxySetting {
     /// `HTTPS_PROXY` (for `grpcs`/`wss`) or `HTTP_PROXY` (for `grpc`/`ws`),
@@ -20,8 +25,19 @@ pub enum ProxySetting {
     FromEnv,
     /// Never use a proxy.
     Disabled,
-    /// Always this proxy (`http://[user:password@]host:port`).
+    /// Always this proxy (`http://[user:password@]host:port`; user and
+    /// password percent-encoded, so `p%40ss` is the password `p@ss`).
     Url(String),
+}
+
+impl fmt::Debug for ProxySetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::FromEnv => f.write_str("FromEnv"),
+            Self::Disabled => f.write_str("Disabled"),
+            Self::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
+        }
+    }
 }
 
 /// A resolved proxy to tunnel through.
@@ -57,6 +73,10 @@ impl Proxy {
     }
 
     /// Parses `http://[user:password@]host[:port]` (port 80 by default).
+    ///
+    /// User and password are percent-decoded (RFC 3986 user info: `p%40ss`
+    /// is `p@ss`) before they become the `Basic` credential. Errors never
+    /// quote them.
     pub fn parse(url: &str) -> Result<Self, ConnectorError> {
         let bad = |why: &str| ConnectorError::InvalidConfig(format!("proxy url: {why}"));
         let rest = match url.split_once("://") {
@@ -68,15 +88,24 @@ impl Proxy {
             }
             None => url,
         };
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+        // The user info ends at the last `@` before any query or fragment,
+        // even past a raw `/` in a password: what follows it is the host, so
+        // an error about the host or port can never quote the password.
+        let before_query = rest.find(['?', '#']).unwrap_or(rest.len());
+        let (userinfo, rest) = match rest[..before_query].rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
         };
+        let hostport = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let (host, port) = parse_host_port(hostport).map_err(|why| bad(&why))?;
         let port = port.unwrap_or(80);
-        let authorization =
-            userinfo.map(|u| Secret::new(format!("Basic {}", base64(u.as_bytes()))));
+        let authorization = userinfo.map(|u| {
+            let (user, password) = u.split_once(':').unwrap_or((u, ""));
+            let mut credential: Vec<u8> = percent_decode_str(user).collect();
+            credential.push(b':');
+            credential.extend(percent_decode_str(password));
+            Secret::new(format!("Basic {}", base64(&credential)))
+        });
         Ok(Self {
             host: host.to_string(),
             port,
@@ -277,10 +306,63 @@ mod tests {
             !format!("{p:?}").contains("dXNlcjpwYTU1"),
             "no credential in Debug"
         );
+        let setting = ProxySetting::Url("http://user:pa55@explicit:3128".into());
+        let shown = format!("{setting:?}");
+        assert!(
+            !shown.contains("pa55") && !shown.contains("user"),
+            "{shown}"
+        );
+        assert!(shown.contains("explicit:3128"), "{shown}");
         assert_eq!(
             Proxy::resolve(&ep("grpc://h:1"), &ProxySetting::Disabled, env(&vars)).expect("ok"),
             None
         );
+    }
+
+    #[test]
+    fn user_info_is_percent_decoded_before_it_is_encoded() {
+        let p = Proxy::parse("http://us%3Aer%20x:p%40ss%2Fw@proxy:3128").expect("valid");
+        // base64("us:er x:p@ss/w")
+        assert_eq!(
+            p.authorization.as_ref().map(Secret::expose),
+            Some(format!("Basic {}", base64(b"us:er x:p@ss/w")).as_str())
+        );
+        // No password at all, and an empty one, both send `user:`.
+        for url in ["http://agent@p:1", "http://agent:@p:1"] {
+            let p = Proxy::parse(url).expect("valid");
+            assert_eq!(
+                p.authorization.as_ref().map(Secret::expose),
+                Some(format!("Basic {}", base64(b"agent:")).as_str()),
+                "{url}"
+            );
+        }
+        // A raw `@` or `/` in the password (not encoded): the last `@` ends
+        // the user info, and the host is still found.
+        let p = Proxy::parse("http://agent:p@s/s@proxy:8080").expect("valid");
+        assert_eq!(p.authority(), "proxy:8080");
+        assert_eq!(
+            p.authorization.as_ref().map(Secret::expose),
+            Some(format!("Basic {}", base64(b"agent:p@s/s")).as_str())
+        );
+    }
+
+    #[test]
+    fn proxy_url_errors_never_quote_the_password() {
+        for bad in [
+            "http://agent:hunter2@proxy:notaport",
+            "http://agent:hunter2@:1",
+            "http://agent:hun/ter2@proxy:0",
+            "socks5://agent:hunter2@proxy:1",
+        ] {
+            let err = Proxy::parse(bad).expect_err(bad);
+            for shown in [err.to_string(), format!("{err:?}")] {
+                assert!(
+                    !shown.contains("hunter2") && !shown.contains("ter2"),
+                    "{shown}"
+                );
+                assert!(shown.contains("proxy url"), "{shown}");
+            }
+        }
     }
 
     #[test]

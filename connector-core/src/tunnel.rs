@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::proxy::Proxy;
+use crate::text::sanitize_text;
 
 /// Longest proxy response head read; a proxy that sends more is broken.
 const MAX_RESPONSE_HEAD: usize = 8 * 1024;
@@ -37,7 +38,7 @@ enum TunnelFailure {
     Status {
         /// The status code.
         code: u16,
-        /// The status line, printable ASCII only, shortened.
+        /// The status line, sanitized (`sanitize_text`) and shortened.
         line: String,
     },
     /// The answer is not an HTTP/1 response head of at most 8 KiB.
@@ -141,19 +142,11 @@ fn check_status(head: &[u8]) -> Result<(), TunnelFailure> {
         .windows(2)
         .position(|w| w == b"\r\n")
         .unwrap_or(head.len());
-    // Quoted in errors: printable ASCII only, bounded.
-    let line: String = head[..end]
-        .iter()
-        .map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                char::from(b)
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_QUOTED)
-        .collect();
-    let mut parts = line.split(' ');
+    // The proxy chose these bytes: quoted in errors only once sanitized
+    // (control characters escaped, bounded), like any text from a peer.
+    let raw = String::from_utf8_lossy(&head[..end]);
+    let line = sanitize_text(&raw, MAX_QUOTED).into_owned();
+    let mut parts = raw.split(' ');
     let version = parts.next().unwrap_or_default();
     let code = parts
         .next()
@@ -168,7 +161,7 @@ fn check_status(head: &[u8]) -> Result<(), TunnelFailure> {
             }
         }
         _ => Err(TunnelFailure::Malformed(format!(
-            "not an HTTP response: {line:?}"
+            "not an HTTP response: \"{line}\""
         ))),
     }
 }
@@ -208,6 +201,22 @@ mod tests {
         }
         let e = err(check_status(b"HTTP/1.1 500 \x1b[31mred\r\n\r\n").expect_err("500"));
         assert!(!e.to_string().contains('\x1b'));
+        assert!(e.to_string().contains("500 \\u{1b}[31mred"), "{e}");
+    }
+
+    #[test]
+    fn hostile_status_lines_are_sanitized_and_capped() {
+        let mut head = b"HTTP/1.1 403 no\nFORGED LINE\x1b]0;pwn\x07".to_vec();
+        head.extend(std::iter::repeat_n(b'A', 7 * 1024));
+        head.extend(b"\r\n\r\n");
+        let e = err(check_status(&head).expect_err("403"));
+        let text = e.to_string();
+        assert_eq!(e.status(), Some(403));
+        assert!(text.contains("403 no\\nFORGED LINE"), "{text}");
+        assert!(!text.contains(['\n', '\x1b', '\x07']), "{text}");
+        assert!(text.len() < 512, "{} bytes", text.len());
+        let e = err(check_status(b"SSH-2.0\x1b[2J\n\r\n\r\n").expect_err("not http"));
+        assert!(!e.to_string().contains(['\n', '\x1b']), "{e}");
     }
 
     #[tokio::test]

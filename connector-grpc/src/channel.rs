@@ -4,8 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::{ConnectorError, MultiTransportOptions, Proxy, TlsOptions, TransportKind};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use connector_core::{
+    trust_anchors, ConnectorError, MultiTransportOptions, Proxy, TlsOptions, TransportKind,
+};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{dial_error, GrpcError};
 use crate::proxy::ProxyConnector;
@@ -82,7 +84,9 @@ impl ChannelFactory {
             .initial_connection_window_size(connection_window(options.max_streams_per_channel));
         let endpoint = if ep.tls {
             let tls = tls_config(&ep.host, &options.tls, connect_timeout)?;
-            with_tls(endpoint, tls, options.tls.ca_cert.is_some())?
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| GrpcError::config(format!("TLS settings: {e}")))?
         } else {
             if options.tls != TlsOptions::default() {
                 tracing::warn!(
@@ -150,34 +154,6 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, GrpcError> {
     })
 }
 
-/// Reads and checks the extra CA file: PEM, at least one certificate, each
-/// usable as a trust anchor. (tonic would silently skip a bad one.)
-fn read_ca(path: &Path) -> Result<Vec<u8>, GrpcError> {
-    let pem = read_pem("ca_cert", path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            GrpcError::config(format!("ca_cert {}: not valid PEM: {e}", path.display()))
-        })?;
-    if certs.is_empty() {
-        return Err(GrpcError::config(format!(
-            "ca_cert {}: no CERTIFICATE block found; expected a PEM file of CA certificates",
-            path.display()
-        )));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| {
-            GrpcError::config(format!(
-                "ca_cert {}: certificate #{} is not a usable CA certificate: {e}",
-                path.display(),
-                i + 1
-            ))
-        })?;
-    }
-    Ok(pem)
-}
-
 /// Reads and checks a client identity (certificate chain + private key).
 fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, GrpcError> {
     let cert = read_pem("client_cert", cert_path)?;
@@ -214,8 +190,10 @@ fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, GrpcErro
     Ok(Identity::from_pem(cert, key))
 }
 
-/// The TLS settings: SNI from the URL's host, the extra CA and the client
-/// identity if configured. Roots are added by [`with_tls`].
+/// The TLS settings: SNI from the URL's host, the trust anchors of
+/// [`connector_core::trust_anchors`] (the rule the WebSocket transport
+/// follows too: system roots and/or the CA file, never bundled roots) and
+/// the client identity if configured.
 fn tls_config(
     host: &str,
     tls: &TlsOptions,
@@ -227,9 +205,11 @@ fn tls_config(
         // gRPC is HTTP/2 only: a server that does not answer ALPN still
         // gets HTTP/2 rather than a handshake error.
         .assume_http2(true);
-    if let Some(path) = &tls.ca_cert {
-        config = config.ca_certificate(Certificate::from_pem(read_ca(path)?));
-    }
+    let anchors = trust_anchors(tls).map_err(|e| match e {
+        ConnectorError::InvalidConfig(message) => GrpcError::config(message),
+        other => GrpcError::config(other.to_string()),
+    })?;
+    config = config.trust_anchors(anchors);
     match (&tls.client_cert, &tls.client_key) {
         (Some(cert), Some(key)) => config = config.identity(read_identity(cert, key)?),
         (None, None) => {}
@@ -240,30 +220,6 @@ fn tls_config(
         }
     }
     Ok(config)
-}
-
-/// Applies TLS with the system roots. When the machine has no system roots
-/// but an extra CA is configured, that CA alone is trusted.
-fn with_tls(
-    endpoint: Endpoint,
-    config: ClientTlsConfig,
-    has_extra_ca: bool,
-) -> Result<Endpoint, GrpcError> {
-    match endpoint
-        .clone()
-        .tls_config(config.clone().with_native_roots())
-    {
-        Ok(ep) => Ok(ep),
-        Err(e) if has_extra_ca => {
-            tracing::warn!(error = %e, "system root certificates unavailable; trusting only ca_cert");
-            endpoint
-                .tls_config(config)
-                .map_err(|e| GrpcError::config(format!("TLS settings: {e}")))
-        }
-        Err(e) => Err(GrpcError::config(format!(
-            "TLS settings: {e}; no system root certificates were found, set ca_cert"
-        ))),
-    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,20 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::{TransportError, TransportErrorKind};
+use connector_core::{sanitize_text, TransportError, TransportErrorKind, MAX_PEER_TEXT_CHARS};
 use tonic::{Code, Status};
+
+/// Longest error chain quoted in one message, in characters. A chain can
+/// carry text from the peer (an h2 or TLS error's detail); past this it is
+/// cut, as `sanitize_text` says.
+const MAX_CHAIN_CHARS: usize = 1024;
+
+/// A `grpc-message` from the server, safe to print: control characters
+/// escaped (no forged log line, no terminal escape), at most
+/// [`MAX_PEER_TEXT_CHARS`] characters.
+fn server_text(status: &Status) -> String {
+    sanitize_text(status.message(), MAX_PEER_TEXT_CHARS).into_owned()
+}
 
 /// The underlying cause of a [`GrpcError`], shared so the error can be
 /// cloned (one failed dial is reported to every open that waited for it).
@@ -212,8 +224,14 @@ fn chain_facts(err: &(dyn StdError + 'static)) -> ChainFacts {
     facts
 }
 
-/// The message of an error with its sources, `a: b: c`, for people.
+/// The message of an error with its sources, `a: b: c`, for people:
+/// sanitized and capped, since any link may quote the peer.
 fn chain_message(err: &(dyn StdError + 'static)) -> String {
+    let out = raw_chain_message(err);
+    sanitize_text(&out, MAX_CHAIN_CHARS).into_owned()
+}
+
+fn raw_chain_message(err: &(dyn StdError + 'static)) -> String {
     let mut out = err.to_string();
     let mut next = err.source();
     let mut depth = 0;
@@ -307,7 +325,7 @@ pub(crate) fn open_error(target: &str, status: Status) -> (GrpcError, Blame) {
         return (
             GrpcError::Refused {
                 code: status.code(),
-                message: status.message().to_string(),
+                message: server_text(&status),
             },
             Blame::Server,
         );
@@ -351,7 +369,7 @@ pub(crate) fn stream_error(target: &str, status: Status) -> (GrpcError, Blame) {
         // could not decode (no source either).
         let err = match code {
             Code::Internal | Code::OutOfRange | Code::DataLoss => GrpcError::Protocol {
-                message: format!("{code:?}: {}", status.message()),
+                message: format!("{code:?}: {}", server_text(&status)),
                 source: Some(Arc::new(status)),
             },
             Code::Unauthenticated
@@ -362,12 +380,12 @@ pub(crate) fn stream_error(target: &str, status: Status) -> (GrpcError, Blame) {
             | Code::FailedPrecondition
             | Code::AlreadyExists => GrpcError::Refused {
                 code,
-                message: status.message().to_string(),
+                message: server_text(&status),
             },
             _ => GrpcError::Closed {
                 message: format!(
                     "server ended the stream with {code:?}: {}",
-                    status.message()
+                    server_text(&status)
                 ),
                 source: Some(Arc::new(status)),
             },
@@ -506,6 +524,47 @@ mod tests {
         let (err, _) = open_error("grpcs://h:1", status);
         assert_eq!(err.kind(), TransportErrorKind::Tls);
         assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    }
+
+    /// A newline that would forge a log line, terminal escapes, a bidi
+    /// override, and a megabyte of text.
+    fn hostile() -> String {
+        let mut s =
+            String::from("denied\n2026-01-01T00:00:00Z  INFO forged\x1b[2J\x1b]0;pwn\x07\u{202e}");
+        s.push_str(&"A".repeat(1024 * 1024));
+        s
+    }
+
+    fn assert_safe(text: &str) {
+        assert!(text.contains("denied"), "the server's text is still quoted");
+        for bad in ['\n', '\r', '\x1b', '\x07', '\u{202e}'] {
+            assert!(!text.contains(bad), "{bad:?} reached {text:.200}");
+        }
+        assert!(text.len() < 4 * 1024, "{} bytes", text.len());
+    }
+
+    #[test]
+    fn server_status_text_is_sanitized_and_capped_everywhere() {
+        for code in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Internal,
+            Code::Unavailable,
+            Code::Unknown,
+        ] {
+            let (e, _) = open_error("grpc://h:1", Status::new(code, hostile()));
+            assert_safe(&e.to_string());
+            let (e, _) = stream_error("grpc://h:1", Status::new(code, hostile()));
+            assert_safe(&e.to_string());
+            assert_safe(TransportError::from(e).message());
+        }
+        // Text inside a source chain (a status made from a local error).
+        let io = io::Error::new(io::ErrorKind::BrokenPipe, hostile());
+        let (e, _) = stream_error("grpc://h:1", Status::from_error(Box::new(io)));
+        assert_safe(&e.to_string());
+        let io = io::Error::new(io::ErrorKind::ConnectionRefused, hostile());
+        let (e, _) = open_error("grpc://h:1", Status::from_error(Box::new(io)));
+        assert_safe(&e.to_string());
     }
 
     #[test]

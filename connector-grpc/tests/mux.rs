@@ -629,6 +629,71 @@ async fn tls_with_a_wrong_ca_is_a_tls_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `trust_only_ca_cert`: the testkit CA alone is enough (the system roots
+/// are not read), and a server signed by another CA is refused with a TLS
+/// error that says to check `ca_cert`. Mirrors the WebSocket test of the
+/// same name: one trust rule (`connector_core::trust_anchors`) for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcs_trusting_only_the_given_ca() {
+    let served = TestCertificate::generate().expect("cert");
+    let other = TestCertificate::generate().expect("other cert");
+    let dir = temp_dir("only-ca");
+    let ca = served.write_ca_pem(&dir).expect("ca file");
+    let other_dir = temp_dir("only-other-ca");
+    let other_ca = other.write_ca_pem(&other_dir).expect("ca file");
+    let (engine, server) = start(GrpcServerOptions::default().tls(served)).await;
+
+    let o = options(&server.url())
+        .trust_only_ca_cert(&ca)
+        .build()
+        .expect("options");
+    assert!(o.tls.trust_only_ca);
+    let mux = GrpcTransport::new().mux(&o).await.expect("mux");
+    let mut s = open_registered(&*mux, 0).await;
+    heartbeat(&mut s, 1).await;
+    engine.wait_for_active(1, WAIT).await.expect("active");
+    drop(s);
+
+    let o = options(&server.url())
+        .trust_only_ca_cert(&other_ca)
+        .build()
+        .expect("options");
+    let mux = GrpcTransport::new()
+        .mux(&o)
+        .await
+        .expect("an untrusted peer is not a config error");
+    let err = timeout(WAIT, mux.open(&key(1), register(1)))
+        .await
+        .expect("in time")
+        .expect_err("untrusted server");
+    assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("ca_cert") && text.contains("invalid peer certificate"),
+        "{text}"
+    );
+
+    // No CA at all: the system roots do not know the testkit CA (or the
+    // machine has none, which is a config error naming ca_cert).
+    let o = options(&server.url()).build().expect("options");
+    match GrpcTransport::new().mux(&o).await {
+        Ok(mux) => {
+            let err = timeout(WAIT, mux.open(&key(2), register(2)))
+                .await
+                .expect("in time")
+                .expect_err("untrusted server");
+            assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
+            assert!(err.to_string().contains("ca_cert"), "{err}");
+        }
+        Err(err) => {
+            assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+            assert!(err.to_string().contains("ca_cert"), "{err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other_dir);
+}
+
 #[tokio::test]
 async fn bad_ca_path_is_a_config_error_from_mux() {
     let o = MultiTransportOptions::builder("grpcs://localhost:1")

@@ -54,3 +54,103 @@ impl StreamMessage {
         self.kind.as_ref().map_or("empty", Kind::name)
     }
 }
+
+/// What a credential prints as in `Debug`: whether it is set, never what it is.
+struct Token<'a>(&'a str);
+
+impl std::fmt::Debug for Token<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<empty>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+/// Every field but the credentials, which print as `<redacted>`.
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("connector_type", &self.connector_type)
+            .field("instance_id", &self.instance_id)
+            .field("version", &self.version)
+            .field("auth_token", &Token(&self.auth_token))
+            .field("session_token", &Token(&self.session_token))
+            .field("display_name", &self.display_name)
+            .field("tags", &self.tags)
+            .field("metadata", &self.metadata)
+            .field("behavior", &self.behavior)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("capabilities", &self.capabilities)
+            .finish()
+    }
+}
+
+/// Every field but the session token, which prints as `<redacted>`.
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("status", &self.status)
+            .field("session_token", &Token(&self.session_token))
+            .field("address", &self.address)
+            .field("message", &self.message)
+            .field("reject_reason", &self.reject_reason)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .finish()
+    }
+}
+
+/// Every field but the session token, which prints as `<redacted>`.
+impl std::fmt::Debug for ApprovalUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalUpdate")
+            .field("status", &self.status)
+            .field("session_token", &Token(&self.session_token))
+            .field("message", &self.message)
+            .field("reject_reason", &self.reject_reason)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_message_never_prints_a_token() {
+        let register = StreamMessage {
+            kind: Some(Kind::Register(Box::new(RegisterRequest {
+                tenant_id: "acme".into(),
+                auth_token: "auth-s3cret".into(),
+                session_token: "sess-s3cret".into(),
+                ..Default::default()
+            }))),
+        };
+        let response = RegisterResponse {
+            session_token: "sess-s3cret".into(),
+            address: "acme.echo.i1".into(),
+            ..Default::default()
+        };
+        let update = ApprovalUpdate {
+            session_token: "sess-s3cret".into(),
+            message: "approved by ops".into(),
+            ..Default::default()
+        };
+        for text in [
+            format!("{register:?}"),
+            format!("{register:#?}"),
+            format!("{response:?}"),
+            format!("{update:?}"),
+        ] {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+        assert!(format!("{register:?}").contains("acme"));
+        assert!(format!("{response:?}").contains("acme.echo.i1"));
+        assert!(format!("{update:?}").contains("approved by ops"));
+        let empty = RegisterRequest::default();
+        assert!(format!("{empty:?}").contains("auth_token: <empty>"));
+    }
+}

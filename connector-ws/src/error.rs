@@ -5,7 +5,11 @@ use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use connector_core::{TransportError, TransportErrorKind};
+use connector_core::{sanitize_text, TransportError, TransportErrorKind};
+
+/// Longest cause chain quoted in a [`TransportError`] message, in
+/// characters: links of the chain (a tungstenite error) may quote the peer.
+const MAX_CHAIN_CHARS: usize = 1024;
 
 /// A boxed cause.
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -43,7 +47,7 @@ pub enum WsError {
         after: Duration,
     },
     /// The TLS handshake failed: unknown CA, wrong name, no TLS on the port.
-    #[error("TLS handshake with {addr} failed")]
+    #[error("TLS handshake with {addr} failed; check the CA (ca_cert) and the host name")]
     Tls {
         /// `host:port` dialled.
         addr: String,
@@ -162,7 +166,8 @@ impl WsError {
 
 impl From<WsError> for TransportError {
     /// The message is the whole cause chain on one line (what a log line
-    /// wants); the source is the `WsError` itself.
+    /// wants), sanitized and capped since links may quote the peer; the
+    /// source is the `WsError` itself.
     fn from(err: WsError) -> Self {
         let mut message = err.to_string();
         let mut cause = err.source();
@@ -170,6 +175,7 @@ impl From<WsError> for TransportError {
             let _ = write!(message, ": {c}");
             cause = c.source();
         }
+        let message = sanitize_text(&message, MAX_CHAIN_CHARS).into_owned();
         TransportError::new(err.kind(), message).with_source(err)
     }
 }
@@ -228,5 +234,22 @@ mod tests {
         for (err, kind) in cases {
             assert_eq!(TransportError::from(err).kind(), kind);
         }
+    }
+
+    #[test]
+    fn peer_text_in_a_cause_chain_is_sanitized_and_capped() {
+        let mut hostile = String::from("bye\nFORGED LINE\x1b[2J\u{202e}");
+        hostile.push_str(&"A".repeat(1024 * 1024));
+        let err = WsError::closed_with("connection lost", std::io::Error::other(hostile));
+        let t = TransportError::from(err);
+        let m = t.message();
+        assert!(
+            m.starts_with("WebSocket closed: connection lost: bye"),
+            "{m:.200}"
+        );
+        for bad in ['\n', '\x1b', '\u{202e}'] {
+            assert!(!m.contains(bad), "{bad:?} in {m:.200}");
+        }
+        assert!(m.len() < 4 * 1024, "{} bytes", m.len());
     }
 }

@@ -135,15 +135,20 @@ impl WsMux {
             None
         };
         let scheme = if endpoint.tls { "wss" } else { "ws" };
+        // The whole URL, query included: it goes into the request and
+        // nowhere else (logs and errors print `endpoint`, which redacts it).
         let url = format!("{scheme}://{}{}", endpoint.authority(), endpoint.path);
         // Fail now, not on every dial, if the URL cannot make a request.
-        upgrade_request(&url)?;
+        upgrade_request(&url).map_err(|e| match e {
+            WsError::Config(why) => WsError::Config(format!("url {endpoint}: {why}")),
+            other => other,
+        })?;
         let proxy = options.resolve_proxy().map_err(|e| match e {
             ConnectorError::InvalidConfig(message) => WsError::Config(message),
             other => WsError::Config(other.to_string()),
         })?;
         if let Some(p) = &proxy {
-            tracing::debug!(url = %url, proxy = %p.authority(), "connecting through an HTTP proxy");
+            tracing::debug!(url = %endpoint, proxy = %p.authority(), "connecting through an HTTP proxy");
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -191,7 +196,7 @@ impl WsMux {
             };
             drop(permit);
             tracing::debug!(
-                url = %inner.url,
+                url = %inner.endpoint,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "socket open, register sent"
             );
@@ -205,7 +210,7 @@ impl WsMux {
             }
             Err(e) => {
                 inner.dials_failed.fetch_add(1, Ordering::Relaxed);
-                span.in_scope(|| tracing::debug!(url = %inner.url, error = %e, "dial failed"));
+                span.in_scope(|| tracing::debug!(url = %inner.endpoint, error = %e, "dial failed"));
             }
         }
         result
@@ -297,7 +302,7 @@ impl Inner {
 fn upgrade_request(url: &str) -> Result<tungstenite::handshake::client::Request, WsError> {
     let mut request = url
         .into_client_request()
-        .map_err(|e| WsError::Config(format!("url {url:?} cannot make an upgrade request: {e}")))?;
+        .map_err(|e| WsError::Config(format!("cannot make an upgrade request: {e}")))?;
     request.headers_mut().insert(
         SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(WS_SUBPROTOCOL),
@@ -353,7 +358,7 @@ impl StreamMux for WsMux {
         let bound = inner.settings.close_timeout + std::time::Duration::from_secs(1);
         if time::timeout(bound, inner.tasks.wait()).await.is_err() {
             tracing::warn!(
-                url = %inner.url,
+                url = %inner.endpoint,
                 tasks = inner.tasks.len(),
                 "socket writers still running after close"
             );

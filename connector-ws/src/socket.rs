@@ -323,12 +323,12 @@ impl Inbound {
         match frame {
             Some(f) if matches!(f.code, CloseCode::Normal | CloseCode::Away) => tracing::info!(
                 close_code = u16::from(f.code),
-                reason = %f.reason,
+                reason = %close_reason(&f),
                 "server closed the socket"
             ),
             Some(f) => tracing::warn!(
                 close_code = u16::from(f.code),
-                reason = %f.reason,
+                reason = %close_reason(&f),
                 "server closed the socket"
             ),
             None => tracing::info!("server closed the socket without a close code"),
@@ -362,6 +362,12 @@ impl Inbound {
             ),
         }
     }
+}
+
+/// The reason of a server's close frame, safe to log: the server chose
+/// those bytes, so control characters are escaped and the length capped.
+fn close_reason(frame: &CloseFrame) -> std::borrow::Cow<'_, str> {
+    connector_core::sanitize_text(frame.reason.as_str(), connector_core::MAX_PEER_TEXT_CHARS)
 }
 
 impl std::fmt::Debug for Inbound {
@@ -429,6 +435,30 @@ impl Stream for Inbound {
                     return Poll::Ready(None);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_close_reason_is_logged_sanitized() {
+        // A close frame's reason is at most 123 bytes on the wire, but
+        // tungstenite hands over whatever it decoded: test a long one too.
+        for reason in [
+            "bye\nFORGED 2026-01-01 INFO ok\x1b[2J".to_string(),
+            format!("bye\r{}", "\u{1b}".repeat(1024 * 1024)),
+        ] {
+            let frame = CloseFrame {
+                code: CloseCode::Policy,
+                reason: reason.as_str().into(),
+            };
+            let shown = close_reason(&frame);
+            assert!(shown.starts_with("bye\\"), "{shown:.100}");
+            assert!(!shown.contains(['\n', '\r', '\x1b']), "{shown:.100}");
+            assert!(shown.len() < 2048, "{} bytes", shown.len());
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use connector_core::TlsOptions;
+use connector_core::{trust_anchors, ConnectorError, TlsOptions};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -26,9 +26,10 @@ impl std::fmt::Debug for TlsSetup {
     }
 }
 
-/// Builds the TLS setup for `host`: the system's roots (the bundled
-/// webpki roots when the system has none) plus the CA file of `options`,
-/// and the client identity for mutual TLS when one is configured.
+/// Builds the TLS setup for `host`: the trust anchors of
+/// [`connector_core::trust_anchors`] (the rule the gRPC transport follows
+/// too: system roots and/or the CA file, never bundled roots) and the client
+/// identity for mutual TLS when one is configured.
 ///
 /// Reads files: call it off the async workers.
 pub(crate) fn setup(host: &str, options: &TlsOptions) -> Result<TlsSetup, WsError> {
@@ -36,27 +37,10 @@ pub(crate) fn setup(host: &str, options: &TlsOptions) -> Result<TlsSetup, WsErro
         WsError::Config(format!("host {host:?} is not a valid TLS server name: {e}"))
     })?;
 
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for err in &native.errors {
-        tracing::debug!(error = %err, "could not load some system CA certificates");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(native.certs);
-    tracing::debug!(added, ignored, "system CA certificates loaded");
-    if roots.is_empty() {
-        tracing::debug!("no system CA certificates; using the bundled webpki roots");
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if let Some(path) = &options.ca_cert {
-        for cert in read_certs(path, "ca_cert")? {
-            roots.add(cert).map_err(|e| {
-                WsError::Config(format!(
-                    "ca_cert {}: not a usable CA certificate: {e}",
-                    path.display()
-                ))
-            })?;
-        }
-    }
+    let roots = RootCertStore::from_iter(trust_anchors(options).map_err(|e| match e {
+        ConnectorError::InvalidConfig(message) => WsError::Config(message),
+        other => WsError::Config(other.to_string()),
+    })?);
 
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

@@ -442,6 +442,76 @@ async fn wss_with_the_wrong_ca_is_a_tls_error() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `trust_only_ca_cert`: the testkit CA alone is enough (the system roots
+/// are not read), and a server signed by another CA is refused with a TLS
+/// error that says to check `ca_cert`. Mirrors the gRPC test of the same
+/// name: one trust rule (`connector_core::trust_anchors`) for both.
+#[tokio::test]
+async fn wss_trusting_only_the_given_ca() {
+    let cert = TestCertificate::generate().unwrap();
+    let other = TestCertificate::generate().unwrap();
+    let engine = TestServer::new();
+    let server = WsTestServer::start(engine.clone(), WsServerOptions::default().tls(cert.clone()))
+        .await
+        .unwrap();
+    let dir = temp_dir("only-ca");
+    let ca = cert.write_ca_pem(&dir).unwrap();
+    let opts = options(&server.url())
+        .to_builder()
+        .trust_only_ca_cert(&ca)
+        .build()
+        .unwrap();
+    assert!(opts.tls.trust_only_ca);
+    let mux = mux_for(&opts).await;
+    let k = key(0);
+    let mut s = timeout(WAIT, mux.open(&k, register(&k)))
+        .await
+        .unwrap()
+        .unwrap();
+    expect_approved(&mut s).await;
+    drop(s);
+
+    let other_dir = temp_dir("only-other-ca");
+    let other_ca = other.write_ca_pem(&other_dir).unwrap();
+    let opts = options(&server.url())
+        .to_builder()
+        .trust_only_ca_cert(&other_ca)
+        .build()
+        .unwrap();
+    let mux = mux_for(&opts).await;
+    let err = timeout(WAIT, mux.open(&k, register(&k)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("ca_cert") && text.contains("invalid peer certificate"),
+        "{text}"
+    );
+    assert_eq!(mux.stats().dials_failed, 1);
+
+    // No CA at all: the system roots do not know the testkit CA (or the
+    // machine has none, which is a config error naming ca_cert).
+    let opts = options(&server.url());
+    match WsTransport::new().mux(&opts).await {
+        Ok(mux) => {
+            let err = timeout(WAIT, mux.open(&k, register(&k)))
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
+            assert!(err.to_string().contains("ca_cert"), "{err}");
+        }
+        Err(err) => {
+            assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+            assert!(err.to_string().contains("ca_cert"), "{err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other_dir);
+}
+
 #[tokio::test]
 async fn bad_ca_path_is_a_config_error_from_mux() {
     let opts = options("wss://localhost:1")
