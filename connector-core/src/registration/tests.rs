@@ -239,10 +239,13 @@ fn any_server_message_feeds_the_watchdog() {
 fn twenty_intervals_with_acks_never_disconnect() {
     let mut h = H::new();
     h.approve();
+    // The first beat is at this registration's phase within the interval.
+    let first = h.sm.next_heartbeat_at().expect("heartbeat armed");
+    assert!(first > h.now && first <= h.now + HB);
     for round in 0..20u64 {
         // Land exactly on each heartbeat: the previous round spent 20 ms.
         h.advance(if round == 0 {
-            HB
+            first - h.now
         } else {
             HB - Duration::from_millis(20)
         });
@@ -733,6 +736,8 @@ fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
 fn should_reconnect_drains_like_drain() {
     let mut h = H::new();
     h.approve();
+    // A stream that stayed healthy (past backoff_reset_after).
+    h.advance(Duration::from_secs(11));
     h.recv(Kind::HeartbeatAck(HeartbeatAck {
         sequence: 0,
         sent_at_unix_ms: 0,
@@ -870,8 +875,12 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
         options()
             .to_builder()
             .max_concurrent_requests(1)
-            .max_queued_requests(2)
-            .redelivery_capacity(4)
+            .limits(
+                crate::Limits::default()
+                    .queued_requests(2)
+                    .answered_entries(4)
+                    .outbox_messages(71),
+            )
             .build()
             .expect("valid"),
     );
