@@ -175,6 +175,7 @@ impl InFlight {
             Slot::Queued { bytes, .. } => {
                 self.queued -= 1;
                 self.queued_bytes -= bytes;
+                self.compact();
                 false
             }
         };
