@@ -117,7 +117,10 @@ mod tests {
     #[test]
     fn a_fixed_delay_is_clamped_to_the_cap_too() {
         let mut b = backoff(3);
-        assert_eq!(b.with_jitter(Duration::from_millis(u32::MAX as u64)), Duration::from_secs(60));
+        assert_eq!(
+            b.with_jitter(Duration::from_millis(u32::MAX as u64)),
+            Duration::from_secs(60)
+        );
         assert!(b.with_jitter(Duration::from_secs(1)) <= Duration::from_millis(1500));
         assert_eq!(b.attempt(), 0);
     }

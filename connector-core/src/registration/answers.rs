@@ -4,8 +4,8 @@
 //! One that would not fit (a huge payload, a huge error text, a long id) is
 //! replaced by an error answer that does: kind
 //! `EXECUTE_ERROR_KIND_HANDLER`, no payload, the same `request_id`, and an
-//! error text saying how large the answer was, with as much of the original
-//! error text as fits. It is counted (`answers_oversized`) and logged. Only
+//! error text saying how large the answer was, with the start of the
+//! original error text (at most 4 KiB in all). It is counted (`answers_oversized`) and logged. Only
 //! an id that alone leaves no room for an answer cannot be answered; it is
 //! counted as a protocol error (with the default limits it cannot happen:
 //! ids over 1 KiB are refused first).
@@ -16,6 +16,19 @@ use connector_proto::{
 use prost::Message as _;
 
 use crate::connector::ExecuteError;
+
+/// The longest error text of an answer that replaced an oversized one.
+const MAX_REPLACED_TEXT: usize = 4096;
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while cut > 0 && !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
 
 /// An error answer.
 pub(super) fn error_response(request_id: &str, error: ExecuteError) -> ExecuteResponse {
@@ -65,26 +78,26 @@ pub(super) fn fit(r: ExecuteResponse, max: usize) -> Fit {
         error_kind: ExecuteErrorKind::Handler as i32,
     };
     let head = format!("answer of {was} bytes exceeds the {max} byte message limit");
-    let base = wire_size(&answer);
-    // Room for the text: the length varint of the error field takes up to
-    // 5 bytes, plus its tag.
-    let Some(room) = max.checked_sub(base + 6) else {
-        return Fit::Impossible;
-    };
     let mut text = head;
     if !r.error.is_empty() {
         text.push_str("; error: ");
         text.push_str(&r.error);
     }
-    if text.len() > room {
-        let mut cut = room;
-        while cut > 0 && !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
+    // The text is cut to what fits, and never longer than
+    // `MAX_REPLACED_TEXT`: past that a text helps nobody.
+    truncate(&mut text, MAX_REPLACED_TEXT);
     answer.error = text;
-    debug_assert!(wire_size(&answer) <= max);
+    loop {
+        let size = wire_size(&answer);
+        if size <= max {
+            break;
+        }
+        if answer.error.is_empty() {
+            return Fit::Impossible;
+        }
+        let keep = answer.error.len().saturating_sub(size - max);
+        truncate(&mut answer.error, keep);
+    }
     Fit::Replaced { answer, was }
 }
 

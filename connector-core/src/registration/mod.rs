@@ -571,6 +571,12 @@ impl Registration {
     /// A message from the server.
     pub fn handle_message(&mut self, now: Instant, message: StreamMessage) {
         if self.phase.stream().is_none() {
+            // Read from a stream this machine already ended (the driver
+            // drains what was ready in one batch): a request still gets
+            // its answer, the rest is moot.
+            if let Some(Kind::ExecuteRequest(r)) = &message.kind {
+                self.handle_closing_request(now, r);
+            }
             return;
         }
         // Any server message proves the stream alive.

@@ -1109,8 +1109,14 @@ fn hostile_session_expired_forever_escalates_the_backoff() {
         }))
     });
     // 0.5 + 1 + 2 + 4 + 8 + 16 + 32 s: about 8 attempts in a minute.
-    assert!((5..=10).contains(&registers), "{registers} registers in 60 s");
-    assert!(!h.sm.has_session_token(), "a token sent with a rejection is not kept");
+    assert!(
+        (5..=10).contains(&registers),
+        "{registers} registers in 60 s"
+    );
+    assert!(
+        !h.sm.has_session_token(),
+        "a token sent with a rejection is not kept"
+    );
     assert!(h.delay() >= Duration::from_secs(16), "{:?}", h.delay());
 }
 
@@ -1153,7 +1159,10 @@ fn hostile_duplicate_forever_escalates_the_backoff() {
             ..Default::default()
         }))
     });
-    assert!((5..=10).contains(&registers), "{registers} registers in 60 s");
+    assert!(
+        (5..=10).contains(&registers),
+        "{registers} registers in 60 s"
+    );
 }
 
 #[test]
@@ -1168,7 +1177,10 @@ fn hostile_unknown_and_unspecified_reject_reasons_retry_with_backoff() {
             ..Default::default()
         })));
         let first = h.delay();
-        assert!(first >= Duration::from_millis(500), "code {code}: {first:?}");
+        assert!(
+            first >= Duration::from_millis(500),
+            "code {code}: {first:?}"
+        );
         // Retried, and a second one escalates.
         h.advance(first);
         assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
@@ -1279,9 +1291,10 @@ fn hostile_reject_text_is_sanitized_before_events_and_stop_reasons() {
         reason: "bye\nFORGED".into(),
         reconnect_after_ms: 0,
     })));
-    assert!(h.events.iter().any(
-        |e| matches!(e, RegistrationEvent::Draining { reason } if reason == "bye\\nFORGED")
-    ));
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, RegistrationEvent::Draining { reason } if reason == "bye\\nFORGED")));
 }
 
 #[test]
@@ -1309,10 +1322,16 @@ fn hostile_long_request_id_is_answered_and_never_stored() {
     h.approve();
     let id = "i".repeat(16 * 1024);
     execute_raw(&mut h, &id, "echo");
-    assert!(executes(&h.take_actions()).is_empty(), "the handler does not run");
+    assert!(
+        executes(&h.take_actions()).is_empty(),
+        "the handler does not run"
+    );
     let r = h.responses();
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].request_id, id, "the answer carries the id to be matched");
+    assert_eq!(
+        r[0].request_id, id,
+        "the answer carries the id to be matched"
+    );
     assert_eq!(r[0].error_kind, ExecuteErrorKind::BadPayload as i32);
     assert!(r[0].error.len() < 200);
     assert_eq!(h.sm.in_flight(), 0);
@@ -1327,7 +1346,11 @@ fn hostile_never_acking_server_with_long_ids_cannot_grow_memory() {
     let budget = 2 << 20;
     let opts = options()
         .to_builder()
-        .limits(crate::Limits::default().answered_bytes(budget).answered_entries(100_000))
+        .limits(
+            crate::Limits::default()
+                .answered_bytes(budget)
+                .answered_entries(100_000),
+        )
         .build()
         .expect("valid");
     for id_len in [16 * 1024, 1000] {
@@ -1370,7 +1393,11 @@ fn hostile_megabyte_capability_id_gets_a_small_answer_without_debug_escapes() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].error_kind, ExecuteErrorKind::UnknownCapability as i32);
     assert!(r[0].error.len() < 2048, "{} bytes", r[0].error.len());
-    assert!(r[0].error.contains("\\u{1}"), "sanitized, not Debug: {}", &r[0].error[..80]);
+    assert!(
+        r[0].error.contains("\\u{1}"),
+        "sanitized, not Debug: {}",
+        &r[0].error[..80]
+    );
     assert!(!r[0].error.contains('\u{1}'));
 }
 
@@ -1387,11 +1414,7 @@ fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
     h.execute("big", "echo", b"{}", 0);
     h.execute("loud", "echo", b"{}", 0);
     h.take_actions();
-    h.sm.handle_execute_done(
-        h.now,
-        "big",
-        Ok(ExecuteOutput::raw(vec![7u8; 100 * 1024])),
-    );
+    h.sm.handle_execute_done(h.now, "big", Ok(ExecuteOutput::raw(vec![7u8; 100 * 1024])));
     h.sm.handle_execute_done(
         h.now,
         "loud",
@@ -1419,7 +1442,10 @@ fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
         reason: String::new(),
         reconnect_after_ms: 0,
     })));
-    assert!(h.take_actions().iter().any(|a| matches!(a, Action::CloseStream)));
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::CloseStream)));
     // The driver lingers on the old stream and reads one more request.
     h.sm.handle_closing_request(
         h.now,
