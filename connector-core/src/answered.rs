@@ -14,8 +14,11 @@
 //!   asks again with the same `request_id` on a later stream, the kept
 //!   response is replayed instead of running the handler a second time.
 //!
-//! Everything is bounded by a capacity and a TTL; dropping a waiting
-//! response is counted by the caller as expired.
+//! Everything is bounded by an entry budget, a byte budget and a TTL, the
+//! unconfirmed part included (a server that never acks heartbeats cannot
+//! grow it). Dropping a waiting response is counted by the caller as
+//! expired; dropping an unconfirmed one as a forgotten replay (the
+//! exactly-once guarantee for that request is gone).
 
 use std::collections::hash_map::Entry as MapEntry;
 
@@ -56,7 +59,44 @@ pub(crate) struct AnsweredLog {
     waiting: usize,
     next_seq: u64,
     capacity: usize,
+    max_bytes: usize,
+    /// Bytes accounted for the live entries (see [`entry_bytes`]).
+    bytes: usize,
     ttl: Duration,
+}
+
+/// What had to go to make room (or by TTL).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Answers that were never sent: lost.
+    pub(crate) waiting: u64,
+    /// Answers sent but unconfirmed: a repeat of their id runs again.
+    pub(crate) unconfirmed: u64,
+}
+
+impl Dropped {
+    fn add(&mut self, place: Place) {
+        match place {
+            Place::Waiting => self.waiting += 1,
+            Place::Sent { .. } => self.unconfirmed += 1,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Dropped {
+    fn add_assign(&mut self, o: Self) {
+        self.waiting += o.waiting;
+        self.unconfirmed += o.unconfirmed;
+    }
+}
+
+/// Per-entry bookkeeping beyond its strings: the entry, its map slot and
+/// its places in the two queues (measured on 64-bit, rounded up).
+const ENTRY_OVERHEAD: usize = 160;
+
+/// The bytes one kept answer costs.
+fn entry_bytes(id: &str, r: &ExecuteResponse) -> usize {
+    ENTRY_OVERHEAD + id.len() + r.payload.len() + r.error.len()
 }
 
 /// What the log knows of a request id.
@@ -67,7 +107,7 @@ pub(crate) enum Known {
 }
 
 impl AnsweredLog {
-    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, ttl: Duration) -> Self {
         Self {
             entries: HashMap::default(),
             order: VecDeque::new(),
@@ -75,8 +115,27 @@ impl AnsweredLog {
             waiting: 0,
             next_seq: 0,
             capacity,
+            max_bytes,
+            bytes: 0,
             ttl,
         }
+    }
+
+    /// Bytes accounted for what is kept now (the budget's measure).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Entries kept now, waiting or unconfirmed.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Length of the bookkeeping queues (for tests: they stay bounded too).
+    #[cfg(test)]
+    pub(crate) fn queue_lens(&self) -> (usize, usize) {
+        (self.order.len(), self.unconfirmed.len())
     }
 
     /// Responses waiting for a stream.
@@ -93,7 +152,7 @@ impl AnsweredLog {
 
     /// Keeps a response no stream can carry now. Returns how many waiting
     /// responses were dropped to make room (or by TTL).
-    pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> u64 {
+    pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> Dropped {
         let id = std::mem::take(&mut response.request_id);
         self.insert(now, &id, response, Place::Waiting)
     }
@@ -105,7 +164,7 @@ impl AnsweredLog {
         response: &ExecuteResponse,
         stream: u64,
         tag: u64,
-    ) -> u64 {
+    ) -> Dropped {
         if self.capacity == 0 {
             // Replay is off: nothing to keep, nothing to copy.
             return self.expire(now);
@@ -120,20 +179,35 @@ impl AnsweredLog {
 
     /// `response` is kept without its id (the map key holds it), so keeping
     /// a copy of a response costs no allocation; `with_id` puts it back.
-    fn insert(&mut self, now: Instant, id: &str, response: ExecuteResponse, place: Place) -> u64 {
+    fn insert(
+        &mut self,
+        now: Instant,
+        id: &str,
+        response: ExecuteResponse,
+        place: Place,
+    ) -> Dropped {
         let mut dropped = self.expire(now);
-        if self.capacity == 0 {
-            return dropped + u64::from(place == Place::Waiting);
+        let cost = entry_bytes(id, &response);
+        if self.capacity == 0 || cost > self.max_bytes {
+            // Nothing kept (replay off, or an answer larger than the whole
+            // budget): it is gone as soon as it is made.
+            if let Some(old) = self.entries.remove(id) {
+                self.forget(id, &old);
+            }
+            dropped.add(place);
+            return dropped;
         }
         let id: Arc<str> = Arc::from(id);
         self.next_seq += 1;
         let seq = self.next_seq;
+        self.bytes += cost;
         let expires = match self.entries.entry(Arc::clone(&id)) {
             MapEntry::Occupied(mut slot) => {
                 let old = slot.get_mut();
                 if old.place == Place::Waiting {
                     self.waiting -= 1;
                 }
+                self.bytes -= entry_bytes(&id, &old.response);
                 let expires = old.expires;
                 *old = Entry {
                     response,
@@ -162,37 +236,64 @@ impl AnsweredLog {
             }
         }
         self.order.push_back((seq, expires, id));
-        while self.entries.len() > self.capacity {
+        while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
             match self.pop_oldest() {
-                Some(true) => dropped += 1,
-                Some(false) => {}
+                Some(place) => dropped.add(place),
                 None => break,
             }
         }
+        self.compact_unconfirmed();
         dropped
     }
 
-    /// Removes the oldest live entry; `Some(true)` if it was waiting.
-    fn pop_oldest(&mut self) -> Option<bool> {
+    /// Accounting for an entry that left the map.
+    fn forget(&mut self, id: &str, e: &Entry) {
+        self.bytes -= entry_bytes(id, &e.response);
+        if e.place == Place::Waiting {
+            self.waiting -= 1;
+        }
+    }
+
+    /// Removes the oldest live entry; returns where it was.
+    fn pop_oldest(&mut self) -> Option<Place> {
         while let Some((seq, _, id)) = self.order.pop_front() {
-            if let MapEntry::Occupied(slot) = self.entries.entry(id) {
+            if let MapEntry::Occupied(slot) = self.entries.entry(Arc::clone(&id)) {
                 if slot.get().seq != seq {
                     continue;
                 }
                 let e = slot.remove();
-                let was_waiting = e.place == Place::Waiting;
-                if was_waiting {
-                    self.waiting -= 1;
-                }
-                return Some(was_waiting);
+                self.forget(&id, &e);
+                return Some(e.place);
             }
         }
         None
     }
 
-    /// Drops entries past their TTL; returns how many were waiting.
-    pub(crate) fn expire(&mut self, now: Instant) -> u64 {
-        let mut dropped = 0;
+    /// The unconfirmed queue keeps a triple per answer sent until a
+    /// confirmation passes it; entries evicted by the budget (a server
+    /// that never acks) leave their triple behind. Past twice the live
+    /// entries, the stale triples go (amortised O(1) per insert), so the
+    /// queue is bounded by the same budget as the entries.
+    fn compact_unconfirmed(&mut self) {
+        if self.unconfirmed.len() <= 2 * self.entries.len() + 64 {
+            return;
+        }
+        let entries = &self.entries;
+        self.unconfirmed.retain(|(s, tag, seq, id)| {
+            entries.get(id).is_some_and(|e| {
+                e.seq == *seq
+                    && e.place
+                        == (Place::Sent {
+                            stream: *s,
+                            tag: *tag,
+                        })
+            })
+        });
+    }
+
+    /// Drops entries past their TTL.
+    pub(crate) fn expire(&mut self, now: Instant) -> Dropped {
+        let mut dropped = Dropped::default();
         while let Some((seq, expires, id)) = self.order.front() {
             if *expires > now {
                 // Expiries grow along the queue, except behind a replayed
@@ -205,8 +306,8 @@ impl AnsweredLog {
             let live = self.entries.get(id).is_some_and(|e| e.seq == *seq);
             match live {
                 true => {
-                    if self.pop_oldest() == Some(true) {
-                        dropped += 1;
+                    if let Some(place) = self.pop_oldest() {
+                        dropped.add(place);
                     }
                 }
                 false => {
@@ -244,10 +345,11 @@ impl AnsweredLog {
                 // only their place in this queue goes.
                 continue;
             }
-            if let MapEntry::Occupied(slot) = self.entries.entry(id) {
+            if let MapEntry::Occupied(slot) = self.entries.entry(Arc::clone(&id)) {
                 let e = slot.get();
                 if e.seq == seq && e.place == (Place::Sent { stream: s, tag }) {
-                    slot.remove();
+                    let e = slot.remove();
+                    self.bytes -= entry_bytes(&id, &e.response);
                     // In the steady state answers are confirmed in the order
                     // they were kept: drop its triple now, without a lookup.
                     if self
@@ -275,7 +377,7 @@ impl AnsweredLog {
 
     /// Takes every waiting response, oldest first, dropping expired ones;
     /// returns them and how many expired.
-    pub(crate) fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, u64) {
+    pub(crate) fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, Dropped) {
         let expired = self.expire(now);
         if self.waiting == 0 {
             return (Vec::new(), expired);
@@ -285,6 +387,7 @@ impl AnsweredLog {
             if let MapEntry::Occupied(slot) = self.entries.entry(Arc::clone(id)) {
                 if slot.get().seq == *seq && slot.get().place == Place::Waiting {
                     let e = slot.remove();
+                    self.bytes -= entry_bytes(id, &e.response);
                     out.push(with_id(e.response, id));
                 }
             }
@@ -336,7 +439,7 @@ mod tests {
     #[test]
     fn confirmation_forgets_what_the_server_read() {
         let now = Instant::now();
-        let mut log = AnsweredLog::new(100, Duration::from_secs(60));
+        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(60));
         log.sent(now, &resp("a"), 1, 1);
         log.sent(now, &resp("b"), 1, 2);
         log.confirm(1, 1);
@@ -349,7 +452,7 @@ mod tests {
     #[test]
     fn unconfirmed_of_a_dead_stream_stay_for_replay() {
         let now = Instant::now();
-        let mut log = AnsweredLog::new(100, Duration::from_secs(60));
+        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(60));
         log.sent(now, &resp("a"), 1, 1);
         log.sent(now, &resp("b"), 2, 1);
         log.confirm(2, 1);
@@ -361,11 +464,11 @@ mod tests {
     #[test]
     fn waiting_responses_come_back_in_order_and_expire() {
         let now = Instant::now();
-        let mut log = AnsweredLog::new(100, Duration::from_secs(1));
+        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(1));
         log.keep_waiting(now, resp("a"));
         log.keep_waiting(now + Duration::from_millis(500), resp("b"));
         let (out, expired) = log.take_waiting(now + Duration::from_millis(1200));
-        assert_eq!(expired, 1);
+        assert_eq!(expired.waiting, 1);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].request_id, "b");
         assert_eq!(log.waiting(), 0);
@@ -374,10 +477,10 @@ mod tests {
     #[test]
     fn capacity_is_a_hard_bound_and_drops_are_counted() {
         let now = Instant::now();
-        let mut log = AnsweredLog::new(3, Duration::from_secs(60));
+        let mut log = AnsweredLog::new(3, 1 << 20, Duration::from_secs(60));
         let mut dropped = 0;
         for i in 0..10 {
-            dropped += log.keep_waiting(now, resp(&format!("r{i}")));
+            dropped += log.keep_waiting(now, resp(&format!("r{i}"))).waiting;
             assert!(log.entries.len() <= 3);
         }
         assert_eq!(dropped, 7);
@@ -390,7 +493,7 @@ mod tests {
     #[test]
     fn unsent_goes_back_to_waiting() {
         let now = Instant::now();
-        let mut log = AnsweredLog::new(10, Duration::from_secs(60));
+        let mut log = AnsweredLog::new(10, 1 << 20, Duration::from_secs(60));
         log.sent(now, &resp("a"), 1, 1);
         log.unsent("a");
         assert_eq!(log.known("a"), Some(Known::Waiting));
@@ -403,7 +506,7 @@ mod tests {
         // The bookkeeping queues must not keep a trace of each one for a
         // whole TTL.
         let now = Instant::now();
-        let mut log = AnsweredLog::new(1024, Duration::from_secs(300));
+        let mut log = AnsweredLog::new(1024, 1 << 20, Duration::from_secs(300));
         for batch in 0..(10_000 / 32) {
             for i in 0..32 {
                 log.sent(now, &resp(&format!("r{batch}-{i}")), 1, batch + 1);
@@ -413,5 +516,50 @@ mod tests {
             assert!(log.order.is_empty(), "order holds {}", log.order.len());
             assert!(log.unconfirmed.is_empty());
         }
+    }
+
+    #[test]
+    fn a_server_that_never_acks_cannot_grow_the_log_past_its_byte_budget() {
+        // 24 000 answers with 16 KiB ids, never confirmed: the bytes
+        // accounted stay under the budget, the bookkeeping queues stay
+        // bounded, and every forgotten unconfirmed answer is counted.
+        let now = Instant::now();
+        let budget = 4 << 20;
+        let mut log = AnsweredLog::new(100_000, budget, Duration::from_secs(3600));
+        let mut forgotten = 0;
+        for i in 0..24_000u64 {
+            let id = format!("{i:016}{}", "x".repeat(16 * 1024));
+            let d = log.sent(now, &resp(&id), 1, 1);
+            assert_eq!(d.waiting, 0);
+            forgotten += d.unconfirmed;
+            assert!(log.bytes() <= budget, "{} > {budget}", log.bytes());
+            let (order, unconfirmed) = log.queue_lens();
+            assert!(order <= 2 * log.len() + 64 + 1, "order {order}");
+            assert!(
+                unconfirmed <= 2 * log.len() + 64 + 1,
+                "unconfirmed {unconfirmed}"
+            );
+        }
+        let kept = log.len() as u64;
+        assert!(kept > 100 && kept < 300, "kept {kept}");
+        assert_eq!(forgotten + kept, 24_000);
+        // Entries are exactly accounted: forgetting everything leaves 0.
+        log.confirm(1, 1);
+        assert_eq!(log.bytes(), 0);
+        assert_eq!(log.len(), 0);
+    }
+
+    #[test]
+    fn an_answer_larger_than_the_budget_is_not_kept_and_is_counted() {
+        let now = Instant::now();
+        let mut log = AnsweredLog::new(10, 2048, Duration::from_secs(60));
+        let big = ExecuteResponse {
+            request_id: "big".into(),
+            payload: vec![0u8; 4096].into(),
+            ..Default::default()
+        };
+        assert_eq!(log.keep_waiting(now, big).waiting, 1);
+        assert_eq!(log.waiting(), 0);
+        assert_eq!(log.bytes(), 0);
     }
 }

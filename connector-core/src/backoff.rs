@@ -73,9 +73,10 @@ impl Backoff {
     }
 
     /// A fixed delay plus jitter (for `drain`'s `reconnect_after_ms`),
-    /// clamped to the cap; it does not count as an attempt.
+    /// clamped to the cap (a server's `u32::MAX` ms is 49 days); it does not
+    /// count as an attempt.
     pub fn with_jitter(&mut self, delay: Duration) -> Duration {
-        (delay + self.rng.up_to(self.jitter)).min(self.cap.max(delay))
+        (delay.min(self.cap) + self.rng.up_to(self.jitter)).min(self.cap)
     }
 
     /// Attempts made since the last reset.
@@ -111,6 +112,17 @@ mod tests {
             assert!(d >= exp, "attempt {n}: {d:?} < {exp:?}");
             assert!(d <= exp + Duration::from_millis(500), "attempt {n}: {d:?}");
         }
+    }
+
+    #[test]
+    fn a_fixed_delay_is_clamped_to_the_cap_too() {
+        let mut b = backoff(3);
+        assert_eq!(
+            b.with_jitter(Duration::from_millis(u32::MAX as u64)),
+            Duration::from_secs(60)
+        );
+        assert!(b.with_jitter(Duration::from_secs(1)) <= Duration::from_millis(1500));
+        assert_eq!(b.attempt(), 0);
     }
 
     #[test]

@@ -502,6 +502,125 @@ pub struct TlsOptions {
     pub client_key: Option<PathBuf>,
 }
 
+/// Budgets for what a server can make one registration hold, in entries and
+/// in bytes. A server is input: whatever it sends, a registration's memory
+/// stays within these (h2 bounds its send buffer and pending resets the
+/// same way).
+///
+/// | budget | default | when it is reached |
+/// |---|---|---|
+/// | [`outbox_messages`](Self::outbox_messages) | 16 384 | the server is not reading: the stream is dropped (`OutboundStalled`), answers move to the answered log |
+/// | [`outbox_bytes`](Self::outbox_bytes) | 32 MiB | as above |
+/// | [`queued_requests`](Self::queued_requests) | 10 000 | further requests are answered `OVERLOADED` |
+/// | [`queued_bytes`](Self::queued_bytes) | 64 MiB | as above |
+/// | [`answered_entries`](Self::answered_entries) | 1 024 | the oldest kept answer is forgotten (counted) |
+/// | [`answered_bytes`](Self::answered_bytes) | 16 MiB | as above |
+/// | [`max_request_id_len`](Self::max_request_id_len) | 1 024 bytes | the request gets a `BAD_PAYLOAD` answer and is never stored |
+///
+/// The answered log holds answers waiting for a stream *and* answers sent
+/// but not yet confirmed by a heartbeat ack (kept to replay, never to run a
+/// handler twice). A server that never acks heartbeats therefore fills the
+/// log: past its budget the oldest answers are forgotten. An answer
+/// forgotten while waiting is lost (`responses_expired`); one forgotten
+/// while unconfirmed was sent, but if the server asks for it again the
+/// handler runs again: counted in `replay_forgotten` as a lost
+/// exactly-once guarantee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Messages queued for one stream before it counts as not read.
+    pub outbox_messages: usize,
+    /// Encoded bytes queued for one stream before it counts as not read.
+    pub outbox_bytes: usize,
+    /// Requests waiting for a slot.
+    pub queued_requests: usize,
+    /// Bytes of requests waiting for a slot (id, capability, payload,
+    /// context).
+    pub queued_bytes: usize,
+    /// Answers kept (waiting for a stream, or sent and unconfirmed);
+    /// 0 turns redelivery and replay off.
+    pub answered_entries: usize,
+    /// Bytes of kept answers (id, payload, error text).
+    pub answered_bytes: usize,
+    /// Longest `request_id` accepted, in bytes. A longer one is answered
+    /// `BAD_PAYLOAD` with the id as received (so the server can match it;
+    /// it fits since the request itself fit the message limit) and is
+    /// never stored: not in the in-flight table, not in the answered log.
+    pub max_request_id_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            outbox_messages: 16_384,
+            outbox_bytes: 32 << 20,
+            queued_requests: 10_000,
+            queued_bytes: 64 << 20,
+            answered_entries: 1024,
+            answered_bytes: 16 << 20,
+            max_request_id_len: 1024,
+        }
+    }
+}
+
+macro_rules! limit_setter {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: usize) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl Limits {
+    limit_setter!(
+        /// Sets [`Limits::outbox_messages`] (default 16 384).
+        outbox_messages
+    );
+    limit_setter!(
+        /// Sets [`Limits::outbox_bytes`] (default 32 MiB).
+        outbox_bytes
+    );
+    limit_setter!(
+        /// Sets [`Limits::queued_requests`] (default 10 000).
+        queued_requests
+    );
+    limit_setter!(
+        /// Sets [`Limits::queued_bytes`] (default 64 MiB).
+        queued_bytes
+    );
+    limit_setter!(
+        /// Sets [`Limits::answered_entries`] (default 1 024; 0: no replay).
+        answered_entries
+    );
+    limit_setter!(
+        /// Sets [`Limits::answered_bytes`] (default 16 MiB).
+        answered_bytes
+    );
+    limit_setter!(
+        /// Sets [`Limits::max_request_id_len`] (default 1 024 bytes).
+        max_request_id_len
+    );
+
+    fn validate(&self) -> Result<(), ConnectorError> {
+        let invalid = |m: &str| Err(ConnectorError::InvalidConfig(m.into()));
+        if self.outbox_messages == 0 || self.outbox_bytes < 1024 {
+            return invalid("limits: the outbox needs at least 1 message and 1024 bytes");
+        }
+        if self.queued_bytes < 1024 {
+            return invalid("limits: queued_bytes must be at least 1024");
+        }
+        if self.answered_bytes < 1024 {
+            return invalid("limits: answered_bytes must be at least 1024");
+        }
+        if self.max_request_id_len == 0 {
+            return invalid("limits: max_request_id_len must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// How a host reaches its server and how every registration behaves on the
 /// wire. One value serves all registrations of a runner.
 ///
@@ -543,9 +662,6 @@ pub struct MultiTransportOptions {
     pub reconnect_burst: u32,
     /// Executes a registration runs at once, unless its config says otherwise.
     pub max_concurrent_requests: u32,
-    /// Executes a registration holds waiting for a slot; past this the
-    /// server gets an `OVERLOADED` response instead of an unbounded queue.
-    pub max_queued_requests: usize,
     /// Heartbeat period.
     pub heartbeat_interval: Duration,
     /// Watchdog: a stream with no server message for this long is dead.
@@ -560,8 +676,9 @@ pub struct MultiTransportOptions {
     /// Responses finished while their stream was down are kept this long for
     /// delivery on the next stream.
     pub redelivery_ttl: Duration,
-    /// At most this many such responses are kept per registration.
-    pub redelivery_capacity: usize,
+    /// Byte and entry budgets for everything a server can make a
+    /// registration hold (see [`Limits`] for each one and its default).
+    pub limits: Limits,
     /// Seed for the backoff jitter (`None`: seeded from the clock and key).
     pub jitter_seed: Option<u64>,
     /// HTTP CONNECT proxy (default: from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`).
@@ -585,14 +702,13 @@ impl MultiTransportOptions {
             reconnect_rate: 2_000,
             reconnect_burst: 200,
             max_concurrent_requests: 100,
-            max_queued_requests: 10_000,
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(45),
             drain_timeout: Duration::from_secs(30),
             metrics_report_interval: Some(Duration::from_secs(30)),
             max_message_size: 4 * 1024 * 1024,
             redelivery_ttl: Duration::from_secs(300),
-            redelivery_capacity: 1024,
+            limits: Limits::default(),
             jitter_seed: None,
             proxy: ProxySetting::FromEnv,
         }
@@ -619,14 +735,13 @@ impl MultiTransportOptions {
             reconnect_rate: self.reconnect_rate,
             reconnect_burst: self.reconnect_burst,
             max_concurrent_requests: self.max_concurrent_requests,
-            max_queued_requests: self.max_queued_requests,
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
             drain_timeout: self.drain_timeout,
             metrics_report_interval: self.metrics_report_interval,
             max_message_size: self.max_message_size,
             redelivery_ttl: self.redelivery_ttl,
-            redelivery_capacity: self.redelivery_capacity,
+            limits: self.limits.clone(),
             jitter_seed: self.jitter_seed,
             proxy: self.proxy.clone(),
         }
@@ -660,14 +775,13 @@ pub struct MultiTransportOptionsBuilder {
     reconnect_rate: u32,
     reconnect_burst: u32,
     max_concurrent_requests: u32,
-    max_queued_requests: usize,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
     drain_timeout: Duration,
     metrics_report_interval: Option<Duration>,
     max_message_size: usize,
     redelivery_ttl: Duration,
-    redelivery_capacity: usize,
+    limits: Limits,
     jitter_seed: Option<u64>,
     proxy: ProxySetting,
 }
@@ -752,10 +866,12 @@ impl MultiTransportOptionsBuilder {
         /// Concurrent executes per registration (default 100).
         max_concurrent_requests: u32
     );
-    setter!(
-        /// Executes waiting for a slot per registration (default 10 000).
-        max_queued_requests: usize
-    );
+    /// Executes waiting for a slot per registration (default 10 000):
+    /// shorthand for [`Limits::queued_requests`].
+    pub fn max_queued_requests(mut self, value: usize) -> Self {
+        self.limits.queued_requests = value;
+        self
+    }
     setter!(
         /// Heartbeat period (default 30 s).
         heartbeat_interval: Duration
@@ -780,9 +896,15 @@ impl MultiTransportOptionsBuilder {
         /// How long an undelivered response is kept (default 5 min).
         redelivery_ttl: Duration
     );
+    /// How many answers are kept for redelivery and replay (default 1024):
+    /// shorthand for [`Limits::answered_entries`].
+    pub fn redelivery_capacity(mut self, value: usize) -> Self {
+        self.limits.answered_entries = value;
+        self
+    }
     setter!(
-        /// How many undelivered responses are kept (default 1024).
-        redelivery_capacity: usize
+        /// Byte and entry budgets (default [`Limits::default`]).
+        limits: Limits
     );
     setter!(
         /// Seed for the jitter (tests); default: from the clock.
@@ -826,6 +948,7 @@ impl MultiTransportOptionsBuilder {
         if self.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024 bytes".into());
         }
+        self.limits.validate()?;
         if let ProxySetting::Url(url) = &self.proxy {
             Proxy::parse(url)?;
         }
@@ -855,14 +978,13 @@ impl MultiTransportOptionsBuilder {
             reconnect_rate: self.reconnect_rate,
             reconnect_burst: self.reconnect_burst,
             max_concurrent_requests: self.max_concurrent_requests,
-            max_queued_requests: self.max_queued_requests,
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
             drain_timeout: self.drain_timeout,
             metrics_report_interval: self.metrics_report_interval,
             max_message_size: self.max_message_size,
             redelivery_ttl: self.redelivery_ttl,
-            redelivery_capacity: self.redelivery_capacity,
+            limits: self.limits,
             jitter_seed: self.jitter_seed,
             proxy: self.proxy,
         })

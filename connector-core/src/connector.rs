@@ -154,10 +154,16 @@ impl ExecuteError {
     }
 
     /// The capability id is not one this connector has (`UNKNOWN_CAPABILITY`).
+    /// The id came from the server: it is sanitized and capped
+    /// ([`crate::sanitize_text`]), never Debug-escaped (a 1 MB id of control
+    /// characters once made a 6 MB error text).
     pub fn unknown_capability(capability_id: &str) -> Self {
         Self {
             kind: ExecuteErrorKind::UnknownCapability,
-            message: format!("unknown capability {capability_id:?}"),
+            message: format!(
+                "unknown capability \"{}\"",
+                crate::text::sanitize_text(capability_id, crate::text::MAX_PEER_TEXT_CHARS)
+            ),
         }
     }
 

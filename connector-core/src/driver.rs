@@ -2,7 +2,7 @@
 //! it turns IO and timers into `handle_*` calls and carries out the state
 //! machine's actions. No protocol decision is made here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use foldhash::fast::RandomState;
 use std::future::Future;
@@ -24,7 +24,7 @@ use crate::connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
 use crate::error::{TransportError, TransportErrorKind};
-use crate::metrics::{ConnectorMetrics, MetricsCell};
+use crate::metrics::{ConnectorMetrics, Counters, MetricsCell};
 use crate::pacing::ReconnectPacer;
 use crate::registration::{Action, Registration};
 use crate::state::{RegistrationEvent, RegistrationState};
@@ -100,7 +100,8 @@ impl RegistrationHandle {
 
     /// The counters now.
     pub fn metrics(&self) -> ConnectorMetrics {
-        self.shared.metrics.snapshot()
+        let state = self.shared.state.borrow().clone();
+        self.shared.metrics.snapshot(state)
     }
 
     /// Waits until the state satisfies `pred`, or `timeout` passes; returns
@@ -135,6 +136,7 @@ enum Input {
     OutboundClosed,
     Sent,
     Done(Outcome),
+    Closing(ClosingEvent),
     Timer,
 }
 
@@ -158,13 +160,7 @@ pub(crate) async fn drive(
     let span = tracing::info_span!("registration", key = %key);
     async move {
         let connector = registration.connector().clone();
-        let mut sm = Registration::with_metrics(
-            &registration,
-            &options,
-            Instant::now(),
-            unix_ms_now(),
-            live.metrics.clone(),
-        );
+        let mut sm = Registration::new(&registration, &options, Instant::now(), unix_ms_now());
         // The state machine has what it needs; the config's copy (and its
         // strings) need not live as long as the registration runs.
         drop(registration);
@@ -175,6 +171,7 @@ pub(crate) async fn drive(
             pacer,
             opened_before: false,
             stream: None,
+            closing: None,
             opening: None,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
@@ -183,12 +180,17 @@ pub(crate) async fn drive(
             aborts: HashMap::default(),
             stop_seen: false,
             published: u64::MAX,
+            published_counters: Counters::default(),
         };
         sm.handle_start(Instant::now());
         loop {
             driver.apply_actions(&mut sm).await;
             driver.publish(&mut sm, &live);
-            if sm.is_finished() && driver.stream.is_none() && driver.opening.is_none() {
+            if sm.is_finished()
+                && driver.stream.is_none()
+                && driver.opening.is_none()
+                && driver.closing.is_none()
+            {
                 break;
             }
             let input = driver.next_input(&mut sm).await;
@@ -210,6 +212,10 @@ struct Driver {
     pacer: Option<Arc<ReconnectPacer>>,
     opened_before: bool,
     stream: Option<MessageStream>,
+    /// A stream being closed gracefully: a driver state polled in the
+    /// select loop beside everything else, so one registration's close
+    /// never holds up its timers, handler results or the next stream.
+    closing: Option<Closing>,
     opening: Option<Opening>,
     /// One timer and one cancellation waiter for the driver's life, reset
     /// rather than rebuilt on every loop: making a `Sleep` registers it in
@@ -223,6 +229,7 @@ struct Driver {
     aborts: HashMap<String, AbortHandle, RandomState>,
     stop_seen: bool,
     published: u64,
+    published_counters: Counters,
 }
 
 impl Driver {
@@ -247,8 +254,21 @@ impl Driver {
                 }
                 Action::CloseStream => {
                     if let Some(stream) = self.stream.take() {
-                        // Boxed: the rare path, kept out of every driver's future.
-                        Box::pin(close_gracefully(stream, sm)).await;
+                        // What the state machine still has queued belongs
+                        // to this stream: it goes first, then the half-close.
+                        let mut pending = VecDeque::new();
+                        while let Some(m) = sm.poll_transmit() {
+                            pending.push_back(m);
+                        }
+                        let closing = Closing::new(stream, pending);
+                        if let Some(old) = self.closing.replace(closing) {
+                            // A second close while the first lingers: the
+                            // first is given up; what it did not send is
+                            // kept for the next stream.
+                            for m in old.abandon() {
+                                sm.handle_unsent(Instant::now(), m);
+                            }
+                        }
                     }
                     self.opening = None;
                 }
@@ -329,6 +349,12 @@ impl Driver {
             self.published = sm.state_version();
             live.state.send_replace(sm.state().clone());
         }
+        // The one place the counters are published.
+        let counters = sm.counters();
+        if counters != self.published_counters {
+            self.published_counters = counters;
+            live.metrics.publish(&counters);
+        }
     }
 
     async fn next_input(&mut self, sm: &mut Registration) -> Input {
@@ -342,6 +368,7 @@ impl Driver {
         let wants_send = sm.has_transmit();
         let Self {
             stream,
+            closing,
             opening,
             tasks,
             stop_seen,
@@ -357,6 +384,7 @@ impl Driver {
         let has_opening = opening.is_some();
         let has_tasks = !tasks.is_empty();
         let has_stream = inbound.is_some();
+        let has_closing = closing.is_some();
         tokio::select! {
             biased;
             _ = stopped.as_mut(), if !*stop_seen => Input::Stop,
@@ -376,6 +404,7 @@ impl Driver {
                 }
                 Err(_) => Input::OutboundClosed,
             },
+            ev = async { match closing.as_mut() { Some(c) => c.step().await, None => std::future::pending().await } }, if has_closing => Input::Closing(ev),
             _ = timer.as_mut(), if has_timer => Input::Timer,
         }
     }
@@ -445,6 +474,15 @@ impl Driver {
                     sm.handle_execute_done(now, &id, result);
                 }
             }
+            Input::Closing(ClosingEvent::Request(request)) => {
+                sm.handle_closing_request(now, &request);
+            }
+            Input::Closing(ClosingEvent::Done(unsent)) => {
+                self.closing = None;
+                for m in unsent {
+                    sm.handle_unsent(now, m);
+                }
+            }
             Input::Timer => {}
         }
         // Timers are checked after every input: cheap, and it keeps a busy
@@ -484,33 +522,74 @@ fn stream_failed(sm: &mut Registration, error: &TransportError) {
     sm.handle_stream_closed(now, Some(&error.to_string()));
 }
 
-/// Sends what the state machine still has for this stream, half-closes, and
-/// waits (bounded) for the server to end its side, so nothing queued is lost
-/// to a reset.
-async fn close_gracefully(mut stream: MessageStream, sm: &mut Registration) {
-    let deadline = Instant::now() + CLOSE_LINGER;
-    while sm.has_transmit() {
-        match tokio::time::timeout_at(deadline, stream.outbound.reserve()).await {
-            Ok(Ok(permit)) => {
-                if let Some(m) = sm.poll_transmit() {
-                    permit.send(m);
+/// What a closing stream has to say.
+enum ClosingEvent {
+    /// An `execute_request` that arrived during the linger.
+    Request(Box<ExecuteRequest>),
+    /// The close is over; these messages could not be sent.
+    Done(Vec<StreamMessage>),
+}
+
+/// A stream being closed: first what was queued for it is sent, then it is
+/// half-closed, then the server's side is read (bounded by
+/// [`CLOSE_LINGER`]) so nothing queued is lost to a reset, and requests
+/// that arrive meanwhile still get an answer (through the state machine).
+struct Closing {
+    outbound: Option<tokio::sync::mpsc::Sender<StreamMessage>>,
+    inbound: crate::transport::InboundStream,
+    pending: VecDeque<StreamMessage>,
+    deadline: Instant,
+}
+
+impl Closing {
+    fn new(stream: MessageStream, pending: VecDeque<StreamMessage>) -> Self {
+        Self {
+            outbound: Some(stream.outbound),
+            inbound: stream.inbound,
+            pending,
+            deadline: Instant::now() + CLOSE_LINGER,
+        }
+    }
+
+    fn abandon(self) -> VecDeque<StreamMessage> {
+        self.pending
+    }
+
+    /// The next thing the close has to report. Cancel-safe: every await is
+    /// (`reserve`, `next`), and progress lives in `self`.
+    async fn step(&mut self) -> ClosingEvent {
+        loop {
+            if let Some(outbound) = &self.outbound {
+                if self.pending.is_empty() {
+                    // Half-close: the server sees the end of our side.
+                    self.outbound = None;
+                    continue;
                 }
+                let sent = match tokio::time::timeout_at(self.deadline, outbound.reserve()).await {
+                    Ok(Ok(permit)) => {
+                        if let Some(m) = self.pending.pop_front() {
+                            permit.send(m);
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                if !sent {
+                    self.outbound = None;
+                    return ClosingEvent::Done(std::mem::take(&mut self.pending).into());
+                }
+                continue;
             }
-            _ => {
-                while let Some(m) = sm.poll_transmit() {
-                    sm.handle_unsent(Instant::now(), m);
+            match tokio::time::timeout_at(self.deadline, self.inbound.next()).await {
+                Ok(Some(Ok(message))) => {
+                    if let Some(connector_proto::stream_message::Kind::ExecuteRequest(r)) =
+                        message.kind
+                    {
+                        return ClosingEvent::Request(r);
+                    }
                 }
-                break;
+                _ => return ClosingEvent::Done(Vec::new()),
             }
         }
     }
-    drop(stream.outbound);
-    let _ = tokio::time::timeout_at(deadline, async {
-        while let Some(item) = stream.inbound.next().await {
-            if item.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
 }

@@ -31,9 +31,9 @@ mod tunnel;
 
 pub use backoff::{Backoff, JitterRng};
 pub use config::{
-    validate_identifier, ConnectorConfig, ConnectorConfigBuilder, Endpoint, MultiTransportOptions,
-    MultiTransportOptionsBuilder, RegistrationKey, Secret, TlsOptions, TransportKind,
-    MAX_IDENTIFIER_LEN,
+    validate_identifier, ConnectorConfig, ConnectorConfigBuilder, Endpoint, Limits,
+    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey, Secret, TlsOptions,
+    TransportKind, MAX_IDENTIFIER_LEN,
 };
 pub use connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
@@ -44,7 +44,10 @@ pub use fleet::{shard_of, Shard};
 pub use metrics::ConnectorMetrics;
 pub use proxy::{Proxy, ProxySetting};
 pub use redact::redact_url;
-pub use registration::{Action, Registration};
+pub use registration::{
+    Action, Registration, MAX_REQUEST_TIMEOUT, MAX_SERVER_HEARTBEAT_INTERVAL,
+    MIN_SERVER_HEARTBEAT_INTERVAL,
+};
 pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownHandle};
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 pub use telemetry::names as metric_names;
@@ -57,6 +60,3 @@ pub use tunnel::TunnelError;
 
 /// The wire protocol's messages, re-exported so users need one dependency.
 pub use connector_proto as proto;
-
-#[cfg(test)]
-mod registration_tests;

@@ -1,8 +1,10 @@
-//! Per-registration counters: cheap atomics written by the state machine,
-//! read as a [`ConnectorMetrics`] snapshot from any thread.
+//! Per-registration counters. The state machine fills plain [`Counters`]
+//! (no atomics, no locks: it is single-threaded); its driver alone publishes
+//! them into the shared [`MetricsCell`], read as a [`ConnectorMetrics`]
+//! snapshot from any thread. The state is not kept here: the snapshot takes
+//! it from the one published copy (the driver's `watch` channel).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::state::RegistrationState;
@@ -31,86 +33,110 @@ pub struct ConnectorMetrics {
     /// Responses kept while the stream was down and delivered on a later one.
     pub responses_redelivered: u64,
     /// Responses dropped because they waited longer than the redelivery TTL
-    /// or the redelivery buffer was full.
+    /// or the answered log's budget was spent: never delivered.
     pub responses_expired: u64,
+    /// Answers sent but not yet confirmed that the answered log had to
+    /// forget (its budget was spent, typically by a server that does not
+    /// ack heartbeats). Exactly-once is lost for these: if the server asks
+    /// for one of them again, its handler runs again.
+    pub replay_forgotten: u64,
+    /// Answers that would have exceeded `max_message_size` and were
+    /// replaced by a `HANDLER` error answer that fits.
+    pub answers_oversized: u64,
     /// Stream open attempts that failed (dial, TLS, refused).
     pub connect_failures: u64,
     /// The state now.
     pub state: RegistrationState,
 }
 
-/// The live counters behind [`ConnectorMetrics`].
-#[derive(Debug)]
-pub(crate) struct MetricsCell {
-    pub(crate) requests_received: AtomicU64,
-    pub(crate) requests_succeeded: AtomicU64,
-    pub(crate) requests_failed: AtomicU64,
-    pub(crate) in_flight: AtomicU64,
-    pub(crate) total_disconnects: AtomicU64,
-    pub(crate) successful_reconnects: AtomicU64,
+/// The state machine's counters: plain numbers, copied out by the driver.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) requests_received: u64,
+    pub(crate) requests_succeeded: u64,
+    pub(crate) requests_failed: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) total_disconnects: u64,
+    pub(crate) successful_reconnects: u64,
     /// Microseconds + 1; 0 means "never measured".
-    pub(crate) last_rtt_us: AtomicU64,
-    pub(crate) protocol_errors: AtomicU64,
-    pub(crate) responses_redelivered: AtomicU64,
-    pub(crate) responses_expired: AtomicU64,
-    pub(crate) connect_failures: AtomicU64,
-    pub(crate) state: Mutex<RegistrationState>,
+    pub(crate) last_rtt_us: u64,
+    pub(crate) protocol_errors: u64,
+    pub(crate) responses_redelivered: u64,
+    pub(crate) responses_expired: u64,
+    pub(crate) replay_forgotten: u64,
+    pub(crate) answers_oversized: u64,
+    pub(crate) connect_failures: u64,
 }
 
-impl Default for MetricsCell {
-    fn default() -> Self {
-        Self {
-            requests_received: AtomicU64::new(0),
-            requests_succeeded: AtomicU64::new(0),
-            requests_failed: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            total_disconnects: AtomicU64::new(0),
-            successful_reconnects: AtomicU64::new(0),
-            last_rtt_us: AtomicU64::new(0),
-            protocol_errors: AtomicU64::new(0),
-            responses_redelivered: AtomicU64::new(0),
-            responses_expired: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
-            state: Mutex::new(RegistrationState::Idle),
+impl Counters {
+    pub(crate) fn set_rtt(&mut self, rtt: Duration) {
+        let us = rtt.as_micros().min(u64::MAX as u128 - 1) as u64;
+        self.last_rtt_us = us + 1;
+    }
+
+    pub(crate) fn snapshot(&self, state: RegistrationState) -> ConnectorMetrics {
+        let rtt = self.last_rtt_us;
+        ConnectorMetrics {
+            requests_received: self.requests_received,
+            requests_succeeded: self.requests_succeeded,
+            requests_failed: self.requests_failed,
+            in_flight: self.in_flight,
+            total_disconnects: self.total_disconnects,
+            successful_reconnects: self.successful_reconnects,
+            last_heartbeat_rtt: (rtt > 0).then(|| Duration::from_micros(rtt - 1)),
+            protocol_errors: self.protocol_errors,
+            responses_redelivered: self.responses_redelivered,
+            responses_expired: self.responses_expired,
+            replay_forgotten: self.replay_forgotten,
+            answers_oversized: self.answers_oversized,
+            connect_failures: self.connect_failures,
+            state,
         }
     }
 }
+
+macro_rules! cell {
+    ($($field:ident),* $(,)?) => {
+        /// The published counters behind [`ConnectorMetrics`]: written by
+        /// one driver, read by anyone.
+        #[derive(Debug, Default)]
+        pub(crate) struct MetricsCell {
+            $(pub(crate) $field: AtomicU64,)*
+        }
+
+        impl MetricsCell {
+            /// Copies `c` in (the driver calls this after the state machine
+            /// changed something).
+            pub(crate) fn publish(&self, c: &Counters) {
+                $(self.$field.store(c.$field, Relaxed);)*
+            }
+
+            fn load(&self) -> Counters {
+                Counters { $($field: self.$field.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+cell!(
+    requests_received,
+    requests_succeeded,
+    requests_failed,
+    in_flight,
+    total_disconnects,
+    successful_reconnects,
+    last_rtt_us,
+    protocol_errors,
+    responses_redelivered,
+    responses_expired,
+    replay_forgotten,
+    answers_oversized,
+    connect_failures,
+);
 
 impl MetricsCell {
-    pub(crate) fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
-    }
-
-    pub(crate) fn set_rtt(&self, rtt: Duration) {
-        let us = rtt.as_micros().min(u64::MAX as u128 - 1) as u64;
-        self.last_rtt_us.store(us + 1, Relaxed);
-    }
-
-    pub(crate) fn set_state(&self, state: &RegistrationState) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = state.clone();
-        }
-    }
-
-    pub(crate) fn snapshot(&self) -> ConnectorMetrics {
-        let rtt = self.last_rtt_us.load(Relaxed);
-        ConnectorMetrics {
-            requests_received: self.requests_received.load(Relaxed),
-            requests_succeeded: self.requests_succeeded.load(Relaxed),
-            requests_failed: self.requests_failed.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            total_disconnects: self.total_disconnects.load(Relaxed),
-            successful_reconnects: self.successful_reconnects.load(Relaxed),
-            last_heartbeat_rtt: (rtt > 0).then(|| Duration::from_micros(rtt - 1)),
-            protocol_errors: self.protocol_errors.load(Relaxed),
-            responses_redelivered: self.responses_redelivered.load(Relaxed),
-            responses_expired: self.responses_expired.load(Relaxed),
-            connect_failures: self.connect_failures.load(Relaxed),
-            state: self
-                .state
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or(RegistrationState::Idle),
-        }
+    /// A snapshot, with `state` (the published one).
+    pub(crate) fn snapshot(&self, state: RegistrationState) -> ConnectorMetrics {
+        self.load().snapshot(state)
     }
 }

@@ -256,7 +256,10 @@ impl MultiConnectorRunner {
         self.lock()
             .entries
             .iter()
-            .map(|(k, e)| (k.clone(), e.live.metrics.snapshot()))
+            .map(|(k, e)| {
+                let state = e.live.state.borrow().clone();
+                (k.clone(), e.live.metrics.snapshot(state))
+            })
             .collect()
     }
 

@@ -239,10 +239,13 @@ fn any_server_message_feeds_the_watchdog() {
 fn twenty_intervals_with_acks_never_disconnect() {
     let mut h = H::new();
     h.approve();
+    // The first beat is at this registration's phase within the interval.
+    let first = h.sm.next_heartbeat_at().expect("heartbeat armed");
+    assert!(first > h.now && first <= h.now + HB);
     for round in 0..20u64 {
         // Land exactly on each heartbeat: the previous round spent 20 ms.
         h.advance(if round == 0 {
-            HB
+            first - h.now
         } else {
             HB - Duration::from_millis(20)
         });
@@ -733,6 +736,8 @@ fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
 fn should_reconnect_drains_like_drain() {
     let mut h = H::new();
     h.approve();
+    // A stream that stayed healthy (past backoff_reset_after).
+    h.advance(Duration::from_secs(11));
     h.recv(Kind::HeartbeatAck(HeartbeatAck {
         sequence: 0,
         sent_at_unix_ms: 0,
@@ -870,8 +875,12 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
         options()
             .to_builder()
             .max_concurrent_requests(1)
-            .max_queued_requests(2)
-            .redelivery_capacity(4)
+            .limits(
+                crate::Limits::default()
+                    .queued_requests(2)
+                    .answered_entries(4)
+                    .outbox_messages(71),
+            )
             .build()
             .expect("valid"),
     );
@@ -999,4 +1008,571 @@ fn many_answers_without_a_heartbeat_ask_for_an_early_ack() {
         .filter(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
         .count();
     assert_eq!(beats, 2, "an early heartbeat after every 32 answers");
+}
+
+// ----------------------------------------------------------------------
+// A server that is buggy or hostile (issue 11): one test per behaviour.
+// ----------------------------------------------------------------------
+
+impl H {
+    fn delay(&self) -> Duration {
+        match self.sm.state() {
+            RegistrationState::Backoff { delay } => *delay,
+            other => panic!("not backing off: {other:?}"),
+        }
+    }
+
+    fn heartbeats_sent(&mut self) -> Vec<u64> {
+        self.take_sent()
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(Kind::Heartbeat(hb)) => Some(hb.sequence),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Plays a server that answers every `OpenStream` by opening it and
+    /// sending `answer`, for `total` of synthetic time; returns how many
+    /// registers went out.
+    fn serve_for(&mut self, total: Duration, answer: impl Fn() -> Kind) -> usize {
+        let end = self.now + total;
+        let mut registers = 0;
+        loop {
+            let opens = self
+                .take_actions()
+                .iter()
+                .filter(|a| register_of(a).is_some())
+                .count();
+            if opens > 0 {
+                registers += opens;
+                self.sm.handle_stream_opened(self.now);
+                self.recv(answer());
+                continue;
+            }
+            match self.sm.poll_timeout() {
+                Some(at) if at <= end => self.advance(at - self.now),
+                _ => break,
+            }
+        }
+        registers
+    }
+}
+
+#[test]
+fn hostile_heartbeat_interval_of_1ms_is_clamped_to_one_second() {
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        heartbeat_interval_ms: 1,
+        ..Default::default()
+    })));
+    let mut beats = 0;
+    for _ in 0..3000 {
+        h.advance(Duration::from_millis(1));
+        for seq in h.heartbeats_sent() {
+            beats += 1;
+            h.recv(Kind::HeartbeatAck(HeartbeatAck {
+                sequence: seq,
+                ..Default::default()
+            }));
+        }
+    }
+    // 3 s at the 1 s floor: at most one beat per second (plus the phase).
+    assert!((2..=3).contains(&beats), "{beats} heartbeats in 3 s");
+    assert_eq!(h.sm.state(), &RegistrationState::Active);
+    // And the other end of the range: a 49-day wish is 5 minutes.
+    let mut h = H::new();
+    h.open();
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        heartbeat_interval_ms: u32::MAX,
+        ..Default::default()
+    })));
+    let next = h.sm.next_heartbeat_at().expect("armed");
+    assert!(next <= h.now + super::MAX_SERVER_HEARTBEAT_INTERVAL);
+}
+
+#[test]
+fn hostile_session_expired_forever_escalates_the_backoff() {
+    // The server rejects every register SESSION_EXPIRED, and hands out a
+    // session token with each rejection to bait an immediate retry.
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    let registers = h.serve_for(Duration::from_secs(60), || {
+        Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Rejected as i32,
+            reject_reason: RejectReason::SessionExpired as i32,
+            session_token: "bait".into(),
+            ..Default::default()
+        }))
+    });
+    // 0.5 + 1 + 2 + 4 + 8 + 16 + 32 s: about 8 attempts in a minute.
+    assert!(
+        (5..=10).contains(&registers),
+        "{registers} registers in 60 s"
+    );
+    assert!(
+        !h.sm.has_session_token(),
+        "a token sent with a rejection is not kept"
+    );
+    assert!(h.delay() >= Duration::from_secs(16), "{:?}", h.delay());
+}
+
+#[test]
+fn session_expired_gets_one_immediate_retry_then_backs_off() {
+    let mut h = H::new();
+    h.approve();
+    h.sm.handle_stream_closed(h.now, None);
+    h.advance(Duration::from_secs(2));
+    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+    h.sm.handle_stream_opened(h.now);
+    let expired = || {
+        Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Rejected as i32,
+            reject_reason: RejectReason::SessionExpired as i32,
+            ..Default::default()
+        }))
+    };
+    h.recv(expired());
+    let reg = h
+        .take_actions()
+        .iter()
+        .find_map(|a| register_of(a).cloned())
+        .expect("immediate retry");
+    assert_eq!(reg.session_token, "");
+    h.sm.handle_stream_opened(h.now);
+    h.recv(expired());
+    assert!(h.take_actions().iter().all(|a| register_of(a).is_none()));
+    assert!(h.delay() >= Duration::from_millis(500));
+}
+
+#[test]
+fn hostile_duplicate_forever_escalates_the_backoff() {
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    let registers = h.serve_for(Duration::from_secs(60), || {
+        Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Rejected as i32,
+            reject_reason: RejectReason::Duplicate as i32,
+            ..Default::default()
+        }))
+    });
+    assert!(
+        (5..=10).contains(&registers),
+        "{registers} registers in 60 s"
+    );
+}
+
+#[test]
+fn hostile_unknown_and_unspecified_reject_reasons_retry_with_backoff() {
+    for code in [99, 0] {
+        let mut h = H::new();
+        h.open();
+        h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Rejected as i32,
+            reject_reason: code,
+            message: "new reason".into(),
+            ..Default::default()
+        })));
+        let first = h.delay();
+        assert!(
+            first >= Duration::from_millis(500),
+            "code {code}: {first:?}"
+        );
+        // Retried, and a second one escalates.
+        h.advance(first);
+        assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+        h.sm.handle_stream_opened(h.now);
+        h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Rejected as i32,
+            reject_reason: code,
+            ..Default::default()
+        })));
+        assert!(h.delay() >= Duration::from_secs(1), "code {code}");
+    }
+}
+
+#[test]
+fn hostile_drain_delay_is_clamped_to_max_backoff() {
+    let opts = options()
+        .to_builder()
+        .max_backoff(Duration::from_secs(2))
+        .build()
+        .expect("valid");
+    // Healthy stream and fresh stream alike.
+    for healthy in [true, false] {
+        let mut h = H::with(opts.clone());
+        h.approve();
+        if healthy {
+            h.advance(Duration::from_secs(11));
+        }
+        h.recv(Kind::Drain(Box::new(Drain {
+            reason: "bye".into(),
+            reconnect_after_ms: u32::MAX,
+        })));
+        assert!(h.delay() <= Duration::from_secs(2), "{:?}", h.delay());
+        h.advance(Duration::from_secs(2));
+        assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+    }
+}
+
+#[test]
+fn drains_on_streams_that_never_stay_healthy_escalate_the_backoff() {
+    // Approve, drain at once with reconnect_after_ms = 0, again and again.
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        let d = h.serve_for(Duration::ZERO, || {
+            Kind::RegisterResponse(Box::new(RegisterResponse {
+                status: RegistrationStatus::Approved as i32,
+                ..Default::default()
+            }))
+        });
+        assert_eq!(d, 1);
+        h.recv(Kind::Drain(Box::new(Drain {
+            reason: String::new(),
+            reconnect_after_ms: 0,
+        })));
+        delays.push(h.delay());
+        h.advance(h.delay());
+    }
+    assert!(delays[5] >= Duration::from_secs(16), "{delays:?}");
+    // should_reconnect on an unhealthy stream too.
+    h.serve_for(Duration::ZERO, || {
+        Kind::RegisterResponse(Box::new(RegisterResponse {
+            status: RegistrationStatus::Approved as i32,
+            ..Default::default()
+        }))
+    });
+    h.recv(Kind::HeartbeatAck(HeartbeatAck {
+        should_reconnect: true,
+        ..Default::default()
+    }));
+    assert!(h.delay() >= Duration::from_secs(32), "{:?}", h.delay());
+}
+
+#[test]
+fn hostile_reject_text_is_sanitized_before_events_and_stop_reasons() {
+    let mut h = H::new();
+    h.open();
+    let evil = format!(
+        "denied\n2026-01-01T00:00:00Z  INFO forged line\x1b[2J\x1b]0;owned\x07{}",
+        "x".repeat(10_000)
+    );
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: RejectReason::Denied as i32,
+        message: evil,
+        ..Default::default()
+    })));
+    let RegistrationState::Stopped(StopReason::Rejected { message, .. }) = h.sm.state() else {
+        panic!("{:?}", h.sm.state());
+    };
+    for text in [message.clone(), h.sm.state().to_string()] {
+        assert!(!text.contains('\n') && !text.contains('\x1b') && !text.contains('\x07'));
+        assert!(text.chars().count() < 400, "capped: {}", text.len());
+    }
+    let in_event = h
+        .events
+        .iter()
+        .find_map(|e| match e {
+            RegistrationEvent::Rejected { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .expect("rejected event");
+    assert_eq!(&in_event, message);
+    // A drain reason too.
+    let mut h = H::new();
+    h.approve();
+    h.recv(Kind::Drain(Box::new(Drain {
+        reason: "bye\nFORGED".into(),
+        reconnect_after_ms: 0,
+    })));
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, RegistrationEvent::Draining { reason } if reason == "bye\\nFORGED")));
+}
+
+#[test]
+fn hostile_request_timeout_is_clamped() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("r", "echo", b"{}", u32::MAX);
+    let at = h.sm.inflight.next_deadline().expect("deadline");
+    assert_eq!(at, h.now + super::MAX_REQUEST_TIMEOUT);
+}
+
+fn execute_raw(h: &mut H, id: &str, capability: &str) {
+    h.recv(Kind::ExecuteRequest(Box::new(ExecuteRequest {
+        request_id: id.into(),
+        payload: b"{}".to_vec().into(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: capability.into(),
+        ..Default::default()
+    })));
+}
+
+#[test]
+fn hostile_long_request_id_is_answered_and_never_stored() {
+    let mut h = H::new();
+    h.approve();
+    let id = "i".repeat(16 * 1024);
+    execute_raw(&mut h, &id, "echo");
+    assert!(
+        executes(&h.take_actions()).is_empty(),
+        "the handler does not run"
+    );
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].request_id, id,
+        "the answer carries the id to be matched"
+    );
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::BadPayload as i32);
+    assert!(r[0].error.len() < 200);
+    assert_eq!(h.sm.in_flight(), 0);
+    assert_eq!(h.sm.held_bytes(), (0, 0, 0), "nothing kept");
+}
+
+#[test]
+fn hostile_never_acking_server_with_long_ids_cannot_grow_memory() {
+    // Never acks heartbeats; 24 000 requests, unknown capability. With
+    // 16 KiB ids they are refused unstored; with ids just under the limit
+    // the answered log (unconfirmed part included) stays in its budget.
+    let budget = 2 << 20;
+    let opts = options()
+        .to_builder()
+        .limits(
+            crate::Limits::default()
+                .answered_bytes(budget)
+                .answered_entries(100_000),
+        )
+        .build()
+        .expect("valid");
+    for id_len in [16 * 1024, 1000] {
+        let mut h = H::with(opts.clone());
+        h.approve();
+        let mut answered = 0;
+        let mut peak = 0;
+        for i in 0..24_000 {
+            let id = format!("{i:08}{}", "x".repeat(id_len - 8));
+            execute_raw(&mut h, &id, "no-such-capability");
+            answered += h.responses().len();
+            let (outbox, queued, log) = h.sm.held_bytes();
+            assert_eq!((outbox, queued), (0, 0));
+            peak = peak.max(log);
+            assert!(log <= budget, "{log} > {budget}");
+            if i % 3000 == 0 {
+                h.advance(Duration::from_secs(10));
+                h.take_sent();
+            }
+        }
+        assert_eq!(answered, 24_000, "every request answered once");
+        let m = h.sm_metrics();
+        if id_len > 1024 {
+            assert_eq!(peak, 0);
+            assert_eq!(m.replay_forgotten, 0);
+        } else {
+            assert!(peak > budget / 2, "the log was used: {peak}");
+            assert!(m.replay_forgotten > 20_000, "{}", m.replay_forgotten);
+        }
+    }
+}
+
+#[test]
+fn hostile_megabyte_capability_id_gets_a_small_answer_without_debug_escapes() {
+    let mut h = H::new();
+    h.approve();
+    let cap: String = "\u{1}".repeat(1 << 20);
+    execute_raw(&mut h, "r1", &cap);
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::UnknownCapability as i32);
+    assert!(r[0].error.len() < 2048, "{} bytes", r[0].error.len());
+    assert!(
+        r[0].error.contains("\\u{1}"),
+        "sanitized, not Debug: {}",
+        &r[0].error[..80]
+    );
+    assert!(!r[0].error.contains('\u{1}'));
+}
+
+#[test]
+fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_message_size(64 * 1024)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.execute("big", "echo", b"{}", 0);
+    h.execute("loud", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_execute_done(h.now, "big", Ok(ExecuteOutput::raw(vec![7u8; 100 * 1024])));
+    h.sm.handle_execute_done(
+        h.now,
+        "loud",
+        Err(ExecuteError::handler("e".repeat(200 * 1024))),
+    );
+    let r = h.responses();
+    assert_eq!(r.len(), 2);
+    for a in &r {
+        assert!(super::answers::wire_size(a) <= 64 * 1024);
+        assert!(!a.success);
+        assert!(a.payload.is_empty());
+        assert_eq!(a.error_kind, ExecuteErrorKind::Handler as i32);
+        assert!(a.error.starts_with("answer of "), "{}", &a.error[..60]);
+    }
+    assert_eq!(r[0].request_id, "big");
+    assert_eq!(r[1].request_id, "loud");
+    assert_eq!(h.sm_metrics().answers_oversized, 2);
+}
+
+#[test]
+fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
+    let mut h = H::new();
+    h.approve();
+    h.recv(Kind::Drain(Box::new(Drain {
+        reason: String::new(),
+        reconnect_after_ms: 0,
+    })));
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::CloseStream)));
+    // The driver lingers on the old stream and reads one more request.
+    h.sm.handle_closing_request(
+        h.now,
+        &ExecuteRequest {
+            request_id: "late".into(),
+            ..Default::default()
+        },
+    );
+    assert!(h.responses().is_empty(), "no stream to carry it now");
+    assert_eq!(h.sm.undelivered(), 1);
+    reconnect(&mut h);
+    let r = h.responses();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].request_id, "late");
+    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+}
+
+#[test]
+fn a_cancel_flood_on_queued_requests_answers_each_once() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    h.execute("busy", "echo", b"{}", 0);
+    assert_eq!(executes(&h.take_actions()), vec!["busy"]);
+    for i in 0..5000 {
+        h.execute(&format!("q{i}"), "echo", b"{}", 0);
+    }
+    for i in 0..5000 {
+        h.recv(Kind::Cancel(CancelRequest {
+            request_id: format!("q{i}"),
+        }));
+    }
+    let r = h.responses();
+    assert_eq!(r.len(), 5000);
+    assert!(r
+        .iter()
+        .all(|a| a.error_kind == ExecuteErrorKind::Cancelled as i32));
+    assert_eq!(h.sm.in_flight(), 1);
+    assert!(h.sm.inflight.queue_len() <= 67);
+    // The running one finishes; nothing cancelled starts.
+    h.sm.handle_execute_done(h.now, "busy", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    assert!(executes(&h.take_actions()).is_empty());
+}
+
+#[test]
+fn queued_request_bytes_are_budgeted() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1)
+            .limits(crate::Limits::default().queued_bytes(64 * 1024))
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    let payload = format!("\"{}\"", "p".repeat(10 * 1024));
+    for i in 0..20 {
+        h.execute(&format!("r{i}"), "echo", payload.as_bytes(), 0);
+        assert!(h.sm.held_bytes().1 <= 64 * 1024);
+    }
+    let overloaded = h
+        .responses()
+        .iter()
+        .filter(|a| a.error_kind == ExecuteErrorKind::Overloaded as i32)
+        .count();
+    // 1 running + 6 queued of ~10 KiB fit in 64 KiB.
+    assert_eq!(overloaded, 20 - 1 - 6);
+}
+
+#[test]
+fn the_outbox_byte_budget_drops_a_stream_that_is_not_read() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .limits(crate::Limits::default().outbox_bytes(256 * 1024))
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    for i in 0..100 {
+        // The driver never pulls from the outbox: no `pump`.
+        let id = format!("r{i}");
+        h.sm.handle_message(
+            h.now,
+            StreamMessage {
+                kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
+                    request_id: id.clone(),
+                    ..Default::default()
+                }))),
+            },
+        );
+        while h.sm.poll_action().is_some() {}
+        h.sm.handle_execute_done(h.now, &id, Ok(ExecuteOutput::raw(vec![0u8; 16 * 1024])));
+        while let Some(e) = h.sm.poll_event() {
+            h.events.push(e);
+        }
+        assert!(h.sm.held_bytes().0 <= 256 * 1024 + 17 * 1024);
+    }
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        RegistrationEvent::Disconnected {
+            cause: DisconnectCause::OutboundStalled
+        }
+    )));
+}
+
+#[test]
+fn heartbeat_phase_is_seeded_per_registration_and_deterministic() {
+    let first_beat = |instance: &str| {
+        let config = ConnectorConfig::builder("t", "echo", instance)
+            .build()
+            .expect("valid");
+        let reg = ConnectorRegistration::new(config, Echo);
+        let now = Instant::now();
+        let mut sm = Registration::new(&reg, &options(), now, 0);
+        sm.handle_start(now);
+        sm.handle_stream_opened(now);
+        sm.next_heartbeat_at().expect("armed") - now
+    };
+    assert_eq!(first_beat("a"), first_beat("a"));
+    let phases: std::collections::BTreeSet<_> =
+        (0..20).map(|i| first_beat(&format!("i{i}"))).collect();
+    assert_eq!(phases.len(), 20);
+    assert!(phases.iter().all(|d| *d <= HB));
 }

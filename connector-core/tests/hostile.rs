@@ -1,0 +1,241 @@
+//! Driver tests against a server that sends legal messages with hostile
+//! values (issue 11), and the heartbeat spread (issue 15 §3): the whole
+//! runner + driver + state machine over the testkit's in-memory mux, on
+//! paused tokio time. Counts over a window of virtual time are read at the
+//! window's end; nothing waits on real time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{
+    stream_message::Kind, ApprovalUpdate, ExecuteErrorKind, ExecuteRequest, PayloadEncoding,
+    RegistrationStatus, RejectReason, StreamMessage,
+};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
+    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, RegistrationState,
+};
+use connector_testkit::{ApprovalPolicy, MemoryTransport, TestServer};
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Echo;
+
+#[async_trait]
+impl BaseConnector for Echo {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        Ok(ExecuteOutput::json_bytes(ctx.payload))
+    }
+}
+
+fn options() -> MultiTransportOptions {
+    MultiTransportOptions::builder("grpc://127.0.0.1:1")
+        .jitter_seed(Some(42))
+        .metrics_report_interval(None)
+        .build()
+        .expect("valid options")
+}
+
+fn start(
+    n: usize,
+    options: MultiTransportOptions,
+) -> (
+    TestServer,
+    MultiConnectorRunner,
+    tokio::task::JoinHandle<Result<(), connector_core::ConnectorError>>,
+) {
+    let server = TestServer::new();
+    let echo = Arc::new(Echo);
+    let regs = (0..n)
+        .map(|i| {
+            ConnectorRegistration::from_arc(
+                ConnectorConfig::builder("t", "echo", format!("e{i}"))
+                    .build()
+                    .expect("valid config"),
+                echo.clone(),
+            )
+        })
+        .collect();
+    let runner =
+        MultiConnectorRunner::new(regs, options, MemoryTransport::new(server.memory_mux()));
+    let r = runner.clone();
+    let run = tokio::spawn(async move { r.run().await });
+    (server, runner, run)
+}
+
+async fn stop(
+    runner: MultiConnectorRunner,
+    run: tokio::task::JoinHandle<Result<(), connector_core::ConnectorError>>,
+) {
+    runner.shutdown_handle().shutdown();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("prompt shutdown")
+        .expect("join")
+        .expect("ok");
+}
+
+fn key(i: usize) -> RegistrationKey {
+    RegistrationKey::new("t", "echo", format!("e{i}")).expect("valid")
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_of_500_registrations_spread_over_the_interval() {
+    let interval = Duration::from_secs(10);
+    let (server, runner, run) = start(
+        500,
+        options()
+            .to_builder()
+            .heartbeat_interval(interval)
+            .heartbeat_timeout(Duration::from_secs(60))
+            .build()
+            .expect("valid"),
+    );
+    server.wait_for_active(500, WAIT).await.expect("all active");
+    // Opened together (on paused time, at the same instant): with a fixed
+    // ticker every tenth but one would be empty.
+    let t0 = Instant::now();
+    let mut buckets = Vec::new();
+    let mut last = server.stats().heartbeats;
+    for k in 1..=30u32 {
+        tokio::time::sleep_until(t0 + interval * k / 10).await;
+        let now = server.stats().heartbeats;
+        buckets.push(now - last);
+        last = now;
+    }
+    let total: u64 = buckets.iter().sum();
+    assert!(total >= 1400, "about 3 beats each: {total}");
+    let mean = total as f64 / buckets.len() as f64;
+    for (i, b) in buckets.iter().enumerate() {
+        let b = *b as f64;
+        assert!(
+            b <= 2.0 * mean && b >= mean / 2.0,
+            "tenth {i}: {b} beats, mean {mean:.1}: {buckets:?}"
+        );
+    }
+    stop(runner, run).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_interval_of_1ms_from_the_server_is_clamped() {
+    let (server, runner, run) = start(3, options());
+    server.set_heartbeat_interval_ms(1);
+    server.wait_for_active(3, WAIT).await.expect("active");
+    let before = server.stats().heartbeats;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let beats = server.stats().heartbeats - before;
+    // At the 1 s floor: 3 or 4 per registration (was 4 263 from 3).
+    assert!(
+        beats <= 12,
+        "{beats} heartbeats in 3 s from 3 registrations"
+    );
+    assert!(beats >= 6, "{beats}");
+    stop(runner, run).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn session_expired_on_every_register_is_paced_by_the_backoff() {
+    let (server, runner, run) = start(1, options());
+    server.set_policy(ApprovalPolicy::Reject(RejectReason::SessionExpired));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let registers = server.stats().registers;
+    // 0.5 + 1 + 2 + 4 + 8 + 16 + 32 s (plus jitter): at most ~8 a minute
+    // (was 5 437 in 5 s).
+    assert!(
+        (4..=10).contains(&registers),
+        "{registers} registers in 60 s"
+    );
+    stop(runner, run).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_of_49_days_waits_at_most_max_backoff() {
+    let (server, runner, run) = start(
+        1,
+        options()
+            .to_builder()
+            .max_backoff(Duration::from_secs(2))
+            .reconnect_delay(Duration::from_millis(100))
+            .build()
+            .expect("valid"),
+    );
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let handle = runner.registration(&key(0)).expect("hosted");
+    let t = Instant::now();
+    assert!(server.drain("t.echo.e0", "bye", u32::MAX));
+    server
+        .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
+        .await
+        .expect("reconnected");
+    assert!(
+        t.elapsed() <= Duration::from_millis(2_100),
+        "{:?}",
+        t.elapsed()
+    );
+    stop(runner, run).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_reject_reason_is_retried_not_fatal() {
+    let (server, runner, run) = start(1, options());
+    server.set_policy(ApprovalPolicy::Pending);
+    let handle = runner.registration(&key(0)).expect("hosted");
+    handle
+        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
+        .await
+        .expect("pending");
+    assert!(server.send_raw(
+        "t.echo.e0",
+        StreamMessage {
+            kind: Some(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
+                status: RegistrationStatus::Rejected as i32,
+                reject_reason: 99,
+                message: "a reason from the future".into(),
+                ..Default::default()
+            }))),
+        },
+    ));
+    handle
+        .wait_for(WAIT, |s| matches!(s, RegistrationState::Backoff { .. }))
+        .await
+        .expect("backing off, not stopped");
+    server.set_policy(ApprovalPolicy::Approve);
+    handle
+        .wait_for(WAIT, |s| *s == RegistrationState::Active)
+        .await
+        .expect("retried and approved");
+    stop(runner, run).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_sent_right_after_a_drain_still_gets_an_answer() {
+    let (server, runner, run) = start(1, options());
+    // The server does not resend unanswered requests on the next stream:
+    // the answer must come from the client.
+    server.set_resend_on_reconnect(false);
+    server.wait_for_active(1, WAIT).await.expect("active");
+    // Drain (nothing in flight: the client closes at once) and a request
+    // right behind it on the same stream.
+    assert!(server.drain("t.echo.e0", "bye", 0));
+    let pending = server
+        .send_execute(
+            "t.echo.e0",
+            ExecuteRequest {
+                request_id: "late".into(),
+                payload: b"{}".to_vec().into(),
+                encoding: PayloadEncoding::Json as i32,
+                ..Default::default()
+            },
+        )
+        .expect("sent");
+    let answer = pending.wait(WAIT).await.expect("answered");
+    assert_eq!(answer.request_id, "late");
+    assert_eq!(answer.error_kind, ExecuteErrorKind::Overloaded as i32);
+    assert_eq!(server.stats().duplicate_responses, 0);
+    stop(runner, run).await;
+}

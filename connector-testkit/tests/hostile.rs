@@ -1,0 +1,149 @@
+//! A server that sends legal messages with hostile values, over real
+//! loopback sockets and both transports (issue 11, row "answer exceeding
+//! 4 MiB"): every request still gets exactly one answer, one that fits the
+//! message limit.
+
+mod sdk;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{Capability, ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
+    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
+};
+use connector_testkit::{
+    GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
+};
+use sdk::AnyServer;
+
+const WAIT: Duration = Duration::from_secs(30);
+const LIMIT: usize = 4 * 1024 * 1024;
+
+/// `echo` echoes; `huge` answers 5 MiB; `loud` fails with 5 MiB of text.
+struct Hostile;
+
+#[async_trait]
+impl BaseConnector for Hostile {
+    fn connector_type(&self) -> &str {
+        "echo"
+    }
+    fn capabilities(&self) -> Vec<Capability> {
+        ["echo", "huge", "loud"]
+            .into_iter()
+            .map(|id| Capability {
+                id: id.into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
+        match ctx.capability_id.as_str() {
+            "huge" => Ok(ExecuteOutput::raw(vec![b'x'; 5 << 20])),
+            "loud" => Err(ExecuteError::handler("\u{7}".repeat(5 << 20))),
+            _ => Ok(ExecuteOutput::json_bytes(ctx.payload)),
+        }
+    }
+}
+
+fn request(id: &str, capability: String) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: id.into(),
+        payload: b"{}".to_vec().into(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: capability,
+        ..Default::default()
+    }
+}
+
+async fn answers_that_would_exceed_the_limit(engine: TestServer, server: AnyServer) {
+    let reg = ConnectorRegistration::new(
+        ConnectorConfig::builder("acme", "echo", "w0")
+            .build()
+            .expect("valid"),
+        Hostile,
+    );
+    let options = MultiTransportOptions::builder(server.url())
+        .max_message_size(LIMIT)
+        .jitter_seed(Some(5))
+        .build()
+        .expect("valid");
+    let runner = MultiConnectorRunner::new(vec![reg], options, server.transport());
+    let r = runner.clone();
+    let run = tokio::spawn(async move { r.run().await });
+    engine.wait_for_active(1, WAIT).await.expect("active");
+    let key = "acme.echo.w0";
+
+    // A 1 MB capability id of control characters: Debug-escaped it made a
+    // ~6 MB error text that no transport would carry.
+    let cap = "\u{1}".repeat(1 << 20);
+    let a = engine
+        .send_execute(key, request("cap", cap))
+        .expect("sent")
+        .wait(WAIT)
+        .await
+        .expect("answered");
+    assert_eq!(a.error_kind, ExecuteErrorKind::UnknownCapability as i32);
+    assert!(a.error.len() < 4096, "{} bytes", a.error.len());
+    assert!(!a.error.contains('\u{1}'));
+
+    // Results over the limit: replaced by a HANDLER error answer that fits.
+    for cap in ["huge", "loud"] {
+        let a = engine
+            .send_execute(key, request(cap, cap.into()))
+            .expect("sent")
+            .wait(WAIT)
+            .await
+            .expect("answered");
+        assert!(!a.success, "{cap}");
+        assert!(a.payload.is_empty(), "{cap}");
+        assert_eq!(a.error_kind, ExecuteErrorKind::Handler as i32, "{cap}");
+        assert!(
+            a.error.starts_with("answer of "),
+            "{cap}: {}",
+            &a.error[..40]
+        );
+        assert!(a.error.len() <= 4096, "{cap}: {} bytes", a.error.len());
+    }
+    // The registration carried on.
+    let a = engine
+        .send_execute(key, request("after", "echo".into()))
+        .expect("sent")
+        .wait(WAIT)
+        .await
+        .expect("answered");
+    assert!(a.success);
+
+    let handle = runner
+        .registration(&RegistrationKey::new("acme", "echo", "w0").expect("valid"))
+        .expect("hosted");
+    let m = handle.metrics();
+    assert_eq!(m.answers_oversized, 2);
+    assert_eq!(m.total_disconnects, 0, "no stream was lost to it");
+    assert_eq!(engine.stats().duplicate_responses, 0);
+    runner.shutdown_handle().shutdown();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("prompt shutdown")
+        .expect("join")
+        .expect("ok");
+}
+
+#[tokio::test]
+async fn grpc_answer_that_would_exceed_4_mib_is_replaced_by_one_that_fits() {
+    let engine = TestServer::new();
+    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
+        .await
+        .expect("server");
+    answers_that_would_exceed_the_limit(engine, AnyServer::Grpc(server)).await;
+}
+
+#[tokio::test]
+async fn ws_answer_that_would_exceed_4_mib_is_replaced_by_one_that_fits() {
+    let engine = TestServer::new();
+    let server = WsTestServer::start(engine.clone(), WsServerOptions::default())
+        .await
+        .expect("server");
+    answers_that_would_exceed_the_limit(engine, AnyServer::Ws(server)).await;
+}
