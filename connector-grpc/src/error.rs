@@ -194,9 +194,9 @@ impl GrpcError {
     /// server (a status proves HTTP/2 works).
     pub fn http2_refusal(&self) -> Option<Http2Refusal> {
         let source = match self {
-            Self::Tls { source, .. } | Self::Closed { source, .. } | Self::Protocol { source, .. } => {
-                source.as_ref()?
-            }
+            Self::Tls { source, .. }
+            | Self::Closed { source, .. }
+            | Self::Protocol { source, .. } => source.as_ref()?,
             Self::Connect { source, .. } => source.as_ref()?,
             _ => return None,
         };
@@ -613,7 +613,10 @@ mod tests {
         assert!(e.is_protocol_fatal());
         let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::FRAME_SIZE_ERROR)));
         assert_eq!(e.http2_refusal(), Some(Http2Refusal::ProtocolError));
-        assert!(!e.is_protocol_fatal(), "one framing error is only a suspicion");
+        assert!(
+            !e.is_protocol_fatal(),
+            "one framing error is only a suspicion"
+        );
         let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::PROTOCOL_ERROR)));
         assert_eq!(e.http2_refusal(), Some(Http2Refusal::ProtocolError));
         let alert = rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol);
@@ -624,7 +627,10 @@ mod tests {
 
         // Not refusals: a refused connection, a reset, a timeout, a bad
         // certificate, a server's status, an h2 CANCEL.
-        for io_kind in [io::ErrorKind::ConnectionRefused, io::ErrorKind::ConnectionReset] {
+        for io_kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+        ] {
             let io = io::Error::new(io_kind, "x");
             let (e, _) = open_error("grpc://h:1", status(Box::new(io)));
             assert_eq!(e.http2_refusal(), None, "{e}");
@@ -633,7 +639,10 @@ mod tests {
         let io = io::Error::new(io::ErrorKind::InvalidData, cert);
         let (e, _) = open_error("grpcs://h:1", status(Box::new(io)));
         assert_eq!(e.http2_refusal(), None);
-        assert_eq!(GrpcError::timeout("x", Duration::from_secs(1)).http2_refusal(), None);
+        assert_eq!(
+            GrpcError::timeout("x", Duration::from_secs(1)).http2_refusal(),
+            None
+        );
         let (e, _) = open_error("grpc://h:1", Status::unavailable("server says no"));
         assert_eq!(e.http2_refusal(), None);
         let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::CANCEL)));
