@@ -14,12 +14,12 @@ use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
     ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
-    RegistrationEvent, RegistrationKey,
+    MultiTransportOptionsBuilder, RegistrationEvent, RegistrationKey,
 };
 use connector_host::fallback::{ActiveTransport, FallbackEvent, FallbackTransport};
 use connector_testkit::{
-    GrpcServerOptions, GrpcTestServer, Http1OnlyServer, PendingExecute, TestServer,
-    WsServerOptions, WsTestServer,
+    GrpcServerOptions, GrpcTestServer, Http1OnlyServer, PendingExecute, TestCertificate,
+    TestServer, WsServerOptions, WsTestServer,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -44,7 +44,7 @@ impl BaseConnector for SlowEcho {
     }
 }
 
-fn options(url: &str, connect_timeout: Duration) -> MultiTransportOptions {
+fn options_builder(url: &str, connect_timeout: Duration) -> MultiTransportOptionsBuilder {
     MultiTransportOptions::builder(url)
         .connect_timeout(connect_timeout)
         .reconnect_delay(Duration::from_millis(20))
@@ -52,6 +52,10 @@ fn options(url: &str, connect_timeout: Duration) -> MultiTransportOptions {
         .max_backoff(Duration::from_millis(200))
         .drain_timeout(Duration::from_secs(5))
         .jitter_seed(Some(11))
+}
+
+fn options(url: &str, connect_timeout: Duration) -> MultiTransportOptions {
+    options_builder(url, connect_timeout)
         .build()
         .expect("options")
 }
@@ -274,6 +278,45 @@ async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
     assert_eq!(status.registrations_on(ActiveTransport::Grpc), 0);
     ws.stop().await;
     grpc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_without_h2_falls_back_on_the_first_open() {
+    const N: usize = 3;
+    let engine = TestServer::new();
+    let cert = TestCertificate::generate().unwrap();
+    let dir = std::env::temp_dir().join(format!("connector-host-alpn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = cert.write_ca_pem(&dir).unwrap();
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let http1 = Http1OnlyServer::start_tls_on(addr, &cert).await.unwrap();
+    let ws = WsTestServer::start(engine.clone(), WsServerOptions::default())
+        .await
+        .unwrap();
+    let transport = FallbackTransport::new(ws.url()).reprobe_period(REPROBE);
+    let status = transport.status();
+    let options = options_builder(&http1.grpc_url(), Duration::from_secs(2))
+        .ca_cert(&ca)
+        .build()
+        .expect("options");
+    let runner = runner(N, options, transport);
+    let run = start(&runner);
+    engine.wait_for_active(N, WAIT).await.unwrap();
+    assert!(transports(&engine).values().all(|t| *t == "ws"));
+    let reason = status.fallback_reason().expect("fell back");
+    assert!(reason.contains("NoApplicationProtocol"), "{reason}");
+    // Definite: no registration backed off before moving.
+    for key in runner.registrations() {
+        let m = runner.registration(&key).unwrap().metrics();
+        assert_eq!(m.connect_failures, 0, "{key}: {m:?}");
+    }
+    // Still refused at every probe: everything stays on the WebSocket.
+    assert_eq!(status.mode(), Some(ActiveTransport::WebSocket));
+    stop(&runner, run).await;
+    ws.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Waits until every registration saw `n` failed opens; returns their

@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::bind_retry;
 use crate::error::TestkitError;
+use crate::tls::TestCertificate;
 
 /// The answer to whatever arrives: what an HTTP/1.1-only server says to
 /// `PRI * HTTP/2.0`.
@@ -35,6 +37,10 @@ const MAX_HEAD: usize = 8 * 1024;
 /// request head (an HTTP/2 client's preface `PRI * HTTP/2.0` is one), answers
 /// `HTTP/1.1 505 HTTP Version Not Supported` and closes.
 ///
+/// With TLS ([`Http1OnlyServer::start_tls_on`]) it offers ALPN `http/1.1`
+/// only, so a client that offers only `h2` (every gRPC client) fails the
+/// handshake with the `no_application_protocol` alert.
+///
 /// Stands where a gRPC server should be; [`Http1OnlyServer::start_on`] takes
 /// the address of a stopped [`crate::GrpcTestServer`] so the test can later
 /// stop this one and restart the gRPC server on the same port (the moment
@@ -42,6 +48,7 @@ const MAX_HEAD: usize = 8 * 1024;
 #[derive(Debug)]
 pub struct Http1OnlyServer {
     addr: SocketAddr,
+    tls: bool,
     answered: Arc<AtomicU64>,
     shutdown: CancellationToken,
     accept: Option<JoinHandle<()>>,
@@ -51,27 +58,41 @@ impl Http1OnlyServer {
     /// Binds `127.0.0.1:0`.
     pub async fn start() -> Result<Self, TestkitError> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        Ok(Self::serve(listener)?)
+        Ok(Self::serve(listener, None)?)
     }
 
     /// Binds `addr` (retrying briefly while a listener that was just closed
     /// still holds it).
     pub async fn start_on(addr: SocketAddr) -> Result<Self, TestkitError> {
         let listener = bind_retry(addr).await?;
-        Ok(Self::serve(listener)?)
+        Ok(Self::serve(listener, None)?)
     }
 
-    fn serve(listener: TcpListener) -> std::io::Result<Self> {
+    /// Binds `addr` and serves TLS with `cert`, offering ALPN `http/1.1`
+    /// only (see the type's docs).
+    pub async fn start_tls_on(
+        addr: SocketAddr,
+        cert: &TestCertificate,
+    ) -> Result<Self, TestkitError> {
+        let acceptor = TlsAcceptor::from(cert.server_config(&[b"http/1.1"], false)?);
+        let listener = bind_retry(addr).await?;
+        Ok(Self::serve(listener, Some(acceptor))?)
+    }
+
+    fn serve(listener: TcpListener, tls: Option<TlsAcceptor>) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let answered = Arc::new(AtomicU64::new(0));
         let shutdown = CancellationToken::new();
+        let has_tls = tls.is_some();
         let accept = tokio::spawn(accept_loop(
             listener,
+            tls,
             Arc::clone(&answered),
             shutdown.clone(),
         ));
         Ok(Self {
             addr,
+            tls: has_tls,
             answered,
             shutdown,
             accept: Some(accept),
@@ -83,12 +104,18 @@ impl Http1OnlyServer {
         self.addr
     }
 
-    /// `grpc://127.0.0.1:PORT`: where a client expects gRPC.
+    /// `grpc://127.0.0.1:PORT` (or `grpcs://localhost:PORT` with TLS):
+    /// where a client expects gRPC.
     pub fn grpc_url(&self) -> String {
-        format!("grpc://{}", self.addr)
+        if self.tls {
+            format!("grpcs://localhost:{}", self.addr.port())
+        } else {
+            format!("grpc://{}", self.addr)
+        }
     }
 
-    /// Connections answered with the HTTP/1.1 refusal so far.
+    /// Connections answered with the HTTP/1.1 refusal so far (with TLS,
+    /// only clients that got through the handshake).
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
     }
@@ -109,7 +136,12 @@ impl Drop for Http1OnlyServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, answered: Arc<AtomicU64>, shutdown: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    answered: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -118,8 +150,23 @@ async fn accept_loop(listener: TcpListener, answered: Arc<AtomicU64>, shutdown: 
         match accepted {
             Ok((socket, _)) => {
                 let answered = Arc::clone(&answered);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if answer(socket).await.is_ok() {
+                    let result = match tls {
+                        None => answer(socket).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(socket)).await
+                            {
+                                Ok(Ok(tls)) => answer(tls).await,
+                                Ok(Err(e)) => {
+                                    tracing::debug!("http1-only listener: TLS refused: {e}");
+                                    Err(e)
+                                }
+                                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                            }
+                        }
+                    };
+                    if result.is_ok() {
                         answered.fetch_add(1, Ordering::Relaxed);
                     }
                 });
@@ -131,7 +178,7 @@ async fn accept_loop(listener: TcpListener, answered: Arc<AtomicU64>, shutdown: 
     }
 }
 
-async fn answer(mut socket: TcpStream) -> std::io::Result<()> {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read_head = async {
