@@ -186,6 +186,13 @@ async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
         .await
         .unwrap();
 
+    // Each registration's events from before the move.
+    let mut reg_events: Vec<_> = runner
+        .registrations()
+        .iter()
+        .map(|k| (k.to_string(), runner.registration(k).unwrap().events()))
+        .collect();
+
     // HTTP/2 gets through from now on.
     http1.stop().await;
     grpc.restart().await.unwrap();
@@ -263,6 +270,25 @@ async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
             }
             _ => {}
         }
+    }
+    // The move is a drain of a healthy stream: the reconnect waits only the
+    // jitter (20 ms here), it does not escalate the backoff.
+    for (key, rx) in &mut reg_events {
+        let mut draining = false;
+        let mut delays = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                RegistrationEvent::Draining { reason } => {
+                    assert_eq!(reason, "moving back to gRPC");
+                    draining = true;
+                }
+                RegistrationEvent::BackingOff { delay } if draining => delays.push(delay),
+                _ => {}
+            }
+        }
+        assert!(draining, "{key} was drained");
+        assert_eq!(delays.len(), 1, "{key}: one reconnect: {delays:?}");
+        assert!(delays[0] <= Duration::from_millis(20), "{key}: {delays:?}");
     }
     switched.sort();
     let mut expected = keys.clone();
