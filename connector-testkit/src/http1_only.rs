@@ -114,8 +114,8 @@ impl Http1OnlyServer {
         }
     }
 
-    /// Connections answered with the HTTP/1.1 refusal so far (with TLS,
-    /// only clients that got through the handshake).
+    /// Connections answered (or being answered) with the HTTP/1.1 refusal
+    /// so far (with TLS, only clients that got through the handshake).
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
     }
@@ -153,11 +153,11 @@ async fn accept_loop(
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let result = match tls {
-                        None => answer(socket).await,
+                        None => answer(socket, &answered).await,
                         Some(acceptor) => {
                             match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(socket)).await
                             {
-                                Ok(Ok(tls)) => answer(tls).await,
+                                Ok(Ok(tls)) => answer(tls, &answered).await,
                                 Ok(Err(e)) => {
                                     tracing::debug!("http1-only listener: TLS refused: {e}");
                                     Err(e)
@@ -166,8 +166,8 @@ async fn accept_loop(
                             }
                         }
                     };
-                    if result.is_ok() {
-                        answered.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = result {
+                        tracing::debug!("http1-only listener: connection ended: {e}");
                     }
                 });
             }
@@ -178,7 +178,12 @@ async fn accept_loop(
     }
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S) -> std::io::Result<()> {
+/// Reads the request head, counts and writes the answer, then waits (bounded)
+/// for the client to close.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    answered: &AtomicU64,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read_head = async {
@@ -199,7 +204,11 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut socket: S) -> std::io::Re
         head = %String::from_utf8_lossy(&head[..head.len().min(24)]).escape_debug(),
         "http1-only listener: refusing"
     );
+    // Counted before it is written, so a client that saw the answer always
+    // finds it counted.
+    answered.fetch_add(1, Ordering::Relaxed);
     socket.write_all(ANSWER).await?;
+    socket.flush().await?;
     socket.shutdown().await?;
     // Let the client read the answer before the socket goes away.
     let _ = tokio::time::timeout(READ_TIMEOUT, async {
