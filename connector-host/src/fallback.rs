@@ -41,9 +41,12 @@
 //! injected into its inbound half. The registration's own drain handling
 //! (connector-core) then stops taking new work, answers what is in flight,
 //! closes the stream gracefully and reconnects; the reconnect's open goes to
-//! gRPC. The next registration moves once the previous one has a new stream
-//! (or a bound passed). A gRPC refusal during the move switches back to
-//! `WebSocket` mode and the move stops.
+//! gRPC. The next registration moves once the previous one has a new stream.
+//! If it has none within a bound (drain timeout + 2 × connect timeout +
+//! jitter + 3 s), gRPC may be unreachable again: the move pauses, and goes
+//! on only after another probe (same jittered period) is answered, so no
+//! one else leaves a working WebSocket meanwhile. A gRPC refusal during the
+//! move switches back to `WebSocket` mode and the move stops.
 //!
 //! What this relies on from the registration state machine (kept by any
 //! redesign of `connector-core/src/registration.rs`):
@@ -882,7 +885,7 @@ async fn run_prober(shared: Arc<Shared>, grpc: Arc<GrpcMux>, stop: CancellationT
                 if switched {
                     shared.mode_changed(ActiveTransport::Grpc, "gRPC probe answered".into());
                     shared.bump();
-                    move_back(&shared, &stop).await;
+                    move_back(&shared, &grpc, &stop).await;
                 }
             }
             Err(e) => {
@@ -896,7 +899,7 @@ async fn run_prober(shared: Arc<Shared>, grpc: Arc<GrpcMux>, stop: CancellationT
 
 /// Moves WebSocket registrations back to gRPC one at a time, while the mode
 /// stays gRPC.
-async fn move_back(shared: &Shared, stop: &CancellationToken) {
+async fn move_back(shared: &Shared, grpc: &GrpcMux, stop: &CancellationToken) {
     let mut changes = shared.changed.subscribe();
     loop {
         changes.borrow_and_update();
@@ -958,11 +961,35 @@ async fn move_back(shared: &Shared, stop: &CancellationToken) {
                 }
             }
         };
-        tokio::select! {
+        let timed_out = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(shared.move_bound, moved) => if r.is_err() {
-                tracing::debug!(registration = %key, "no new stream within the move bound; moving the next one");
-            },
+            r = tokio::time::timeout(shared.move_bound, moved) => r.is_err(),
+        };
+        if timed_out {
+            // The moved registration did not get a new stream in time (gRPC
+            // may have become unreachable again): move no one else off a
+            // working WebSocket until a probe is answered again.
+            tracing::info!(registration = %key, "no new stream within the move bound; pausing the move until gRPC answers a probe");
+            loop {
+                let wait = shared.lock().router.probe_delay();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if shared.lock().router.mode() != ActiveTransport::Grpc {
+                    return;
+                }
+                let probed = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = grpc.probe() => r,
+                };
+                match probed {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "gRPC probe failed; the move stays paused")
+                    }
+                }
+            }
         }
     }
 }
