@@ -168,6 +168,102 @@ impl GrpcError {
     }
 }
 
+/// Why HTTP/2 itself did not get through to the server, as opposed to the
+/// server or the network failing (see [`GrpcError::http2_refusal`]).
+///
+/// A program that has a second transport (WebSocket) switches to it on a
+/// definite refusal, and on repeated [`Http2Refusal::ProtocolError`]s; a
+/// refused connection or a timeout is never one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Http2Refusal {
+    /// TLS ALPN did not agree on `h2` (the server or a TLS-terminating
+    /// proxy answered `no_application_protocol`, or picked a protocol we
+    /// did not offer). Definite.
+    Alpn,
+    /// The server or a proxy sent `HTTP_1_1_REQUIRED` (RST_STREAM or
+    /// GOAWAY). Definite.
+    Http11Required,
+    /// Our HTTP/2 peer broke the framing (`PROTOCOL_ERROR`,
+    /// `FRAME_SIZE_ERROR`) before a stream opened. This is what an HTTP/1.x
+    /// answer looks like to h2: `HTTP/1.1 400 …` read as a frame header is a
+    /// 4.7 MB frame (`FRAME_SIZE_ERROR`). A single one may be a glitch;
+    /// repeated ones mean HTTP/2 does not get through.
+    ProtocolError,
+}
+
+impl Http2Refusal {
+    /// True when one occurrence is enough to conclude HTTP/2 cannot work.
+    pub fn is_definite(self) -> bool {
+        matches!(self, Self::Alpn | Self::Http11Required)
+    }
+}
+
+impl GrpcError {
+    /// Whether this error says HTTP/2 cannot get through to the server (see
+    /// [`Http2Refusal`]); `None` for everything else, including refused
+    /// connections, timeouts, certificate errors and gRPC statuses from the
+    /// server (a status proves HTTP/2 works).
+    pub fn http2_refusal(&self) -> Option<Http2Refusal> {
+        let source = match self {
+            Self::Tls { source, .. }
+            | Self::Closed { source, .. }
+            | Self::Protocol { source, .. } => source.as_ref()?,
+            Self::Connect { source, .. } => source.as_ref()?,
+            _ => return None,
+        };
+        refusal_in_chain(source.as_ref())
+    }
+
+    /// True for a definite [`Http2Refusal`] (ALPN without `h2`,
+    /// `HTTP_1_1_REQUIRED`).
+    pub fn is_protocol_fatal(&self) -> bool {
+        self.http2_refusal().is_some_and(Http2Refusal::is_definite)
+    }
+}
+
+/// The strongest [`Http2Refusal`] found in a source chain.
+fn refusal_in_chain(err: &(dyn StdError + 'static)) -> Option<Http2Refusal> {
+    let mut found = None;
+    let mut next = Some(err);
+    let mut depth = 0;
+    while let Some(e) = next {
+        depth += 1;
+        if depth > 32 {
+            break;
+        }
+        let here = if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            match tls {
+                rustls::Error::NoApplicationProtocol
+                | rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+                | rustls::Error::PeerMisbehaved(
+                    rustls::PeerMisbehaved::SelectedUnofferedApplicationProtocol,
+                ) => Some(Http2Refusal::Alpn),
+                _ => None,
+            }
+        } else if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            match h2.reason() {
+                Some(h2::Reason::HTTP_1_1_REQUIRED) => Some(Http2Refusal::Http11Required),
+                Some(h2::Reason::PROTOCOL_ERROR | h2::Reason::FRAME_SIZE_ERROR) => {
+                    Some(Http2Refusal::ProtocolError)
+                }
+                _ => None,
+            }
+        } else if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            refusal_in_chain(inner)
+        } else {
+            None
+        };
+        found = match (found, here) {
+            (Some(a), Some(b)) if !Http2Refusal::is_definite(a) && b.is_definite() => Some(b),
+            (None, b) => b,
+            (a, _) => a,
+        };
+        next = e.source();
+    }
+    found
+}
+
 impl From<GrpcError> for TransportError {
     fn from(e: GrpcError) -> Self {
         TransportError::new(e.kind(), e.to_string()).with_source(e)
@@ -565,6 +661,51 @@ mod tests {
         let io = io::Error::new(io::ErrorKind::ConnectionRefused, hostile());
         let (e, _) = open_error("grpc://h:1", Status::from_error(Box::new(io)));
         assert_safe(&e.to_string());
+    }
+
+    #[test]
+    fn http2_refusals_are_recognised_and_plain_failures_are_not() {
+        let status = |e: Box<dyn StdError + Send + Sync>| Status::from_error(e);
+        let h2 = |r| Box::new(h2::Error::from(r)) as Box<dyn StdError + Send + Sync>;
+        let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::HTTP_1_1_REQUIRED)));
+        assert_eq!(e.http2_refusal(), Some(Http2Refusal::Http11Required));
+        assert!(e.is_protocol_fatal());
+        let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::FRAME_SIZE_ERROR)));
+        assert_eq!(e.http2_refusal(), Some(Http2Refusal::ProtocolError));
+        assert!(
+            !e.is_protocol_fatal(),
+            "one framing error is only a suspicion"
+        );
+        let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::PROTOCOL_ERROR)));
+        assert_eq!(e.http2_refusal(), Some(Http2Refusal::ProtocolError));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol);
+        let io = io::Error::new(io::ErrorKind::InvalidData, alert);
+        let (e, _) = open_error("grpcs://h:1", status(Box::new(io)));
+        assert_eq!(e.kind(), TransportErrorKind::Tls);
+        assert_eq!(e.http2_refusal(), Some(Http2Refusal::Alpn));
+
+        // Not refusals: a refused connection, a reset, a timeout, a bad
+        // certificate, a server's status, an h2 CANCEL.
+        for io_kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+        ] {
+            let io = io::Error::new(io_kind, "x");
+            let (e, _) = open_error("grpc://h:1", status(Box::new(io)));
+            assert_eq!(e.http2_refusal(), None, "{e}");
+        }
+        let cert = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = io::Error::new(io::ErrorKind::InvalidData, cert);
+        let (e, _) = open_error("grpcs://h:1", status(Box::new(io)));
+        assert_eq!(e.http2_refusal(), None);
+        assert_eq!(
+            GrpcError::timeout("x", Duration::from_secs(1)).http2_refusal(),
+            None
+        );
+        let (e, _) = open_error("grpc://h:1", Status::unavailable("server says no"));
+        assert_eq!(e.http2_refusal(), None);
+        let (e, _) = open_error("grpc://h:1", status(h2(h2::Reason::CANCEL)));
+        assert_eq!(e.http2_refusal(), None);
     }
 
     #[test]

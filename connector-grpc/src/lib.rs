@@ -40,5 +40,5 @@ mod mux;
 mod pool;
 mod proxy;
 
-pub use error::{Cause, GrpcError};
+pub use error::{Cause, GrpcError, Http2Refusal};
 pub use mux::{GrpcMux, GrpcTransport};

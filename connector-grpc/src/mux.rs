@@ -106,6 +106,39 @@ impl GrpcMux {
     pub fn channel_stats(&self) -> Vec<ConnectionStats> {
         lock(&self.inner.pool).channel_stats()
     }
+
+    /// Checks that gRPC over HTTP/2 gets through to the server, without
+    /// registering anything: opens a `Connect` stream that carries no
+    /// message (its request body ends at once) and waits, at most
+    /// `connect_timeout`, for the server's answer. Response headers or any
+    /// gRPC status the server sends count as success: HTTP/2 got through.
+    /// A program on a fallback transport calls this to learn when to come
+    /// back; [`GrpcError::http2_refusal`] sorts the failures.
+    pub async fn probe(&self) -> Result<(), GrpcError> {
+        let inner = &self.inner;
+        let (slot, channel) = inner.acquire().await?;
+        let mut client = ConnectorServiceClient::new(channel)
+            .max_decoding_message_size(inner.max_message_size)
+            .max_encoding_message_size(inner.max_message_size);
+        let timeout = inner.factory.connect_timeout();
+        let body = futures_util::stream::empty::<StreamMessage>();
+        let result = match tokio::time::timeout(timeout, client.connect(body)).await {
+            Ok(Ok(_response)) => Ok(()),
+            Ok(Err(status)) => match open_error(inner.factory.target(), status) {
+                (_, Blame::Server | Blame::Limit) => Ok(()),
+                (err, Blame::Channel) => {
+                    inner.count_failure(&slot);
+                    Err(err)
+                }
+            },
+            Err(_) => Err(GrpcError::timeout(
+                "waiting for the response headers of a probe stream",
+                timeout,
+            )),
+        };
+        drop(slot);
+        result
+    }
 }
 
 impl fmt::Debug for GrpcMux {

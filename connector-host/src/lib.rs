@@ -5,3 +5,6 @@
 //! environment, config file, reload, ops endpoints, shards and fleets) for
 //! their connector types.
 #![deny(missing_docs)]
+
+#[cfg(all(feature = "grpc", feature = "ws"))]
+pub mod fallback;

@@ -48,6 +48,7 @@ mod engine;
 mod error;
 #[cfg(feature = "grpc")]
 mod grpc_server;
+mod http1_only;
 mod memory;
 mod proxy;
 mod tls;
@@ -62,6 +63,7 @@ pub use engine::{
 pub use error::TestkitError;
 #[cfg(feature = "grpc")]
 pub use grpc_server::{GrpcServerOptions, GrpcTestServer};
+pub use http1_only::Http1OnlyServer;
 pub use memory::{MemoryMux, MemoryTransport};
 pub use proxy::ConnectProxy;
 pub use tls::TestCertificate;
