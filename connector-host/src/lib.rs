@@ -5,3 +5,10 @@
 //! environment, config file, reload, ops endpoints, shards and fleets) for
 //! their connector types.
 #![deny(missing_docs)]
+
+/// Elastic fleets on etcd (`--fleet etcd://HOST:PORT/PREFIX`): replicas
+/// that join and leave without a restart share one registration list, each
+/// hosting the share it owns. Built with the `etcd` feature (which needs
+/// `protoc` to compile etcd's protos).
+#[cfg(feature = "etcd")]
+pub mod fleet;
