@@ -559,6 +559,32 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
 
     let restart = Instant::now();
     etcd.spawn().await;
+    if engine
+        .wait_until(WAIT, |s| streams(s).is_some())
+        .await
+        .is_err()
+    {
+        let active: BTreeSet<String> = engine.active_keys().into_iter().collect();
+        for k in keys() {
+            if !active.contains(&k.to_string()) {
+                eprintln!(
+                    "DIAG missing {k}, owner {:?}",
+                    owner_of(&k, ["r0", "r1", "r2"])
+                );
+            }
+        }
+        for r in &replicas {
+            let a = r.host.fleet().assignment().borrow().clone();
+            eprintln!(
+                "DIAG {} {:?} host {} release {:?} runner {:?}",
+                r.id,
+                *r.host.fleet().status().borrow(),
+                a.host.len(),
+                a.release,
+                r.host.runner().map(|x| x.summary().by_state)
+            );
+        }
+    }
     wait_all_hosted(&engine, WAIT, "after etcd returned").await;
     eprintln!(
         "FIGURE etcd back: all {COUNT} hosted {:.2} s after restart began",

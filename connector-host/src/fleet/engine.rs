@@ -194,14 +194,21 @@ struct Session {
     /// `None` while broken (the view is then stale).
     watch: Option<WatchStream>,
     members: BTreeSet<String>,
-    /// Ownership keys by registration name: (member, create revision).
-    owners: HashMap<String, (String, i64)>,
+    /// Ownership keys by registration name.
+    owners: HashMap<String, OwnerKey>,
     /// Keys this replica owns and may host, with their create revision.
     held: BTreeMap<RegistrationKey, i64>,
     /// Ownership keys to delete once etcd answers (name → create revision).
     deletes: HashMap<String, i64>,
     /// Something failed; retry at this time.
     retry_at: Option<Instant>,
+}
+
+/// One ownership key as last seen.
+/// (Its value, the owner's member id, is there for operators reading etcd.)
+struct OwnerKey {
+    create_revision: i64,
+    lease: i64,
 }
 
 impl Session {
@@ -464,13 +471,15 @@ impl Engine {
         s.members.clear();
         s.owners.clear();
         for kv in got.kvs() {
-            self.apply_put(s, kv.key(), kv.value(), kv.create_revision());
+            self.apply_put(s, kv);
         }
         // A key we hold that is gone or recreated was lost under us.
         let lost: Vec<RegistrationKey> = s
             .held
             .iter()
-            .filter(|(k, rev)| s.owners.get(&k.to_string()).map(|(_, r)| r) != Some(rev))
+            .filter(|(k, rev)| {
+                s.owners.get(&k.to_string()).map(|o| &o.create_revision) != Some(rev)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in lost {
@@ -493,21 +502,30 @@ impl Engine {
         Ok(())
     }
 
-    fn apply_put(&self, s: &mut Session, key: &[u8], value: &[u8], create_revision: i64) {
+    fn apply_put(&self, s: &mut Session, kv: &etcd_client::KeyValue) {
+        let (key, create_revision) = (kv.key(), kv.create_revision());
         let Ok(key) = std::str::from_utf8(key) else {
             return;
         };
         if let Some(id) = key.strip_prefix(&self.members_key()) {
             s.members.insert(id.to_string());
         } else if let Some(name) = key.strip_prefix(&self.owners_key()) {
-            let member = String::from_utf8_lossy(value).into_owned();
-            s.owners.insert(name.to_string(), (member, create_revision));
+            s.owners.insert(
+                name.to_string(),
+                OwnerKey {
+                    create_revision,
+                    lease: kv.lease(),
+                },
+            );
         }
     }
 
     /// A held key vanished or changed hands under us: stop hosting it now.
-    fn lose(&self, s: &mut Session, key: &RegistrationKey, why: &str) {
+    fn lose(&mut self, s: &mut Session, key: &RegistrationKey, why: &str) {
         if s.held.remove(key).is_some() {
+            // Not offered again before the host has closed it; nothing of
+            // ours left to delete.
+            self.closing.insert(key.clone(), None);
             tracing::warn!(member = %self.me(), %key, "fleet: lost a registration: {why}");
             metrics::counter!(METRIC_FLEET_MOVES, "direction" => "released").increment(1);
         }
@@ -525,7 +543,7 @@ impl Engine {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
                 EventType::Put => {
-                    self.apply_put(s, kv.key(), kv.value(), kv.create_revision());
+                    self.apply_put(s, kv);
                     if let Some(name) = self.owner_name(kv.key()) {
                         if let Some(key) = self.keys.get(&name).cloned() {
                             let ours = s.held.get(&key).copied();
@@ -593,6 +611,31 @@ impl Engine {
                 metrics::counter!(METRIC_FLEET_MOVES, "direction" => "released").increment(1);
             }
         }
+        // Ownership keys on our lease we do not hold: a transaction that
+        // timed out here but committed there. Adopt the wanted ones (the
+        // key is ours until the lease ends), delete the others.
+        let strays: Vec<(String, i64)> = s
+            .owners
+            .iter()
+            .filter(|(name, o)| {
+                o.lease == s.lease && self.keys.get(*name).is_none_or(|k| !s.held.contains_key(k))
+            })
+            .map(|(name, o)| (name.clone(), o.create_revision))
+            .collect();
+        for (name, rev) in strays {
+            match self.keys.get(&name) {
+                Some(k) if desired.contains(k) && !self.closing.contains_key(k) => {
+                    s.held.insert(k.clone(), rev);
+                    metrics::counter!(METRIC_FLEET_MOVES, "direction" => "acquired").increment(1);
+                }
+                // Being closed: deleted on release, not before.
+                Some(k) if self.closing.contains_key(k) => {}
+                _ => {
+                    s.deletes.insert(name, rev);
+                }
+            }
+        }
+        self.flush_deletes(s).await;
         // Publish the shrunk set before any slow request.
         self.publish(Some(s));
         let free: Vec<RegistrationKey> = desired
@@ -640,7 +683,13 @@ impl Engine {
                 match r {
                     Ok(r) if r.succeeded() => {
                         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-                        s.owners.insert(k.to_string(), (me.clone(), rev));
+                        s.owners.insert(
+                            k.to_string(),
+                            OwnerKey {
+                                create_revision: rev,
+                                lease: s.lease,
+                            },
+                        );
                         s.held.insert(k, rev);
                         acquired += 1;
                     }
@@ -649,7 +698,7 @@ impl Engine {
                         for op in r.op_responses() {
                             if let TxnOpResponse::Get(g) = op {
                                 for kv in g.kvs() {
-                                    self.apply_put(s, kv.key(), kv.value(), kv.create_revision());
+                                    self.apply_put(s, kv);
                                 }
                             }
                         }
