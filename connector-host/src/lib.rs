@@ -6,9 +6,8 @@
 //! their connector types.
 #![deny(missing_docs)]
 
-/// Elastic fleets on etcd (`--fleet etcd://HOST:PORT/PREFIX`): replicas
-/// that join and leave without a restart share one registration list, each
-/// hosting the share it owns. Built with the `etcd` feature (which needs
-/// `protoc` to compile etcd's protos).
+// Elastic fleets on etcd (`--fleet etcd://HOST:PORT/PREFIX`), documented in
+// the module itself: built with the `etcd` feature only, which needs `protoc`
+// to compile etcd's protos.
 #[cfg(feature = "etcd")]
 pub mod fleet;
