@@ -590,10 +590,16 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
         "FIGURE etcd back: all {COUNT} hosted {:.2} s after restart began",
         restart.elapsed().as_secs_f64()
     );
+    // All hosted can come before the last replica rejoined; then its share
+    // moves to it, and the fleet settles on three again.
+    settle(&engine, &refs).await;
+    eprintln!(
+        "FIGURE etcd back: settled on 3 replicas {:.2} s after restart began",
+        restart.elapsed().as_secs_f64()
+    );
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    assert_assignment(&refs);
     monitor.assert_clean(&engine);
     for r in replicas {
         r.leave().await;
