@@ -1,10 +1,14 @@
-//! Splitting a registration list across replicas (`--shard I/N`, or the
-//! ordinal of a Kubernetes StatefulSet pod).
+//! Splitting a registration list across replicas (`--shard I/N`, the
+//! ordinal of a Kubernetes StatefulSet pod, or the live members of an
+//! elastic fleet).
 //!
-//! Rendezvous hashing: a key belongs to the shard with the highest hash of
-//! (key, shard). Every replica computes the same answer from the key alone,
-//! so N replicas cover the list exactly once with no coordination, and
-//! adding or removing a key never moves any other key.
+//! Rendezvous hashing: a key belongs to the shard (or member) with the
+//! highest hash of (key, shard). Every replica computes the same answer from
+//! the key alone, so N replicas cover the list exactly once with no
+//! coordination, adding or removing a key never moves any other key, and a
+//! member that joins or leaves moves only the keys it takes or held (about
+//! 1/N). [`shard_of`] names shards by index, [`owner_of`] by member id; both
+//! use the same weight function.
 
 use std::fmt;
 use std::str::FromStr;
@@ -88,16 +92,41 @@ impl fmt::Display for Shard {
 pub fn shard_of(key: &RegistrationKey, count: u32) -> u32 {
     let name = key.to_string();
     (0..count.max(1))
-        .max_by_key(|i| weight(&name, *i))
+        .max_by_key(|i| weight(&name, &i.to_le_bytes()))
         .unwrap_or(0)
 }
 
-/// FNV-1a over the key and the shard, finished with a SplitMix64 mix so the
-/// weights of neighbouring shards are independent. Stable across releases:
-/// changing it would move registrations between replicas.
-fn weight(name: &str, shard: u32) -> u64 {
+/// The member (of `members`, by id) that owns `key`: the one with the
+/// highest weight, ties broken by the greater id so every replica agrees.
+/// `None` when `members` is empty. Duplicates in `members` do not matter.
+///
+/// ```
+/// use connector_core::{owner_of, RegistrationKey};
+/// let key = RegistrationKey::new("demo", "echo", "echo-0")?;
+/// let owner = owner_of(&key, ["pod-a", "pod-b", "pod-c"]).expect("non-empty");
+/// // Removing a member that does not own the key leaves it where it is.
+/// let other = ["pod-a", "pod-b", "pod-c"].into_iter().find(|m| *m != owner).expect("3 members");
+/// let rest: Vec<&str> = ["pod-a", "pod-b", "pod-c"].into_iter().filter(|m| *m != other).collect();
+/// assert_eq!(owner_of(&key, rest), Some(owner));
+/// # Ok::<(), connector_core::ConnectorError>(())
+/// ```
+pub fn owner_of<'a>(
+    key: &RegistrationKey,
+    members: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let name = key.to_string();
+    members
+        .into_iter()
+        .max_by_key(|m| (weight(&name, m.as_bytes()), *m))
+}
+
+/// FNV-1a over the key and the shard (its index as 4 little-endian bytes,
+/// or a member id's bytes), finished with a SplitMix64 mix so the weights of
+/// neighbouring shards are independent. Stable across releases: changing it
+/// would move registrations between replicas.
+fn weight(name: &str, shard: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes().chain(shard.to_le_bytes()) {
+    for b in name.bytes().chain(shard.iter().copied()) {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -147,6 +176,48 @@ mod tests {
             .filter(|k| shard_of(k, 4) != shard_of(k, 5) && shard_of(k, 5) != 4)
             .count();
         assert_eq!(moved, 0, "keys only move to the new shard");
+    }
+
+    #[test]
+    fn shard_weights_are_unchanged() {
+        // Pinned: `--shard` fleets running an older release must agree with
+        // this one on every key.
+        let got: Vec<u32> = (0..12)
+            .map(|i| {
+                let k = RegistrationKey::new("demo", "echo", format!("echo-{i}")).expect("valid");
+                shard_of(&k, 7)
+            })
+            .collect();
+        assert_eq!(got, [0, 4, 6, 0, 3, 0, 5, 6, 3, 3, 4, 6]);
+    }
+
+    #[test]
+    fn members_cover_the_list_once_and_a_join_moves_only_to_the_new_member() {
+        let keys = keys(1000);
+        let three = ["replica-a", "replica-b", "replica-c"];
+        let four = ["replica-a", "replica-b", "replica-c", "replica-d"];
+        let mut sizes = std::collections::BTreeMap::new();
+        let mut moved = 0;
+        for key in &keys {
+            let before = owner_of(key, three).expect("members");
+            let after = owner_of(key, four).expect("members");
+            *sizes.entry(before).or_insert(0usize) += 1;
+            if before != after {
+                assert_eq!(after, "replica-d", "{key}: moved between old members");
+                moved += 1;
+            }
+            // Order and duplicates of the member list do not matter.
+            assert_eq!(
+                owner_of(key, ["replica-c", "replica-a", "replica-b", "replica-a"]),
+                Some(before)
+            );
+        }
+        assert!(sizes.values().all(|s| s.abs_diff(333) < 90), "{sizes:?}");
+        assert!(
+            (170..330).contains(&moved),
+            "{moved} of 1000 moved to the 4th"
+        );
+        assert_eq!(owner_of(&keys[0], std::iter::empty()), None);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use connector::{
 };
 pub use driver::RegistrationHandle;
 pub use error::{ConnectorError, TransportError, TransportErrorKind};
-pub use fleet::{shard_of, Shard};
+pub use fleet::{owner_of, shard_of, Shard};
 pub use metrics::ConnectorMetrics;
 pub use proxy::{Proxy, ProxySetting};
 pub use redact::redact_url;

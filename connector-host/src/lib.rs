@@ -8,3 +8,9 @@
 
 #[cfg(all(feature = "grpc", feature = "ws"))]
 pub mod fallback;
+
+// Elastic fleets on etcd (`--fleet etcd://HOST:PORT/PREFIX`), documented in
+// the module itself: built with the `etcd` feature only, which needs `protoc`
+// to compile etcd's protos.
+#[cfg(feature = "etcd")]
+pub mod fleet;
