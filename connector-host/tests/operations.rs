@@ -526,7 +526,7 @@ async fn the_statefulset_manifest_uses_real_variables_and_routes() {
     }
     for needle in [
         "path: /ready",
-        "path: /metrics",
+        "path: /livez",
         r#"args: ["--metrics-addr", "0.0.0.0:9090"]"#,
         "fieldPath: metadata.name",
         "clusterIP: None",
