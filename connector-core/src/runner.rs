@@ -285,6 +285,20 @@ impl MultiConnectorRunner {
     /// `AlreadyRunning`. Fails only for a transport configuration error
     /// (such as an unreadable CA file); network failures are retried.
     pub async fn run(&self) -> Result<(), ConnectorError> {
+        self.run_inner(false).await
+    }
+
+    /// As [`MultiConnectorRunner::run`], but keeps running while no
+    /// registration is hosted (none yet, all removed, all stopped) until
+    /// shutdown: for hosts whose set of registrations comes and goes (a
+    /// reloaded config file, a fleet's share), where an empty set is a
+    /// normal moment and a later [`MultiConnectorRunner::add`] must still
+    /// work.
+    pub async fn run_until_shutdown(&self) -> Result<(), ConnectorError> {
+        self.run_inner(true).await
+    }
+
+    async fn run_inner(&self, keep_alive: bool) -> Result<(), ConnectorError> {
         let (initial, mut adds) = {
             let mut state = self.lock();
             if !matches!(state.phase, Phase::Idle) {
@@ -292,7 +306,7 @@ impl MultiConnectorRunner {
                     "run() was already called on this runner".into(),
                 ));
             }
-            if state.entries.is_empty() || self.shared.shutdown.is_cancelled() {
+            if (state.entries.is_empty() && !keep_alive) || self.shared.shutdown.is_cancelled() {
                 state.phase = Phase::Finished;
                 return Ok(());
             }
@@ -350,8 +364,9 @@ impl MultiConnectorRunner {
                         tracing::error!(error = %e, "a registration driver panicked");
                     }
                 }
+                () = self.shared.shutdown.cancelled(), if keep_alive && drivers.is_empty() => {}
             }
-            if drivers.is_empty() {
+            if drivers.is_empty() && (!keep_alive || self.shared.shutdown.is_cancelled()) {
                 // Decide under the lock `add` takes, so an add is either
                 // spawned here or rejected there, never lost.
                 let mut state = self.lock();

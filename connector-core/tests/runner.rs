@@ -448,6 +448,41 @@ async fn add_and_remove_while_running() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn run_until_shutdown_outlives_an_empty_set() {
+    let (server, _m, runner, echo) = setup(1);
+    let r2 = runner.clone();
+    let run = tokio::spawn(async move { r2.run_until_shutdown().await });
+    server.wait_for_active(1, WAIT).await.expect("active");
+    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
+    let mut gone = runner.registration(&key).expect("hosted").watch_state();
+    runner.remove(&key).await.expect("removed");
+    // The entry is forgotten once its driver has ended: the state channel closes.
+    tokio::time::timeout(WAIT, async { while gone.changed().await.is_ok() {} })
+        .await
+        .expect("entry forgotten in time");
+    assert!(runner.registrations().is_empty());
+    server
+        .wait_until(WAIT, |s| s.active_keys().is_empty())
+        .await
+        .expect("stream gone from the server");
+    assert!(
+        !run.is_finished(),
+        "run() must wait for shutdown, not for an empty set"
+    );
+    // The same key again, on the live runner.
+    runner
+        .add(reg("e0", echo))
+        .expect("added to an empty running runner");
+    server.wait_for_active(1, WAIT).await.expect("active again");
+    runner.shutdown_handle().shutdown();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("stopped in time")
+        .expect("join")
+        .expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
 async fn graceful_shutdown_answers_in_flight_requests() {
     let (server, _m, runner, echo) = setup(1);
     let r2 = runner.clone();

