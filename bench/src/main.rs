@@ -178,9 +178,7 @@ fn run_child(role: Role) -> ExitCode {
     let result = runtime.block_on(async move {
         match role {
             Role::Server(a) => match a.kind {
-                ServerKind::BenchGrpc => {
-                    server_grpc::run(a.window, a.payload, a.max_streams).await
-                }
+                ServerKind::BenchGrpc => server_grpc::run(a.window, a.payload, a.max_streams).await,
                 ServerKind::BenchWs => server_ws::run(a.window, a.payload).await,
                 ServerKind::TestkitGrpc => server_testkit::run(a.tls, a.ca_dir).await,
             },

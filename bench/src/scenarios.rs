@@ -341,7 +341,8 @@ impl Orchestrator {
 
     /// One [`Orchestrator::idle_run`] against a fresh server.
     fn idle_once(&self, spec: &IdleSpec<'_>, n: usize, per_reg_timeout: f64) -> Result<Idle> {
-        let (mut server, ready) = self.server(&format!("server-{}", spec.name), spec.server_args)?;
+        let (mut server, ready) =
+            self.server(&format!("server-{}", spec.name), spec.server_args)?;
         let url = ready["url"].as_str().ok_or("server url")?.to_string();
         let ca = ready["ca"].as_str().map(str::to_string);
         self.idle_run(
@@ -431,7 +432,11 @@ impl Orchestrator {
                 // The issue's goals are set for 64 B at N = 80 and 1000;
                 // elsewhere the earlier ≥ 0.8 stays as the bar.
                 let issue_size = payload == 64 && (n == 80 || n == 1000);
-                let (rps_min, cpu_max) = if issue_size { (0.85, Some(1.3)) } else { (0.8, None) };
+                let (rps_min, cpu_max) = if issue_size {
+                    (0.85, Some(1.3))
+                } else {
+                    (0.8, None)
+                };
                 section.rows.push(
                     Row::new(
                         format!("responses/s, N={n}"),
@@ -439,10 +444,7 @@ impl Orchestrator {
                         si(median(&raw_rps)),
                     )
                     .spread(&rps_ratio)
-                    .target(
-                        format!("SDK/raw ≥ {rps_min}"),
-                        rps_ratio.median >= rps_min,
-                    ),
+                    .target(format!("SDK/raw ≥ {rps_min}"), rps_ratio.median >= rps_min),
                 );
                 for (label, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
                     let g = |v: &Value| f(v, key);
@@ -456,10 +458,8 @@ impl Orchestrator {
                         .spread(&Spread::of_pairs(&a, &b)),
                     );
                 }
-                let (sdk_cpu, raw_cpu) = (
-                    col(&sdks, &cpu_per_response),
-                    col(&raws, &cpu_per_response),
-                );
+                let (sdk_cpu, raw_cpu) =
+                    (col(&sdks, &cpu_per_response), col(&raws, &cpu_per_response));
                 let cpu_ratio = Spread::of_pairs(&sdk_cpu, &raw_cpu);
                 let mut cpu_row = Row::new(
                     format!("client CPU per response, N={n} (µs)"),
@@ -681,15 +681,8 @@ impl Orchestrator {
                 .iter()
                 .map(|p| side(p).rss_before_kib as f64)
                 .collect();
-            let a: Vec<f64> = pairs
-                .iter()
-                .map(|p| side(p).rss_after_kib as f64)
-                .collect();
-            format!(
-                "{:.1} → {:.1}",
-                median(&b) / 1024.0,
-                median(&a) / 1024.0
-            )
+            let a: Vec<f64> = pairs.iter().map(|p| side(p).rss_after_kib as f64).collect();
+            format!("{:.1} → {:.1}", median(&b) / 1024.0, median(&a) / 1024.0)
         };
         s.rows.push(Row::new(
             "client RSS before → after (MiB)",

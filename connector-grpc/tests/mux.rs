@@ -698,7 +698,10 @@ async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
     let o = options(&server.url()).build().expect("options");
     let mux = GrpcMux::new(&o).expect("mux");
     let mut s = open_registered(&mux, 0).await;
-    for (n, size) in [300 * 1024usize, 17, 1025, 2 * 1024 * 1024].into_iter().enumerate() {
+    for (n, size) in [300 * 1024usize, 17, 1025, 2 * 1024 * 1024]
+        .into_iter()
+        .enumerate()
+    {
         let payload: Vec<u8> = (0..size).map(|i| (i * 31 + n) as u8).collect();
         let pending = engine
             .send_execute(
@@ -734,6 +737,10 @@ async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
             .expect("outbound open");
         let response = pending.wait(WAIT).await.expect("response in time");
         assert!(response.success);
-        assert_eq!(response.payload.as_ref(), payload.as_slice(), "r{n} outbound");
+        assert_eq!(
+            response.payload.as_ref(),
+            payload.as_slice(),
+            "r{n} outbound"
+        );
     }
 }
