@@ -23,6 +23,7 @@
 mod child;
 mod client_raw;
 mod client_sdk;
+mod profile;
 mod report;
 mod scenarios;
 mod server_core;
@@ -38,7 +39,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::scenarios::{Mode, Orchestrator, SCENARIOS};
+use crate::scenarios::{Mode, Orchestrator, OPT_IN_SCENARIOS, SCENARIOS};
 
 /// Scale, throughput and memory of the connector SDK beside a raw baseline.
 #[derive(Debug, Parser)]
@@ -52,11 +53,17 @@ struct Cli {
     /// Tiny sizes, a few seconds: proves the bench works (CI, debug build).
     #[arg(long)]
     smoke: bool,
+    /// Profile the clients of the 64 B throughput runs (N = 80 and 1000)
+    /// with `perf record` and print the top frames of each, with their
+    /// share of client CPU and the µs per response that share is.
+    #[arg(long, conflicts_with = "smoke")]
+    profile: bool,
     /// Where results go (default: `target/bench` of the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Scenarios to run (default: all): throughput, idle-grpc,
-    /// shared-vs-single, idle-ws, storm.
+    /// Scenarios to run (default: all but the opt-in ones): throughput,
+    /// idle-grpc, server-limit, shared-vs-single, idle-ws, storm; opt-in:
+    /// idle-grpc-100k.
     scenarios: Vec<String>,
 }
 
@@ -92,6 +99,9 @@ struct ServerArgs {
     /// Size of each execute's JSON payload.
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// The bench gRPC server's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    #[arg(long, default_value_t = 1024)]
+    max_streams: u32,
     /// Serve TLS (testkit server only).
     #[arg(long)]
     tls: bool,
@@ -168,7 +178,7 @@ fn run_child(role: Role) -> ExitCode {
     let result = runtime.block_on(async move {
         match role {
             Role::Server(a) => match a.kind {
-                ServerKind::BenchGrpc => server_grpc::run(a.window, a.payload).await,
+                ServerKind::BenchGrpc => server_grpc::run(a.window, a.payload, a.max_streams).await,
                 ServerKind::BenchWs => server_ws::run(a.window, a.payload).await,
                 ServerKind::TestkitGrpc => server_testkit::run(a.tls, a.ca_dir).await,
             },
@@ -193,15 +203,19 @@ fn orchestrate(cli: Cli, limit: sys::NofileLimit) -> ExitCode {
     } else {
         Mode::Full
     };
-    let scenarios: Vec<String> = if cli.scenarios.is_empty() {
+    let scenarios: Vec<String> = if cli.profile {
+        vec!["throughput".to_string()]
+    } else if cli.scenarios.is_empty() {
         SCENARIOS.iter().map(|s| s.to_string()).collect()
     } else {
         cli.scenarios.clone()
     };
-    if let Some(bad) = scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+    let known = |s: &str| SCENARIOS.contains(&s) || OPT_IN_SCENARIOS.contains(&s);
+    if let Some(bad) = scenarios.iter().find(|s| !known(s)) {
         eprintln!(
-            "unknown scenario {bad:?}; the scenarios are: {}",
-            SCENARIOS.join(", ")
+            "unknown scenario {bad:?}; the scenarios are: {} (opt-in: {})",
+            SCENARIOS.join(", "),
+            OPT_IN_SCENARIOS.join(", ")
         );
         return ExitCode::from(2);
     }
@@ -219,7 +233,7 @@ fn orchestrate(cli: Cli, limit: sys::NofileLimit) -> ExitCode {
     } else {
         "release"
     };
-    let orchestrator = Orchestrator::new(mode, out.join("work"));
+    let orchestrator = Orchestrator::new(mode, out.join("work"), cli.profile);
     println!(
         "connector-bench: {} run ({build} build), {cores} cores, scenarios: {}",
         orchestrator.mode_name(),

@@ -33,13 +33,9 @@ impl Row {
         }
     }
 
-    /// Sets the ratio column.
-    pub(crate) fn ratio(mut self, ratio: f64) -> Self {
-        self.ratio = if ratio.is_finite() {
-            format!("{ratio:.2}")
-        } else {
-            "-".into()
-        };
+    /// Sets the ratio column from interleaved pairs: median and range.
+    pub(crate) fn spread(mut self, spread: &Spread) -> Self {
+        self.ratio = spread.cell();
         self
     }
 
@@ -160,5 +156,73 @@ pub(crate) fn us(v: f64) -> String {
         format!("{:.2} ms", v / 1e3)
     } else {
         format!("{v:.0} µs")
+    }
+}
+
+/// Prints one measurement the moment it is taken (stdout is flushed), so a
+/// long run shows its figures as it goes rather than only in the tables.
+pub(crate) fn progress(line: impl AsRef<str>) {
+    use std::io::Write as _;
+    println!("  · {}", line.as_ref());
+    let _ = std::io::stdout().flush();
+}
+
+/// The median of `values` (NaN-free; the mean of the two middle ones for
+/// an even count). `NaN` when empty.
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// The ratios of interleaved pairs (SDK, raw, SDK, raw, …): their median
+/// and their range. A ratio taken from one pair run back to back is far
+/// steadier on a shared machine than either absolute figure, and the range
+/// says how far to trust it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) pairs: usize,
+    pub(crate) ratios: Vec<f64>,
+}
+
+impl Spread {
+    /// The spread of per-pair ratios `a[i] / b[i]`.
+    pub(crate) fn of_pairs(a: &[f64], b: &[f64]) -> Self {
+        let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        Self::of(ratios)
+    }
+
+    /// The spread of `ratios`.
+    pub(crate) fn of(ratios: Vec<f64>) -> Self {
+        let finite = || ratios.iter().copied().filter(|x| x.is_finite());
+        Self {
+            median: median(&ratios),
+            min: finite().fold(f64::NAN, f64::min),
+            max: finite().fold(f64::NAN, f64::max),
+            pairs: ratios.len(),
+            ratios,
+        }
+    }
+
+    /// `0.46 (0.44–0.49)`: the median and the range over the pairs.
+    pub(crate) fn cell(&self) -> String {
+        if !self.median.is_finite() {
+            return "-".into();
+        }
+        if self.pairs <= 1 {
+            return format!("{:.2}", self.median);
+        }
+        format!("{:.2} ({:.2}–{:.2})", self.median, self.min, self.max)
     }
 }

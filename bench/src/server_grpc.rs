@@ -121,7 +121,9 @@ impl Svc {
 }
 
 /// Serves until stdin closes. Commands: `count`, `measure SECS`.
-pub(crate) async fn run(window: usize, payload: usize) -> Result<()> {
+/// `max_streams` is the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (1024
+/// normally; the `server-limit` scenario sets it below the client's cap).
+pub(crate) async fn run(window: usize, payload: usize, max_streams: u32) -> Result<()> {
     let shared = ServerShared::new(window, payload);
     let listener = listen()?;
     let port = listener.local_addr()?.port();
@@ -142,12 +144,12 @@ pub(crate) async fn run(window: usize, payload: usize) -> Result<()> {
     let svc = ConnectorServiceServer::new(Svc {
         shared: Arc::clone(&shared),
     });
-    // Generous HTTP/2 windows and stream limit: the server must never be
-    // the bottleneck, for either client.
+    // Generous HTTP/2 windows and (unless told otherwise) stream limit: the
+    // server must never be the bottleneck, for either client.
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(2 * 1024 * 1024))
         .initial_connection_window_size(Some(64 * 1024 * 1024))
-        .max_concurrent_streams(Some(1024))
+        .max_concurrent_streams(Some(max_streams))
         .add_service(svc)
         .serve_with_incoming(incoming);
     tokio::spawn(async move {

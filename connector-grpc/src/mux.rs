@@ -12,12 +12,11 @@ use connector_core::{
     ConnectionStats, InboundStream, MessageStream, MultiTransportOptions, MuxStats,
     RegistrationKey, StreamInfo, StreamMux, Transport, TransportError,
 };
-use connector_proto::connector_service_client::ConnectorServiceClient;
-use connector_proto::StreamMessage;
+use connector_proto::{StreamMessage, CONNECT_PATH};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::Streaming;
+use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -28,6 +27,64 @@ use crate::pool::{lock, FailureOutcome, Pool, SharedPool, Slot};
 /// Messages the driver may queue on a stream's outbound half before it
 /// waits for the connection to take them.
 const OUTBOUND_CAPACITY: usize = 64;
+
+/// The first allocation of each stream's encode and decode buffers (tonic
+/// allocates 8 KiB of each per stream by default, eagerly). An idle
+/// registration sends and receives a heartbeat of a few dozen bytes every
+/// 30 s, so 16 KiB per stream is most of what an idle registration costs;
+/// 1 KiB holds every control message. A larger message grows the buffer
+/// as needed (prost reserves what it writes, the decoder reserves the
+/// message's length), so only throughput with large payloads pays an
+/// extra allocation now and then.
+const CODEC_BUFFER_SIZE: usize = 1024;
+/// Encoded messages are handed to HTTP/2 once this many bytes are queued
+/// (tonic's default), so bursts still go out in large writes.
+const CODEC_YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// prost's codec with [`CODEC_BUFFER_SIZE`] buffers.
+#[derive(Debug, Clone, Copy, Default)]
+struct SmallBufferCodec;
+
+impl Codec for SmallBufferCodec {
+    type Encode = StreamMessage;
+    type Decode = StreamMessage;
+    type Encoder = tonic_prost::ProstEncoder<StreamMessage>;
+    type Decoder = tonic_prost::ProstDecoder<StreamMessage>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(buffer_settings())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(buffer_settings())
+    }
+}
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(CODEC_BUFFER_SIZE, CODEC_YIELD_THRESHOLD)
+}
+
+/// `ConnectorService/Connect` on `channel`: what the generated client's
+/// `connect` does, with [`SmallBufferCodec`] instead of the default codec.
+async fn connect(
+    channel: Channel,
+    body: impl Stream<Item = StreamMessage> + Send + 'static,
+    max_message_size: usize,
+) -> Result<tonic::Response<Streaming<StreamMessage>>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(max_message_size)
+        .max_encoding_message_size(max_message_size);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+    let mut request = tonic::Request::new(body);
+    request.extensions_mut().insert(tonic::GrpcMethod::new(
+        "connector.v1.ConnectorService",
+        "Connect",
+    ));
+    let path = http::uri::PathAndQuery::from_static(CONNECT_PATH);
+    grpc.streaming(request, path, SmallBufferCodec).await
+}
 
 /// How many times an open moves to another channel after a stall (the
 /// server queued the stream past its concurrency limit) before it gives up.
@@ -292,11 +349,9 @@ impl Inner {
             // h2 stream is then gone too, matching the released slot.
             let (stop, stopped) = oneshot::channel::<()>();
             let body = ReceiverStream::new(rx).take_until(stopped);
-            let mut client = ConnectorServiceClient::new(channel)
-                .max_decoding_message_size(self.max_message_size)
-                .max_encoding_message_size(self.max_message_size);
             let timeout = self.factory.connect_timeout();
-            match tokio::time::timeout(timeout, client.connect(body)).await {
+            match tokio::time::timeout(timeout, connect(channel, body, self.max_message_size)).await
+            {
                 Ok(Ok(response)) => {
                     slot.mark_established();
                     tracing::debug!("stream open");
