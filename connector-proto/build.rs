@@ -4,7 +4,20 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/connector/v1/connector.proto";
     println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_file(proto)?;
+    // The descriptor set itself is kept too: the contract test reads it
+    // (names, numbers, types as the compiler saw them) instead of parsing
+    // the `.proto` a second time, and a server can serve it for reflection.
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR unset")?);
+    std::fs::write(
+        out.join("connector_v1_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    let fds = compiler.file_descriptor_set();
     // The tonic stubs are generated only with the `grpc` feature so that
     // `connector-core` can use the messages without tonic in its tree.
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();

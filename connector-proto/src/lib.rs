@@ -19,6 +19,12 @@ pub use v1::*;
 /// hand it to another protobuf implementation.
 pub const PROTO_SOURCE: &str = include_str!("../proto/connector/v1/connector.proto");
 
+/// The encoded `google.protobuf.FileDescriptorSet` of the `.proto`, as
+/// `protox` compiled it for this build: for gRPC reflection, and for the
+/// test that holds the file to the wire contract.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/connector_v1_descriptor.bin"));
+
 /// The gRPC method path of the one RPC of the protocol.
 pub const CONNECT_PATH: &str = "/connector.v1.ConnectorService/Connect";
 

@@ -13,7 +13,6 @@ const STEPS: &[(&str, &str)] = &[
     ("clippy", "lint (cargo clippy -D warnings)"),
     ("test", "tests (cargo test, incl. doc tests)"),
     ("doc", "docs (cargo doc, -D warnings)"),
-    ("proto", "proto matches the wire contract"),
     ("tree", "connector-core has no transport deps"),
     ("bench", "bench smoke (cargo xtask bench --smoke)"),
 ];
@@ -118,7 +117,6 @@ fn run_step(name: &str, tests: &mut TestCounts) -> Result<(), String> {
             command.env("RUSTDOCFLAGS", "-D warnings");
             cmd::run(&mut command)
         }
-        "proto" => crate::proto::check_file(&crate::proto::default_path()),
         "tree" => crate::tree::check(),
         "bench" => crate::bench::run(&["--smoke".to_string()]),
         other => Err(format!("no such step `{other}`")),

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 mod bench;
 mod ci;
 mod cmd;
-mod proto;
 mod tree;
 
 const USAGE: &str = "\
@@ -14,13 +13,11 @@ usage: cargo xtask <command> [options]
 
 commands:
   ci [--skip STEP]...    run every check CI runs, in order, stopping at the first
-                         failure; STEP is one of: fmt, clippy, test, doc, proto,
-                         tree, bench (repeat --skip to skip several)
+                         failure; STEP is one of: fmt, clippy, test, doc, tree,
+                         bench (repeat --skip to skip several)
   bench [--quick|--smoke] [SCENARIO...]
-                         run examples/src/bin/connector-bench.rs in release mode;
-                         every argument is passed through to it
-  proto-check [PATH]     check a .proto file against the wire contract (default:
-                         connector-proto/proto/connector/v1/connector.proto)
+                         run the connector-bench binary (bench/src/main.rs) in
+                         release mode; every argument is passed through to it
   tree-check             check that connector-core's normal dependency tree has
                          no tonic, hyper, tungstenite or h2
   help                   print this message
@@ -36,7 +33,6 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "ci" => ci::run(&rest),
         "bench" => bench::run(&rest),
-        "proto-check" => proto::run(&rest),
         "tree-check" => tree::run(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
