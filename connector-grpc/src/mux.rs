@@ -174,12 +174,10 @@ impl GrpcMux {
     pub async fn probe(&self) -> Result<(), GrpcError> {
         let inner = &self.inner;
         let (slot, channel) = inner.acquire().await?;
-        let mut client = ConnectorServiceClient::new(channel)
-            .max_decoding_message_size(inner.max_message_size)
-            .max_encoding_message_size(inner.max_message_size);
         let timeout = inner.factory.connect_timeout();
         let body = futures_util::stream::empty::<StreamMessage>();
-        let result = match tokio::time::timeout(timeout, client.connect(body)).await {
+        let opened = connect(channel, body, inner.max_message_size);
+        let result = match tokio::time::timeout(timeout, opened).await {
             Ok(Ok(_response)) => Ok(()),
             Ok(Err(status)) => match open_error(inner.factory.target(), status) {
                 (_, Blame::Server | Blame::Limit) => Ok(()),
