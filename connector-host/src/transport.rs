@@ -61,8 +61,8 @@ fn feature_for(kind: TransportKind) -> (&'static str, bool) {
 /// this build lacks is a configuration error that says how to build it.
 ///
 /// `fallback_url` is `--fallback-url` (config `fallback_url`), already
-/// validated. The fallback transport is wired in here: until it is, the
-/// URL is only validated and a warning says it is not used.
+/// validated: with it, registrations run on gRPC and fall back to that
+/// WebSocket URL when HTTP/2 cannot get through ([`crate::fallback`]).
 pub(crate) fn select_transport(
     options: &MultiTransportOptions,
     fallback_url: Option<&str>,
@@ -76,11 +76,24 @@ pub(crate) fn select_transport(
         ));
     }
     if let Some(url) = fallback_url {
-        tracing::warn!(
-            fallback_url = %url,
-            "--fallback-url is validated but no fallback transport is in this build yet; \
-             connecting to --url only"
-        );
+        #[cfg(all(feature = "grpc", feature = "ws"))]
+        {
+            if options.endpoint.kind == TransportKind::WebSocket {
+                return Err(format!(
+                    "--fallback-url {url}: --url is already a WebSocket URL; the fallback is \
+                     for a grpc:// or grpcs:// --url"
+                ));
+            }
+            tracing::info!(fallback_url = %connector_core::redact_url(url), "gRPC first, WebSocket fallback");
+            return Ok(HostTransport::Other(Arc::new(
+                crate::fallback::FallbackTransport::new(url),
+            )));
+        }
+        #[cfg(not(all(feature = "grpc", feature = "ws")))]
+        return Err(format!(
+            "--fallback-url {}: needs both the `grpc` and `ws` features of connector-host",
+            connector_core::redact_url(url)
+        ));
     }
     Ok(transport_for(options))
 }
