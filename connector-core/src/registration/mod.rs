@@ -543,7 +543,10 @@ impl Registration {
         }
         self.counters.connect_failures += 1;
         self.telemetry.connection_attempt(false);
-        let cause = DisconnectCause::OpenFailed(error.to_string());
+        // Transport errors can carry server text (a gRPC status message,
+        // an HTTP reason): sanitized like any.
+        let cause =
+            DisconnectCause::OpenFailed(sanitize_text(error, MAX_PEER_TEXT_CHARS).into_owned());
         self.events.push_back(RegistrationEvent::Disconnected {
             cause: cause.clone(),
         });
@@ -554,7 +557,7 @@ impl Registration {
     pub fn handle_stream_closed(&mut self, now: Instant, error: Option<&str>) {
         let cause = match error {
             None => DisconnectCause::ClosedByServer,
-            Some(e) => DisconnectCause::Error(e.to_string()),
+            Some(e) => DisconnectCause::Error(sanitize_text(e, MAX_PEER_TEXT_CHARS).into_owned()),
         };
         let then = self.then_after_loss();
         self.end_stream(now, How::Gone, Some(cause), then);
@@ -565,7 +568,7 @@ impl Registration {
     /// message). Counted like any protocol error; the transport ends the
     /// stream, which arrives as [`Registration::handle_stream_closed`].
     pub fn handle_malformed(&mut self, _now: Instant, detail: &str) {
-        self.protocol_error(detail);
+        self.protocol_error(&sanitize_text(detail, MAX_PEER_TEXT_CHARS));
     }
 
     /// A message from the server.
@@ -1114,6 +1117,12 @@ impl Registration {
         let Some(stream) = self.phase.stream() else {
             return;
         };
+        if ack.sequence > self.heartbeats.seq {
+            // An ack for a heartbeat never sent would confirm answers the
+            // server may not have read: not taken.
+            self.protocol_error("heartbeat_ack for a heartbeat never sent");
+            return;
+        }
         // Ordered stream: the server has read everything queued before it.
         self.answered.confirm(stream.gen, ack.sequence);
         if let Some(rtt) = self.heartbeats.acked(now, ack.sequence) {

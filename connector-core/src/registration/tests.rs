@@ -1576,3 +1576,49 @@ fn heartbeat_phase_is_seeded_per_registration_and_deterministic() {
     assert_eq!(phases.len(), 20);
     assert!(phases.iter().all(|d| *d <= HB));
 }
+
+#[test]
+fn hostile_ack_for_a_heartbeat_never_sent_confirms_nothing() {
+    let mut h = H::new();
+    h.approve();
+    h.execute("x", "echo", b"{}", 0);
+    h.take_actions();
+    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.take_sent();
+    let errors = h.sm_metrics().protocol_errors;
+    h.recv(Kind::HeartbeatAck(HeartbeatAck {
+        sequence: u64::MAX,
+        ..Default::default()
+    }));
+    assert_eq!(h.sm_metrics().protocol_errors, errors + 1);
+    // The answer is still kept for replay: the server never read a
+    // heartbeat after it.
+    h.sm.handle_stream_closed(h.now, Some("reset"));
+    reconnect(&mut h);
+    h.execute("x", "echo", b"{}", 0);
+    assert!(
+        executes(&h.take_actions()).is_empty(),
+        "replayed, not run again"
+    );
+    assert_eq!(h.responses().len(), 1);
+}
+
+#[test]
+fn transport_error_text_is_sanitized() {
+    let mut h = H::new();
+    h.approve();
+    h.sm.handle_stream_closed(
+        h.now,
+        Some("status: Unavailable, message: \"x\nFORGED\x1b[2J\""),
+    );
+    h.pump();
+    let cause = h
+        .events
+        .iter()
+        .find_map(|e| match e {
+            RegistrationEvent::Disconnected { cause } => Some(cause.to_string()),
+            _ => None,
+        })
+        .expect("disconnected");
+    assert!(!cause.contains('\n') && !cause.contains('\x1b'), "{cause}");
+}
