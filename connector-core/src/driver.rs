@@ -326,6 +326,18 @@ impl Driver {
     }
 
     fn publish(&mut self, sm: &mut Registration, live: &LiveShared) {
+        // State and counters first: whoever reacts to an event must read a
+        // snapshot at least as new as the event.
+        if sm.state_version() != self.published {
+            self.published = sm.state_version();
+            live.state.send_replace(sm.state().clone());
+        }
+        // The one place the counters are published.
+        let counters = sm.counters();
+        if counters != self.published_counters {
+            self.published_counters = counters;
+            live.metrics.publish(&counters);
+        }
         while let Some(event) = sm.poll_event() {
             match &event {
                 RegistrationEvent::Approved { reconnect } => {
@@ -344,16 +356,6 @@ impl Driver {
             if let Some(events) = live.events.get() {
                 let _ = events.send(event);
             }
-        }
-        if sm.state_version() != self.published {
-            self.published = sm.state_version();
-            live.state.send_replace(sm.state().clone());
-        }
-        // The one place the counters are published.
-        let counters = sm.counters();
-        if counters != self.published_counters {
-            self.published_counters = counters;
-            live.metrics.publish(&counters);
         }
     }
 
