@@ -249,6 +249,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_REQUEST_BUFFER)
+        // A client that half-closes after its request (`printf … | nc`)
+        // still gets its answer; without this hyper may see the EOF first
+        // and drop the connection unanswered.
+        .half_close(true)
         .keep_alive(true);
     let http = Arc::new(http);
     loop {
