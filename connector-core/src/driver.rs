@@ -326,17 +326,18 @@ impl Driver {
     }
 
     fn publish(&mut self, sm: &mut Registration, live: &LiveShared) {
-        // State and counters first: whoever reacts to an event must read a
-        // snapshot at least as new as the event.
-        if sm.state_version() != self.published {
-            self.published = sm.state_version();
-            live.state.send_replace(sm.state().clone());
-        }
+        // Counters, then state, then events: whoever reacts to an event or a
+        // state change reads counters at least as new (the watch's lock orders
+        // the relaxed counter stores before the state it publishes).
         // The one place the counters are published.
         let counters = sm.counters();
         if counters != self.published_counters {
             self.published_counters = counters;
             live.metrics.publish(&counters);
+        }
+        if sm.state_version() != self.published {
+            self.published = sm.state_version();
+            live.state.send_replace(sm.state().clone());
         }
         while let Some(event) = sm.poll_event() {
             match &event {
