@@ -34,7 +34,7 @@ use crate::config::TlsOptions;
 use crate::error::ConnectorError;
 
 /// The trust anchors for a `grpcs://` or `wss://` connection under
-/// `options`, by the rule in the [module docs](self). Reads the CA file and
+/// `options`, by the rule in the module docs of `trust`. Reads the CA file and
 /// (unless `trust_only_ca`) the system store: call it once per mux, off the
 /// async workers if that matters, never per connection.
 ///

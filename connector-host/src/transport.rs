@@ -104,7 +104,7 @@ pub(crate) fn select_transport(
 ///
 /// Never: a build has at least one of the two transports, and a scheme
 /// whose transport is missing gets the other one, which reports the URL as
-/// a configuration error when the runner starts ([`select_transport`]
+/// a configuration error when the runner starts (`select_transport`
 /// reports it earlier, with the feature to enable).
 pub fn transport_for(options: &MultiTransportOptions) -> HostTransport {
     match options.endpoint.kind {
