@@ -34,9 +34,20 @@ use crate::config::TlsOptions;
 use crate::error::ConnectorError;
 
 /// The trust anchors for a `grpcs://` or `wss://` connection under
-/// `options`, by the rule in the module docs of `trust`. Reads the CA file and
-/// (unless `trust_only_ca`) the system store: call it once per mux, off the
-/// async workers if that matters, never per connection.
+/// `options`. Reads the CA file and (unless `trust_only_ca`) the system
+/// store: call it once per mux, off the async workers if that matters, never
+/// per connection.
+///
+/// | `ca_cert` | `trust_only_ca` | system store | trusted |
+/// |---|---|---|---|
+/// | none | — | has roots | the system roots |
+/// | none | — | empty | nothing: a configuration error that says how to fix it |
+/// | file | off | has roots | the system roots and the file's CAs |
+/// | file | off | empty | the file's CAs (with a warning) |
+/// | file | on | not read | the file's CAs only |
+///
+/// No bundled roots: a compiled-in list goes stale and would trust a CA the
+/// operator removed from the machine's store.
 ///
 /// Errors are [`ConnectorError::InvalidConfig`] naming the file or the
 /// missing store.
