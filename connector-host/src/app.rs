@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use crate::cli::{self, given, Args};
 use crate::config::{plain, ConfigFile, Loader, RegistrationSpec, TokenSource, TopLevel};
 use crate::hosting::{Changes, Host, RegistrationView};
-use crate::ops::{BindError, OpsEndpoint, OpsServer};
+use crate::ops::{BindError, OpsEndpoint, OpsServer, ReadyGate};
 use crate::summary::{render_summary, SummaryRow};
 use crate::transport::select_transport;
 use crate::ConnectorTypes;
@@ -200,6 +200,7 @@ async fn run(p: Prepared, stop: Option<Stop>) -> Result<(), Failure> {
     if let Some(path) = &args.ca_cert {
         check_ca_file(path)?;
     }
+    let fleet = resolve_fleet(args)?;
     let shard = resolve_shard(args)?;
     let configured = match &p.file {
         Some((_, file)) => file.registrations.clone(),
@@ -225,7 +226,7 @@ async fn run(p: Prepared, stop: Option<Stop>) -> Result<(), Failure> {
             let ops = bind_ops(args).await?;
             let runner = MultiConnectorRunner::new(Vec::new(), options, transport);
             let host = Arc::new(Host::new(runner, p.types.clone(), shard));
-            run_remote(&p, host, configured, ops, stop).await
+            run_remote(&p, host, configured, ops, fleet, stop).await
         }
         None if p.file.is_some() => Err(Failure::Config(
             "--config needs a server: set `url` in the file or give --url \
@@ -300,6 +301,125 @@ fn flag_registrations(
         .collect()
 }
 
+/// What `--fleet` resolves to: the validated options with the `etcd`
+/// feature; nothing without it (`--fleet` is then refused by
+/// [`cli::check_extras`]).
+#[cfg(feature = "etcd")]
+type FleetPlan = crate::fleet::FleetOptions;
+#[cfg(not(feature = "etcd"))]
+type FleetPlan = std::convert::Infallible;
+
+/// `--fleet` (config key `fleet`) with `--fleet-member` and
+/// `--fleet-lease-secs`, checked: it needs a server and excludes the static
+/// shards.
+fn resolve_fleet(args: &Args) -> Result<Option<FleetPlan>, Failure> {
+    let Some(url) = &args.fleet else {
+        return Ok(None);
+    };
+    if args.shard.is_some() || args.shards.is_some() {
+        let which = if args.shard.is_some() {
+            "--shard (CONNECTOR_HOST_SHARD)"
+        } else {
+            "--shards (CONNECTOR_HOST_SHARDS)"
+        };
+        return Err(Failure::Config(format!(
+            "--fleet cannot be combined with {which}: in a fleet, etcd assigns each \
+             replica its share; remove one of them"
+        )));
+    }
+    if args.url.is_none() {
+        return Err(Failure::Config(
+            "--fleet needs a server (--url, or `url` in the config file): \
+             the embedded demo runs alone"
+                .into(),
+        ));
+    }
+    #[cfg(feature = "etcd")]
+    {
+        crate::fleet::host::options(url, args.fleet_member.as_deref(), args.fleet_lease_secs)
+            .map(Some)
+            .map_err(|e| Failure::Config(format!("--fleet {url:?}: {e}")))
+    }
+    #[cfg(not(feature = "etcd"))]
+    {
+        Err(Failure::Config(cli::fleet_needs_etcd(url)))
+    }
+}
+
+/// The fleet a running replica is in; uninhabited without the `etcd`
+/// feature.
+struct FleetLink {
+    #[cfg(feature = "etcd")]
+    inner: crate::fleet::host::FleetHost,
+    #[cfg(not(feature = "etcd"))]
+    never: std::convert::Infallible,
+}
+
+/// How long a replica leaving its fleet (SIGTERM) waits for its
+/// registrations to close: a drain may wait for a request in flight up to
+/// the SDK's `drain_timeout` (30 s).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(35);
+
+impl FleetLink {
+    /// Joins with the host's configured keys; the host hosts nothing the
+    /// fleet has not given it.
+    async fn start(plan: FleetPlan, host: &Arc<Host>, keys: Vec<RegistrationKey>) -> FleetLink {
+        #[cfg(feature = "etcd")]
+        {
+            FleetLink {
+                inner: crate::fleet::host::FleetHost::start(plan, host.clone(), keys),
+            }
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = (host, keys);
+            match plan {}
+        }
+    }
+
+    fn url(&self) -> &str {
+        #[cfg(feature = "etcd")]
+        {
+            self.inner.url()
+        }
+        #[cfg(not(feature = "etcd"))]
+        match self.never {}
+    }
+
+    fn ready_gate(&self) -> ReadyGate {
+        #[cfg(feature = "etcd")]
+        {
+            self.inner.ready_gate()
+        }
+        #[cfg(not(feature = "etcd"))]
+        match self.never {}
+    }
+
+    fn set_registrations(&self, keys: Vec<RegistrationKey>) {
+        #[cfg(feature = "etcd")]
+        {
+            self.inner.set_registrations(keys)
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = keys;
+            match self.never {}
+        }
+    }
+
+    async fn leave(self, limit: Duration) {
+        #[cfg(feature = "etcd")]
+        {
+            self.inner.leave(limit).await
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = limit;
+            match self.never {}
+        }
+    }
+}
+
 /// This replica's shard: `--shard I/N`, else `--shards N` with the ordinal
 /// at the end of `HOSTNAME`, else none (every registration).
 fn resolve_shard(args: &Args) -> Result<Option<Shard>, Failure> {
@@ -346,9 +466,14 @@ pub(crate) async fn bind_ops(args: &Args) -> Result<Option<OpsEndpoint>, Failure
     }
 }
 
-/// Starts serving the ops routes for `host`.
-pub(crate) fn serve_ops(ops: Option<OpsEndpoint>, host: &Arc<Host>) -> Option<OpsServer> {
-    Some(ops?.serve(host.clone()))
+/// Starts serving the ops routes for `host`; `/ready` also waits for
+/// `gate` (a fleet's membership), if any.
+pub(crate) fn serve_ops(
+    ops: Option<OpsEndpoint>,
+    host: &Arc<Host>,
+    gate: Option<ReadyGate>,
+) -> Option<OpsServer> {
+    Some(ops?.serve(host.clone(), gate))
 }
 
 /// An unreadable or certificate-less CA file is reported before connecting.
@@ -545,29 +670,48 @@ async fn run_remote(
     host: Arc<Host>,
     configured: Vec<RegistrationSpec>,
     ops: Option<OpsEndpoint>,
+    fleet: Option<FleetPlan>,
     stop: Option<Stop>,
 ) -> Result<(), Failure> {
     let args = &p.args;
     // Installed before anything connects, so an early signal is not lost.
     let mut signals = Signals::install()?;
     let endpoint = format!("{:?}", args.url.as_deref().unwrap_or_default());
+    let keys: Vec<RegistrationKey> = configured.iter().map(|s| s.key.clone()).collect();
+    if fleet.is_some() {
+        // Nothing is hosted before the fleet gives it to this replica.
+        host.set_allowed(Some(BTreeSet::new())).await;
+    }
     let changes = host.set_configured(configured).await;
     let hosted = changes.added - changes.failed;
+    let mut fleet = match fleet {
+        Some(plan) => Some(FleetLink::start(plan, &host, keys).await),
+        None => None,
+    };
     // Serves until this function returns: `/ready` turns 503 while the
     // registrations drain at shutdown.
-    let _ops = serve_ops(ops, &host);
-    log_hosting(
-        endpoint.trim_matches('"'),
-        host_shard(args)?,
-        hosted,
-        host.configured_len(),
-    );
+    let _ops = serve_ops(ops, &host, fleet.as_ref().map(FleetLink::ready_gate));
+    match &fleet {
+        Some(link) => tracing::info!(
+            endpoint = %endpoint.trim_matches('"'),
+            fleet = %link.url(),
+            "fleet: {} registrations in the list; hosting the share this replica owns",
+            host.configured_len()
+        ),
+        None => log_hosting(
+            endpoint.trim_matches('"'),
+            host_shard(args)?,
+            hosted,
+            host.configured_len(),
+        ),
+    }
     let reloadable = p.file.is_some();
-    if hosted == 0 && !reloadable {
+    if hosted == 0 && !reloadable && fleet.is_none() {
         return idle(args, host.configured_len(), &mut signals, stop).await;
     }
-    // With a config file the set may empty and fill again at a reload.
-    let mut run_task = spawn_run(host.runner(), reloadable);
+    // With a config file the set may empty and fill again at a reload; in a
+    // fleet, whenever the share does.
+    let mut run_task = spawn_run(host.runner(), reloadable || fleet.is_some());
     let status = crate::status::start(host.clone());
     let mut stop = stop.unwrap_or_else(|| Box::pin(std::future::pending()));
     let deadline = duration_elapsed(args.duration_secs);
@@ -579,6 +723,10 @@ async fn run_remote(
                 // Ended by itself: a configuration error (bad CA file), or
                 // every registration stopped (rejected, or reconnect off).
                 let failure = run_ended(joined);
+                if let Some(link) = fleet.take() {
+                    // Hand the share over now rather than after a TTL.
+                    link.leave(Duration::from_secs(5)).await;
+                }
                 if matches!(failure, Failure::Runtime(_)) {
                     let views = host.views();
                     print!("{}", render_summary(&summary_rows(&views, &views), 0));
@@ -593,7 +741,9 @@ async fn run_remote(
         match wake {
             Wake::Stop(reason) => break reason,
             Wake::Reload => match &p.file {
-                Some((path, first)) => reload(&host, &p.types, path, &first.top).await,
+                Some((path, first)) => {
+                    reload(&host, &p.types, path, &first.top, fleet.as_ref()).await
+                }
                 None => tracing::warn!("SIGHUP ignored: there is no --config file to reload"),
             },
         }
@@ -602,6 +752,26 @@ async fn run_remote(
     tracing::info!("{reason}: shutting down gracefully (answering in-flight requests)");
     let before = host.views();
     let connections = host.runner().summary().transport.open_connections();
+    if let Some(link) = fleet.take() {
+        // Close the share gracefully, delete the ownership keys and revoke
+        // the lease, so the others take over at once instead of after a TTL.
+        let leave = link.leave(LEAVE_TIMEOUT);
+        tokio::pin!(leave);
+        loop {
+            tokio::select! {
+                () = &mut leave => break,
+                wake = signals.recv() => match wake {
+                    Wake::Stop(signal) => {
+                        return Err(Failure::Runtime(format!(
+                            "{signal} again: exiting without waiting for in-flight requests \
+                             (the fleet's keys expire with the lease)"
+                        )));
+                    }
+                    Wake::Reload => tracing::info!("SIGHUP ignored: shutting down"),
+                },
+            }
+        }
+    }
     host.runner().shutdown_handle().shutdown();
     let joined = loop {
         tokio::select! {
@@ -639,8 +809,15 @@ fn host_shard(args: &Args) -> Result<Option<Shard>, Failure> {
 }
 
 /// SIGHUP: read the file again; apply its registrations, or keep the
-/// running set and log one error line.
-async fn reload(host: &Host, types: &ConnectorTypes, path: &Path, first: &TopLevel) {
+/// running set and log one error line. In a fleet, the fleet's list follows
+/// the file (new keys are assigned, gone ones handed back).
+async fn reload(
+    host: &Host,
+    types: &ConnectorTypes,
+    path: &Path,
+    first: &TopLevel,
+    fleet: Option<&FleetLink>,
+) {
     match load_config(types, path) {
         Err(e) => {
             crate::ops::count_reload(false);
@@ -653,6 +830,8 @@ async fn reload(host: &Host, types: &ConnectorTypes, path: &Path, first: &TopLev
                     path.display()
                 );
             }
+            let keys: Vec<RegistrationKey> =
+                file.registrations.iter().map(|s| s.key.clone()).collect();
             let Changes {
                 added,
                 removed,
@@ -660,6 +839,9 @@ async fn reload(host: &Host, types: &ConnectorTypes, path: &Path, first: &TopLev
                 unchanged,
                 failed,
             } = host.set_configured(file.registrations).await;
+            if let Some(link) = fleet {
+                link.set_registrations(keys);
+            }
             crate::ops::count_reload(true);
             tracing::info!(
                 added,

@@ -415,7 +415,7 @@ pub(crate) async fn run_demo(
         keys.len(),
         server.label()
     );
-    let _ops = serve_ops(ops, &host);
+    let _ops = serve_ops(ops, &host, None);
     let mut run_task = {
         let runner = runner.clone();
         tokio::spawn(async move { runner.run().await })

@@ -175,9 +175,9 @@ impl Host {
 
     /// Replaces the keys this replica may host (`None`: all), as a fleet
     /// assigns them, and reconciles.
-    #[allow(
-        dead_code,
-        reason = "the seam a fleet's assignment plugs into; wired by the fleet module"
+    #[cfg_attr(
+        not(feature = "etcd"),
+        allow(dead_code, reason = "driven by the fleet (feature `etcd`)")
     )]
     pub(crate) async fn set_allowed(&self, allowed: Option<BTreeSet<RegistrationKey>>) -> Changes {
         lock(&self.wanted).allowed = allowed;
@@ -205,22 +205,31 @@ impl Host {
             .iter()
             .map(|(k, h)| (k.clone(), h.spec.clone()))
             .collect();
-        // Gone, and changed (re-registered): the old one goes first.
+        // Gone, and changed (re-registered): the old one goes first. All
+        // are closed at once, so one slow drain (a long request in flight)
+        // does not hold up the others (a fleet hand-over waits for these).
         let mut to_add = Vec::new();
+        let mut downs = Vec::new();
         for (key, old) in &current {
             match target.get(key) {
                 None => {
-                    self.take_down(key, old).await;
-                    lock(&self.hosted).remove(key);
+                    downs.push((key, old));
                     changes.removed += 1;
                 }
                 Some(new) if new != old => {
-                    self.take_down(key, old).await;
-                    lock(&self.hosted).remove(key);
+                    downs.push((key, old));
                     to_add.push(new.clone());
                     changes.changed += 1;
                 }
                 Some(_) => changes.unchanged += 1,
+            }
+        }
+        futures_util::future::join_all(downs.iter().map(|(key, old)| self.take_down(key, old)))
+            .await;
+        {
+            let mut hosted = lock(&self.hosted);
+            for (key, _) in &downs {
+                hosted.remove(*key);
             }
         }
         for (key, spec) in &target {

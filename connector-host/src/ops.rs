@@ -4,7 +4,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text (0.0.4) of everything recorded through the `metrics` facade, host gauges refreshed per scrape |
-//! | `GET /ready` | 200 while every hosted registration that is not paused is active, else 503 |
+//! | `GET /ready` | 200 while every hosted registration that is not paused is active (and, in a fleet, the replica is joined), else 503 |
 //! | `GET /livez` | 200 while the runtime serves |
 //! | `GET /registrations` | 200, JSON array, one object per hosted registration |
 //!
@@ -32,6 +32,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::hosting::{Counts, Host};
+
+/// Something besides the registrations that `/ready` waits for: a fleet's
+/// membership. `Ok(note)` when ready (the note goes into the body),
+/// `Err(why)` when not.
+pub(crate) type ReadyGate = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Host-level metric names (facade form; Prometheus shows `_` for `.`).
 pub(crate) mod names {
@@ -139,6 +144,22 @@ fn describe() {
         names::CONFIG_RELOADS,
         "Config file reloads (SIGHUP), by outcome."
     );
+    #[cfg(feature = "etcd")]
+    {
+        use crate::fleet::{METRIC_FLEET_MEMBERS, METRIC_FLEET_MOVES, METRIC_FLEET_OWNED};
+        describe_gauge!(
+            METRIC_FLEET_MEMBERS,
+            "Live members of the fleet as this replica sees them (0 while not joined)."
+        );
+        describe_gauge!(
+            METRIC_FLEET_OWNED,
+            "Registrations this replica owns (holds the ownership key of) in the fleet."
+        );
+        describe_counter!(
+            METRIC_FLEET_MOVES,
+            "Ownership changes at this replica, by direction (acquired, released)."
+        );
+    }
 }
 
 /// Counts one reload (`ok` or `failed`).
@@ -148,14 +169,15 @@ pub(crate) fn count_reload(ok: bool) {
 }
 
 /// Sets the host-level gauges from the host's counts.
-fn record_host_gauges(host: &Host, counts: &Counts) {
+fn record_host_gauges(host: &Host, counts: &Counts, gate_ok: bool) {
     for state in STATES {
         metrics::gauge!(names::REGISTRATIONS, "state" => state).set(counts.count(state) as f64);
     }
     let transport = host.runner().summary().transport;
     metrics::gauge!(names::CONNECTIONS).set(transport.open_connections() as f64);
     metrics::gauge!(names::STREAMS).set(transport.open_streams() as f64);
-    metrics::gauge!(names::READY).set(if counts.ready() { 1.0 } else { 0.0 });
+    let ready = gate_ok && counts.ready();
+    metrics::gauge!(names::READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 /// A bound listener and the recorder it serves; see [`OpsEndpoint::serve`].
@@ -179,8 +201,9 @@ impl OpsEndpoint {
         })
     }
 
-    /// Serves the routes for `host` until the returned server is dropped.
-    pub(crate) fn serve(self, host: Arc<Host>) -> OpsServer {
+    /// Serves the routes for `host` until the returned server is dropped;
+    /// `/ready` also waits for `gate`, if any.
+    pub(crate) fn serve(self, host: Arc<Host>, gate: Option<ReadyGate>) -> OpsServer {
         let local_addr = self
             .listener
             .local_addr()
@@ -188,6 +211,7 @@ impl OpsEndpoint {
         let ctx = Arc::new(Ctx {
             prometheus: self.prometheus,
             host,
+            gate,
         });
         let upkeep = {
             let prometheus = ctx.prometheus.clone();
@@ -242,6 +266,13 @@ impl Drop for OpsServer {
 struct Ctx {
     prometheus: PrometheusHandle,
     host: Arc<Host>,
+    gate: Option<ReadyGate>,
+}
+
+impl Ctx {
+    fn gate(&self) -> Result<Option<String>, String> {
+        self.gate.as_ref().map(|g| g()).transpose()
+    }
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
@@ -316,17 +347,24 @@ fn respond(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
         Ok(Route::Livez) => (StatusCode::OK, "text/plain; charset=utf-8", "live\n".into()),
         Ok(Route::Ready) => {
             let counts = ctx.host.counts();
-            if counts.ready() {
-                (
+            match ctx.gate() {
+                Err(why) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("not ready: {why}\n"),
+                ),
+                Ok(note) if counts.ready() => (
                     StatusCode::OK,
                     "text/plain; charset=utf-8",
                     format!(
-                        "ready: {} of {} active ({} paused)\n",
-                        counts.active, counts.expected, counts.paused
+                        "ready: {} of {} active ({} paused){}\n",
+                        counts.active,
+                        counts.expected,
+                        counts.paused,
+                        note.map(|n| format!("; {n}")).unwrap_or_default()
                     ),
-                )
-            } else {
-                (
+                ),
+                Ok(_) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",
                     format!(
@@ -334,11 +372,11 @@ fn respond(req: &Request<Incoming>, ctx: &Ctx) -> Response<Full<Bytes>> {
                         counts.expected - counts.active.min(counts.expected),
                         counts.expected
                     ),
-                )
+                ),
             }
         }
         Ok(Route::Metrics) => {
-            record_host_gauges(&ctx.host, &ctx.host.counts());
+            record_host_gauges(&ctx.host, &ctx.host.counts(), ctx.gate().is_ok());
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -31,9 +31,11 @@
 //! closes each taken-back key gracefully and then calls [`Fleet::released`];
 //! only then is its ownership key deleted, and the key is never offered
 //! again before that.
-//! [`FleetRunner`] is that host loop for a
-//! [`connector_core::MultiConnectorRunner`]: the `connector-host` binary and
-//! the tests run the same code.
+//! [`FleetRunner`] is that host loop for a bare
+//! [`connector_core::MultiConnectorRunner`]. The `connector-host` program
+//! (`--fleet`) runs the same loop over its own host instead, so a fleet's
+//! share keeps everything the program does for its registrations (token
+//! files, pauses, re-registration on reload, `/registrations`).
 //!
 //! ```text
 //!            start / backoff over
@@ -54,6 +56,7 @@
 //! others can tell: nothing is revoked, the keys expire with the lease.
 
 mod engine;
+pub(crate) mod host;
 mod options;
 mod runner;
 
