@@ -760,38 +760,65 @@ impl Engine {
         }
     }
 
-    /// Handles one command. `s` is the live session, if any.
-    async fn command(&mut self, cmd: Cmd, s: Option<&mut Session>) {
-        match cmd {
-            Cmd::Released(key) => {
-                if let Some(rev) = self.closing.remove(&key) {
-                    tracing::debug!(member = %self.me(), %key, "fleet: registration released");
-                    if let (Some(rev), Some(s)) = (rev, s) {
-                        s.deletes.insert(key.to_string(), rev);
+    /// Handles one command (and the releases queued right behind it). `s`
+    /// is the live session, if any.
+    async fn command(&mut self, first: Cmd, mut s: Option<&mut Session>) {
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Released(key) => {
+                    // Releases come in bursts (a leave, a membership change,
+                    // a host closing its share at once): take every one
+                    // already queued and delete their keys in one round,
+                    // rather than one etcd round trip after the other.
+                    let mut keys = vec![key];
+                    while let Ok(cmd) = self.cmds.try_recv() {
+                        match cmd {
+                            Cmd::Released(key) => keys.push(key),
+                            other => {
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let mut queued = false;
+                    for key in keys {
+                        if let Some(rev) = self.closing.remove(&key) {
+                            tracing::debug!(member = %self.me(), %key, "fleet: registration released");
+                            if let (Some(rev), Some(s)) = (rev, s.as_deref_mut()) {
+                                s.deletes.insert(key.to_string(), rev);
+                                queued = true;
+                            }
+                        }
+                    }
+                    if let (true, Some(s)) = (queued, s.as_deref_mut()) {
                         self.flush_deletes(s).await;
                     }
                 }
-            }
-            Cmd::SetRegistrations(keys) => self.keys = by_name(keys),
-            Cmd::Leave(tx) => {
-                let first = self.leaving.is_none();
-                self.leaving.get_or_insert_with(Vec::new).push(tx);
-                if let (true, Some(s)) = (first, s) {
-                    // Out of the member set first, so the others start
-                    // computing their new shares while this one closes.
-                    let mut c = match self.client.clone() {
-                        Some(c) => c,
-                        None => return,
-                    };
-                    let key = format!("{}{}", self.members_key(), self.me());
-                    let txn = Txn::new()
-                        .when([Compare::lease(key.clone(), CompareOp::Equal, s.lease)])
-                        .and_then([TxnOp::delete(key, None)]);
-                    if let Err(e) = bounded(self.request_timeout, "member key", c.txn(txn)).await {
-                        tracing::warn!(member = %self.me(), error = %e, "fleet: could not delete the member key");
+                Cmd::SetRegistrations(keys) => self.keys = by_name(keys),
+                Cmd::Leave(tx) => {
+                    let first = self.leaving.is_none();
+                    self.leaving.get_or_insert_with(Vec::new).push(tx);
+                    if let (true, Some(s)) = (first, s.as_deref_mut()) {
+                        self.leave_members(s).await;
                     }
                 }
             }
+        }
+    }
+
+    /// Out of the member set first, so the others start computing their
+    /// new shares while this one closes.
+    async fn leave_members(&mut self, s: &Session) {
+        let Some(mut c) = self.client.clone() else {
+            return;
+        };
+        let key = format!("{}{}", self.members_key(), self.me());
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, s.lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        if let Err(e) = bounded(self.request_timeout, "member key", c.txn(txn)).await {
+            tracing::warn!(member = %self.me(), error = %e, "fleet: could not delete the member key");
         }
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use connector_core::RegistrationKey;
 use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, Instant};
 
 use super::{Fleet, FleetError, FleetOptions, FleetStatus};
 use crate::hosting::Host;
@@ -105,7 +106,7 @@ impl FleetHost {
     /// over at once. Waits at most `limit`; after that (or when etcd cannot
     /// be told) the keys expire with the lease instead, which is logged.
     pub(crate) async fn leave(mut self, limit: Duration) {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         match tokio::time::timeout(limit, self.fleet.leave()).await {
             Ok(Ok(())) => tracing::info!(
                 fleet = %self.url,
@@ -157,32 +158,60 @@ fn describe(s: &FleetStatus) -> Result<String, String> {
     }
 }
 
+/// How long the share must stay unchanged before it is logged at `info`:
+/// a join moves keys one watch event at a time, and one line per settled
+/// share is what an operator wants to read.
+const QUIET: Duration = Duration::from_millis(500);
+
 /// Applies every assignment to the host, then reports the given-back keys
 /// as released (each is closed by then). Ends when the fleet has left.
 async fn drive(fleet: Arc<Fleet>, host: Arc<Host>) {
     let mut offered = fleet.assignment();
-    let mut hosting = 0usize;
+    let status = fleet.status();
+    let mut report_at: Option<Instant> = None;
+    let mut apply = true;
     loop {
-        let assignment = offered.borrow_and_update().clone();
-        let owned = assignment.host.len();
-        let changes = host.set_allowed(Some(assignment.host)).await;
-        for key in &assignment.release {
-            fleet.released(key);
+        if apply {
+            let assignment = offered.borrow_and_update().clone();
+            let owned = assignment.host.len();
+            let changes = host.set_allowed(Some(assignment.host)).await;
+            for key in &assignment.release {
+                fleet.released(key);
+            }
+            if changes.added + changes.removed + changes.changed > 0 {
+                tracing::debug!(
+                    added = changes.added,
+                    removed = changes.removed,
+                    failed = changes.failed,
+                    owned,
+                    "fleet: share changed"
+                );
+                report_at = Some(Instant::now() + QUIET);
+            }
         }
-        if changes.added + changes.removed + changes.changed > 0 || owned != hosting {
-            hosting = owned;
-            tracing::info!(
-                added = changes.added,
-                removed = changes.removed,
-                failed = changes.failed,
-                owned,
-                configured = host.configured_len(),
-                "fleet: hosting {owned} of {} registrations",
-                host.configured_len()
-            );
-        }
-        if offered.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = offered.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                apply = true;
+            }
+            () = sleep_until(report_at.unwrap_or_else(Instant::now)), if report_at.is_some() => {
+                report_at = None;
+                apply = false;
+                let (members, owned) = {
+                    let s = status.borrow();
+                    (s.members, s.owned)
+                };
+                tracing::info!(
+                    owned,
+                    members,
+                    configured = host.configured_len(),
+                    "fleet: hosting {owned} of {} registrations ({members} member{})",
+                    host.configured_len(),
+                    if members == 1 { "" } else { "s" }
+                );
+            }
         }
     }
     // Left (or the fleet's task ended): nothing is ours any more.
