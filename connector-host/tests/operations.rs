@@ -519,7 +519,10 @@ async fn the_statefulset_manifest_uses_real_variables_and_routes() {
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("CONNECTOR_HOST_"))
         .collect();
-    assert!(vars.contains("CONNECTOR_HOST_SHARDS"), "{vars:?}");
+    // The manifest runs an elastic fleet: no static shard count to keep in
+    // step with `replicas`.
+    assert!(vars.contains("CONNECTOR_HOST_FLEET"), "{vars:?}");
+    assert!(!vars.contains("CONNECTOR_HOST_SHARDS"), "{vars:?}");
     assert!(vars.contains("CONNECTOR_HOST_AUTH_TOKEN"), "{vars:?}");
     for var in vars {
         assert!(help.contains(var), "{var} is not a connector-host variable");
