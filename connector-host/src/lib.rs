@@ -2,8 +2,8 @@
 //!
 //! Operators run the `connector-host` binary; Rust developers who write their
 //! own connectors call this library to get the same program (flags,
-//! environment, config file, SIGHUP reload, ops endpoints, shards, live
-//! status) for their connector types:
+//! environment, config file, SIGHUP reload, ops endpoints, shards, fleets,
+//! live status) for their connector types:
 //!
 //! ```no_run
 //! # use connector_host::{ConnectorTypes, EchoConnector};
@@ -21,7 +21,11 @@
 //! 1 when the run failed, 2 for a configuration error (printed as one line).
 //!
 //! Cargo features: `grpc` and `ws` (both default) pick the transports built
-//! in; a build with one of them has none of the other's crates.
+//! in; a build with one of them has none of the other's crates. `etcd` adds
+//! elastic fleets (`--fleet etcd://HOST:PORT/PREFIX`, module `fleet`): the
+//! replicas alive in etcd share the registration list, each hosting the
+//! share it owns; without it `--fleet` is a configuration error (exit 2)
+//! saying how to build it.
 #![deny(missing_docs)]
 
 #[cfg(all(feature = "grpc", feature = "ws"))]
