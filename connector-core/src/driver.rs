@@ -181,6 +181,7 @@ pub(crate) async fn drive(
             stop_seen: false,
             published: u64::MAX,
             published_counters: Counters::default(),
+            published_connection: None,
         };
         sm.handle_start(Instant::now());
         loop {
@@ -230,6 +231,8 @@ struct Driver {
     stop_seen: bool,
     published: u64,
     published_counters: Counters,
+    /// The connection id last published (the open stream's).
+    published_connection: Option<u64>,
 }
 
 impl Driver {
@@ -334,6 +337,11 @@ impl Driver {
         if counters != self.published_counters {
             self.published_counters = counters;
             live.metrics.publish(&counters);
+        }
+        let connection = self.stream.as_ref().map(|s| s.info.connection_id);
+        if connection != self.published_connection {
+            self.published_connection = connection;
+            live.metrics.publish_connection(connection);
         }
         if sm.state_version() != self.published {
             self.published = sm.state_version();

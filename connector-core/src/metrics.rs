@@ -45,6 +45,14 @@ pub struct ConnectorMetrics {
     pub answers_oversized: u64,
     /// Stream open attempts that failed (dial, TLS, refused).
     pub connect_failures: u64,
+    /// The transport's id of the connection the registration's stream is on
+    /// (its [`StreamInfo::connection_id`](crate::StreamInfo): a gRPC
+    /// channel, a WebSocket socket), so an operator can tell which
+    /// registrations share a connection and would fail together (a gRPC
+    /// channel that reconnects in place keeps its id). `None`
+    /// while it has no open stream (connecting, backing off, stopped), and
+    /// in the state machine's own snapshot, which knows no transport.
+    pub connection_id: Option<u64>,
     /// The state now.
     pub state: RegistrationState,
 }
@@ -90,6 +98,7 @@ impl Counters {
             replay_forgotten: self.replay_forgotten,
             answers_oversized: self.answers_oversized,
             connect_failures: self.connect_failures,
+            connection_id: None,
             state,
         }
     }
@@ -102,6 +111,9 @@ macro_rules! cell {
         #[derive(Debug, Default)]
         pub(crate) struct MetricsCell {
             $(pub(crate) $field: AtomicU64,)*
+            /// The open stream's connection id + 1; 0 while there is none.
+            /// Not a state-machine counter: the driver alone knows it.
+            connection: AtomicU64,
         }
 
         impl MetricsCell {
@@ -137,6 +149,16 @@ cell!(
 impl MetricsCell {
     /// A snapshot, with `state` (the published one).
     pub(crate) fn snapshot(&self, state: RegistrationState) -> ConnectorMetrics {
-        self.load().snapshot(state)
+        let mut m = self.load().snapshot(state);
+        m.connection_id = self.connection.load(Relaxed).checked_sub(1);
+        m
+    }
+
+    /// Publishes the connection the stream is on (`None`: no open stream).
+    pub(crate) fn publish_connection(&self, id: Option<u64>) {
+        // An id of u64::MAX cannot be told apart from "none"; no transport
+        // counts that far.
+        let encoded = id.map_or(0, |id| id.saturating_add(1));
+        self.connection.store(encoded, Relaxed);
     }
 }

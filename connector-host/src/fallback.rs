@@ -80,8 +80,8 @@ use async_trait::async_trait;
 use connector_core::proto::{stream_message::Kind, Drain, RegistrationStatus, StreamMessage};
 use connector_core::{
     Endpoint, InboundStream, JitterRng, MessageStream, MultiTransportOptions, MuxStats,
-    RegistrationKey, StreamMux, Transport, TransportError, TransportErrorKind, TransportKind,
-    MAX_PEER_TEXT_CHARS,
+    RegistrationKey, StreamInfo, StreamMux, Transport, TransportError, TransportErrorKind,
+    TransportKind, MAX_PEER_TEXT_CHARS,
 };
 use connector_grpc::{GrpcError, GrpcMux, Http2Refusal};
 use connector_ws::{WsConfig, WsTransport};
@@ -721,7 +721,19 @@ impl FallbackMux {
             key: key.clone(),
             id,
         });
+        let info = StreamInfo::new(connection_id(transport, info.connection_id));
         MessageStream::new(outbound, inbound, info)
+    }
+}
+
+/// The id the fallback mux reports for connection `id` of one of its two
+/// muxes, which count from 1 each: odd for gRPC connections, even for
+/// WebSocket sockets, so `/registrations` never shows two connections
+/// under one id.
+fn connection_id(transport: ActiveTransport, id: u64) -> u64 {
+    match transport {
+        ActiveTransport::Grpc => id.saturating_mul(2).saturating_sub(1),
+        ActiveTransport::WebSocket => id.saturating_mul(2),
     }
 }
 
@@ -774,8 +786,16 @@ impl StreamMux for FallbackMux {
 
     fn stats(&self) -> MuxStats {
         let mut stats = self.grpc.stats();
+        for c in &mut stats.connections {
+            c.id = connection_id(ActiveTransport::Grpc, c.id);
+        }
         let ws = self.ws.stats();
-        stats.connections.extend(ws.connections);
+        stats
+            .connections
+            .extend(ws.connections.into_iter().map(|mut c| {
+                c.id = connection_id(ActiveTransport::WebSocket, c.id);
+                c
+            }));
         stats.dials_succeeded += ws.dials_succeeded;
         stats.dials_failed += ws.dials_failed;
         stats.rebuilds += ws.rebuilds;

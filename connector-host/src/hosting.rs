@@ -106,7 +106,8 @@ pub(crate) struct RegistrationView {
     pub(crate) key: String,
     pub(crate) state: &'static str,
     pub(crate) since_ms: u64,
-    /// Not exposed by connector-core per registration yet: always null.
+    /// The transport's connection the stream is on (an HTTP/2 connection
+    /// for gRPC, the socket for WebSocket); null without an open stream.
     pub(crate) connection_id: Option<u64>,
     pub(crate) in_flight: u64,
     pub(crate) requests_received: u64,
@@ -343,7 +344,7 @@ impl Host {
                     key: key.to_string(),
                     state,
                     since_ms: now.saturating_duration_since(since).as_millis() as u64,
-                    connection_id: None,
+                    connection_id: m.and_then(|m| m.connection_id),
                     in_flight: m.map_or(0, |m| m.in_flight),
                     requests_received: m.map_or(0, |m| m.requests_received),
                     requests_succeeded: m.map_or(0, |m| m.requests_succeeded),

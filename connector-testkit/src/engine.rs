@@ -1004,6 +1004,27 @@ impl TestServer {
         self.lock().events.clone()
     }
 
+    /// The event log so far, oldest first, leaving it empty: for a server
+    /// that runs for hours (the `testkit-server` binary), whose log would
+    /// otherwise grow with every execute. Counters are kept.
+    pub fn take_events(&self) -> Vec<ServerEvent> {
+        std::mem::take(&mut self.lock().events)
+    }
+
+    /// Forgets the ids of executes already answered (kept so that a second
+    /// answer counts as [`ServerStats::duplicate_responses`]; after this it
+    /// counts as [`ServerStats::unknown_responses`], still a failure).
+    /// Outstanding requests are kept. For long runs, like
+    /// [`TestServer::take_events`].
+    pub fn forget_answered(&self) {
+        self.update(|st| {
+            for slots in st.execs.values_mut() {
+                slots.retain(|_, slot| matches!(slot, ExecSlot::Pending(_)));
+            }
+            st.execs.retain(|_, slots| !slots.is_empty());
+        });
+    }
+
     /// An in-memory [`connector_core::StreamMux`] over this engine (a new
     /// mux with its own fault knobs on each call).
     pub fn memory_mux(&self) -> MemoryMux {

@@ -42,6 +42,9 @@ pub struct GrpcServerOptions {
     /// With `tls`: refuse clients that present no certificate signed by
     /// the test CA (mutual TLS; see `TestCertificate::generate_client_identity`).
     pub require_client_cert: bool,
+    /// Where to listen (`None`: `127.0.0.1:0`, what a test wants). Set by
+    /// the `testkit-server` binary from `--grpc ADDR`.
+    pub bind: Option<SocketAddr>,
 }
 
 impl GrpcServerOptions {
@@ -60,6 +63,12 @@ impl GrpcServerOptions {
     /// Sets [`GrpcServerOptions::require_client_cert`].
     pub fn require_client_cert(mut self, on: bool) -> Self {
         self.require_client_cert = on;
+        self
+    }
+
+    /// Sets [`GrpcServerOptions::bind`].
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
         self
     }
 }
@@ -114,7 +123,8 @@ impl fmt::Debug for GrpcTestServer {
 }
 
 impl GrpcTestServer {
-    /// Binds `127.0.0.1:0` and serves `engine` until stopped.
+    /// Binds `127.0.0.1:0` (or the options' `bind` address) and serves
+    /// `engine` until stopped.
     pub async fn start(
         engine: TestServer,
         opts: GrpcServerOptions,
@@ -125,7 +135,10 @@ impl GrpcTestServer {
             )),
             None => None,
         };
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let bind = opts
+            .bind
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let server = GrpcTestServer {
             inner: Arc::new(Inner {

@@ -50,6 +50,9 @@ pub struct WsServerOptions {
     /// Largest message (and frame) accepted from a client; `None` keeps
     /// tungstenite's defaults (64 MiB message, 16 MiB frame).
     pub max_message_size: Option<usize>,
+    /// Where to listen (`None`: `127.0.0.1:0`, what a test wants). Set by
+    /// the `testkit-server` binary from `--ws ADDR`.
+    pub bind: Option<SocketAddr>,
 }
 
 impl WsServerOptions {
@@ -62,6 +65,12 @@ impl WsServerOptions {
     /// Sets [`WsServerOptions::require_client_cert`].
     pub fn require_client_cert(mut self, on: bool) -> Self {
         self.require_client_cert = on;
+        self
+    }
+
+    /// Sets [`WsServerOptions::bind`].
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
         self
     }
 
@@ -137,7 +146,8 @@ impl fmt::Debug for WsTestServer {
 }
 
 impl WsTestServer {
-    /// Binds `127.0.0.1:0` and serves `engine` until stopped.
+    /// Binds `127.0.0.1:0` (or the options' `bind` address) and serves
+    /// `engine` until stopped.
     pub async fn start(
         engine: TestServer,
         opts: WsServerOptions,
@@ -148,7 +158,10 @@ impl WsTestServer {
             )),
             None => None,
         };
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let bind = opts
+            .bind
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let server = WsTestServer {
             inner: Arc::new(Inner {

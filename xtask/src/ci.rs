@@ -14,6 +14,10 @@ const STEPS: &[(&str, &str)] = &[
     ("test", "tests (cargo test, incl. doc tests)"),
     ("doc", "docs (cargo doc, -D warnings)"),
     ("tree", "connector-core has no transport deps"),
+    (
+        "features",
+        "each transport feature alone: no other transport, builds",
+    ),
     ("bench", "bench smoke (cargo xtask bench --smoke)"),
 ];
 
@@ -118,6 +122,7 @@ fn run_step(name: &str, tests: &mut TestCounts) -> Result<(), String> {
             cmd::run(&mut command)
         }
         "tree" => crate::tree::check(),
+        "features" => crate::tree::check_features(),
         "bench" => crate::bench::run(&["--smoke".to_string()]),
         other => Err(format!("no such step `{other}`")),
     }

@@ -14,12 +14,16 @@ usage: cargo xtask <command> [options]
 commands:
   ci [--skip STEP]...    run every check CI runs, in order, stopping at the first
                          failure; STEP is one of: fmt, clippy, test, doc, tree,
-                         bench (repeat --skip to skip several)
+                         features, bench (repeat --skip to skip several)
   bench [--quick|--smoke] [SCENARIO...]
                          run the connector-bench binary (bench/src/main.rs) in
                          release mode; every argument is passed through to it
   tree-check             check that connector-core's normal dependency tree has
-                         no tonic, hyper, tungstenite or h2
+                         no tonic, hyper, tungstenite or h2 (and that neither
+                         transport crate pulls the other's stack)
+  features-check         check connector-testkit and connector-host with only
+                         `grpc` or only `ws`: no crate of the other transport
+                         in `cargo tree -e normal`, and `cargo check` is clean
   help                   print this message
 ";
 
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         "ci" => ci::run(&rest),
         "bench" => bench::run(&rest),
         "tree-check" => tree::run(&rest),
+        "features-check" => tree::run_features(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

@@ -1,0 +1,134 @@
+//! `connection_id` in `GET /registrations` names the connection a
+//! registration's stream is on: registrations that share an HTTP/2
+//! connection share the id, and those on different connections (a gRPC
+//! stream cap of 1, or WebSocket's socket per registration) do not. The
+//! number of distinct ids is checked against the connections the server
+//! actually accepted, so ids that merely differ are not enough.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use connector_core::proto::RegistrationStatus;
+use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
+
+mod support;
+use support::*;
+
+/// Hosts `count` registrations on `url` (plus `extra` flags), waits until
+/// all are active on both sides, and returns `/registrations`' ids with
+/// the running host.
+async fn ids(
+    engine: &TestServer,
+    url: &str,
+    count: u32,
+    extra: &[&str],
+) -> (Vec<Option<u64>>, Host, SocketAddr) {
+    let count_text = count.to_string();
+    let mut args = vec![
+        "--url",
+        url,
+        "--count",
+        &count_text,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log",
+        LOG,
+    ];
+    args.extend_from_slice(extra);
+    let mut host = Host::spawn(&args, &[]);
+    let addr = host.metrics_addr().await;
+    engine
+        .wait_for_active(count as usize, WAIT)
+        .await
+        .expect("all active");
+    // Answered executes mean the host has read its approvals too.
+    one_execute_each(engine, &engine.active_keys()).await;
+    let list = registrations(addr).await;
+    (list, host, addr)
+}
+
+async fn registrations(addr: SocketAddr) -> Vec<Option<u64>> {
+    let response = get(addr, "/registrations").await;
+    assert_eq!(response.status, 200, "{response:?}");
+    let list: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
+    let list = list.as_array().expect("an array");
+    list.iter()
+        .map(|r| {
+            assert_eq!(r["state"], "active", "{r}");
+            r["connection_id"].as_u64()
+        })
+        .collect()
+}
+
+fn distinct(ids: &[Option<u64>]) -> BTreeSet<u64> {
+    assert!(
+        ids.iter().all(Option::is_some),
+        "every active one has an id: {ids:?}"
+    );
+    ids.iter().flatten().copied().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_registrations_share_an_id_when_they_share_a_connection() {
+    let server = grpc_server().await;
+    let (ids, host, _) = ids(server.engine(), &server.url(), 2, &[]).await;
+    assert_eq!(distinct(&ids).len(), 1, "one HTTP/2 connection: {ids:?}");
+    assert_eq!(server.connection_count(), 1);
+    let (code, _, stderr) = host.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_registrations_on_two_connections_have_two_ids() {
+    let server = grpc_server().await;
+    let (ids, host, addr) = ids(
+        server.engine(),
+        &server.url(),
+        2,
+        &["--max-streams-per-channel", "1"],
+    )
+    .await;
+    assert_eq!(distinct(&ids).len(), 2, "two HTTP/2 connections: {ids:?}");
+    assert_eq!(server.connection_count(), 2);
+
+    // After the server kills both connections, each registration comes
+    // back, still one per connection. (A gRPC channel reconnects in place
+    // and keeps its id: the id names the channel, which has one HTTP/2
+    // connection at a time.)
+    let engine = server.engine().clone();
+    let newest_old = engine
+        .registrations()
+        .iter()
+        .map(|r| r.stream_id)
+        .max()
+        .expect("two streams");
+    assert_eq!(server.kill_all_connections(), 2);
+    let waited = engine
+        .wait_until(WAIT, |e| {
+            let regs = e.registrations();
+            regs.len() == 2
+                && regs
+                    .iter()
+                    .all(|r| r.stream_id > newest_old && r.status == RegistrationStatus::Approved)
+        })
+        .await;
+    waited.expect("both approved again on new streams");
+    one_execute_each(&engine, &engine.active_keys()).await;
+    let after = distinct(&registrations(addr).await);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(server.connection_count(), 2);
+    let (code, _, stderr) = host.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_registrations_have_a_socket_each() {
+    let server = WsTestServer::start(TestServer::new(), WsServerOptions::default())
+        .await
+        .expect("server starts");
+    let (ids, host, _) = ids(server.engine(), &server.url(), 3, &[]).await;
+    assert_eq!(distinct(&ids).len(), 3, "one socket each: {ids:?}");
+    assert_eq!(server.connection_count(), 3);
+    let (code, _, stderr) = host.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
