@@ -363,7 +363,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(35);
 impl FleetLink {
     /// Joins with the host's configured keys; the host hosts nothing the
     /// fleet has not given it.
-    async fn start(plan: FleetPlan, host: &Arc<Host>, keys: Vec<RegistrationKey>) -> FleetLink {
+    fn start(plan: FleetPlan, host: &Arc<Host>, keys: Vec<RegistrationKey>) -> FleetLink {
         #[cfg(feature = "etcd")]
         {
             FleetLink {
@@ -684,10 +684,7 @@ async fn run_remote(
     }
     let changes = host.set_configured(configured).await;
     let hosted = changes.added - changes.failed;
-    let mut fleet = match fleet {
-        Some(plan) => Some(FleetLink::start(plan, &host, keys).await),
-        None => None,
-    };
+    let mut fleet = fleet.map(|plan| FleetLink::start(plan, &host, keys));
     // Serves until this function returns: `/ready` turns 503 while the
     // registrations drain at shutdown.
     let _ops = serve_ops(ops, &host, fleet.as_ref().map(FleetLink::ready_gate));
