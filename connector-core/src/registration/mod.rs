@@ -1334,7 +1334,7 @@ impl Registration {
         };
         if let Some(why) = refuse {
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::new(ExecuteErrorKind::Overloaded, why),
                 now,
             );
@@ -1345,7 +1345,7 @@ impl Registration {
             && !self.capabilities.contains(&req.capability_id)
         {
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::unknown_capability(&req.capability_id),
                 now,
             );
@@ -1356,7 +1356,7 @@ impl Registration {
         if encoding == PayloadEncoding::Json {
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&req.payload) {
                 self.respond_now(
-                    &id,
+                    id,
                     ExecuteError::bad_payload(format!("payload is not valid JSON: {e}")),
                     now,
                 );
@@ -1388,7 +1388,7 @@ impl Registration {
                 )
             };
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::new(ExecuteErrorKind::Overloaded, why),
                 now,
             );
