@@ -23,6 +23,7 @@
 mod child;
 mod client_raw;
 mod client_sdk;
+mod hotpath;
 mod profile;
 mod report;
 mod scenarios;
@@ -76,6 +77,9 @@ enum Role {
     /// A client process (internal).
     #[command(name = "child-client", hide = true)]
     Client(ClientArgs),
+    /// The SDK's per-response path in one process, no network: for
+    /// instruction counts under `valgrind --tool=callgrind`.
+    Hotpath(hotpath::HotpathArgs),
 }
 
 /// Which server.
@@ -150,6 +154,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let limit = sys::raise_nofile();
     match cli.role {
+        Some(Role::Hotpath(args)) => match hotpath::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => wire::fail(&e),
+        },
         Some(role) => run_child(role),
         None => orchestrate(cli, limit),
     }
@@ -187,6 +195,7 @@ fn run_child(role: Role) -> ExitCode {
                 ClientKind::RawGrpc => client_raw::run_grpc(&a).await,
                 ClientKind::RawWs => client_raw::run_ws(&a).await,
             },
+            Role::Hotpath(_) => Ok(()),
         }
     });
     match result {

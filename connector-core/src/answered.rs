@@ -154,10 +154,11 @@ impl AnsweredLog {
     /// responses were dropped to make room (or by TTL).
     pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> Dropped {
         let id = std::mem::take(&mut response.request_id);
-        self.insert(now, &id, response, Place::Waiting)
+        self.insert(now, Arc::from(id), response, Place::Waiting)
     }
 
     /// Records a response queued on `stream` before heartbeat `tag`.
+    #[cfg(test)]
     pub(crate) fn sent(
         &mut self,
         now: Instant,
@@ -165,16 +166,25 @@ impl AnsweredLog {
         stream: u64,
         tag: u64,
     ) -> Dropped {
+        let id = Arc::from(response.request_id.as_str());
+        self.sent_with_id(now, response, id, stream, tag)
+    }
+
+    /// [`AnsweredLog::sent`] with the id already shared (the in-flight
+    /// table's copy): keeping the answer allocates nothing.
+    pub(crate) fn sent_with_id(
+        &mut self,
+        now: Instant,
+        response: &ExecuteResponse,
+        id: Arc<str>,
+        stream: u64,
+        tag: u64,
+    ) -> Dropped {
         if self.capacity == 0 {
             // Replay is off: nothing to keep, nothing to copy.
             return self.expire(now);
         }
-        self.insert(
-            now,
-            &response.request_id,
-            without_id(response),
-            Place::Sent { stream, tag },
-        )
+        self.insert(now, id, without_id(response), Place::Sent { stream, tag })
     }
 
     /// `response` is kept without its id (the map key holds it), so keeping
@@ -182,22 +192,21 @@ impl AnsweredLog {
     fn insert(
         &mut self,
         now: Instant,
-        id: &str,
+        id: Arc<str>,
         response: ExecuteResponse,
         place: Place,
     ) -> Dropped {
         let mut dropped = self.expire(now);
-        let cost = entry_bytes(id, &response);
+        let cost = entry_bytes(&id, &response);
         if self.capacity == 0 || cost > self.max_bytes {
             // Nothing kept (replay off, or an answer larger than the whole
             // budget): it is gone as soon as it is made.
-            if let Some(old) = self.entries.remove(id) {
-                self.forget(id, &old);
+            if let Some(old) = self.entries.remove(&*id) {
+                self.forget(&id, &old);
             }
             dropped.add(place);
             return dropped;
         }
-        let id: Arc<str> = Arc::from(id);
         self.next_seq += 1;
         let seq = self.next_seq;
         self.bytes += cost;

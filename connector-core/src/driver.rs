@@ -123,7 +123,7 @@ impl RegistrationHandle {
 }
 
 type Opening = Pin<Box<dyn Future<Output = Result<MessageStream, TransportError>> + Send>>;
-type Outcome = (String, Result<ExecuteOutput, ExecuteError>);
+type Outcome = (Arc<str>, Result<ExecuteOutput, ExecuteError>);
 
 /// What woke the driver.
 // Lives for one loop iteration on the stack; boxing the big variants would
@@ -227,7 +227,7 @@ struct Driver {
     timer_at: Option<Instant>,
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     tasks: JoinSet<Outcome>,
-    aborts: HashMap<String, AbortHandle, RandomState>,
+    aborts: HashMap<Arc<str>, AbortHandle, RandomState>,
     stop_seen: bool,
     published: u64,
     published_counters: Counters,
@@ -281,7 +281,7 @@ impl Driver {
                 }
                 Action::Execute(request) => self.start_execute(sm, *request, Instant::now()),
                 Action::Abort(id) => {
-                    if let Some(handle) = self.aborts.remove(&id) {
+                    if let Some(handle) = self.aborts.remove(id.as_str()) {
                         handle.abort();
                     }
                 }
@@ -295,7 +295,10 @@ impl Driver {
     /// single cost per execute. One that is not ready moves to a task of its
     /// own, so a slow handler never holds up the registration's stream.
     fn start_execute(&mut self, sm: &mut Registration, request: ExecuteRequest, now: Instant) {
-        let id = request.request_id.clone();
+        // The state machine's copy of the id, shared: no allocation.
+        let id = sm
+            .shared_request_id(&request.request_id)
+            .unwrap_or_else(|| Arc::from(request.request_id.as_str()));
         let ctx = ExecuteContext {
             deadline: (request.timeout_ms > 0)
                 .then(|| now + Duration::from_millis(request.timeout_ms as u64)),
@@ -320,7 +323,7 @@ impl Driver {
             );
             return;
         }
-        let task_id = id.clone();
+        let task_id = Arc::clone(&id);
         let handle = self.tasks.spawn(async move {
             let result = future.await.unwrap_or_else(|_| Err(panicked()));
             (task_id, result)

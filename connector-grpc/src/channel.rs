@@ -7,10 +7,14 @@ use std::time::Duration;
 use connector_core::{
     trust_anchors, ConnectorError, MultiTransportOptions, Proxy, TlsOptions, TransportKind,
 };
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
 
+use crate::connector::{Dialer, Route, TlsSetup};
 use crate::error::{dial_error, GrpcError};
-use crate::proxy::ProxyConnector;
+use crate::settings::PeerSettings;
 
 /// HTTP/2 keepalive ping period.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -36,11 +40,19 @@ pub(crate) fn connection_window(streams: usize) -> u32 {
 /// Everything needed to dial channels to one server, validated once.
 #[derive(Debug, Clone)]
 pub(crate) struct ChannelFactory {
+    /// Always `http://`: TLS is the connector's (see [`crate::connector`]);
+    /// with TLS its origin is `https://`, so requests say `:scheme https`.
     endpoint: Endpoint,
     target: String,
     connect_timeout: Duration,
-    /// Set when connections go through an HTTP CONNECT proxy.
-    proxy: Option<ProxyConnector>,
+    route: Arc<Route>,
+}
+
+/// A dialled channel and what its server said about its stream limit.
+#[derive(Debug)]
+pub(crate) struct Dialled {
+    pub(crate) channel: Channel,
+    pub(crate) settings: Arc<PeerSettings>,
 }
 
 impl ChannelFactory {
@@ -58,15 +70,13 @@ impl ChannelFactory {
             )));
         }
         let target = ep.to_string();
-        let scheme = if ep.tls { "https" } else { "http" };
-        let uri = format!("{scheme}://{}", ep.authority());
+        let uri = format!("http://{}", ep.authority());
         let connect_timeout = options.connect_timeout;
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| GrpcError::config(format!("url {target}: {e}")))?
             .user_agent(concat!("connector-grpc/", env!("CARGO_PKG_VERSION")))
             .map_err(|e| GrpcError::config(format!("user agent: {e}")))?
             .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
             // Keepalive pings only while streams are open. A gRPC server with
             // the default ping policy (grpc-core/grpc-go: at most one ping
             // per 5 minutes while no data flows, none without streams)
@@ -82,11 +92,14 @@ impl ChannelFactory {
             .keep_alive_while_idle(false)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(connection_window(options.max_streams_per_channel));
-        let endpoint = if ep.tls {
-            let tls = tls_config(&ep.host, &options.tls, connect_timeout)?;
-            endpoint
-                .tls_config(tls)
-                .map_err(|e| GrpcError::config(format!("TLS settings: {e}")))?
+        let (endpoint, tls) = if ep.tls {
+            let origin = format!("https://{}", ep.authority())
+                .parse()
+                .map_err(|e| GrpcError::config(format!("url {target}: {e}")))?;
+            (
+                endpoint.origin(origin),
+                Some(tls_setup(&ep.host, &options.tls)?),
+            )
         } else {
             if options.tls != TlsOptions::default() {
                 tracing::warn!(
@@ -94,7 +107,7 @@ impl ChannelFactory {
                     "TLS files are configured but the URL is grpc:// (plaintext); they are not used"
                 );
             }
-            endpoint
+            (endpoint, None)
         };
         let proxy = options.resolve_proxy().map_err(|e| match e {
             ConnectorError::InvalidConfig(message) => GrpcError::config(message),
@@ -102,13 +115,17 @@ impl ChannelFactory {
         })?;
         let proxy = proxy.map(|p: Proxy| {
             tracing::debug!(server = %target, proxy = %p.authority(), "connecting through an HTTP proxy");
-            ProxyConnector::new(Arc::new(p), &ep.authority())
+            Arc::new(p)
         });
         Ok(Self {
             endpoint,
             target,
             connect_timeout,
-            proxy,
+            route: Arc::new(Route {
+                authority: Arc::from(ep.authority()),
+                proxy,
+                tls,
+            }),
         })
     }
 
@@ -122,25 +139,44 @@ impl ChannelFactory {
         self.connect_timeout
     }
 
+    /// True when connections go through an HTTP CONNECT proxy.
+    #[cfg(test)]
+    fn proxied(&self) -> bool {
+        self.route.proxy.is_some()
+    }
+
     /// Dials one HTTP/2 connection (TCP, the proxy's tunnel if any, TLS,
-    /// HTTP/2 preface), bounded by the connect timeout.
-    pub(crate) async fn dial(&self) -> Result<Channel, GrpcError> {
-        let connect = async {
-            match &self.proxy {
-                // tonic still runs TLS (when the URI is https) over what the
-                // connector returns, and the endpoint's HTTP/2 settings.
-                Some(proxy) => self.endpoint.connect_with_connector(proxy.clone()).await,
-                None => self.endpoint.connect().await,
-            }
-        };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(dial_error(&self.target, self.connect_timeout, e)),
-            Err(_) => Err(GrpcError::timeout(
-                format!("connecting to {}", self.target),
-                self.connect_timeout,
-            )),
+    /// HTTP/2 preface) and waits for the server's first SETTINGS frame, all
+    /// bounded by the connect timeout. A server sends SETTINGS first, so
+    /// the wait is one round trip; a server that sends none in time still
+    /// gives a channel, whose limit is then learned by the stall fallback.
+    pub(crate) async fn dial(&self) -> Result<Dialled, GrpcError> {
+        let settings = PeerSettings::new();
+        let dialer = Dialer::new(Arc::clone(&self.route), Arc::clone(&settings));
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let channel =
+            match tokio::time::timeout_at(deadline, self.endpoint.connect_with_connector(dialer))
+                .await
+            {
+                Ok(Ok(channel)) => channel,
+                Ok(Err(e)) => return Err(dial_error(&self.target, self.connect_timeout, e)),
+                Err(_) => {
+                    return Err(GrpcError::timeout(
+                        format!("connecting to {}", self.target),
+                        self.connect_timeout,
+                    ))
+                }
+            };
+        if tokio::time::timeout_at(deadline, settings.wait_seen())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                server = %self.target,
+                "no SETTINGS from the server within the connect timeout"
+            );
         }
+        Ok(Dialled { channel, settings })
     }
 }
 
@@ -155,7 +191,10 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, GrpcError> {
 }
 
 /// Reads and checks a client identity (certificate chain + private key).
-fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, GrpcError> {
+fn read_identity(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), GrpcError> {
     let cert = read_pem("client_cert", cert_path)?;
     let key = read_pem("client_key", key_path)?;
     let certs = rustls_pemfile::certs(&mut cert.as_slice())
@@ -173,53 +212,58 @@ fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, GrpcErro
         )));
     }
     match rustls_pemfile::private_key(&mut key.as_slice()) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(GrpcError::config(format!(
-                "client_key {}: no PRIVATE KEY block found",
-                key_path.display()
-            )))
-        }
-        Err(e) => {
-            return Err(GrpcError::config(format!(
-                "client_key {}: not valid PEM: {e}",
-                key_path.display()
-            )))
-        }
+        Ok(Some(key)) => Ok((certs, key)),
+        Ok(None) => Err(GrpcError::config(format!(
+            "client_key {}: no PRIVATE KEY block found",
+            key_path.display()
+        ))),
+        Err(e) => Err(GrpcError::config(format!(
+            "client_key {}: not valid PEM: {e}",
+            key_path.display()
+        ))),
     }
-    Ok(Identity::from_pem(cert, key))
 }
 
 /// The TLS settings: SNI from the URL's host, the trust anchors of
 /// [`connector_core::trust_anchors`] (the rule the WebSocket transport
-/// follows too: system roots and/or the CA file, never bundled roots) and
-/// the client identity if configured.
-fn tls_config(
-    host: &str,
-    tls: &TlsOptions,
-    timeout: Duration,
-) -> Result<ClientTlsConfig, GrpcError> {
-    let mut config = ClientTlsConfig::new()
-        .domain_name(host)
-        .timeout(timeout)
-        // gRPC is HTTP/2 only: a server that does not answer ALPN still
-        // gets HTTP/2 rather than a handshake error.
-        .assume_http2(true);
+/// follows too: system roots and/or the CA file, never bundled roots),
+/// ALPN `h2` and the client identity if configured.
+fn tls_setup(host: &str, tls: &TlsOptions) -> Result<TlsSetup, GrpcError> {
+    let server_name = ServerName::try_from(host.to_string()).map_err(|e| {
+        GrpcError::config(format!("host {host:?} is not a valid TLS server name: {e}"))
+    })?;
     let anchors = trust_anchors(tls).map_err(|e| match e {
         ConnectorError::InvalidConfig(message) => GrpcError::config(message),
         other => GrpcError::config(other.to_string()),
     })?;
-    config = config.trust_anchors(anchors);
-    match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => config = config.identity(read_identity(cert, key)?),
-        (None, None) => {}
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| GrpcError::config(format!("TLS provider: {e}")))?
+            .with_root_certificates(RootCertStore::from_iter(anchors));
+    let mut config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let (chain, key_der) = read_identity(cert, key)?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                GrpcError::config(format!(
+                    "client certificate {} and key {} do not form a usable identity: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
         _ => {
             return Err(GrpcError::config(
                 "client_cert and client_key go together; set both or neither",
             ))
         }
-    }
-    Ok(config)
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsSetup {
+        connector: TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
 }
 
 #[cfg(test)]
@@ -288,10 +332,10 @@ mod tests {
         assert!(err.to_string().contains("proxy url"), "{err}");
 
         o.proxy = connector_core::ProxySetting::Disabled;
-        assert!(ChannelFactory::new(&o).expect("direct").proxy.is_none());
+        assert!(!ChannelFactory::new(&o).expect("direct").proxied());
         o.proxy = connector_core::ProxySetting::Url("http://u:p@127.0.0.1:3128".into());
         let f = ChannelFactory::new(&o).expect("proxied");
-        assert!(f.proxy.is_some());
+        assert!(f.proxied());
         assert!(!format!("{f:?}").contains("dTpw"), "no credential in Debug");
     }
 

@@ -35,10 +35,11 @@
 #![deny(missing_docs)]
 
 mod channel;
+mod connector;
 mod error;
 mod mux;
 mod pool;
-mod proxy;
+mod settings;
 
 pub use error::{Cause, GrpcError, Http2Refusal};
 pub use mux::{GrpcMux, GrpcTransport};

@@ -20,7 +20,7 @@ use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::channel::ChannelFactory;
+use crate::channel::{ChannelFactory, Dialled};
 use crate::error::{open_error, stream_error, Blame, GrpcError};
 use crate::pool::{lock, FailureOutcome, Pool, SharedPool, Slot};
 
@@ -119,9 +119,15 @@ struct Inner {
 ///   before it is opened and frees it when its inbound half is dropped. When
 ///   every channel is full one new channel is dialled; concurrent opens wait
 ///   for that one dial and share its result.
-/// * **Never hangs on a low server limit.** A server whose
-///   `SETTINGS_MAX_CONCURRENT_STREAMS` is below the cap makes h2 queue
-///   streams silently. An open whose response headers do not arrive within
+/// * **Reads the server's stream limit.** Each dial waits (one round trip,
+///   within `connect_timeout`) for the server's first SETTINGS frame, read
+///   off the wire under hyper, and caps the channel at its
+///   `SETTINGS_MAX_CONCURRENT_STREAMS`; a later SETTINGS frame that lowers
+///   it applies at once, and reservations above it move to another channel.
+/// * **Never hangs on a low server limit it was not told.** A server whose
+///   limit is below the cap makes h2 queue streams silently. As a fallback
+///   for a limit the SETTINGS did not show (sent late, or lowered while
+///   streams were queued), an open whose response headers do not arrive within
 ///   `connect_timeout` on a channel that already carries established streams
 ///   lowers that channel's cap to those streams (and the cap of channels
 ///   dialled later), frees its slot and moves to another channel, at most
@@ -230,19 +236,19 @@ impl Inner {
         self.dial_generation
             .store(state.generation, Ordering::Release);
         match result {
-            Ok(channel) => {
+            Ok(Dialled { channel, settings }) => {
                 state.last_error = None;
                 let mut pool = lock(&self.pool);
                 if reserve {
                     let r = pool
-                        .add_channel_and_reserve(channel)
+                        .add_channel_and_reserve(channel, settings)
                         .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
                     drop(pool);
                     tracing::debug!(parent: &self.channel_span(r.channel_id), "channel dialled");
                     Ok(Some((Slot::adopt(&self.pool, r.channel_id), r.channel)))
                 } else {
                     let id = pool
-                        .add_channel(channel)
+                        .add_channel(channel, settings)
                         .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
                     drop(pool);
                     tracing::debug!(parent: &self.channel_span(id), "channel dialled");
@@ -335,6 +341,12 @@ impl Inner {
             registration = %key,
         );
         async move {
+            if slot.over_cap() {
+                // The server's SETTINGS arrived after this slot was taken
+                // and allow fewer streams: h2 would queue this one.
+                tracing::debug!("channel over the server's limit; trying another");
+                return Err(AttemptError::Stalled);
+            }
             let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
             // `register` goes first, before we wait for response headers
             // (some servers send none until the first message arrives).

@@ -13,14 +13,20 @@
 //!   overshoots the cap. The slot is released when the stream is dropped
 //!   ([`Slot`] does it on `Drop`).
 //! * A channel's effective cap is the least of the configured
-//!   `max_streams_per_channel`, the server limit learned so far, and
-//!   [`INITIAL_MAX_SEND_STREAMS`] until the channel has seen a response (and
-//!   so the server's SETTINGS frame, which a server sends first).
+//!   `max_streams_per_channel`, a limit learned from stalls, and the
+//!   server's `SETTINGS_MAX_CONCURRENT_STREAMS` as read off the wire
+//!   ([`PeerSettings`]; a dial waits for it, one round trip). Until that is
+//!   known (a server slow to send SETTINGS), [`INITIAL_MAX_SEND_STREAMS`]
+//!   applies until the channel has seen a response.
+//! * A reservation made before the server's SETTINGS arrived may find the
+//!   channel over its cap once they did ([`Pool::over_cap`]): the opener
+//!   gives the slot back and tries elsewhere instead of letting h2 queue.
 //! * A *stall* (a stream that got no response headers in time on a channel
-//!   that already carries established streams) means the server's
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS` is below our cap and h2 queued the
-//!   stream. The channel's cap drops to its established streams, and the
-//!   pool remembers that limit for channels dialled later.
+//!   that already carries established streams) means the server's limit is
+//!   below our cap and h2 queued the stream: the fallback for a limit the
+//!   settings did not tell (not sent in time, or lowered later). The
+//!   channel's cap drops to its established streams, and the pool
+//!   remembers that limit for channels dialled later.
 //! * [`FAILURE_THRESHOLD`] consecutive failures on a channel drop it from
 //!   the pool (a rebuild: later opens dial a fresh one). Streams already on
 //!   it keep running until they end.
@@ -28,6 +34,8 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use connector_core::{ConnectionStats, MuxStats};
+
+use crate::settings::PeerSettings;
 
 /// The number of concurrent streams hyper's h2 client assumes a server
 /// allows before the server's SETTINGS frame arrives. Opening more than
@@ -53,16 +61,21 @@ struct Entry<C> {
     cap: usize,
     /// A response arrived on this channel, so the server's SETTINGS did too.
     settings_seen: bool,
+    /// What the server's SETTINGS said, once read.
+    settings: Arc<PeerSettings>,
     /// Failures since the last success.
     failures: u32,
 }
 
 impl<C> Entry<C> {
     fn effective_cap(&self) -> usize {
-        if self.settings_seen {
-            self.cap
-        } else {
-            self.cap.min(INITIAL_MAX_SEND_STREAMS)
+        match self.settings.max_streams() {
+            // A server limit of 0 ("no streams for now") still gets one
+            // stream: h2 queues it, and it ends as a plain timeout rather
+            // than the pool dialling channel after channel.
+            Some(server) => self.cap.min(server.max(1)),
+            None if self.settings_seen => self.cap,
+            None => self.cap.min(INITIAL_MAX_SEND_STREAMS),
         }
     }
 
@@ -154,7 +167,7 @@ impl<C: Clone> Pool<C> {
     /// Adds a freshly dialled channel and counts the dial. Its cap is the
     /// configured cap, lowered to the learned server limit. Returns its id,
     /// or `None` (and drops the channel) when the pool is closed.
-    pub(crate) fn add_channel(&mut self, channel: C) -> Option<u64> {
+    pub(crate) fn add_channel(&mut self, channel: C, settings: Arc<PeerSettings>) -> Option<u64> {
         if self.closed {
             return None;
         }
@@ -172,6 +185,7 @@ impl<C: Clone> Pool<C> {
             established: 0,
             cap,
             settings_seen: false,
+            settings,
             failures: 0,
         });
         Some(id)
@@ -179,8 +193,12 @@ impl<C: Clone> Pool<C> {
 
     /// [`Pool::add_channel`] and a slot on it, in one step, so the dialler
     /// cannot lose the channel it dialled to the waiters it dialled for.
-    pub(crate) fn add_channel_and_reserve(&mut self, channel: C) -> Option<Reservation<C>> {
-        let id = self.add_channel(channel)?;
+    pub(crate) fn add_channel_and_reserve(
+        &mut self,
+        channel: C,
+        settings: Arc<PeerSettings>,
+    ) -> Option<Reservation<C>> {
+        let id = self.add_channel(channel, settings)?;
         let entry = self.channels.iter_mut().find(|e| e.id == id)?;
         // A new channel's cap is at least 1, so there is always room.
         if !entry.has_room() {
@@ -191,6 +209,17 @@ impl<C: Clone> Pool<C> {
             channel_id: id,
             channel: entry.channel.clone(),
         })
+    }
+
+    /// True when `channel_id` carries more reservations than its cap
+    /// allows (its server's SETTINGS arrived after they were made, or
+    /// lowered the limit). The caller gives its slot back, so of the slots
+    /// that ask, exactly the excess leaves.
+    pub(crate) fn over_cap(&self, channel_id: u64) -> bool {
+        self.channels
+            .iter()
+            .find(|e| e.id == channel_id)
+            .is_some_and(|e| e.streams > e.effective_cap())
     }
 
     /// Counts a dial that failed.
@@ -356,6 +385,12 @@ impl<C: Clone> Slot<C> {
         lock(&self.pool).stalled(self.channel_id)
     }
 
+    /// True when the slot's channel is over its cap (see
+    /// [`Pool::over_cap`]).
+    pub(crate) fn over_cap(&self) -> bool {
+        lock(&self.pool).over_cap(self.channel_id)
+    }
+
     /// Reports a refused stream on the slot's channel (see
     /// [`Pool::refused`]).
     pub(crate) fn refused(&self) {
@@ -394,12 +429,16 @@ mod tests {
     #[test]
     fn reserve_fills_channels_in_order_and_never_overshoots() {
         let mut pool = Pool::new(3);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         for _ in 0..3 {
             assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
         }
         assert!(pool.try_reserve().is_none(), "channel a is full");
-        let b = pool.add_channel_and_reserve(()).expect("open pool");
+        let b = pool
+            .add_channel_and_reserve((), PeerSettings::new())
+            .expect("open pool");
         assert_eq!(b.channel_id, a + 1);
         assert_eq!(streams(&pool), vec![(a, 3, 3), (b.channel_id, 1, 3)]);
         // A freed slot on the older channel is reused first.
@@ -411,7 +450,9 @@ mod tests {
     #[test]
     fn new_channel_is_limited_to_hyper_initial_streams_until_a_response() {
         let mut pool = Pool::new(250);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         for _ in 0..INITIAL_MAX_SEND_STREAMS {
             assert!(pool.try_reserve().is_some());
         }
@@ -425,7 +466,9 @@ mod tests {
     #[test]
     fn stall_lowers_cap_to_established_and_new_channels_inherit_it() {
         let mut pool = Pool::new(80);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         for _ in 0..12 {
             assert!(pool.try_reserve().is_some());
         }
@@ -442,7 +485,9 @@ mod tests {
         }
         assert_eq!(streams(&pool), vec![(a, 5, 5)]);
         assert!(pool.try_reserve().is_none(), "a is at its learned limit");
-        let b = pool.add_channel(()).expect("open pool");
+        let b = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         assert_eq!(streams(&pool)[1], (b, 0, 5));
         // A stream ending on `a` makes room for exactly one more.
         pool.release(a, true);
@@ -451,9 +496,55 @@ mod tests {
     }
 
     #[test]
+    fn the_servers_settings_set_the_cap_and_late_ones_push_the_excess_out() {
+        let mut pool = Pool::new(80);
+        // Read before the channel is added (the dial waits for them).
+        let known = PeerSettings::new();
+        known.apply(Some(5));
+        let a = pool.add_channel((), known).expect("open pool");
+        assert_eq!(streams(&pool), vec![(a, 0, 5)]);
+        for _ in 0..5 {
+            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
+        }
+        assert!(pool.try_reserve().is_none(), "5 is the server's limit");
+        assert!(!pool.over_cap(a));
+
+        // Arriving after 12 reservations: the 7 over the limit give back.
+        let late = PeerSettings::new();
+        let b = pool.add_channel((), Arc::clone(&late)).expect("open pool");
+        for _ in 0..12 {
+            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(b));
+        }
+        late.apply(Some(5));
+        let mut gave_back = 0;
+        for _ in 0..12 {
+            if pool.over_cap(b) {
+                pool.release(b, false);
+                gave_back += 1;
+            }
+        }
+        assert_eq!(gave_back, 7);
+        assert_eq!(streams(&pool)[1], (b, 5, 5));
+
+        // No parameter in the first SETTINGS: only our own cap applies.
+        let unlimited = PeerSettings::new();
+        unlimited.apply(None);
+        let c = pool.add_channel((), unlimited).expect("open pool");
+        assert_eq!(streams(&pool)[2], (c, 0, 80));
+        // A limit of 0 still leaves one slot (a queued open times out).
+        let zero = PeerSettings::new();
+        zero.apply(Some(0));
+        let d = pool.add_channel((), zero).expect("open pool");
+        assert_eq!(streams(&pool)[3], (d, 0, 1));
+        assert_eq!(pool.learned_limit(), None, "settings are not stalls");
+    }
+
+    #[test]
     fn stall_without_established_streams_is_not_a_limit() {
         let mut pool = Pool::new(80);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         assert!(pool.try_reserve().is_some());
         assert_eq!(pool.stalled(a), None);
         assert_eq!(pool.learned_limit(), None);
@@ -463,7 +554,9 @@ mod tests {
     #[test]
     fn refused_stream_marks_settings_seen_but_keeps_the_cap() {
         let mut pool = Pool::new(250);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         assert_eq!(streams(&pool), vec![(a, 0, 100)]);
         pool.refused(a);
         assert_eq!(streams(&pool), vec![(a, 0, 250)]);
@@ -477,8 +570,12 @@ mod tests {
     #[test]
     fn stall_never_raises_a_cap_and_the_latest_measurement_is_learned() {
         let mut pool = Pool::new(80);
-        let a = pool.add_channel(()).expect("open pool");
-        let z = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
+        let z = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         for _ in 0..10 {
             assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
             pool.mark_established(a);
@@ -501,7 +598,9 @@ mod tests {
         }
         assert_eq!(pool.stalled(z), Some(5));
         assert_eq!(pool.learned_limit(), Some(5));
-        let b = pool.add_channel(()).expect("open pool");
+        let b = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         let caps: Vec<_> = pool
             .channel_stats()
             .iter()
@@ -513,7 +612,9 @@ mod tests {
     #[test]
     fn failures_drop_the_channel_at_the_threshold_and_success_resets_them() {
         let mut pool = Pool::new(10);
-        let a = pool.add_channel(()).expect("open pool");
+        let a = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         assert_eq!(pool.record_failure(a), FailureOutcome::Counted(1));
         assert_eq!(pool.record_failure(a), FailureOutcome::Counted(2));
         pool.mark_established(a);
@@ -526,20 +627,25 @@ mod tests {
         // Releasing a slot of a dropped channel is harmless.
         pool.release(a, true);
         // The next channel gets a fresh id.
-        let b = pool.add_channel(()).expect("open pool");
+        let b = pool
+            .add_channel((), PeerSettings::new())
+            .expect("open pool");
         assert_ne!(a, b);
     }
 
     #[test]
     fn closed_pool_refuses_everything() {
         let mut pool = Pool::new(10);
-        pool.add_channel(()).expect("open pool");
+        pool.add_channel((), PeerSettings::new())
+            .expect("open pool");
         pool.dial_failed();
         assert_eq!(pool.close().len(), 1);
         assert!(pool.is_closed());
         assert!(pool.try_reserve().is_none());
-        assert!(pool.add_channel(()).is_none());
-        assert!(pool.add_channel_and_reserve(()).is_none());
+        assert!(pool.add_channel((), PeerSettings::new()).is_none());
+        assert!(pool
+            .add_channel_and_reserve((), PeerSettings::new())
+            .is_none());
         let stats = pool.stats();
         assert_eq!(stats.open_connections(), 0);
         assert_eq!((stats.dials_succeeded, stats.dials_failed), (1, 1));
@@ -548,7 +654,7 @@ mod tests {
     #[test]
     fn slot_releases_on_drop_and_remembers_establishment() {
         let pool = shared(2);
-        lock(&pool).add_channel(());
+        lock(&pool).add_channel((), PeerSettings::new());
         let (mut s1, ()) = Slot::try_reserve(&pool).expect("room");
         let (s2, ()) = Slot::try_reserve(&pool).expect("room");
         assert!(Slot::try_reserve(&pool).is_none());
@@ -574,7 +680,7 @@ mod tests {
         const CAP: usize = 7;
         let pool = shared(CAP);
         for _ in 0..3 {
-            lock(&pool).add_channel(());
+            lock(&pool).add_channel((), PeerSettings::new());
         }
         let mut tasks = Vec::new();
         for t in 0..64u64 {

@@ -71,6 +71,7 @@ pub use heartbeat::{MAX_SERVER_HEARTBEAT_INTERVAL, MIN_SERVER_HEARTBEAT_INTERVAL
 
 use std::collections::HashSet;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use connector_proto::{
@@ -261,6 +262,14 @@ struct Settings {
 /// message per 32 answers.
 const EARLY_HEARTBEAT_AFTER: usize = 32;
 
+/// Payload bytes of responses queued without a heartbeat after them before
+/// one is sent early, whatever their count: the replay log holds what was
+/// sent since the last acked heartbeat, so with large answers a count alone
+/// let it hold 32 × the payload per registration and more (4 KiB echo at
+/// N = 1000: client RSS 2.5× the raw client's). 32 KiB is 8 answers of
+/// 4 KiB per heartbeat, a 20-byte message per 32 KiB sent.
+const EARLY_HEARTBEAT_BYTES: usize = 32 * 1024;
+
 /// The sans-IO state machine of one registration.
 #[derive(Debug)]
 pub struct Registration {
@@ -288,6 +297,8 @@ pub struct Registration {
     /// Responses queued since the last heartbeat; past a threshold a
     /// heartbeat goes out early so its ack confirms them sooner.
     queued_since_heartbeat: usize,
+    /// Payload bytes of those responses.
+    bytes_since_heartbeat: usize,
     actions: VecDeque<Action>,
     events: VecDeque<RegistrationEvent>,
     counters: Counters,
@@ -394,6 +405,7 @@ impl Registration {
                 options.redelivery_ttl,
             ),
             queued_since_heartbeat: 0,
+            bytes_since_heartbeat: 0,
             actions: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -465,6 +477,12 @@ impl Registration {
         c
     }
 
+    /// The in-flight table's shared copy of a running request's id (the
+    /// driver keeps it to report the handler's result, without a copy).
+    pub(crate) fn shared_request_id(&self, id: &str) -> Option<Arc<str>> {
+        self.inflight.shared_id(id)
+    }
+
     /// Requests received and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
@@ -521,6 +539,7 @@ impl Registration {
         };
         self.streams_opened += 1;
         self.queued_since_heartbeat = 0;
+        self.bytes_since_heartbeat = 0;
         self.telemetry.connection_attempt(true);
         let first = self.heartbeats.stream_opened(now);
         self.timers.set(Timer::Heartbeat, first);
@@ -1100,6 +1119,7 @@ impl Registration {
             }
         }
         self.queued_since_heartbeat = 0;
+        self.bytes_since_heartbeat = 0;
         let since = now.saturating_duration_since(self.clock_origin.0);
         let sent_at_unix_ms = self.clock_origin.1 + since.as_millis() as i64;
         self.push_out(
@@ -1303,7 +1323,7 @@ impl Registration {
             None => {}
         }
         self.counters.requests_received += 1;
-        let id = req.request_id.clone();
+        let id = req.request_id.as_str();
         let refuse = match self.phase {
             Phase::Active(_) => None,
             Phase::Draining(..) => Some("draining: not taking new work"),
@@ -1314,7 +1334,7 @@ impl Registration {
         };
         if let Some(why) = refuse {
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::new(ExecuteErrorKind::Overloaded, why),
                 now,
             );
@@ -1325,7 +1345,7 @@ impl Registration {
             && !self.capabilities.contains(&req.capability_id)
         {
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::unknown_capability(&req.capability_id),
                 now,
             );
@@ -1336,7 +1356,7 @@ impl Registration {
         if encoding == PayloadEncoding::Json {
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&req.payload) {
                 self.respond_now(
-                    &id,
+                    id,
                     ExecuteError::bad_payload(format!("payload is not valid JSON: {e}")),
                     now,
                 );
@@ -1347,7 +1367,7 @@ impl Registration {
             .then(|| Duration::from_millis(req.timeout_ms as u64).min(MAX_REQUEST_TIMEOUT));
         let running = self.inflight.running() < self.settings.max_concurrent;
         if running {
-            self.inflight.insert_running(id, now, timeout);
+            self.inflight.insert_running(Arc::from(id), now, timeout);
             self.actions.push_back(Action::Execute(req));
             return;
         }
@@ -1368,7 +1388,7 @@ impl Registration {
                 )
             };
             self.respond_now(
-                &id,
+                id,
                 ExecuteError::new(ExecuteErrorKind::Overloaded, why),
                 now,
             );
@@ -1439,7 +1459,7 @@ impl Registration {
             return;
         };
         if response.request_id.is_empty() {
-            response.request_id = request_id.to_string();
+            response.request_id = left.id.to_string();
         }
         if left.was_running && abort {
             self.actions
@@ -1454,7 +1474,7 @@ impl Registration {
         } else {
             self.counters.requests_failed += 1;
         }
-        self.send_response(now, response);
+        self.send_response_with_id(now, response, Some(left.id));
         self.start_queued(now);
         self.maybe_finish_drain(now);
     }
@@ -1477,6 +1497,18 @@ impl Registration {
     }
 
     fn send_response(&mut self, now: Instant, response: ExecuteResponse) {
+        self.send_response_with_id(now, response, None);
+    }
+
+    /// [`Registration::send_response`]; `id` is the in-flight table's
+    /// shared copy of the request id when there is one, so keeping the
+    /// answer for replay copies no string.
+    fn send_response_with_id(
+        &mut self,
+        now: Instant,
+        response: ExecuteResponse,
+        id: Option<Arc<str>>,
+    ) {
         let Some(response) = self.fit_answer(response) else {
             return;
         };
@@ -1491,11 +1523,17 @@ impl Registration {
         // The next heartbeat queued goes out after this response; its ack
         // confirms the response was read.
         let tag = self.heartbeats.seq + 1;
-        let dropped = self.answered.sent(now, &response, stream.gen, tag);
+        let id = id.unwrap_or_else(|| Arc::from(response.request_id.as_str()));
+        let dropped = self
+            .answered
+            .sent_with_id(now, &response, id, stream.gen, tag);
         self.count_dropped(dropped);
+        self.bytes_since_heartbeat += response.payload.len() + response.error.len();
         self.push_out(now, answers::message(response));
         self.queued_since_heartbeat += 1;
-        if self.queued_since_heartbeat >= EARLY_HEARTBEAT_AFTER {
+        if self.queued_since_heartbeat >= EARLY_HEARTBEAT_AFTER
+            || self.bytes_since_heartbeat >= EARLY_HEARTBEAT_BYTES
+        {
             self.send_heartbeat(now, false);
         }
     }

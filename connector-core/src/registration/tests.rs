@@ -1010,6 +1010,38 @@ fn many_answers_without_a_heartbeat_ask_for_an_early_ack() {
     assert_eq!(beats, 2, "an early heartbeat after every 32 answers");
 }
 
+#[test]
+fn large_answers_ask_for_an_early_ack_by_bytes() {
+    let mut h = H::with(
+        options()
+            .to_builder()
+            .max_concurrent_requests(1000)
+            .build()
+            .expect("valid"),
+    );
+    h.approve();
+    for i in 0..20 {
+        h.execute(&format!("r{i}"), "echo", b"{}", 0);
+    }
+    h.take_actions();
+    // 20 answers of 4 KiB: a heartbeat after every 8 (32 KiB), not 32.
+    let big = format!("\"{}\"", "x".repeat(4094));
+    for i in 0..20 {
+        h.sm.handle_execute_done(
+            h.now,
+            &format!("r{i}"),
+            Ok(ExecuteOutput::json_bytes(big.clone().into_bytes())),
+        );
+    }
+    let sent = h.take_sent();
+    let kinds: Vec<bool> = sent
+        .iter()
+        .map(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
+        .collect();
+    assert_eq!(kinds.iter().filter(|&&b| b).count(), 2, "{kinds:?}");
+    assert!(kinds[8], "the first early heartbeat follows the 8th answer");
+}
+
 // ----------------------------------------------------------------------
 // A server that is buggy or hostile (issue 11): one test per behaviour.
 // ----------------------------------------------------------------------

@@ -1,0 +1,360 @@
+//! The server's `SETTINGS_MAX_CONCURRENT_STREAMS`, read off the wire.
+//!
+//! hyper keeps h2's view of the server's settings to itself and tonic's
+//! `Channel` hides hyper, so a channel cannot ask how many streams the
+//! server allows. Without that number the pool only finds a low limit by a
+//! stall (a stream h2 queued, no response headers within the connect
+//! timeout). So every connection's bytes from the server pass through
+//! [`SniffedIo`], which follows the HTTP/2 frame headers (9 bytes each; the
+//! payloads are skipped) and decodes only SETTINGS frames. It sits under
+//! hyper and above TLS (our own connector runs TLS, see
+//! [`crate::connector`]), so it sees plaintext frames on every kind of
+//! connection: direct, through a proxy tunnel, with or without TLS.
+//!
+//! The rule is h2's own (`Counts::apply_remote_settings`): the first
+//! SETTINGS frame sets the limit, or "unlimited" when it has no
+//! `MAX_CONCURRENT_STREAMS`; a later frame changes it only when it carries
+//! the parameter. The cost is a few comparisons per frame on the read path.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// HTTP/2 frame type of SETTINGS (RFC 9113 §6.5).
+const FRAME_SETTINGS: u8 = 0x4;
+/// The SETTINGS flag of an acknowledgement (no parameters).
+const FLAG_ACK: u8 = 0x1;
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`.
+const PARAM_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+/// Length of a frame header.
+const HEADER_LEN: usize = 9;
+/// Length of one SETTINGS parameter (16-bit id, 32-bit value).
+const PARAM_LEN: usize = 6;
+
+/// No SETTINGS frame seen yet.
+const NOT_SEEN: u64 = u64::MAX;
+/// A SETTINGS frame without the parameter: no limit.
+const UNLIMITED: u64 = 1 << 32;
+
+/// What one connection's server said about its stream limit, shared by the
+/// sniffer (writer) and the pool (reader).
+#[derive(Debug)]
+pub(crate) struct PeerSettings {
+    /// [`NOT_SEEN`], [`UNLIMITED`] or the limit (a `u32`).
+    max_streams: AtomicU64,
+    seen: Notify,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self {
+            max_streams: AtomicU64::new(NOT_SEEN),
+            seen: Notify::new(),
+        }
+    }
+}
+
+impl PeerSettings {
+    /// Settings of a connection not yet made.
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The server's concurrent-stream limit: `None` before its first
+    /// SETTINGS frame, `Some(usize::MAX)` when it set none.
+    pub(crate) fn max_streams(&self) -> Option<usize> {
+        match self.max_streams.load(Ordering::Acquire) {
+            NOT_SEEN => None,
+            UNLIMITED => Some(usize::MAX),
+            n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        }
+    }
+
+    /// Waits until the first SETTINGS frame was read (unbounded: the caller
+    /// bounds it).
+    pub(crate) async fn wait_seen(&self) {
+        loop {
+            let notified = self.seen.notified();
+            if self.max_streams().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records a SETTINGS frame: `param` is its `MAX_CONCURRENT_STREAMS`,
+    /// if it has one.
+    pub(crate) fn apply(&self, param: Option<u32>) {
+        let first = self.max_streams.load(Ordering::Acquire) == NOT_SEEN;
+        match (param, first) {
+            (Some(n), _) => self.max_streams.store(u64::from(n), Ordering::Release),
+            (None, true) => self.max_streams.store(UNLIMITED, Ordering::Release),
+            (None, false) => {}
+        }
+        if first {
+            self.seen.notify_waiters();
+        }
+    }
+}
+
+/// Follows the frames of a server-to-client byte stream.
+#[derive(Debug)]
+struct FrameScanner {
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    /// Payload bytes of the current frame not yet read.
+    remaining: usize,
+    /// The current frame is a SETTINGS frame whose parameters we decode.
+    in_settings: bool,
+    param: [u8; PARAM_LEN],
+    param_len: usize,
+    /// The frame's `MAX_CONCURRENT_STREAMS` (the last one wins, as in h2).
+    found: Option<u32>,
+}
+
+impl FrameScanner {
+    fn new() -> Self {
+        Self {
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            remaining: 0,
+            in_settings: false,
+            param: [0; PARAM_LEN],
+            param_len: 0,
+            found: None,
+        }
+    }
+
+    /// Feeds bytes as they were read; reports every complete SETTINGS
+    /// frame to `settings`.
+    fn feed(&mut self, mut bytes: &[u8], settings: &PeerSettings) {
+        while !bytes.is_empty() {
+            if self.remaining == 0 && self.header_len < HEADER_LEN {
+                let take = (HEADER_LEN - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.header_len += take;
+                bytes = &bytes[take..];
+                if self.header_len < HEADER_LEN {
+                    return;
+                }
+                self.start_frame(settings);
+                continue;
+            }
+            let take = self.remaining.min(bytes.len());
+            if self.in_settings {
+                for &b in &bytes[..take] {
+                    self.param[self.param_len] = b;
+                    self.param_len += 1;
+                    if self.param_len == PARAM_LEN {
+                        self.param_len = 0;
+                        let id = u16::from_be_bytes([self.param[0], self.param[1]]);
+                        if id == PARAM_MAX_CONCURRENT_STREAMS {
+                            self.found = Some(u32::from_be_bytes([
+                                self.param[2],
+                                self.param[3],
+                                self.param[4],
+                                self.param[5],
+                            ]));
+                        }
+                    }
+                }
+            }
+            self.remaining -= take;
+            bytes = &bytes[take..];
+            if self.remaining == 0 {
+                self.end_frame(settings);
+            }
+        }
+    }
+
+    /// A frame header is complete.
+    fn start_frame(&mut self, settings: &PeerSettings) {
+        let h = &self.header;
+        let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        // A SETTINGS payload that is not whole parameters is a protocol
+        // error h2 deals with; we just do not decode it.
+        self.in_settings = h[3] == FRAME_SETTINGS && h[4] & FLAG_ACK == 0 && len % PARAM_LEN == 0;
+        self.remaining = len;
+        self.param_len = 0;
+        self.found = None;
+        if len == 0 {
+            self.end_frame(settings);
+        }
+    }
+
+    /// The current frame's payload is complete.
+    fn end_frame(&mut self, settings: &PeerSettings) {
+        if self.in_settings {
+            settings.apply(self.found);
+        }
+        self.in_settings = false;
+        self.header_len = 0;
+    }
+}
+
+/// An IO whose reads pass through a [`FrameScanner`] into a
+/// [`PeerSettings`]. Writes are untouched.
+#[derive(Debug)]
+pub(crate) struct SniffedIo<T> {
+    inner: T,
+    scanner: FrameScanner,
+    settings: Arc<PeerSettings>,
+}
+
+impl<T> SniffedIo<T> {
+    pub(crate) fn new(inner: T, settings: Arc<PeerSettings>) -> Self {
+        Self {
+            inner,
+            scanner: FrameScanner::new(),
+            settings,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SniffedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.scanner.feed(&buf.filled()[before..], &this.settings);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SniffedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut out = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            0,
+        ];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn param(id: u16, value: u32) -> Vec<u8> {
+        let mut out = id.to_be_bytes().to_vec();
+        out.extend_from_slice(&value.to_be_bytes());
+        out
+    }
+
+    fn settings(params: &[(u16, u32)]) -> Vec<u8> {
+        let payload: Vec<u8> = params.iter().flat_map(|&(i, v)| param(i, v)).collect();
+        frame(FRAME_SETTINGS, 0, &payload)
+    }
+
+    /// Feeds `bytes` in pieces of `chunk` bytes.
+    fn scan(bytes: &[u8], chunk: usize) -> Arc<PeerSettings> {
+        let s = PeerSettings::new();
+        let mut scanner = FrameScanner::new();
+        for piece in bytes.chunks(chunk) {
+            scanner.feed(piece, &s);
+        }
+        s
+    }
+
+    #[test]
+    fn reads_the_limit_however_the_bytes_are_split() {
+        let mut wire = settings(&[(0x4, 65_535), (0x3, 5), (0x6, 16_384)]);
+        wire.extend(frame(0x8, 0, &[0, 0, 0, 10])); // WINDOW_UPDATE
+        for chunk in [1, 2, 5, 7, 9, 64] {
+            assert_eq!(scan(&wire, chunk).max_streams(), Some(5), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn first_settings_without_the_parameter_means_unlimited() {
+        let wire = settings(&[(0x4, 65_535)]);
+        assert_eq!(scan(&wire, 3).max_streams(), Some(usize::MAX));
+        assert_eq!(scan(&[], 1).max_streams(), None);
+    }
+
+    #[test]
+    fn later_settings_change_it_only_with_the_parameter_and_acks_are_skipped() {
+        let mut wire = settings(&[(0x3, 100)]);
+        // DATA and HEADERS payloads that look like SETTINGS are skipped.
+        wire.extend(frame(0x0, 0, &settings(&[(0x3, 1)])));
+        wire.extend(frame(FRAME_SETTINGS, FLAG_ACK, &[]));
+        wire.extend(settings(&[(0x4, 1)]));
+        assert_eq!(scan(&wire, 4).max_streams(), Some(100));
+        wire.extend(settings(&[(0x3, 7)]));
+        wire.extend(frame(0x6, 0, &[0; 8])); // PING
+        assert_eq!(scan(&wire, 5).max_streams(), Some(7));
+    }
+
+    #[test]
+    fn a_malformed_settings_payload_is_not_decoded() {
+        let mut wire = frame(FRAME_SETTINGS, 0, &[0, 3, 0, 0, 0]);
+        wire.extend(settings(&[(0x3, 9)]));
+        assert_eq!(scan(&wire, 2).max_streams(), Some(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_seen_wakes_on_the_first_frame() {
+        let s = PeerSettings::new();
+        let waiter = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.wait_seen().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        FrameScanner::new().feed(&settings(&[(0x3, 2)]), &s);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(s.max_streams(), Some(2));
+    }
+}
