@@ -25,6 +25,7 @@ mod runner;
 mod state;
 mod telemetry;
 mod text;
+mod token;
 mod transport;
 mod trust;
 mod tunnel;
@@ -52,6 +53,7 @@ pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownH
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 pub use telemetry::names as metric_names;
 pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
+pub use token::{EnvToken, FileToken, FixedToken, TokenSource};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
