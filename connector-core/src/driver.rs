@@ -311,37 +311,51 @@ impl Driver {
     /// answered with no task spawned, which at high rates was the largest
     /// single cost per execute. One that is not ready moves to a task of its
     /// own, so a slow handler never holds up the registration's stream.
+    ///
+    /// Every handler runs in an `execute` span (see [`crate::trace`]),
+    /// created here, inside the registration's span, and carried by the
+    /// future wherever it runs, so a spawned handler keeps the registration
+    /// span as its parent.
     fn start_execute(&mut self, sm: &mut Registration, request: ExecuteRequest, now: Instant) {
         let id = request.request_id.clone();
-        let ctx = ExecuteContext {
-            deadline: (request.timeout_ms > 0)
-                .then(|| now + Duration::from_millis(request.timeout_ms as u64)),
-            request_id: request.request_id,
-            capability_id: request.capability_id,
-            payload: request.payload,
-            encoding: PayloadEncoding::try_from(request.encoding)
-                .unwrap_or(PayloadEncoding::Unspecified),
-            context: request.context,
-            key: self.key.clone(),
-        };
+        let mut ctx = ExecuteContext::new(self.key.clone(), request.request_id, request.payload)
+            .with_capability(request.capability_id)
+            .with_encoding(
+                PayloadEncoding::try_from(request.encoding).unwrap_or(PayloadEncoding::Unspecified),
+            )
+            .with_context(request.context);
+        if request.timeout_ms > 0 {
+            ctx = ctx.with_deadline(now + Duration::from_millis(request.timeout_ms as u64));
+        }
+        let span = crate::trace::execute_span(&self.key, &ctx);
+        let end = crate::trace::SpanEnd::new(&span, ctx.deadline);
         let connector = self.connector.clone();
         // Owns the connector so it can move to a task if it is not ready;
         // a panic in the handler, on either poll, becomes a handler error.
-        let mut future =
-            Box::pin(AssertUnwindSafe(async move { connector.execute(ctx).await }).catch_unwind());
+        let mut future = Box::pin(
+            async move {
+                match AssertUnwindSafe(connector.execute(ctx))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(result) => {
+                        end.finish(crate::trace::Outcome::of(&result));
+                        result
+                    }
+                    Err(_) => {
+                        end.finish(crate::trace::Outcome::Panicked);
+                        Err(panicked())
+                    }
+                }
+            }
+            .instrument(span),
+        );
         if let Some(result) = (&mut future).now_or_never() {
-            sm.handle_execute_done(
-                Instant::now(),
-                &id,
-                result.unwrap_or_else(|_| Err(panicked())),
-            );
+            sm.handle_execute_done(Instant::now(), &id, result);
             return;
         }
         let task_id = id.clone();
-        let handle = self.tasks.spawn(async move {
-            let result = future.await.unwrap_or_else(|_| Err(panicked()));
-            (task_id, result)
-        });
+        let handle = self.tasks.spawn(async move { (task_id, future.await) });
         self.aborts.insert(id, handle);
     }
 

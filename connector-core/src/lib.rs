@@ -26,6 +26,7 @@ mod state;
 mod telemetry;
 mod text;
 mod token;
+mod trace;
 mod transport;
 mod trust;
 mod tunnel;
@@ -54,6 +55,7 @@ pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReaso
 pub use telemetry::names as metric_names;
 pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
 pub use token::{EnvToken, FileToken, FixedToken, TokenSource};
+pub use trace::{TraceContext, TRACEPARENT, TRACESTATE};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };
