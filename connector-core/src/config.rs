@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::error::ConnectorError;
 use crate::proxy::{Proxy, ProxySetting};
 use crate::redact::{redact_path_and_query, redact_url};
+use crate::token::TokenSource;
 
 /// The identity of one registration: `tenant.type.instance`.
 ///
@@ -156,8 +157,12 @@ impl fmt::Debug for Secret {
 pub struct ConnectorConfig {
     /// `tenant.type.instance`.
     pub key: RegistrationKey,
-    /// Bearer credential for a first registration (may be empty).
+    /// Bearer credential for a first registration (may be empty). Unused
+    /// when [`ConnectorConfig::token_source`] is set.
     pub auth_token: Secret,
+    /// Where the auth token comes from when it can change: asked before
+    /// every `register` (see [`TokenSource`]). `None`: `auth_token` is sent.
+    pub token_source: Option<Arc<dyn TokenSource>>,
     /// Human name shown by the control plane.
     pub display_name: String,
     /// Routing tags.
@@ -181,6 +186,7 @@ impl ConnectorConfig {
             connector_type: connector_type.into(),
             instance_id: instance_id.into(),
             auth_token: Secret::default(),
+            token_source: None,
             display_name: None,
             tags: Vec::new(),
             metadata: BTreeMap::new(),
@@ -254,6 +260,7 @@ pub struct ConnectorConfigBuilder {
     connector_type: String,
     instance_id: String,
     auth_token: Secret,
+    token_source: Option<Arc<dyn TokenSource>>,
     display_name: Option<String>,
     tags: Vec<String>,
     metadata: BTreeMap<String, String>,
@@ -261,9 +268,19 @@ pub struct ConnectorConfigBuilder {
 }
 
 impl ConnectorConfigBuilder {
-    /// Bearer credential sent in `register`.
+    /// Bearer credential sent in `register`, fixed for the registration's
+    /// life. For one that rotates, use
+    /// [`ConnectorConfigBuilder::token_source`] instead (not both).
     pub fn auth_token(mut self, token: impl Into<String>) -> Self {
         self.auth_token = Secret::new(token);
+        self
+    }
+
+    /// The auth token comes from `source`, asked before every `register`
+    /// ([`crate::FileToken`], [`crate::EnvToken`], or your own). One
+    /// source may serve many registrations.
+    pub fn token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+        self.token_source = Some(source);
         self
     }
 
@@ -299,10 +316,16 @@ impl ConnectorConfigBuilder {
                 "{key}: max_concurrent_requests must be at least 1"
             )));
         }
+        if self.token_source.is_some() && !self.auth_token.is_empty() {
+            return Err(ConnectorError::InvalidConfig(format!(
+                "{key}: set auth_token or token_source, not both"
+            )));
+        }
         Ok(ConnectorConfig {
             display_name: self.display_name.unwrap_or_else(|| key.to_string()),
             key,
             auth_token: self.auth_token,
+            token_source: self.token_source,
             tags: self.tags,
             metadata: self.metadata,
             max_concurrent_requests: self.max_concurrent_requests,

@@ -11,6 +11,7 @@ use connector_proto::{Capability, ConnectorBehavior, ExecuteErrorKind, PayloadEn
 use tokio::time::Instant;
 
 use crate::config::{ConnectorConfig, RegistrationKey};
+use crate::trace::TraceContext;
 
 /// A connector: what it is, what it can do, and how it executes one request.
 ///
@@ -51,6 +52,23 @@ pub trait BaseConnector: Send + Sync + 'static {
 }
 
 /// One execute request, as the handler sees it.
+///
+/// The SDK makes one per request; a unit test of a handler makes its own,
+/// with no server:
+///
+/// ```
+/// use connector_core::{ExecuteContext, RegistrationKey};
+///
+/// let key = RegistrationKey::new("acme", "kv", "kv-0").unwrap();
+/// let ctx = ExecuteContext::new(key, "req-1", r#"{"key":"a"}"#)
+///     .with_capability("get")
+///     .with_context_entry(
+///         "traceparent",
+///         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+///     );
+/// assert_eq!(ctx.capability_id, "get");
+/// assert!(ctx.trace_context().is_some());
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ExecuteContext {
@@ -68,9 +86,74 @@ pub struct ExecuteContext {
     pub deadline: Option<Instant>,
     /// The registration the request came to.
     pub key: RegistrationKey,
+    /// The server's W3C trace context, parsed from `context`.
+    trace: Option<TraceContext>,
 }
 
 impl ExecuteContext {
+    /// A request `request_id` for the registration `key` with `payload`
+    /// (JSON), no capability id, no context, no deadline.
+    pub fn new(
+        key: RegistrationKey,
+        request_id: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            request_id: request_id.into(),
+            capability_id: String::new(),
+            payload: payload.into(),
+            encoding: PayloadEncoding::Json,
+            context: HashMap::new(),
+            deadline: None,
+            key,
+            trace: None,
+        }
+    }
+
+    /// The capability asked for.
+    pub fn with_capability(mut self, capability_id: impl Into<String>) -> Self {
+        self.capability_id = capability_id.into();
+        self
+    }
+
+    /// How the payload is encoded (default JSON).
+    pub fn with_encoding(mut self, encoding: PayloadEncoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// The server's free context, replacing any set before. A valid W3C
+    /// `traceparent` (with `tracestate`) in it becomes
+    /// [`ExecuteContext::trace_context`]; an invalid one is ignored.
+    pub fn with_context(mut self, context: HashMap<String, String>) -> Self {
+        self.trace = if context.is_empty() {
+            None
+        } else {
+            TraceContext::from_context(&context)
+        };
+        self.context = context;
+        self
+    }
+
+    /// Adds one context entry (see [`ExecuteContext::with_context`]).
+    pub fn with_context_entry(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.context.insert(key.into(), value.into());
+        self.trace = TraceContext::from_context(&self.context);
+        self
+    }
+
+    /// When the server stops waiting.
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The server's W3C trace context (`traceparent` / `tracestate` in the
+    /// request's context), when it sent a valid one.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
+    }
+
     /// Decodes a JSON payload.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ExecuteError> {
         serde_json::from_slice(&self.payload)
@@ -86,6 +169,7 @@ impl fmt::Debug for ExecuteContext {
             .field("payload_len", &self.payload.len())
             .field("encoding", &self.encoding)
             .field("key", &self.key)
+            .field("trace", &self.trace)
             .finish_non_exhaustive()
     }
 }

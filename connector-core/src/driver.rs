@@ -19,15 +19,16 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Instrument;
 
-use crate::config::{MultiTransportOptions, RegistrationKey};
+use crate::config::{MultiTransportOptions, RegistrationKey, Secret};
 use crate::connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
-use crate::error::{TransportError, TransportErrorKind};
+use crate::error::{ConnectorError, TransportError, TransportErrorKind};
 use crate::metrics::{ConnectorMetrics, Counters, MetricsCell};
 use crate::pacing::ReconnectPacer;
 use crate::registration::{Action, Registration};
 use crate::state::{RegistrationEvent, RegistrationState};
+use crate::token::TokenSource;
 use crate::transport::{MessageStream, StreamMux};
 
 /// How long a graceful close waits for the outbox to flush and the server to
@@ -123,6 +124,7 @@ impl RegistrationHandle {
 }
 
 type Opening = Pin<Box<dyn Future<Output = Result<MessageStream, TransportError>> + Send>>;
+type Fetching = Pin<Box<dyn Future<Output = Result<Secret, ConnectorError>> + Send>>;
 type Outcome = (Arc<str>, Result<ExecuteOutput, ExecuteError>);
 
 /// What woke the driver.
@@ -132,6 +134,7 @@ type Outcome = (Arc<str>, Result<ExecuteOutput, ExecuteError>);
 enum Input {
     Stop,
     Opened(Result<MessageStream, TransportError>),
+    Token(Result<Secret, ConnectorError>),
     Inbound(Option<Result<StreamMessage, TransportError>>),
     OutboundClosed,
     Sent,
@@ -160,6 +163,7 @@ pub(crate) async fn drive(
     let span = tracing::info_span!("registration", key = %key);
     async move {
         let connector = registration.connector().clone();
+        let token_source = registration.config().token_source.clone();
         let mut sm = Registration::new(&registration, &options, Instant::now(), unix_ms_now());
         // The state machine has what it needs; the config's copy (and its
         // strings) need not live as long as the registration runs.
@@ -173,6 +177,8 @@ pub(crate) async fn drive(
             stream: None,
             closing: None,
             opening: None,
+            token_source,
+            fetching: None,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
             stopped: Box::pin(live.stop.clone().cancelled_owned()),
@@ -190,6 +196,7 @@ pub(crate) async fn drive(
             if sm.is_finished()
                 && driver.stream.is_none()
                 && driver.opening.is_none()
+                && driver.fetching.is_none()
                 && driver.closing.is_none()
             {
                 break;
@@ -218,6 +225,9 @@ struct Driver {
     /// never holds up its timers, handler results or the next stream.
     closing: Option<Closing>,
     opening: Option<Opening>,
+    /// Asked for a token before every `register` (`Action::FetchToken`).
+    token_source: Option<Arc<dyn TokenSource>>,
+    fetching: Option<Fetching>,
     /// One timer and one cancellation waiter for the driver's life, reset
     /// rather than rebuilt on every loop: making a `Sleep` registers it in
     /// the runtime's timer wheel and a `cancelled()` future in the token's
@@ -278,7 +288,14 @@ impl Driver {
                 Action::DropStream => {
                     self.stream = None;
                     self.opening = None;
+                    self.fetching = None;
                 }
+                Action::FetchToken => match self.token_source.clone() {
+                    Some(source) => {
+                        self.fetching = Some(Box::pin(async move { source.token().await }))
+                    }
+                    None => sm.handle_token(Instant::now(), Err("no token source configured")),
+                },
                 Action::Execute(request) => self.start_execute(sm, *request, Instant::now()),
                 Action::Abort(id) => {
                     if let Some(handle) = self.aborts.remove(id.as_str()) {
@@ -294,40 +311,54 @@ impl Driver {
     /// answered with no task spawned, which at high rates was the largest
     /// single cost per execute. One that is not ready moves to a task of its
     /// own, so a slow handler never holds up the registration's stream.
+    ///
+    /// Every handler runs in an `execute` span (see [`crate::trace`]),
+    /// created here, inside the registration's span, and carried by the
+    /// future wherever it runs, so a spawned handler keeps the registration
+    /// span as its parent.
     fn start_execute(&mut self, sm: &mut Registration, request: ExecuteRequest, now: Instant) {
         // The state machine's copy of the id, shared: no allocation.
         let id = sm
             .shared_request_id(&request.request_id)
             .unwrap_or_else(|| Arc::from(request.request_id.as_str()));
-        let ctx = ExecuteContext {
-            deadline: (request.timeout_ms > 0)
-                .then(|| now + Duration::from_millis(request.timeout_ms as u64)),
-            request_id: request.request_id,
-            capability_id: request.capability_id,
-            payload: request.payload,
-            encoding: PayloadEncoding::try_from(request.encoding)
-                .unwrap_or(PayloadEncoding::Unspecified),
-            context: request.context,
-            key: self.key.clone(),
-        };
+        let mut ctx = ExecuteContext::new(self.key.clone(), request.request_id, request.payload)
+            .with_capability(request.capability_id)
+            .with_encoding(
+                PayloadEncoding::try_from(request.encoding).unwrap_or(PayloadEncoding::Unspecified),
+            )
+            .with_context(request.context);
+        if request.timeout_ms > 0 {
+            ctx = ctx.with_deadline(now + Duration::from_millis(request.timeout_ms as u64));
+        }
+        let span = crate::trace::execute_span(&self.key, &ctx);
+        let end = crate::trace::SpanEnd::new(&span, ctx.deadline);
         let connector = self.connector.clone();
         // Owns the connector so it can move to a task if it is not ready;
         // a panic in the handler, on either poll, becomes a handler error.
-        let mut future =
-            Box::pin(AssertUnwindSafe(async move { connector.execute(ctx).await }).catch_unwind());
+        let mut future = Box::pin(
+            async move {
+                match AssertUnwindSafe(connector.execute(ctx))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(result) => {
+                        end.finish(crate::trace::Outcome::of(&result));
+                        result
+                    }
+                    Err(_) => {
+                        end.finish(crate::trace::Outcome::Panicked);
+                        Err(panicked())
+                    }
+                }
+            }
+            .instrument(span),
+        );
         if let Some(result) = (&mut future).now_or_never() {
-            sm.handle_execute_done(
-                Instant::now(),
-                &id,
-                result.unwrap_or_else(|_| Err(panicked())),
-            );
+            sm.handle_execute_done(Instant::now(), &id, result);
             return;
         }
         let task_id = Arc::clone(&id);
-        let handle = self.tasks.spawn(async move {
-            let result = future.await.unwrap_or_else(|_| Err(panicked()));
-            (task_id, result)
-        });
+        let handle = self.tasks.spawn(async move { (task_id, future.await) });
         self.aborts.insert(id, handle);
     }
 
@@ -384,6 +415,7 @@ impl Driver {
             stream,
             closing,
             opening,
+            fetching,
             tasks,
             stop_seen,
             timer,
@@ -396,6 +428,7 @@ impl Driver {
             None => (None, None),
         };
         let has_opening = opening.is_some();
+        let has_fetching = fetching.is_some();
         let has_tasks = !tasks.is_empty();
         let has_stream = inbound.is_some();
         let has_closing = closing.is_some();
@@ -403,6 +436,7 @@ impl Driver {
             biased;
             _ = stopped.as_mut(), if !*stop_seen => Input::Stop,
             res = async { match opening.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_opening => Input::Opened(res),
+            res = async { match fetching.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_fetching => Input::Token(res),
             Some(done) = tasks.join_next(), if has_tasks => match done {
                 Ok(outcome) => Input::Done(outcome),
                 // Aborted after its response was made (timeout, cancel).
@@ -444,6 +478,14 @@ impl Driver {
                         tracing::warn!(error = %e, "could not open stream");
                         sm.handle_open_failed(now, &e.to_string());
                     }
+                }
+            }
+            Input::Token(res) => {
+                self.fetching = None;
+                match res {
+                    Ok(token) => sm.handle_token(now, Ok(token)),
+                    Err(ConnectorError::Token(why)) => sm.handle_token(now, Err(&why)),
+                    Err(other) => sm.handle_token(now, Err(&other.to_string())),
                 }
             }
             Input::Inbound(Some(Ok(msg))) => {

@@ -24,6 +24,10 @@ pub enum ConnectorError {
     /// A transport failed to open or keep a stream.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A [`crate::TokenSource`] could not give a token; the message says
+    /// why (never the token). The registration backs off and asks again.
+    #[error("auth token unavailable: {0}")]
+    Token(String),
     /// The server rejected the registration for good.
     #[error("registration `{key}` rejected ({reason}): {message}")]
     Rejected {

@@ -25,6 +25,8 @@ mod runner;
 mod state;
 mod telemetry;
 mod text;
+mod token;
+mod trace;
 mod transport;
 mod trust;
 mod tunnel;
@@ -52,6 +54,8 @@ pub use runner::{ConnectorRunner, MultiConnectorRunner, RunnerSummary, ShutdownH
 pub use state::{DisconnectCause, RegistrationEvent, RegistrationState, StopReason};
 pub use telemetry::names as metric_names;
 pub use text::{sanitize_text, MAX_PEER_TEXT_CHARS};
+pub use token::{EnvToken, FileToken, FixedToken, TokenSource};
+pub use trace::{TraceContext, TRACEPARENT, TRACESTATE};
 pub use transport::{
     ConnectionStats, InboundStream, MessageStream, MuxStats, StreamInfo, StreamMux, Transport,
 };

@@ -119,6 +119,9 @@ pub enum DisconnectCause {
     Duplicate,
     /// The server stopped reading: messages for it piled up past the limit.
     OutboundStalled,
+    /// The registration's token source gave no token (the reason, never
+    /// the token); no stream was opened.
+    Token(String),
 }
 
 impl fmt::Display for DisconnectCause {
@@ -133,6 +136,7 @@ impl fmt::Display for DisconnectCause {
             Self::SessionExpired => f.write_str("session expired"),
             Self::Duplicate => f.write_str("duplicate registration"),
             Self::OutboundStalled => f.write_str("server stopped reading"),
+            Self::Token(e) => write!(f, "auth token unavailable: {e}"),
         }
     }
 }
@@ -150,6 +154,7 @@ impl DisconnectCause {
             Self::SessionExpired => "session_expired",
             Self::Duplicate => "duplicate",
             Self::OutboundStalled => "outbound_stalled",
+            Self::Token(_) => "token",
         }
     }
 }

@@ -68,9 +68,6 @@ pub(crate) fn main(types: ConnectorTypes, argv: Vec<OsString>) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
-    if let Err(message) = init_logging(&prepared.args) {
-        return report(Failure::Config(message));
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,7 +75,13 @@ pub(crate) fn main(types: ConnectorTypes, argv: Vec<OsString>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return report(Failure::Runtime(format!("cannot start the runtime: {e}"))),
     };
+    // Inside the runtime: an OTLP exporter's channel lives on it.
+    let exporter = match runtime.block_on(async { init_logging(&prepared.args) }) {
+        Ok(exporter) => exporter,
+        Err(message) => return report(Failure::Config(message)),
+    };
     let result = runtime.block_on(run(prepared, None));
+    runtime.block_on(async { exporter.shutdown() });
     // Background tasks (server connections, timers) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     finish(result)
@@ -91,10 +94,13 @@ pub(crate) async fn run_until(types: ConnectorTypes, argv: Vec<OsString>, stop: 
         Ok(p) => p,
         Err(code) => return code,
     };
-    if let Err(message) = init_logging(&prepared.args) {
-        return report(Failure::Config(message));
-    }
-    finish(run(prepared, Some(stop)).await)
+    let exporter = match init_logging(&prepared.args) {
+        Ok(exporter) => exporter,
+        Err(message) => return report(Failure::Config(message)),
+    };
+    let result = run(prepared, Some(stop)).await;
+    exporter.shutdown();
+    finish(result)
 }
 
 fn finish(result: Result<(), Failure>) -> ExitCode {
@@ -171,8 +177,13 @@ fn load_config(types: &ConnectorTypes, path: &Path) -> Result<ConfigFile, String
 
 /// Logs go to stderr: `--log` if given, else `RUST_LOG`, else `info`
 /// (`warn` for the demo, whose own output is the progress and the table).
-fn init_logging(args: &Args) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
+///
+/// With `--otlp-endpoint` (and the `opentelemetry` feature), spans are also
+/// exported over OTLP, whatever the log filter says (`crate::otel`).
+fn init_logging(args: &Args) -> Result<crate::otel::Exporter, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
     let demo = args.url.is_none() && args.config.is_none();
     let filter = match args.log.as_deref() {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log {l:?}: {e}"))?,
@@ -183,13 +194,24 @@ fn init_logging(args: &Args) -> Result<(), String> {
             _ => EnvFilter::new(if demo { "warn" } else { "info" }),
         },
     };
-    // A library user may have installed a subscriber already: theirs wins.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(crate::status::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-    Ok(())
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+    #[cfg(feature = "opentelemetry")]
+    if let Some(endpoint) = &args.otlp_endpoint {
+        cli::check_extras(args)?;
+        let (otlp, exporter) = crate::otel::layer(endpoint)?;
+        // A library user may have installed a subscriber already: theirs wins.
+        if registry.with(otlp).try_init().is_ok() {
+            tracing::info!(endpoint = %connector_core::redact_url(endpoint), "exporting execute spans over OTLP");
+        }
+        return Ok(exporter);
+    }
+    // A library user may have installed a subscriber already: theirs wins.
+    let _ = registry.try_init();
+    Ok(crate::otel::Exporter::default())
 }
 
 async fn run(p: Prepared, stop: Option<Stop>) -> Result<(), Failure> {

@@ -9,7 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use connector_core::{validate_identifier, ConnectorConfig, ConnectorError, RegistrationKey};
+use std::sync::Arc;
+
+use connector_core::{
+    validate_identifier, ConnectorConfig, ConnectorConfigBuilder, ConnectorError, EnvToken,
+    FileToken, RegistrationKey,
+};
 use serde::Deserialize;
 
 /// A config file that cannot be used: one line, naming the file and the key,
@@ -111,9 +116,11 @@ pub(crate) enum TokenSource {
     None,
     /// `auth_token`: the literal.
     Literal(String),
-    /// `auth_token_env`: the variable's name and the value read at load.
+    /// `auth_token_env`: the variable's name and the value read at load
+    /// (checked set at load; read again before every `register`).
     Env { name: String, value: String },
-    /// `auth_token_file`: read when the registration is (re)added.
+    /// `auth_token_file`: checked readable at load, then read again before
+    /// every `register` (a rotated file needs no reload).
     File(PathBuf),
 }
 
@@ -129,14 +136,26 @@ impl fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    /// The token to send now: a file is read again, its surrounding
-    /// whitespace trimmed.
+    /// The token as it would be sent now (the tests' view of a source).
+    #[cfg(test)]
     pub(crate) fn token(&self) -> Result<String, String> {
         match self {
             Self::None => Ok(String::new()),
             Self::Literal(t) => Ok(t.clone()),
             Self::Env { value, .. } => Ok(value.clone()),
             Self::File(path) => read_token_file(path),
+        }
+    }
+
+    /// Sets the token on `b`: a literal as a fixed token, a variable or a
+    /// file as connector-core's [`EnvToken`] / [`FileToken`], asked before
+    /// every `register`.
+    fn apply(&self, b: ConnectorConfigBuilder) -> ConnectorConfigBuilder {
+        match self {
+            Self::None => b,
+            Self::Literal(t) => b.auth_token(t.clone()),
+            Self::Env { name, .. } => b.token_source(Arc::new(EnvToken::new(name.clone()))),
+            Self::File(path) => b.token_source(Arc::new(FileToken::new(path.clone()))),
         }
     }
 }
@@ -161,20 +180,15 @@ pub(crate) struct RegistrationSpec {
 }
 
 impl RegistrationSpec {
-    /// The connector-core config for this registration, with the token
-    /// read now (so a token file is read at every (re)registration the host
-    /// makes).
+    /// The connector-core config for this registration. A token file or
+    /// variable becomes a token source, read again before every
+    /// `register` the registration makes.
     pub(crate) fn connector_config(&self) -> Result<ConnectorConfig, String> {
-        let mut b = ConnectorConfig::builder(
+        let mut b = self.token.apply(ConnectorConfig::builder(
             self.key.tenant_id(),
             self.key.connector_type(),
             self.key.instance_id(),
-        )
-        .auth_token(
-            self.token
-                .token()
-                .map_err(|e| format!("{}: {e}", self.key))?,
-        );
+        ));
         if let Some(name) = &self.display_name {
             b = b.display_name(name.clone());
         }
@@ -518,14 +532,10 @@ paused = false
         assert_eq!(last.token.token().expect("token"), "s3cret");
         assert!(!last.paused);
         let config = last.connector_config().expect("config");
-        assert_eq!(config.auth_token.expose(), "s3cret");
+        // A file is a source read before every register (tests/rotating_token.rs).
+        assert!(config.auth_token.is_empty());
+        assert!(format!("{:?}", config.token_source).contains("FileToken"));
         assert_eq!(config.display_name, "Echo fleet");
-        // Re-read at each (re)registration.
-        std::fs::write(&token, "rotated").expect("token file");
-        assert_eq!(
-            last.connector_config().expect("config").auth_token.expose(),
-            "rotated"
-        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

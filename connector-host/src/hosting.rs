@@ -282,8 +282,8 @@ impl Host {
             last_error: None,
         }));
         if !spec.paused {
-            // The token is read here, so a token file is read again at
-            // every (re)registration the host makes.
+            // A token file or variable is a token source: read again
+            // before every `register`, reconnects included.
             let config = spec.connector_config()?;
             let connector = self
                 .types

@@ -47,6 +47,7 @@ mod demo;
 mod echo;
 mod hosting;
 mod ops;
+mod otel;
 mod status;
 mod summary;
 mod transport;

@@ -53,6 +53,20 @@ const CORE_RULES: &[TreeRule] = &[
         forbidden: &["tonic", "h2", "hyper"],
         fix: "connector-ws must not pull the gRPC or hyper stack",
     },
+    TreeRule {
+        package: "connector-host",
+        // The `opentelemetry` feature is off by default: nothing of it is
+        // compiled then.
+        features: None,
+        forbidden: &[
+            "opentelemetry",
+            "opentelemetry_sdk",
+            "opentelemetry-otlp",
+            "tracing-opentelemetry",
+        ],
+        fix: "OpenTelemetry belongs behind connector-host's (and connector-core's) \
+              `opentelemetry` feature",
+    },
 ];
 
 /// One transport feature alone (CI step `features`).

@@ -28,6 +28,11 @@
 //!   any ── shutdown / remove / final reject ──▶ Stopped
 //! ```
 //!
+//! A registration with a [`crate::TokenSource`] passes through
+//! `Authorizing` before every `Connecting` (`Idle`/`Backoff` ──▶
+//! Authorizing ──token──▶ Connecting): the driver fetches the token, the
+//! machine stays synchronous. It looks like `Connecting` from outside.
+//!
 //! Transition table (phase × input → next phase; actions). "fail" means the
 //! attempt counts as failed: the backoff escalates (`next_delay`). Every
 //! exit from a phase with a stream goes through the one `end_stream` path.
@@ -35,6 +40,12 @@
 //! | phase | input | next | actions |
 //! |---|---|---|---|
 //! | Idle | start | Connecting | `OpenStream(register)` |
+//! | Idle, Backoff, (any "Connecting" below) | start, backoff timer, with a token source | Authorizing | `FetchToken`, register timer (connect timeout) |
+//! | Authorizing | token | Connecting | `OpenStream(register)` with that token |
+//! | Authorizing | token error, register timer | Backoff (fail), cause `Token` | `DropStream` on the timer |
+//! | Authorizing (recheck) | a token other than the rejected one | Connecting (credentials retry) | `OpenStream` with it |
+//! | Authorizing (recheck) | the same token, an error, register timer | Stopped (`INVALID_CREDENTIALS`) | |
+//! | Authorizing | shutdown / remove | Stopped | `DropStream` |
 //! | Connecting | opened | Registering | heartbeat at this registration's phase, watchdog, register timer |
 //! | Connecting | open failed | Backoff (fail) | |
 //! | Connecting | shutdown / remove | Stopped | `DropStream` |
@@ -43,7 +54,8 @@
 //! | Registering | register timer | Backoff (fail) | `DropStream` |
 //! | Registering, Pending | `REJECTED SESSION_EXPIRED`, register carried a session token | Connecting | `CloseStream`, `OpenStream` without the token |
 //! | Registering, Pending | `REJECTED SESSION_EXPIRED` without a token, `DUPLICATE`, unknown or unspecified reason | Backoff (fail) | `CloseStream` |
-//! | Registering, Pending | `REJECTED DENIED / INVALID_CREDENTIALS / INVALID_REQUEST` | Stopped | `CloseStream` |
+//! | Registering, Pending | `REJECTED INVALID_CREDENTIALS`, token source, not a credentials retry | Authorizing (recheck) | `CloseStream`, `FetchToken` |
+//! | Registering, Pending | `REJECTED DENIED / INVALID_CREDENTIALS / INVALID_REQUEST` (otherwise) | Stopped | `CloseStream` |
 //! | Registering, Pending | status unknown | Backoff (fail) | `DropStream` |
 //! | Registering, Pending | drain, `should_reconnect` | Backoff (fail, at least `reconnect_after`) | `CloseStream` |
 //! | Pending | `APPROVED` | Active | as above |
@@ -105,11 +117,16 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub enum Action {
     /// Open a stream and send this `register` message first.
     OpenStream(StreamMessage),
+    /// Ask the registration's [`crate::TokenSource`] for the auth token
+    /// and hand the answer to [`Registration::handle_token`] (only for a
+    /// registration configured with a token source, before each `register`).
+    FetchToken,
     /// Close the current stream gracefully: send what
     /// [`Registration::poll_transmit`] yields now (those messages belong to
     /// it), half-close, then drop.
     CloseStream,
-    /// Drop the current stream at once (it is dead or abandoned).
+    /// Drop the current stream at once (it is dead or abandoned), and any
+    /// open or token fetch under way.
     DropStream,
     /// Run the handler for this request.
     Execute(Box<ExecuteRequest>),
@@ -122,6 +139,7 @@ impl std::fmt::Debug for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::OpenStream(_) => f.write_str("OpenStream(<register>)"),
+            Self::FetchToken => f.write_str("FetchToken"),
             Self::CloseStream => f.write_str("CloseStream"),
             Self::DropStream => f.write_str("DropStream"),
             Self::Execute(r) => write!(
@@ -144,6 +162,9 @@ struct Stream {
     with_session: bool,
     /// It stayed Active for `backoff_reset_after` (the backoff was reset).
     healthy: bool,
+    /// Its `register` is the one retry with a newer token after an
+    /// `INVALID_CREDENTIALS` (a second one stops the registration).
+    credentials_retry: bool,
 }
 
 /// What happens once a drain is over.
@@ -177,9 +198,17 @@ impl StopKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     Idle,
-    /// An open is under way; `with_session`: its register carries a token.
+    /// Waiting for the token source's answer before a `register`.
+    /// `recheck`: after an `INVALID_CREDENTIALS` (the server's message):
+    /// only a token different from the one rejected is tried.
+    Authorizing {
+        recheck: Option<String>,
+    },
+    /// An open is under way; `with_session`: its register carries a token;
+    /// `credentials_retry`: see [`Stream::credentials_retry`].
     Connecting {
         with_session: bool,
+        credentials_retry: bool,
     },
     Registering(Stream),
     Pending(Stream),
@@ -204,7 +233,7 @@ impl Phase {
     fn view(&self) -> RegistrationState {
         match self {
             Self::Idle => RegistrationState::Idle,
-            Self::Connecting { .. } => RegistrationState::Connecting,
+            Self::Authorizing { .. } | Self::Connecting { .. } => RegistrationState::Connecting,
             Self::Registering(_) => RegistrationState::Registering,
             Self::Pending(_) => RegistrationState::PendingApproval,
             Self::Active(_) => RegistrationState::Active,
@@ -237,6 +266,9 @@ enum Then {
     After(Duration),
     /// Register again at once, without the session token.
     Now,
+    /// Ask the token source again at once after an `INVALID_CREDENTIALS`
+    /// (the server's message, for the stop if the token did not change).
+    Recheck(String),
     Stop(StopReason),
 }
 
@@ -244,6 +276,8 @@ enum Then {
 #[derive(Debug, Clone)]
 struct Settings {
     reconnect: bool,
+    /// A [`crate::TokenSource`] gives the auth token before every register.
+    token_source: bool,
     connect_timeout: Duration,
     backoff_reset_after: Duration,
     max_backoff: Duration,
@@ -370,6 +404,7 @@ impl Registration {
             capabilities: capabilities.into_iter().map(|c| c.id).collect(),
             settings: Settings {
                 reconnect: options.reconnect,
+                token_source: config.token_source.is_some(),
                 connect_timeout: options.connect_timeout,
                 backoff_reset_after: options.backoff_reset_after,
                 max_backoff: options.max_backoff,
@@ -532,7 +567,11 @@ impl Registration {
     /// The stream asked for by [`Action::OpenStream`] is open (and `register`
     /// was sent on it).
     pub fn handle_stream_opened(&mut self, now: Instant) {
-        let Phase::Connecting { with_session } = self.phase else {
+        let Phase::Connecting {
+            with_session,
+            credentials_retry,
+        } = self.phase
+        else {
             // Opened after we gave up on it (shutdown): let it go.
             self.actions.push_back(Action::DropStream);
             return;
@@ -551,6 +590,7 @@ impl Registration {
             gen: self.streams_opened,
             with_session,
             healthy: false,
+            credentials_retry,
         }));
         self.events.push_back(RegistrationEvent::Connected);
     }
@@ -570,6 +610,50 @@ impl Registration {
             cause: cause.clone(),
         });
         self.after_stream(now, Some(cause), Then::Fail);
+    }
+
+    /// The answer of the token source asked for by [`Action::FetchToken`].
+    /// A token opens the stream with it; an error is a failed attempt
+    /// (backoff), reported as [`DisconnectCause::Token`]. After an
+    /// `INVALID_CREDENTIALS`, a token equal to the rejected one (or an
+    /// error) stops the registration with that rejection, as the contract
+    /// says for `INVALID_CREDENTIALS`.
+    pub fn handle_token(&mut self, now: Instant, token: Result<Secret, &str>) {
+        let Phase::Authorizing { recheck } = &mut self.phase else {
+            // Asked for before a shutdown: moot.
+            return;
+        };
+        let recheck = recheck.take();
+        self.timers.stop(Timer::Register);
+        match (token, recheck) {
+            (Ok(token), None) => {
+                self.auth_token = token;
+                self.open_stream(false);
+            }
+            (Ok(token), Some(_)) if token != self.auth_token => {
+                tracing::info!(key = %self.key, "INVALID_CREDENTIALS: the token source has a newer token; registering once more with it");
+                self.auth_token = token;
+                self.open_stream(true);
+            }
+            (_, Some(message)) => self.stop(
+                now,
+                StopReason::Rejected {
+                    reason: RejectReason::InvalidCredentials,
+                    message,
+                },
+            ),
+            (Err(error), None) => {
+                self.counters.connect_failures += 1;
+                self.telemetry.connection_attempt(false);
+                let error = sanitize_text(error, MAX_PEER_TEXT_CHARS).into_owned();
+                tracing::warn!(key = %self.key, %error, "auth token source failed; backing off");
+                let cause = DisconnectCause::Token(error);
+                self.events.push_back(RegistrationEvent::Disconnected {
+                    cause: cause.clone(),
+                });
+                self.after_stream(now, Some(cause), Then::Fail);
+            }
+        }
     }
 
     /// The stream ended: `error` is `None` when the server ended it cleanly.
@@ -739,7 +823,13 @@ impl Registration {
                     }
                 }
                 Timer::Register => {
-                    if matches!(self.phase, Phase::Registering(_)) {
+                    if matches!(self.phase, Phase::Authorizing { .. }) {
+                        self.actions.push_back(Action::DropStream);
+                        self.handle_token(
+                            now,
+                            Err("the token source did not answer within the connect timeout"),
+                        );
+                    } else if matches!(self.phase, Phase::Registering(_)) {
                         let then = self.then_after_loss();
                         self.end_stream(
                             now,
@@ -842,6 +932,12 @@ impl Registration {
         match then {
             Then::Stop(reason) => self.stop(now, reason),
             Then::Now => self.connect(now),
+            Then::Recheck(message) => {
+                self.events.push_back(RegistrationEvent::Connecting {
+                    attempt: self.backoff.attempt(),
+                });
+                self.authorize(now, Some(message));
+            }
             Then::Fail => {
                 let d = self.backoff.next_delay();
                 self.back_off(now, d)
@@ -889,12 +985,29 @@ impl Registration {
         }
     }
 
-    fn connect(&mut self, _now: Instant) {
-        self.enter(Phase::Connecting {
-            with_session: self.session_token.is_some(),
-        });
+    fn connect(&mut self, now: Instant) {
         self.events.push_back(RegistrationEvent::Connecting {
             attempt: self.backoff.attempt(),
+        });
+        if self.settings.token_source {
+            self.authorize(now, None);
+        } else {
+            self.open_stream(false);
+        }
+    }
+
+    /// Asks the driver for a token (bounded by the connect timeout).
+    fn authorize(&mut self, now: Instant, recheck: Option<String>) {
+        self.enter(Phase::Authorizing { recheck });
+        self.timers
+            .set(Timer::Register, now + self.settings.connect_timeout);
+        self.actions.push_back(Action::FetchToken);
+    }
+
+    fn open_stream(&mut self, credentials_retry: bool) {
+        self.enter(Phase::Connecting {
+            with_session: self.session_token.is_some(),
+            credentials_retry,
         });
         self.actions
             .push_back(Action::OpenStream(self.register_message()));
@@ -925,8 +1038,12 @@ impl Registration {
         for id in self.inflight.clear() {
             self.actions.push_back(Action::Abort(id));
         }
-        if matches!(self.phase, Phase::Connecting { .. }) {
-            // Abandon the open under way (it may never complete).
+        if matches!(
+            self.phase,
+            Phase::Connecting { .. } | Phase::Authorizing { .. }
+        ) {
+            // Abandon the open (or token fetch) under way (it may never
+            // complete).
             self.actions.push_back(Action::DropStream);
         }
         self.enter(Phase::Stopped(reason.clone()));
@@ -1068,6 +1185,13 @@ impl Registration {
                     Then::Fail
                 };
                 self.end_stream(now, How::Close, Some(DisconnectCause::SessionExpired), then);
+            }
+            // The source may have rotated the token since it was read: one
+            // more register if it now gives a different one.
+            Some(RejectReason::InvalidCredentials)
+                if self.settings.token_source && !stream.credentials_retry =>
+            {
+                self.end_stream(now, How::Close, None, Then::Recheck(message));
             }
             Some(
                 reason @ (RejectReason::Denied

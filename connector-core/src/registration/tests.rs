@@ -1654,3 +1654,199 @@ fn transport_error_text_is_sanitized() {
         .expect("disconnected");
     assert!(!cause.contains('\n') && !cause.contains('\x1b'), "{cause}");
 }
+
+// ----------------------------------------------------------------------
+// Token sources: the machine asks (`FetchToken`), the test answers.
+// ----------------------------------------------------------------------
+
+fn with_token_source() -> H {
+    let config = ConnectorConfig::builder("t", "echo", "i1")
+        .token_source(std::sync::Arc::new(crate::FixedToken::new("unused")))
+        .build()
+        .expect("valid config");
+    let reg = ConnectorRegistration::new(config, Echo);
+    let now = Instant::now();
+    H {
+        sm: Registration::new(&reg, &options(), now, 1_000_000),
+        now,
+        sent: Vec::new(),
+        actions: Vec::new(),
+        events: Vec::new(),
+    }
+}
+
+fn asks_for_token(actions: &[Action]) -> bool {
+    actions.iter().any(|a| matches!(a, Action::FetchToken))
+}
+
+/// Answers the pending `FetchToken` with `token`; returns the register sent.
+fn give_token(h: &mut H, token: &str) -> connector_proto::RegisterRequest {
+    h.sm.handle_token(h.now, Ok(crate::Secret::new(token)));
+    let actions = h.take_actions();
+    actions
+        .iter()
+        .find_map(register_of)
+        .cloned()
+        .expect("a token opens the stream")
+}
+
+fn reject_now(h: &mut H, reason: RejectReason) {
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: reason as i32,
+        message: "bad token".into(),
+        ..Default::default()
+    })));
+}
+
+#[test]
+fn a_token_source_is_asked_before_every_register() {
+    let mut h = with_token_source();
+    h.sm.handle_start(h.now);
+    let actions = h.take_actions();
+    assert!(asks_for_token(&actions), "{actions:?}");
+    assert!(actions.iter().all(|a| register_of(a).is_none()));
+    assert_eq!(h.sm.state(), &RegistrationState::Connecting);
+    assert_eq!(give_token(&mut h, "tok-1").auth_token, "tok-1");
+    h.sm.handle_stream_opened(h.now);
+    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Approved as i32,
+        session_token: "sess-1".into(),
+        ..Default::default()
+    })));
+    // Lost stream: the reconnect asks again and carries the new token
+    // beside the session token.
+    h.sm.handle_stream_closed(h.now, None);
+    h.advance(Duration::from_secs(2));
+    assert!(asks_for_token(&h.take_actions()));
+    let reg = give_token(&mut h, "tok-2");
+    assert_eq!(
+        (reg.auth_token.as_str(), reg.session_token.as_str()),
+        ("tok-2", "sess-1")
+    );
+    // SESSION_EXPIRED: asked again at once, no session token.
+    h.sm.handle_stream_opened(h.now);
+    reject_now(&mut h, RejectReason::SessionExpired);
+    assert!(asks_for_token(&h.take_actions()));
+    let reg = give_token(&mut h, "tok-3");
+    assert_eq!(
+        (reg.auth_token.as_str(), reg.session_token.as_str()),
+        ("tok-3", "")
+    );
+}
+
+#[test]
+fn a_token_source_error_backs_off_with_a_clear_cause() {
+    let mut h = with_token_source();
+    h.sm.handle_start(h.now);
+    h.take_actions();
+    h.sm.handle_token(h.now, Err("token file /x: cannot read: not found"));
+    h.pump();
+    assert!(
+        matches!(h.sm.state(), RegistrationState::Backoff { .. }),
+        "{:?}",
+        h.sm.state()
+    );
+    assert!(h.events.iter().any(|e| matches!(e,
+        RegistrationEvent::Disconnected { cause: DisconnectCause::Token(why) } if why.contains("cannot read")
+    )), "{:?}", h.events);
+    assert_eq!(h.sm.metrics_snapshot().connect_failures, 1);
+    h.advance(Duration::from_secs(2));
+    assert!(
+        asks_for_token(&h.take_actions()),
+        "asks again after the backoff"
+    );
+    // A source that never answers: the connect timeout makes it a failure.
+    h.advance(Duration::from_secs(60));
+    let actions = h.take_actions();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::DropStream)),
+        "{actions:?}"
+    );
+    assert!(h.events.iter().any(|e| matches!(e,
+        RegistrationEvent::Disconnected { cause: DisconnectCause::Token(why) } if why.contains("did not answer")
+    )));
+}
+
+#[test]
+fn invalid_credentials_is_retried_once_with_a_newer_token() {
+    let mut h = with_token_source();
+    h.sm.handle_start(h.now);
+    h.take_actions();
+    give_token(&mut h, "old");
+    h.sm.handle_stream_opened(h.now);
+    reject_now(&mut h, RejectReason::InvalidCredentials);
+    let actions = h.take_actions();
+    assert!(matches!(actions[0], Action::CloseStream), "{actions:?}");
+    assert!(asks_for_token(&actions), "rechecks the source at once");
+    assert_eq!(give_token(&mut h, "new").auth_token, "new");
+    h.sm.handle_stream_opened(h.now);
+    // Rejected again: the contract's rule applies (stop), even with yet
+    // another token in the source.
+    reject_now(&mut h, RejectReason::InvalidCredentials);
+    assert!(
+        matches!(
+            h.sm.state(),
+            RegistrationState::Stopped(StopReason::Rejected {
+                reason: RejectReason::InvalidCredentials,
+                ..
+            })
+        ),
+        "{:?}",
+        h.sm.state()
+    );
+    assert!(!asks_for_token(&h.take_actions()));
+}
+
+#[test]
+fn invalid_credentials_with_an_unchanged_token_stops() {
+    let mut h = with_token_source();
+    h.sm.handle_start(h.now);
+    h.take_actions();
+    give_token(&mut h, "same");
+    h.sm.handle_stream_opened(h.now);
+    reject_now(&mut h, RejectReason::InvalidCredentials);
+    assert!(asks_for_token(&h.take_actions()));
+    h.sm.handle_token(h.now, Ok(crate::Secret::new("same")));
+    let actions = h.take_actions();
+    assert!(
+        actions.iter().all(|a| register_of(a).is_none()),
+        "{actions:?}"
+    );
+    match h.sm.state() {
+        RegistrationState::Stopped(StopReason::Rejected { reason, message }) => {
+            assert_eq!(*reason, RejectReason::InvalidCredentials);
+            assert_eq!(message, "bad token");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn shutdown_while_fetching_a_token_stops_and_drops_the_fetch() {
+    let mut h = with_token_source();
+    h.sm.handle_start(h.now);
+    h.take_actions();
+    h.sm.handle_shutdown(h.now);
+    let actions = h.take_actions();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::DropStream)),
+        "{actions:?}"
+    );
+    assert!(h.sm.is_finished());
+    // A late answer is moot.
+    h.sm.handle_token(h.now, Ok(crate::Secret::new("late")));
+    assert!(h.take_actions().is_empty());
+}
+
+#[test]
+fn a_registration_without_a_source_never_asks() {
+    let mut h = H::new();
+    h.sm.handle_start(h.now);
+    let actions = h.take_actions();
+    assert!(!asks_for_token(&actions));
+    assert_eq!(
+        register_of(&actions[0]).expect("register").auth_token,
+        "secret-auth"
+    );
+}
