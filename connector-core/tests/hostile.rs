@@ -7,31 +7,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{
     stream_message::Kind, ApprovalUpdate, ExecuteErrorKind, ExecuteRequest, PayloadEncoding,
     RegistrationStatus, RejectReason, StreamMessage,
 };
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, RegistrationState,
+    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationKey, RegistrationState,
 };
+use connector_testkit::connectors::Echo;
 use connector_testkit::{ApprovalPolicy, MemoryTransport, TestServer};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn options() -> MultiTransportOptions {
     MultiTransportOptions::builder("grpc://127.0.0.1:1")

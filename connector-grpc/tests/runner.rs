@@ -4,33 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
-    ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
-    RegistrationEvent, RegistrationKey, RegistrationState,
+    MultiConnectorRunner, MultiTransportOptions, RegistrationEvent, RegistrationKey,
+    RegistrationState,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::Echo;
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Echoes the payload.
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
     MultiTransportOptions::builder(url)

@@ -14,13 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::{
-    owner_of, BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
+    owner_of, BaseConnector, ConnectorConfig, ConnectorRegistration, MultiConnectorRunner,
+    MultiTransportOptions, RegistrationKey,
 };
 use connector_grpc::GrpcTransport;
 use connector_host::fleet::{Fleet, FleetOptions, FleetRunner, FleetState};
+use connector_testkit::connectors::Echo;
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -28,19 +28,6 @@ use tokio::time::{timeout, Instant};
 const ETCD: &str = "/usr/bin/etcd";
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 /// A real etcd on free loopback ports with its data in a temp dir.
 struct Etcd {

@@ -19,6 +19,9 @@
 //! - [`WsTestServer`]: WebSocket over a loopback socket, with frame-level
 //!   fault injection, optional TLS.
 //!
+//! [`connectors`] has the stock connectors tests run ([`connectors::Echo`],
+//! [`connectors::Sleep`], [`connectors::Fail`], [`connectors::Counting`]).
+//!
 //! Servers bind `127.0.0.1:0` and every wait is on an event with a bounded
 //! timeout, so tests run in parallel without fixed ports or sleeps.
 //!
@@ -44,6 +47,7 @@
 #![cfg_attr(not(all(feature = "grpc", feature = "ws")), allow(dead_code))]
 
 mod conn;
+pub mod connectors;
 mod engine;
 mod error;
 #[cfg(feature = "grpc")]

@@ -7,13 +7,12 @@ mod sdk;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationEvent, RegistrationKey,
-    Transport,
+    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationEvent, RegistrationKey, Transport,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::Echo;
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer, WsServerOptions, WsTestServer,
 };
@@ -21,18 +20,6 @@ use connector_ws::WsTransport;
 use sdk::AnyTransport;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 struct Files {
     dir: PathBuf,

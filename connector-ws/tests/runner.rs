@@ -38,10 +38,6 @@ impl Echo {
 
 #[async_trait]
 impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
         self.started.send_modify(|n| *n += 1);
         if let Some(gate) = &self.gate {
