@@ -118,7 +118,7 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
         }
     }
     // The blocked registration still reads its stream: a cancel reaches it.
-    assert!(engine.cancel("acme.worker.w0", "b0"));
+    engine.cancel("acme.worker.w0", "b0").expect("cancel");
     let r = blocked
         .into_iter()
         .next()
@@ -231,55 +231,5 @@ async fn goaway_and_restart_bring_everyone_back() {
     }
     engine.wait_for_active(N, WAIT).await.expect("all back");
     assert_eq!(engine.stats().duplicate_active, 0);
-    stop(&runner, run).await;
-}
-
-/// Heartbeat acks stop while the connection stays up: the watchdog drops
-/// the stream and the registration comes back once acks flow again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_heartbeat_acks_trip_the_watchdog() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .expect("server");
-    let runner = runner(
-        2,
-        options(&server.url())
-            .heartbeat_interval(Duration::from_millis(100))
-            .heartbeat_timeout(Duration::from_millis(400))
-            .build()
-            .expect("valid"),
-        Counting::new(Sleep::new(Duration::ZERO)),
-    );
-    let run = start(&runner);
-    engine.wait_for_active(2, WAIT).await.expect("all active");
-    let key = RegistrationKey::new("acme", "worker", "w0").expect("valid");
-    let mut events = runner.registration(&key).expect("hosted").events();
-    engine.set_ack_heartbeats(false);
-    timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(RegistrationEvent::Disconnected {
-                    cause: connector_core::DisconnectCause::Watchdog,
-                }) => break,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("the watchdog fired");
-    engine.set_ack_heartbeats(true);
-    timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(RegistrationEvent::Approved { reconnect: true }) => break,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("back once acks flow");
     stop(&runner, run).await;
 }

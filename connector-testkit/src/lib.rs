@@ -19,6 +19,9 @@
 //! - [`WsTestServer`]: WebSocket over a loopback socket, with frame-level
 //!   fault injection, optional TLS.
 //!
+//! [`conformance`] is the transport-independent story suite, run over any
+//! client transport with [`conformance_suite!`].
+//!
 //! [`connectors`] has the stock connectors tests run ([`connectors::Echo`],
 //! [`connectors::Sleep`], [`connectors::Fail`], [`connectors::Counting`]).
 //!
@@ -46,6 +49,7 @@
 // helpers only that front-end uses are unused; that is expected.
 #![cfg_attr(not(all(feature = "grpc", feature = "ws")), allow(dead_code))]
 
+pub mod conformance;
 mod conn;
 pub mod connectors;
 mod engine;
