@@ -289,9 +289,11 @@ async fn killed_connection_is_a_closed_error() {
     expect_approved(&mut s).await;
 
     assert_eq!(server.kill_all_connections(), 1);
+    // A socket dropped without a close frame is an error, never a clean
+    // end of stream (`None` would read as "the server closed it").
     match next(&mut s).await {
         Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
-        None => {}
+        None => panic!("a killed connection ended the stream cleanly"),
         Some(Ok(m)) => panic!("unexpected message {m:?}"),
     }
     assert!(next(&mut s).await.is_none());
