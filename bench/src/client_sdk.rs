@@ -1,13 +1,13 @@
 //! The SDK client: N echo registrations in one `MultiConnectorRunner`, the
 //! real path (decode, dispatch, JSON check, concurrency bound, encode).
 
+use connector_testkit::connectors::Echo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationHandle,
+    BaseConnector, ConnectorConfig, ConnectorRegistration, MultiConnectorRunner,
+    MultiTransportOptions, RegistrationHandle,
 };
 use connector_grpc::GrpcTransport;
 use connector_ws::WsTransport;
@@ -30,24 +30,6 @@ const POLL: Duration = Duration::from_millis(5);
 /// known to within a few percent.
 fn pause_after(check: Duration) -> Duration {
     (check * 20).max(POLL)
-}
-
-/// Echoes the payload: the SDK has already checked that it is JSON, and the
-/// handler hands the same bytes back without a copy.
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(
-        &self,
-        ctx: ExecuteContext,
-    ) -> std::result::Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
 }
 
 /// Runs the SDK client (see the crate docs for the command protocol).

@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MessageStream, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
-    StreamInfo, StreamMux, Transport, TransportError,
+    BaseConnector, ConnectorConfig, ConnectorRegistration, MessageStream, MultiConnectorRunner,
+    MultiTransportOptions, RegistrationKey, StreamInfo, StreamMux, Transport, TransportError,
 };
 use connector_proto::{Kind, StreamMessage};
+use connector_testkit::connectors::Echo;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -51,22 +51,6 @@ pub(crate) struct HotpathArgs {
     /// Size of each request's JSON payload.
     #[arg(long, default_value_t = 64)]
     payload: usize,
-}
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(
-        &self,
-        ctx: ExecuteContext,
-    ) -> std::result::Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
 }
 
 struct Shared {

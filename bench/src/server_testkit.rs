@@ -21,6 +21,9 @@ const BUCKET: Duration = Duration::from_millis(100);
 /// Serves until stdin closes. Commands: `count`, `restart`, `storm-report`.
 pub(crate) async fn run(tls: bool, ca_dir: Option<PathBuf>) -> Result<()> {
     let engine = TestServer::new();
+    // The bench reports client protocol errors in its numbers rather than
+    // failing the run on the first one.
+    engine.expect_protocol_errors();
     let mut opts = GrpcServerOptions::default();
     let mut ca_path = None;
     if tls {

@@ -15,14 +15,15 @@ use crate::trace::TraceContext;
 
 /// A connector: what it is, what it can do, and how it executes one request.
 ///
+/// Its connector type is not here: it is part of the registration's key
+/// ([`ConnectorConfig`]), which is what `register` sends, so one value can
+/// serve several types.
+///
 /// One value serves every request of its registration concurrently (up to
 /// the registration's `max_concurrent_requests`), so `execute` takes `&self`
 /// and keeps per-request state on the stack.
 #[async_trait]
 pub trait BaseConnector: Send + Sync + 'static {
-    /// The kind of connector (`echo`, `jira`, …), sent in `register`.
-    fn connector_type(&self) -> &str;
-
     /// The connector's version, sent in `register`.
     fn version(&self) -> &str {
         "0.0.0"
@@ -299,7 +300,6 @@ impl fmt::Debug for ConnectorRegistration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectorRegistration")
             .field("config", &self.config)
-            .field("connector_type", &self.connector.connector_type())
-            .finish()
+            .finish_non_exhaustive()
     }
 }

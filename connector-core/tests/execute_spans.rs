@@ -156,9 +156,6 @@ struct Traced {
 
 #[async_trait]
 impl BaseConnector for Traced {
-    fn connector_type(&self) -> &str {
-        "traced"
-    }
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
         self.seen_trace_ids
             .lock()
@@ -396,7 +393,7 @@ async fn panicking_failing_cancelled_and_timed_out_handlers_close_their_spans_wi
         .expect("sent");
     // Let it start (and move to its task) before the cancel.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(s.server.cancel(KEY, "c1"));
+    s.server.cancel(KEY, "c1").expect("c1 is outstanding");
     let r = pending.wait(WAIT).await.expect("answered");
     assert_eq!(r.error_kind, ExecuteErrorKind::Cancelled as i32);
     let span = s.capture.wait_closed("c1").await;

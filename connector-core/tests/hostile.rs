@@ -7,31 +7,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{
     stream_message::Kind, ApprovalUpdate, ExecuteErrorKind, ExecuteRequest, PayloadEncoding,
     RegistrationStatus, RejectReason, StreamMessage,
 };
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, RegistrationState,
+    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationKey, RegistrationState,
 };
+use connector_testkit::connectors::Echo;
 use connector_testkit::{ApprovalPolicy, MemoryTransport, TestServer};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn options() -> MultiTransportOptions {
     MultiTransportOptions::builder("grpc://127.0.0.1:1")
@@ -167,7 +155,7 @@ async fn a_drain_of_49_days_waits_at_most_max_backoff() {
     server.wait_for_active(1, WAIT).await.expect("active");
     let handle = runner.registration(&key(0)).expect("hosted");
     let t = Instant::now();
-    assert!(server.drain("t.echo.e0", "bye", u32::MAX));
+    server.drain("t.echo.e0", "bye", u32::MAX).expect("drain");
     server
         .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
         .await
@@ -189,17 +177,19 @@ async fn an_unknown_reject_reason_is_retried_not_fatal() {
         .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
         .await
         .expect("pending");
-    assert!(server.send_raw(
-        "t.echo.e0",
-        StreamMessage {
-            kind: Some(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
-                status: RegistrationStatus::Rejected as i32,
-                reject_reason: 99,
-                message: "a reason from the future".into(),
-                ..Default::default()
-            }))),
-        },
-    ));
+    server
+        .send_raw(
+            "t.echo.e0",
+            StreamMessage {
+                kind: Some(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
+                    status: RegistrationStatus::Rejected as i32,
+                    reject_reason: 99,
+                    message: "a reason from the future".into(),
+                    ..Default::default()
+                }))),
+            },
+        )
+        .expect("send_raw");
     handle
         .wait_for(WAIT, |s| matches!(s, RegistrationState::Backoff { .. }))
         .await
@@ -221,7 +211,7 @@ async fn a_request_sent_right_after_a_drain_still_gets_an_answer() {
     server.wait_for_active(1, WAIT).await.expect("active");
     // Drain (nothing in flight: the client closes at once) and a request
     // right behind it on the same stream.
-    assert!(server.drain("t.echo.e0", "bye", 0));
+    server.drain("t.echo.e0", "bye", 0).expect("drain");
     let pending = server
         .send_execute(
             "t.echo.e0",

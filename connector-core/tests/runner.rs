@@ -1,8 +1,6 @@
 //! Runner tests over the testkit's in-memory mux, on paused tokio time: the
 //! whole driver + state machine + engine, without sockets.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,52 +10,17 @@ use connector_core::{
     ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
     RegistrationKey, RegistrationState, StopReason,
 };
+use connector_testkit::connectors::{Counting, Sleep};
 use connector_testkit::{ApprovalPolicy, MemoryMux, MemoryTransport, TestServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Echoes JSON; `sleep` waits `{"ms": N}`; counts how many run at once.
-#[derive(Default)]
-struct Echo {
-    now: AtomicUsize,
-    peak: AtomicUsize,
-    /// Handler starts so far, to wait on without polling.
-    started: tokio::sync::watch::Sender<usize>,
-}
+/// Echoes; a payload `{"ms": N}` waits N ms first; counts runs and how
+/// many run at once.
+type Worker = Counting<Sleep>;
 
-impl Echo {
-    async fn wait_started(&self, n: usize) {
-        let mut rx = self.started.subscribe();
-        tokio::time::timeout(WAIT, rx.wait_for(|s| *s >= n))
-            .await
-            .expect("handler started in time")
-            .expect("sender alive");
-    }
-}
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        let running = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(running, Ordering::SeqCst);
-        self.started.send_modify(|s| *s += 1);
-        struct Dec<'a>(&'a AtomicUsize);
-        impl Drop for Dec<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let _dec = Dec(&self.now);
-        if ctx.capability_id == "sleep" {
-            let v: serde_json::Value = ctx.json()?;
-            let ms = v["ms"].as_u64().unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
+fn worker() -> Worker {
+    Counting::new(Sleep::new(Duration::ZERO))
 }
 
 fn options() -> MultiTransportOptions {
@@ -67,8 +30,8 @@ fn options() -> MultiTransportOptions {
         .expect("valid options")
 }
 
-fn reg(instance: &str, connector: Arc<Echo>) -> ConnectorRegistration {
-    ConnectorRegistration::from_arc(
+fn reg(instance: &str, connector: Worker) -> ConnectorRegistration {
+    ConnectorRegistration::new(
         ConnectorConfig::builder("t", "echo", instance)
             .build()
             .expect("valid config"),
@@ -76,17 +39,17 @@ fn reg(instance: &str, connector: Arc<Echo>) -> ConnectorRegistration {
     )
 }
 
-fn setup(n: usize) -> (TestServer, MemoryMux, MultiConnectorRunner, Arc<Echo>) {
+fn setup(n: usize) -> (TestServer, MemoryMux, MultiConnectorRunner, Worker) {
     setup_with(n, options())
 }
 
 fn setup_with(
     n: usize,
     options: MultiTransportOptions,
-) -> (TestServer, MemoryMux, MultiConnectorRunner, Arc<Echo>) {
+) -> (TestServer, MemoryMux, MultiConnectorRunner, Worker) {
     let server = TestServer::new();
     let mux = server.memory_mux();
-    let echo = Arc::new(Echo::default());
+    let echo = worker();
     let regs = (0..n)
         .map(|i| reg(&format!("e{i}"), echo.clone()))
         .collect();
@@ -204,7 +167,7 @@ fn key_display_and_debug_hide_tokens() {
 
 #[test]
 fn new_collapses_duplicates_keeping_the_first() {
-    let echo = Arc::new(Echo::default());
+    let echo = worker();
     let runner = MultiConnectorRunner::new(
         vec![
             reg("a", echo.clone()),
@@ -316,7 +279,7 @@ async fn concurrency_bound_is_respected_and_excess_waits() {
         let r = p.wait(WAIT).await.expect("answered");
         assert!(r.success, "{r:?}");
     }
-    assert_eq!(echo.peak.load(Ordering::SeqCst), 3);
+    assert_eq!(echo.peak(), 3);
     runner.shutdown_handle().shutdown();
     run.await.expect("join").expect("ok");
 }
@@ -491,7 +454,7 @@ async fn graceful_shutdown_answers_in_flight_requests() {
     let pending = server
         .send_execute("t.echo.e0", json_request("slow", "sleep", r#"{"ms":2000}"#))
         .expect("sent");
-    echo.wait_started(1).await;
+    echo.wait_started(1, WAIT).await.expect("handler started");
     runner.shutdown_handle().shutdown();
     let r = pending
         .wait(WAIT)
@@ -523,7 +486,7 @@ async fn killed_stream_reconnects_and_redelivers() {
     // Let the request reach the handler, then kill the connection under it.
     let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
     let handle = runner.registration(&key).expect("hosted");
-    echo.wait_started(1).await;
+    echo.wait_started(1, WAIT).await.expect("handler started");
     assert_eq!(mux.kill_all_connections(), 1);
     let r = pending
         .wait(WAIT)
@@ -574,9 +537,6 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     struct Picky;
     #[async_trait]
     impl BaseConnector for Picky {
-        fn connector_type(&self) -> &str {
-            "picky"
-        }
         fn capabilities(&self) -> Vec<connector_core::proto::Capability> {
             vec![connector_core::proto::Capability {
                 id: "echo".into(),
@@ -713,9 +673,6 @@ async fn a_panicking_handler_is_a_handler_error_whether_it_waited_or_not() {
     struct Panicky;
     #[async_trait]
     impl BaseConnector for Panicky {
-        fn connector_type(&self) -> &str {
-            "echo"
-        }
         async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
             match ctx.capability_id.as_str() {
                 "now" => panic!("handler bug"),

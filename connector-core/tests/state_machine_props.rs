@@ -5,29 +5,17 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{
     stream_message::Kind, ApprovalUpdate, CancelRequest, Drain, ExecuteRequest, HeartbeatAck,
     PayloadEncoding, RegisterResponse, StreamMessage,
 };
 use connector_core::{
-    Action, BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiTransportOptions, Registration, RegistrationState,
+    Action, ConnectorConfig, ConnectorRegistration, ExecuteError, ExecuteOutput,
+    MultiTransportOptions, Registration, RegistrationState,
 };
+use connector_testkit::connectors::Echo;
 use proptest::prelude::*;
 use tokio::time::Instant;
-
-struct Nop;
-
-#[async_trait]
-impl BaseConnector for Nop {
-    fn connector_type(&self) -> &str {
-        "nop"
-    }
-    async fn execute(&self, _ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::raw(Vec::new()))
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Input {
@@ -88,7 +76,7 @@ proptest! {
             .expect("valid options");
         let reg = ConnectorRegistration::new(
             ConnectorConfig::builder("t", "nop", "p").build().expect("valid"),
-            Nop,
+            Echo,
         );
         let mut now = Instant::now();
         let mut sm = Registration::new(&reg, &options, now, 0);

@@ -558,7 +558,7 @@ async fn oversized_server_message_is_a_protocol_error() {
             ..Default::default()
         }))),
     };
-    assert!(engine.send_raw("tenant.echo.i0", big));
+    engine.send_raw("tenant.echo.i0", big).expect("send_raw");
     match next(&mut s).await {
         Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Protocol, "{e}"),
         other => panic!("expected a protocol error, got {other:?}"),

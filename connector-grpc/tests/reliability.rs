@@ -2,49 +2,26 @@
 //! GOAWAY survived. (Exactly-once under random faults, for both transports,
 //! is in connector-testkit's `exactly_once` test.)
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, ExecuteContext,
-    ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationEvent,
-    RegistrationKey, RegistrationState,
+    ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
+    MultiTransportOptions, RegistrationEvent, RegistrationKey, RegistrationState,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::{Counting, Sleep};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `sleep` waits `{"ms": N}`; `block` never returns; anything else echoes.
-#[derive(Default)]
-struct Worker {
-    executions: AtomicUsize,
-}
+/// Echoes; `{"ms": N}` waits N ms first (an hour: "blocks"); counts runs.
+type Worker = Counting<Sleep>;
 
-#[async_trait]
-impl BaseConnector for Worker {
-    fn connector_type(&self) -> &str {
-        "worker"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        self.executions.fetch_add(1, Ordering::SeqCst);
-        match ctx.capability_id.as_str() {
-            "sleep" => {
-                let v: serde_json::Value = ctx.json()?;
-                tokio::time::sleep(Duration::from_millis(v["ms"].as_u64().unwrap_or(0))).await;
-                Ok(ExecuteOutput::json_bytes(ctx.payload))
-            }
-            "block" => std::future::pending().await,
-            _ => Ok(ExecuteOutput::json_bytes(ctx.payload)),
-        }
-    }
-}
+/// Long enough to outlast any test: a request that never finishes by itself.
+const BLOCK: &str = r#"{"ms":3600000}"#;
 
 fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
     MultiTransportOptions::builder(url)
@@ -58,10 +35,10 @@ fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
         .jitter_seed(Some(11))
 }
 
-fn runner(n: usize, options: MultiTransportOptions, worker: Arc<Worker>) -> MultiConnectorRunner {
+fn runner(n: usize, options: MultiTransportOptions, worker: Worker) -> MultiConnectorRunner {
     let regs = (0..n)
         .map(|i| {
-            ConnectorRegistration::from_arc(
+            ConnectorRegistration::new(
                 ConnectorConfig::builder("acme", "worker", format!("w{i}"))
                     .build()
                     .expect("valid config"),
@@ -113,7 +90,7 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
             .drain_timeout(Duration::from_millis(500))
             .build()
             .expect("valid"),
-        Arc::new(Worker::default()),
+        Counting::new(Sleep::new(Duration::ZERO)),
     );
     let run = start(&runner);
     engine.wait_for_active(N, WAIT).await.expect("all active");
@@ -122,7 +99,7 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
     let blocked: Vec<_> = (0..50)
         .map(|i| {
             engine
-                .send_execute("acme.worker.w0", request(&format!("b{i}"), "block", "{}"))
+                .send_execute("acme.worker.w0", request(&format!("b{i}"), "block", BLOCK))
                 .expect("sent")
         })
         .collect();
@@ -141,7 +118,7 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
         }
     }
     // The blocked registration still reads its stream: a cancel reaches it.
-    assert!(engine.cancel("acme.worker.w0", "b0"));
+    engine.cancel("acme.worker.w0", "b0").expect("cancel");
     let r = blocked
         .into_iter()
         .next()
@@ -173,7 +150,7 @@ async fn black_hole_server_times_out_and_backs_off() {
             .connect_timeout(Duration::from_millis(300))
             .build()
             .expect("valid"),
-        Arc::new(Worker::default()),
+        Counting::new(Sleep::new(Duration::ZERO)),
     );
     let run = start(&runner);
     let key = RegistrationKey::new("acme", "worker", "w0").expect("valid");
@@ -209,7 +186,7 @@ async fn goaway_and_restart_bring_everyone_back() {
     let runner = runner(
         N,
         options(&server.url()).build().expect("valid"),
-        Arc::new(Worker::default()),
+        Counting::new(Sleep::new(Duration::ZERO)),
     );
     let run = start(&runner);
     engine.wait_for_active(N, WAIT).await.expect("all active");
@@ -254,55 +231,5 @@ async fn goaway_and_restart_bring_everyone_back() {
     }
     engine.wait_for_active(N, WAIT).await.expect("all back");
     assert_eq!(engine.stats().duplicate_active, 0);
-    stop(&runner, run).await;
-}
-
-/// Heartbeat acks stop while the connection stays up: the watchdog drops
-/// the stream and the registration comes back once acks flow again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_heartbeat_acks_trip_the_watchdog() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .expect("server");
-    let runner = runner(
-        2,
-        options(&server.url())
-            .heartbeat_interval(Duration::from_millis(100))
-            .heartbeat_timeout(Duration::from_millis(400))
-            .build()
-            .expect("valid"),
-        Arc::new(Worker::default()),
-    );
-    let run = start(&runner);
-    engine.wait_for_active(2, WAIT).await.expect("all active");
-    let key = RegistrationKey::new("acme", "worker", "w0").expect("valid");
-    let mut events = runner.registration(&key).expect("hosted").events();
-    engine.set_ack_heartbeats(false);
-    timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(RegistrationEvent::Disconnected {
-                    cause: connector_core::DisconnectCause::Watchdog,
-                }) => break,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("the watchdog fired");
-    engine.set_ack_heartbeats(true);
-    timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(RegistrationEvent::Approved { reconnect: true }) => break,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("back once acks flow");
     stop(&runner, run).await;
 }

@@ -4,33 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
-    ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
-    RegistrationEvent, RegistrationKey, RegistrationState,
+    MultiConnectorRunner, MultiTransportOptions, RegistrationEvent, RegistrationKey,
+    RegistrationState,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::Echo;
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Echoes the payload.
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
     MultiTransportOptions::builder(url)
@@ -253,69 +239,6 @@ async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn server_restart_brings_every_registration_back() {
-    let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
-    let runner = runner(10, options(&server.url()).build().expect("options"));
-    let run = start(&runner);
-    engine.wait_for_active(10, WAIT).await.expect("10 active");
-    wait_all_active(&runner).await;
-    let mut events: Vec<_> = runner
-        .registrations()
-        .iter()
-        .map(|k| (k.clone(), runner.registration(k).expect("hosted").events()))
-        .collect();
-
-    server.restart().await.expect("restart");
-    for (key, rx) in &mut events {
-        timeout(WAIT, async {
-            loop {
-                match rx.recv().await {
-                    Ok(RegistrationEvent::Approved { reconnect: true }) => return,
-                    Ok(_) => {}
-                    Err(e) => panic!("{key}: event stream: {e}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{key} did not come back after the restart"));
-    }
-    engine
-        .wait_for_active(10, WAIT)
-        .await
-        .expect("10 active again");
-    for key in runner.registrations() {
-        let m = runner.registration(&key).expect("hosted").metrics();
-        assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
-        assert!(m.total_disconnects >= 1, "{key}: {m:?}");
-    }
-    server
-        .wait_for_connection_count(1, WAIT)
-        .await
-        .expect("one connection again");
-    echo(&engine, "acme.echo.i3", "after-restart").await;
-    stop(&runner, run).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn grpcs_runner_with_a_custom_ca() {
-    let cert = TestCertificate::generate().expect("cert");
-    let (engine, server) = grpc_server(GrpcServerOptions::default().tls(cert.clone())).await;
-    let dir = std::env::temp_dir().join(format!("connector-grpc-runner-ca-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ca = cert.write_ca_pem(&dir).expect("ca");
-    let runner = runner(
-        3,
-        options(&server.url()).ca_cert(ca).build().expect("options"),
-    );
-    let run = start(&runner);
-    engine.wait_for_active(3, WAIT).await.expect("3 active");
-    echo(&engine, "acme.echo.i2", "tls").await;
-    assert_eq!(runner.summary().transport.open_connections(), 1);
-    stop(&runner, run).await;
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_ca_is_a_tls_error_retried_with_backoff() {
     let served = TestCertificate::generate().expect("cert");
     let other = TestCertificate::generate().expect("cert");
@@ -361,19 +284,4 @@ async fn wrong_ca_is_a_tls_error_retried_with_backoff() {
     assert!(!run.is_finished(), "a TLS failure does not end the runner");
     stop(&runner, run).await;
     let _ = std::fs::remove_dir_all(dir);
-}
-
-#[tokio::test]
-async fn unreadable_ca_file_fails_run_with_a_config_error() {
-    let opts = options("grpcs://localhost:1")
-        .ca_cert("/nonexistent/ca.pem")
-        .build()
-        .expect("options");
-    let runner = runner(1, opts);
-    let err = timeout(WAIT, runner.run())
-        .await
-        .expect("in time")
-        .expect_err("config error");
-    assert!(err.is_config(), "{err}");
-    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 }

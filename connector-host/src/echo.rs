@@ -15,28 +15,16 @@ use connector_core::{BaseConnector, ExecuteContext, ExecuteError, ExecuteOutput}
 /// capability id with `UNKNOWN_CAPABILITY` without calling it, and a payload
 /// sent with JSON encoding that is not JSON with `BAD_PAYLOAD`. Payloads sent
 /// as RAW or with no encoding are checked here, with the same answer.
-#[derive(Debug, Clone)]
-pub struct EchoConnector {
-    connector_type: String,
-}
-
-impl Default for EchoConnector {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+///
+/// It serves any connector type: the type is the registration's
+/// (`ConnectorConfig`), not the connector's.
+#[derive(Debug, Clone, Default)]
+pub struct EchoConnector;
 
 impl EchoConnector {
-    /// An echo connector of type `echo`.
+    /// The echo connector.
     pub fn new() -> Self {
-        Self::with_type("echo")
-    }
-
-    /// An echo connector registered under another connector type.
-    pub fn with_type(connector_type: impl Into<String>) -> Self {
-        Self {
-            connector_type: connector_type.into(),
-        }
+        Self
     }
 }
 
@@ -56,10 +44,6 @@ fn capability(id: &str, description: &str, input: &str, output: &str) -> Capabil
 
 #[async_trait]
 impl BaseConnector for EchoConnector {
-    fn connector_type(&self) -> &str {
-        &self.connector_type
-    }
-
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")
     }

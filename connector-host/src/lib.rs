@@ -96,8 +96,8 @@ impl ConnectorTypes {
     /// connectors under any type name, as the CLI contract has it.
     pub fn echo() -> Self {
         let mut types = Self::new().with("echo", |_| EchoConnector::new());
-        types.any_flag_type = Some(Arc::new(|key: &RegistrationKey| {
-            Arc::new(EchoConnector::with_type(key.connector_type())) as Arc<dyn BaseConnector>
+        types.any_flag_type = Some(Arc::new(|_key: &RegistrationKey| {
+            Arc::new(EchoConnector::new()) as Arc<dyn BaseConnector>
         }));
         types
     }

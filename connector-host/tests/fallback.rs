@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
-    ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
-    MultiTransportOptionsBuilder, RegistrationEvent, RegistrationKey,
+    MultiConnectorRunner, MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationEvent,
+    RegistrationKey,
 };
 use connector_host::fallback::{ActiveTransport, FallbackEvent, FallbackTransport};
+use connector_testkit::connectors::Sleep;
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, Http1OnlyServer, PendingExecute, TestCertificate,
     TestServer, WsServerOptions, WsTestServer,
@@ -27,22 +27,6 @@ use tokio::time::{timeout, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 const REPROBE: Duration = Duration::from_millis(500);
-
-/// Echoes the payload after a short wait, so requests are in flight when a
-/// drain arrives.
-struct SlowEcho;
-
-#[async_trait]
-impl BaseConnector for SlowEcho {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn options_builder(url: &str, connect_timeout: Duration) -> MultiTransportOptionsBuilder {
     MultiTransportOptions::builder(url)
@@ -61,7 +45,7 @@ fn options(url: &str, connect_timeout: Duration) -> MultiTransportOptions {
 }
 
 fn runner(n: usize, options: MultiTransportOptions, t: FallbackTransport) -> MultiConnectorRunner {
-    let echo: Arc<dyn BaseConnector> = Arc::new(SlowEcho);
+    let echo: Arc<dyn BaseConnector> = Arc::new(Sleep::new(Duration::from_millis(30)));
     let regs = (0..n)
         .map(|i| {
             ConnectorRegistration::from_arc(

@@ -13,13 +13,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::{
-    owner_of, BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
+    owner_of, BaseConnector, ConnectorConfig, ConnectorRegistration, MultiConnectorRunner,
+    MultiTransportOptions, RegistrationKey,
 };
 use connector_grpc::GrpcTransport;
 use connector_host::fleet::{Fleet, FleetOptions, FleetRunner, FleetState};
+use connector_testkit::connectors::Echo;
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -28,19 +28,6 @@ use fleet_support::{Etcd, Monitor};
 
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 fn registrations() -> Vec<ConnectorRegistration> {
     let echo: Arc<dyn BaseConnector> = Arc::new(Echo);

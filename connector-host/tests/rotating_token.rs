@@ -206,7 +206,10 @@ async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill()
             ..Default::default()
         }))),
     };
-    assert!(run.server.engine().send_raw(KEY, expire));
+    run.server
+        .engine()
+        .send_raw(KEY, expire)
+        .expect("a SESSION_EXPIRED sent on the stream");
     run.server
         .engine()
         .wait_until(WAIT, |s| {
@@ -218,7 +221,10 @@ async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill()
         .expect("a register with the rewritten token after SESSION_EXPIRED");
     assert_eq!(run.registers(), 2);
     run.wait_pending().await;
-    assert!(run.server.engine().approve(KEY));
+    run.server
+        .engine()
+        .approve(KEY)
+        .expect("the registration is pending");
     run.wait_approved_with("rot-token-two").await;
 
     // Rotated again; the connection dies: the reconnect reads it, beside
@@ -258,10 +264,10 @@ async fn invalid_credentials_is_retried_once_with_the_newer_token() {
     run.server
         .engine()
         .set_policy_for(KEY, ApprovalPolicy::Approve);
-    assert!(run
-        .server
+    run.server
         .engine()
-        .reject(KEY, RejectReason::InvalidCredentials, "token expired"));
+        .reject(KEY, RejectReason::InvalidCredentials, "token expired")
+        .expect("the registration is pending");
     run.wait_approved_with("inv-token-new").await;
     assert_eq!(run.registers(), 2, "one retry, with the newer token");
 

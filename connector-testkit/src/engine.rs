@@ -460,6 +460,9 @@ struct State {
     /// for resending after the key registers again.
     unanswered: HashMap<String, HashMap<String, (u64, ExecuteRequest)>>,
     resend_on_reconnect: bool,
+    /// The test said it provokes client protocol errors
+    /// ([`TestServer::expect_protocol_errors`]): they no longer fail calls.
+    protocol_errors_expected: bool,
     stats: ServerStats,
     events: Vec<ServerEvent>,
 }
@@ -474,6 +477,63 @@ impl State {
             .filter(|(_, s)| !approved_only || s.status == RegistrationStatus::Approved)
             .map(|(id, _)| *id)
             .max()
+    }
+
+    /// Fails when the client broke the protocol and the test did not say it
+    /// expects that: every steering call and wait goes through here, so a
+    /// client bug fails the test at its next step instead of sitting in a
+    /// list nobody reads.
+    fn strict(&self) -> Result<(), TestkitError> {
+        if self.protocol_errors_expected {
+            return Ok(());
+        }
+        let mut errors = self.stats.protocol_errors.clone();
+        if self.stats.duplicate_responses > 0 {
+            errors.push(format!(
+                "{} duplicate execute_response(s) (a request answered twice)",
+                self.stats.duplicate_responses
+            ));
+        }
+        if self.stats.unknown_responses > 0 {
+            errors.push(format!(
+                "{} execute_response(s) for a request_id never sent to that key",
+                self.stats.unknown_responses
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(TestkitError::ClientProtocolErrors(errors))
+        }
+    }
+
+    /// The newest live `PENDING` stream of `key`.
+    fn pending_stream(&self, key: &str) -> Result<u64, TestkitError> {
+        self.strict()?;
+        self.streams
+            .iter()
+            .filter(|(_, s)| {
+                s.live() && s.key.as_deref() == Some(key) && s.status == RegistrationStatus::Pending
+            })
+            .map(|(id, _)| *id)
+            .max()
+            .ok_or_else(|| TestkitError::NotPending(key.to_string()))
+    }
+
+    /// [`State::current_stream`], after the strictness check, as a `Result`.
+    fn target(&self, key: &str, approved_only: bool) -> Result<u64, TestkitError> {
+        self.strict()?;
+        self.current_stream(key, approved_only)
+            .ok_or_else(|| TestkitError::NoSuchRegistration(key.to_string()))
+    }
+
+    /// [`State::send`] as a `Result`: the stream's task may be gone.
+    fn send_to(&mut self, stream_id: u64, msg: StreamMessage) -> Result<(), TestkitError> {
+        if self.send(stream_id, msg) {
+            Ok(())
+        } else {
+            Err(TestkitError::StreamClosed)
+        }
     }
 
     fn protocol_error(&mut self, stream_id: Option<u64>, message: String) {
@@ -608,6 +668,7 @@ impl TestServer {
                     execs: HashMap::new(),
                     unanswered: HashMap::new(),
                     resend_on_reconnect: true,
+                    protocol_errors_expected: false,
                     stats: ServerStats::default(),
                     events: Vec::new(),
                 }),
@@ -672,24 +733,13 @@ impl TestServer {
     }
 
     /// Approves the newest live `PENDING` stream of `key` with an
-    /// `approval_update` carrying the session token. False if there is none.
-    pub fn approve(&self, key: &str) -> bool {
+    /// `approval_update` carrying the session token. Fails with
+    /// [`TestkitError::NotPending`] if there is none.
+    pub fn approve(&self, key: &str) -> Result<(), TestkitError> {
         self.update(|st| {
-            let Some(id) = st
-                .streams
-                .iter()
-                .filter(|(_, s)| {
-                    s.live()
-                        && s.key.as_deref() == Some(key)
-                        && s.status == RegistrationStatus::Pending
-                })
-                .map(|(id, _)| *id)
-                .max()
-            else {
-                return false;
-            };
+            let id = st.pending_stream(key)?;
             let token = st.mark_approved(id, key);
-            let sent = st.send(
+            let sent = st.send_to(
                 id,
                 msg(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Approved as i32,
@@ -704,22 +754,16 @@ impl TestServer {
     }
 
     /// Rejects the newest live `PENDING` stream of `key` with an
-    /// `approval_update`, then ends that stream. False if there is none.
-    pub fn reject(&self, key: &str, reason: RejectReason, message: &str) -> bool {
+    /// `approval_update`, then ends that stream. Fails with
+    /// [`TestkitError::NotPending`] if there is none.
+    pub fn reject(
+        &self,
+        key: &str,
+        reason: RejectReason,
+        message: &str,
+    ) -> Result<(), TestkitError> {
         self.update(|st| {
-            let Some(id) = st
-                .streams
-                .iter()
-                .filter(|(_, s)| {
-                    s.live()
-                        && s.key.as_deref() == Some(key)
-                        && s.status == RegistrationStatus::Pending
-                })
-                .map(|(id, _)| *id)
-                .max()
-            else {
-                return false;
-            };
+            let id = st.pending_stream(key)?;
             if let Some(s) = st.streams.get_mut(&id) {
                 s.status = RegistrationStatus::Rejected;
             }
@@ -729,7 +773,7 @@ impl TestServer {
                 stream_id: id,
                 reason,
             });
-            let sent = st.send(
+            let sent = st.send_to(
                 id,
                 msg(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Rejected as i32,
@@ -784,11 +828,14 @@ impl TestServer {
     pub async fn wait_for_active(&self, n: usize, timeout: Duration) -> Result<(), TestkitError> {
         self.wait_until(timeout, |s| s.active_keys().len() >= n)
             .await
-            .map_err(|_| TestkitError::Timeout {
-                what: format!(
-                    "{n} active registrations; active now: {:?}",
-                    self.active_keys()
-                ),
+            .map_err(|e| match e {
+                TestkitError::Timeout { .. } => TestkitError::Timeout {
+                    what: format!(
+                        "{n} active registrations; active now: {:?}",
+                        self.active_keys()
+                    ),
+                },
+                other => other,
             })
     }
 
@@ -806,6 +853,7 @@ impl TestServer {
             // Mark the current version seen *before* checking, so a change
             // that lands between the check and the wait still wakes us.
             rx.borrow_and_update();
+            self.lock().strict()?;
             if cond(self) {
                 return Ok(());
             }
@@ -814,6 +862,7 @@ impl TestServer {
                 // The sender lives in `self`, so it cannot be dropped here;
                 // treat it like a timeout rather than spin.
                 Ok(Err(_)) | Err(_) => {
+                    self.lock().strict()?;
                     return if cond(self) {
                         Ok(())
                     } else {
@@ -848,9 +897,7 @@ impl TestServer {
         req: ExecuteRequest,
     ) -> Result<PendingExecute, TestkitError> {
         self.update(|st| {
-            let id = st
-                .current_stream(key, true)
-                .ok_or_else(|| TestkitError::NoSuchRegistration(key.to_string()))?;
+            let id = st.target(key, true)?;
             let request_id = req.request_id.clone();
             let slots = st.execs.entry(key.to_string()).or_default();
             if matches!(slots.get(&request_id), Some(ExecSlot::Pending(_))) {
@@ -887,48 +934,42 @@ impl TestServer {
     }
 
     /// Sends `cancel` for `request_id` on the key's newest live approved
-    /// stream. False if there is none.
-    pub fn cancel(&self, key: &str, request_id: &str) -> bool {
+    /// stream.
+    pub fn cancel(&self, key: &str, request_id: &str) -> Result<(), TestkitError> {
         self.update(|st| {
-            let Some(id) = st.current_stream(key, true) else {
-                return false;
-            };
-            let sent = st.send(
+            let id = st.target(key, true)?;
+            st.send_to(
                 id,
                 msg(Kind::Cancel(CancelRequest {
                     request_id: request_id.to_string(),
                 })),
-            );
-            if sent {
-                st.events.push(ServerEvent::CancelSent {
-                    at: Instant::now(),
-                    key: key.to_string(),
-                    request_id: request_id.to_string(),
-                });
-            }
-            sent
+            )?;
+            st.events.push(ServerEvent::CancelSent {
+                at: Instant::now(),
+                key: key.to_string(),
+                request_id: request_id.to_string(),
+            });
+            Ok(())
         })
     }
 
     /// Fault injection: sends any message (a second register response, an
     /// unknown execute id, …) on the key's newest live stream, whatever its
-    /// status. Not tracked as an execute. False if there is no live stream.
-    pub fn send_raw(&self, key: &str, msg: StreamMessage) -> bool {
-        self.update(|st| match st.current_stream(key, false) {
-            Some(id) => st.send(id, msg),
-            None => false,
+    /// status. Not tracked as an execute.
+    pub fn send_raw(&self, key: &str, msg: StreamMessage) -> Result<(), TestkitError> {
+        self.update(|st| {
+            let id = st.target(key, false)?;
+            st.send_to(id, msg)
         })
     }
 
     /// Ends the key's newest live stream cleanly (after the messages queued
-    /// before it). False if there is none.
-    pub fn close_stream(&self, key: &str) -> bool {
-        self.update(|st| match st.current_stream(key, false) {
-            Some(id) => {
-                st.close(id);
-                true
-            }
-            None => false,
+    /// before it).
+    pub fn close_stream(&self, key: &str) -> Result<(), TestkitError> {
+        self.update(|st| {
+            let id = st.target(key, false)?;
+            st.close(id);
+            Ok(())
         })
     }
 
@@ -954,41 +995,61 @@ impl TestServer {
         self.update(|st| st.ack_heartbeats = on);
     }
 
-    /// Sends `drain` on the key's newest live stream. False if there is none.
-    pub fn drain(&self, key: &str, reason: &str, reconnect_after_ms: u32) -> bool {
+    /// Sends `drain` on the key's newest live stream.
+    pub fn drain(
+        &self,
+        key: &str,
+        reason: &str,
+        reconnect_after_ms: u32,
+    ) -> Result<(), TestkitError> {
         self.update(|st| {
-            let Some(id) = st.current_stream(key, false) else {
-                return false;
-            };
-            let sent = st.send(
+            let id = st.target(key, false)?;
+            st.send_to(
                 id,
                 msg(Kind::Drain(Box::new(Drain {
                     reason: reason.to_string(),
                     reconnect_after_ms,
                 }))),
-            );
-            if sent {
-                st.events.push(ServerEvent::DrainSent {
-                    at: Instant::now(),
-                    key: key.to_string(),
-                    stream_id: id,
-                });
-            }
-            sent
+            )?;
+            st.events.push(ServerEvent::DrainSent {
+                at: Instant::now(),
+                key: key.to_string(),
+                stream_id: id,
+            });
+            Ok(())
         })
     }
 
     /// Makes the next `heartbeat_ack` for `key` carry
-    /// `should_reconnect = true`. False (and nothing armed) if the key has
-    /// no live stream.
-    pub fn ack_should_reconnect(&self, key: &str) -> bool {
+    /// `should_reconnect = true`. Fails (and arms nothing) if the key has no
+    /// live stream.
+    pub fn ack_should_reconnect(&self, key: &str) -> Result<(), TestkitError> {
         self.update(|st| {
-            if st.current_stream(key, false).is_none() {
-                return false;
-            }
+            st.target(key, false)?;
             st.reconnect_on_next_ack.insert(key.to_string());
-            true
+            Ok(())
         })
+    }
+
+    /// Says this test provokes client protocol errors on purpose (it plays
+    /// a broken client, or sends frames a client must reject and report):
+    /// from now on they are only recorded, in [`ServerStats::protocol_errors`]
+    /// and the event log, instead of failing the next call.
+    ///
+    /// Without it, the engine is strict: once a client has broken the
+    /// protocol (a message out of order, a duplicate or unknown answer, an
+    /// undecodable frame), every steering call and wait returns
+    /// [`TestkitError::ClientProtocolErrors`], and so does
+    /// [`TestServer::verify`].
+    pub fn expect_protocol_errors(&self) {
+        self.update(|st| st.protocol_errors_expected = true);
+    }
+
+    /// Fails with [`TestkitError::ClientProtocolErrors`] if a client broke
+    /// the protocol and the test did not expect it. Call it at the end of a
+    /// test: an error after the last steering call is seen here.
+    pub fn verify(&self) -> Result<(), TestkitError> {
+        self.lock().strict()
     }
 
     /// A snapshot of the counters.

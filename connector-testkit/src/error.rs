@@ -25,6 +25,14 @@ pub enum TestkitError {
     /// Generating certificates or building a TLS configuration failed.
     #[error("tls setup failed: {0}")]
     Tls(String),
+    /// The registration has no live `PENDING` stream to approve or reject
+    /// (it was approved already, rejected, or never registered).
+    #[error("no pending registration `{0}` on the test server")]
+    NotPending(String),
+    /// A client broke the protocol and the test did not say it expects that
+    /// (`TestServer::expect_protocol_errors`): one line per violation.
+    #[error("the client broke the protocol: {}", .0.join("; "))]
+    ClientProtocolErrors(Vec<String>),
     /// The stream or the engine went away before the awaited message arrived.
     #[error("the stream closed before the awaited message arrived")]
     StreamClosed,

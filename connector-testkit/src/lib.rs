@@ -19,6 +19,12 @@
 //! - [`WsTestServer`]: WebSocket over a loopback socket, with frame-level
 //!   fault injection, optional TLS.
 //!
+//! [`conformance`] is the transport-independent story suite, run over any
+//! client transport with [`conformance_suite!`].
+//!
+//! [`connectors`] has the stock connectors tests run ([`connectors::Echo`],
+//! [`connectors::Sleep`], [`connectors::Fail`], [`connectors::Counting`]).
+//!
 //! Servers bind `127.0.0.1:0` and every wait is on an event with a bounded
 //! timeout, so tests run in parallel without fixed ports or sleeps.
 //!
@@ -43,7 +49,9 @@
 // helpers only that front-end uses are unused; that is expected.
 #![cfg_attr(not(all(feature = "grpc", feature = "ws")), allow(dead_code))]
 
+pub mod conformance;
 mod conn;
+pub mod connectors;
 mod engine;
 mod error;
 #[cfg(feature = "grpc")]

@@ -131,7 +131,7 @@ async fn pending_then_approve() {
         Err(TestkitError::NoSuchRegistration(_))
     ));
 
-    assert!(engine.approve(KEY));
+    engine.approve(KEY).expect("approve");
     match next(&mut s.inbound).await.kind {
         Some(Kind::ApprovalUpdate(u)) => {
             assert_eq!(u.status, RegistrationStatus::Approved as i32);
@@ -140,7 +140,7 @@ async fn pending_then_approve() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     assert_eq!(engine.active_keys(), vec![KEY.to_string()]);
-    assert!(!engine.approve(KEY), "nothing pending any more");
+    assert!(engine.approve(KEY).is_err(), "nothing pending any more");
 }
 
 #[tokio::test]
@@ -150,7 +150,9 @@ async fn pending_then_reject_closes_the_stream() {
     let mux = engine.memory_mux();
     let (mut s, r) = open_registered(&mux).await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
-    assert!(engine.reject(KEY, RejectReason::Denied, "no thanks"));
+    engine
+        .reject(KEY, RejectReason::Denied, "no thanks")
+        .expect("reject");
     match next(&mut s.inbound).await.kind {
         Some(Kind::ApprovalUpdate(u)) => {
             assert_eq!(u.status, RegistrationStatus::Rejected as i32);
@@ -160,7 +162,7 @@ async fn pending_then_reject_closes_the_stream() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     expect_end(&mut s.inbound).await;
-    assert!(!engine.reject(KEY, RejectReason::Denied, "again"));
+    assert!(engine.reject(KEY, RejectReason::Denied, "again").is_err());
 }
 
 #[tokio::test]
@@ -247,7 +249,9 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         .await
         .unwrap();
     engine.set_ack_heartbeats(true);
-    assert!(engine.ack_should_reconnect(KEY));
+    engine
+        .ack_should_reconnect(KEY)
+        .expect("ack_should_reconnect");
     s.outbound.send(heartbeat(3, 0)).await.unwrap();
     s.outbound.send(heartbeat(4, 0)).await.unwrap();
     match next(&mut s.inbound).await.kind {
@@ -258,7 +262,7 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         Some(Kind::HeartbeatAck(a)) => assert_eq!((a.sequence, a.should_reconnect), (4, false)),
         other => panic!("expected heartbeat_ack, got {other:?}"),
     }
-    assert!(!engine.ack_should_reconnect("t1.echo.nobody"));
+    assert!(engine.ack_should_reconnect("t1.echo.nobody").is_err());
 }
 
 #[tokio::test]
@@ -315,6 +319,7 @@ async fn execute_roundtrip_with_the_test_as_client() {
 #[tokio::test]
 async fn duplicate_and_unknown_responses_are_counted() {
     let engine = TestServer::new();
+    engine.expect_protocol_errors();
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
     let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
@@ -386,11 +391,11 @@ async fn server_actions_reach_the_client() {
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
 
-    assert!(engine.cancel(KEY, "r9"));
+    engine.cancel(KEY, "r9").expect("cancel");
     assert!(
         matches!(next(&mut s.inbound).await.kind, Some(Kind::Cancel(c)) if c.request_id == "r9")
     );
-    assert!(engine.drain(KEY, "deploy", 250));
+    engine.drain(KEY, "deploy", 250).expect("drain");
     match next(&mut s.inbound).await.kind {
         Some(Kind::Drain(d)) => {
             assert_eq!((d.reason.as_str(), d.reconnect_after_ms), ("deploy", 250))
@@ -400,19 +405,19 @@ async fn server_actions_reach_the_client() {
     let raw = StreamMessage {
         kind: Some(Kind::MetricsReport(Box::default())),
     };
-    assert!(engine.send_raw(KEY, raw.clone()));
+    engine.send_raw(KEY, raw.clone()).expect("send_raw");
     assert_eq!(next(&mut s.inbound).await, raw);
 
-    assert!(engine.close_stream(KEY));
+    engine.close_stream(KEY).expect("close_stream");
     expect_end(&mut s.inbound).await;
     assert!(
         engine.registrations().is_empty(),
         "closing streams are not live"
     );
-    assert!(!engine.close_stream(KEY));
-    assert!(!engine.cancel(KEY, "r9"));
-    assert!(!engine.drain(KEY, "x", 0));
-    assert!(!engine.send_raw(KEY, raw));
+    assert!(engine.close_stream(KEY).is_err());
+    assert!(engine.cancel(KEY, "r9").is_err());
+    assert!(engine.drain(KEY, "x", 0).is_err());
+    assert!(engine.send_raw(KEY, raw).is_err());
 }
 
 #[tokio::test]
@@ -436,6 +441,7 @@ async fn close_all_streams_counts() {
 #[tokio::test]
 async fn protocol_errors_are_recorded_not_fatal_to_the_server() {
     let engine = TestServer::new();
+    engine.expect_protocol_errors();
     let mux = engine.memory_mux();
 
     // First message is not a register: recorded, stream closed.
@@ -578,4 +584,60 @@ async fn memory_transport_hands_out_the_mux() {
     let r = expect_register_response(next(&mut s.inbound).await);
     assert_eq!(r.status, RegistrationStatus::Approved as i32);
     assert_eq!(transport.memory_mux().stats().open_connections(), 1);
+}
+
+#[tokio::test]
+async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
+    let engine = TestServer::new();
+    let mux = engine.memory_mux();
+    let (mut s, _) = open_registered(&mux).await;
+    engine.verify().unwrap();
+    let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
+    let _ = next(&mut s.inbound).await;
+    s.outbound.send(exec_resp("r1")).await.unwrap();
+    s.outbound.send(exec_resp("r1")).await.unwrap();
+    pending.wait(T).await.unwrap();
+    // The wait itself fails on the duplicate, with the reason.
+    let err = engine
+        .wait_until(T, |e| e.stats().responses_received == 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TestkitError::ClientProtocolErrors(v) if v[0].contains("duplicate")),
+        "{err}"
+    );
+    assert!(matches!(
+        engine.send_execute(KEY, exec_req("r2")),
+        Err(TestkitError::ClientProtocolErrors(_))
+    ));
+    assert!(matches!(
+        engine.drain(KEY, "x", 0),
+        Err(TestkitError::ClientProtocolErrors(_))
+    ));
+    assert!(engine.verify().is_err());
+    // Said once, the same errors are only recorded.
+    engine.expect_protocol_errors();
+    engine.verify().unwrap();
+    engine.drain(KEY, "x", 0).unwrap();
+}
+
+#[tokio::test]
+async fn steering_calls_say_why_they_did_nothing() {
+    let engine = TestServer::new();
+    let mux = engine.memory_mux();
+    assert!(matches!(
+        engine.approve(KEY),
+        Err(TestkitError::NotPending(k)) if k == KEY
+    ));
+    assert!(matches!(
+        engine.close_stream(KEY),
+        Err(TestkitError::NoSuchRegistration(k)) if k == KEY
+    ));
+    let (_s, _) = open_registered(&mux).await;
+    // Approved already: nothing pending.
+    assert!(matches!(
+        engine.reject(KEY, RejectReason::Denied, "late"),
+        Err(TestkitError::NotPending(_))
+    ));
+    engine.close_stream(KEY).unwrap();
 }

@@ -101,7 +101,7 @@ async fn execute_and_server_close_over_grpc() {
     assert!(pending.wait(T).await.unwrap().success);
 
     // A server close is a clean end of the response stream.
-    assert!(engine.close_stream("t1.echo.i1"));
+    engine.close_stream("t1.echo.i1").expect("close_stream");
     let end = tokio::time::timeout(T, call.rx.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     assert_eq!(engine.stats().outstanding, 0);
@@ -227,7 +227,7 @@ async fn max_concurrent_streams_makes_the_next_call_wait_for_a_slot() {
 
     let ch2 = ch.clone();
     let second = tokio::spawn(async move { open_approved(&ch2, "b").await });
-    assert!(engine.close_stream("t1.echo.a"));
+    engine.close_stream("t1.echo.a").expect("close_stream");
     let end = tokio::time::timeout(T, a.rx.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     drop(a);

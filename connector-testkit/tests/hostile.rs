@@ -26,9 +26,6 @@ struct Hostile;
 
 #[async_trait]
 impl BaseConnector for Hostile {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
     fn capabilities(&self) -> Vec<Capability> {
         ["echo", "huge", "loud"]
             .into_iter()

@@ -6,13 +6,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::{ExecuteRequest, PayloadEncoding, RejectReason};
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, Transport,
+    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
+    RegistrationKey, Transport,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::Echo;
 use connector_testkit::{
     ApprovalPolicy, GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
@@ -33,18 +33,6 @@ impl Write for Captured {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
     }
 }
 

@@ -12,12 +12,10 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use connector_core::proto::RejectReason;
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationKey,
-    RegistrationState, StopReason, Transport,
+    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
+    ProxySetting, RegistrationKey, RegistrationState, StopReason, Transport,
 };
 use connector_grpc::GrpcTransport;
 use connector_ws::WsTransport;
@@ -190,20 +188,6 @@ impl Status {
     }
 }
 
-/// Echoes the payload back; what `--workload`'s default executes expect.
-struct Echo;
-
-#[async_trait]
-impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
-
 fn runner(url: &str, count: usize, transport: impl Transport) -> MultiConnectorRunner {
     let registrations = (0..count)
         .map(|i| {
@@ -211,7 +195,7 @@ fn runner(url: &str, count: usize, transport: impl Transport) -> MultiConnectorR
                 .auth_token("t")
                 .build()
                 .expect("config");
-            ConnectorRegistration::new(config, Echo)
+            ConnectorRegistration::new(config, connector_testkit::connectors::Echo)
         })
         .collect();
     let options = MultiTransportOptions::builder(url)

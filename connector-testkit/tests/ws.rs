@@ -151,6 +151,7 @@ async fn wrong_path_is_404_and_missing_subprotocol_is_400() {
 #[tokio::test]
 async fn text_frame_from_the_client_closes_1003() {
     let engine = TestServer::new();
+    engine.expect_protocol_errors();
     let server = start(&engine).await;
     let mut ws = connect(&server).await;
     send(&mut ws, register("t1", "echo", "i1")).await;
@@ -169,6 +170,7 @@ async fn text_frame_from_the_client_closes_1003() {
 #[tokio::test]
 async fn undecodable_binary_frame_closes_1007() {
     let engine = TestServer::new();
+    engine.expect_protocol_errors();
     let server = start(&engine).await;
     let mut ws = connect(&server).await;
     send(&mut ws, register("t1", "echo", "i1")).await;
@@ -203,7 +205,7 @@ async fn server_side_faults_reach_the_client() {
     assert!(!server.send_text_frame("t1.echo.nobody"));
 
     // Server close is a normal close frame.
-    assert!(engine.close_stream(KEY));
+    engine.close_stream(KEY).expect("close_stream");
     expect_close(&mut ws, CloseCode::Normal).await;
 }
 

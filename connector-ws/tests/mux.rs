@@ -270,7 +270,7 @@ async fn server_close_ends_the_stream() {
     let mut s = mux.open(&k, register(&k)).await.unwrap();
     expect_approved(&mut s).await;
 
-    assert!(engine.close_stream(&k.to_string()));
+    engine.close_stream(&k.to_string()).expect("close_stream");
     assert!(
         next(&mut s).await.is_none(),
         "a server close ends the stream"
@@ -289,9 +289,11 @@ async fn killed_connection_is_a_closed_error() {
     expect_approved(&mut s).await;
 
     assert_eq!(server.kill_all_connections(), 1);
+    // A socket dropped without a close frame is an error, never a clean
+    // end of stream (`None` would read as "the server closed it").
     match next(&mut s).await {
         Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
-        None => {}
+        None => panic!("a killed connection ended the stream cleanly"),
         Some(Ok(m)) => panic!("unexpected message {m:?}"),
     }
     assert!(next(&mut s).await.is_none());
@@ -838,4 +840,15 @@ async fn messages_queued_before_the_drop_are_sent_before_the_close() {
     }
     assert_eq!(client_close_code(&mut ws).await, 1000);
     wait_no_sockets(&*mux).await;
+}
+
+#[test]
+fn bad_proxy_url_is_a_config_error() {
+    let mut opts = options("ws://127.0.0.1:1");
+    // The builder already rejects it; a hand-edited value is caught again
+    // when the mux is made.
+    opts.proxy = connector_core::ProxySetting::Url("socks5://p:1".into());
+    let err = WsMux::new(&opts, WsConfig::default()).expect_err("bad proxy url");
+    assert!(err.is_config(), "{err}");
+    assert!(err.to_string().contains("proxy url"), "{err}");
 }

@@ -9,10 +9,9 @@ use async_trait::async_trait;
 use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, ExecuteContext,
-    ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
-    RegistrationState,
+    ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationState,
 };
-use connector_testkit::{TestCertificate, TestServer, WsServerOptions, WsTestServer};
+use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
 use connector_ws::WsTransport;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -38,10 +37,6 @@ impl Echo {
 
 #[async_trait]
 impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
         self.started.send_modify(|n| *n += 1);
         if let Some(gate) = &self.gate {
@@ -155,49 +150,6 @@ async fn twenty_registrations_twenty_sockets_all_active_and_echo() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn server_closing_or_killing_every_socket_makes_all_reconnect() {
-    let (engine, server) = ws_server(WsServerOptions::default()).await;
-    let echo = Echo::new(None);
-    let runner = runner(20, options(&server.url()), &echo);
-    let run = start(&runner);
-    engine.wait_for_active(20, WAIT).await.unwrap();
-
-    // Clean close frames from the server.
-    assert_eq!(engine.close_all_streams(), 20);
-    engine
-        .wait_until(WAIT, |e| {
-            e.stats().registers >= 40 && e.active_keys().len() == 20
-        })
-        .await
-        .unwrap();
-    // Abrupt resets.
-    server.wait_for_connection_count(20, WAIT).await.unwrap();
-    assert_eq!(server.kill_all_connections(), 20);
-    engine
-        .wait_until(WAIT, |e| {
-            e.stats().registers >= 60 && e.active_keys().len() == 20
-        })
-        .await
-        .unwrap();
-    wait_all_active(&runner).await;
-    server.wait_for_connection_count(20, WAIT).await.unwrap();
-    // Every old socket was released: one per registration, no more.
-    let transport = runner.summary().transport;
-    assert_eq!(transport.open_connections(), 20, "{transport:?}");
-
-    let key = RegistrationKey::new("acme", "echo", "i3").unwrap();
-    let resp = timeout(
-        WAIT,
-        engine.execute(&key.to_string(), echo_request("after")),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(resp.success);
-    stop(&runner, run).await;
-}
-
 #[tokio::test]
 async fn text_and_garbage_frames_make_the_registration_reconnect() {
     let (engine, server) = ws_server(WsServerOptions::default()).await;
@@ -226,79 +178,4 @@ async fn text_and_garbage_frames_make_the_registration_reconnect() {
     }
     stop(&runner, run).await;
     server.wait_for_connection_count(0, WAIT).await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_with_requests_in_flight_delivers_responses() {
-    let (engine, server) = ws_server(WsServerOptions::default()).await;
-    let gate = Arc::new(Semaphore::new(0));
-    let echo = Echo::new(Some(gate.clone()));
-    let runner = runner(3, options(&server.url()), &echo);
-    let run = start(&runner);
-    engine.wait_for_active(3, WAIT).await.unwrap();
-
-    let mut pending = Vec::new();
-    for key in runner.registrations() {
-        for j in 0..2 {
-            let id = format!("{key}-{j}");
-            pending.push(
-                engine
-                    .send_execute(&key.to_string(), echo_request(&id))
-                    .unwrap(),
-            );
-        }
-    }
-    let mut started = echo.started.subscribe();
-    timeout(WAIT, started.wait_for(|n| *n >= 6))
-        .await
-        .unwrap()
-        .unwrap();
-
-    runner.shutdown_handle().shutdown();
-    gate.add_permits(6);
-    for p in pending {
-        let resp = p.wait(WAIT).await.unwrap();
-        assert!(resp.success, "{resp:?}");
-    }
-    stop(&runner, run).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    assert_eq!(engine.stats().outstanding, 0);
-}
-
-#[tokio::test]
-async fn wss_runner_with_a_custom_ca() {
-    let cert = TestCertificate::generate().unwrap();
-    let (engine, server) = ws_server(WsServerOptions::default().tls(cert.clone())).await;
-    let dir = std::env::temp_dir().join(format!("connector-ws-runner-ca-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = cert.write_ca_pem(&dir).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .ca_cert(ca)
-        .build()
-        .unwrap();
-    let echo = Echo::new(None);
-    let runner = runner(2, opts, &echo);
-    let run = start(&runner);
-    engine.wait_for_active(2, WAIT).await.unwrap();
-    let resp = timeout(WAIT, engine.execute("acme.echo.i1", echo_request("tls")))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(resp.success);
-    stop(&runner, run).await;
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-#[tokio::test]
-async fn unreadable_ca_file_fails_run_with_a_config_error() {
-    let opts = options("wss://localhost:1")
-        .to_builder()
-        .ca_cert("/nonexistent/ca.pem")
-        .build()
-        .unwrap();
-    let echo = Echo::new(None);
-    let runner = runner(1, opts, &echo);
-    let err = timeout(WAIT, runner.run()).await.unwrap().unwrap_err();
-    assert!(err.is_config(), "{err}");
 }

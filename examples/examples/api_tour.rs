@@ -9,9 +9,6 @@ struct Echo;
 
 #[async_trait]
 impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
     // Runs concurrently, up to max_concurrent_requests per registration.
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
         Ok(ExecuteOutput::json_bytes(ctx.payload))

@@ -18,10 +18,6 @@ pub struct Kv(Mutex<HashMap<String, Value>>);
 
 #[async_trait]
 impl BaseConnector for Kv {
-    fn connector_type(&self) -> &str {
-        "kv"
-    }
-
     fn capabilities(&self) -> Vec<Capability> {
         let cap = |id: &str| Capability {
             id: id.into(),

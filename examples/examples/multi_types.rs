@@ -24,10 +24,6 @@ struct Clock;
 
 #[async_trait]
 impl BaseConnector for Clock {
-    fn connector_type(&self) -> &str {
-        "clock"
-    }
-
     fn capabilities(&self) -> Vec<Capability> {
         vec![Capability {
             id: "now".into(),
@@ -50,10 +46,6 @@ struct Calc;
 
 #[async_trait]
 impl BaseConnector for Calc {
-    fn connector_type(&self) -> &str {
-        "calc"
-    }
-
     fn capabilities(&self) -> Vec<Capability> {
         vec![Capability {
             id: "sum".into(),
@@ -89,8 +81,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .unwrap_or_else(|| "grpc://127.0.0.1:50051".into());
 
-    // Each registration has its own identity; the connector type in the
-    // config must match the connector's `connector_type()`.
+    // Each registration has its own identity (tenant, connector type,
+    // instance); the connector value only says what it can do.
     let registrations = vec![
         ConnectorRegistration::new(
             ConnectorConfig::builder("acme", "echo", "echo-1").build()?,

@@ -1,9 +1,14 @@
-//! One connector, hosted by `ConnectorRunner` over gRPC.
+//! One connector, hosted by `ConnectorRunner` over gRPC or WebSocket.
 //!
 //! ```sh
 //! cargo run -p examples --example single_connector -- grpc://127.0.0.1:50051
+//! cargo run -p examples --example single_connector -- ws://127.0.0.1:8080
 //! CONNECTOR_URL=grpcs://cp.example.com:443 cargo run -p examples --example single_connector
 //! ```
+//!
+//! Only the URL's scheme picks the transport: the connector, the config and
+//! the runner are the same. A WebSocket registration gets its own socket to
+//! `ws[s]://host:port/v1/connect` (the path is added when the URL has none).
 //!
 //! Ctrl-C stops it gracefully: requests in flight are answered first.
 
@@ -11,19 +16,16 @@ use async_trait::async_trait;
 use connector_core::proto::Capability;
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, ConnectorRunner, ExecuteContext,
-    ExecuteError, ExecuteOutput, MultiTransportOptions,
+    ExecuteError, ExecuteOutput, MultiTransportOptions, TransportKind,
 };
 use connector_grpc::GrpcTransport;
+use connector_ws::WsTransport;
 
 /// Upper-cases text: `{"text": "hi"}` → `{"text": "HI"}`.
 struct Shout;
 
 #[async_trait]
 impl BaseConnector for Shout {
-    fn connector_type(&self) -> &str {
-        "shout"
-    }
-
     // Declaring capabilities lets the SDK answer any other capability id
     // with UNKNOWN_CAPABILITY, and tells the control plane what we can do.
     fn capabilities(&self) -> Vec<Capability> {
@@ -65,11 +67,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let options = MultiTransportOptions::builder(url).build()?;
 
-    let runner = ConnectorRunner::new(
-        ConnectorRegistration::new(config, Shout),
-        options,
-        GrpcTransport::new(),
-    );
+    let registration = ConnectorRegistration::new(config, Shout);
+    // WebSocket keeps the protocol's heartbeats on top of its own ping/pong:
+    // pings prove the socket is alive, heartbeats prove the server is.
+    let runner = match options.endpoint.kind {
+        TransportKind::WebSocket => ConnectorRunner::new(registration, options, WsTransport::new()),
+        _ => ConnectorRunner::new(registration, options, GrpcTransport::new()),
+    };
 
     // The shutdown handle is cheap to clone and works from any task.
     let stop = runner.shutdown_handle();

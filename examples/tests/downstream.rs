@@ -39,10 +39,6 @@ impl Inventory {
 
 #[async_trait]
 impl BaseConnector for Inventory {
-    fn connector_type(&self) -> &str {
-        "inventory"
-    }
-
     fn capabilities(&self) -> Vec<Capability> {
         vec![Capability {
             id: "stock".into(),

@@ -21,9 +21,6 @@ struct Echo;
 
 #[async_trait]
 impl BaseConnector for Echo {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
     fn capabilities(&self) -> Vec<Capability> {
         ["echo", "sleep"]
             .into_iter()

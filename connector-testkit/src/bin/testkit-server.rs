@@ -356,6 +356,9 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>, 
 
 async fn run(opts: Options) -> Result<(), String> {
     let engine = TestServer::new();
+    // A server for people, not a test: a client's protocol error is printed
+    // as an event line (below) and the run goes on.
+    engine.expect_protocol_errors();
     engine.set_policy(match opts.approve {
         Approve::All => ApprovalPolicy::Approve,
         Approve::Pending => ApprovalPolicy::Pending,
@@ -431,8 +434,8 @@ fn command(engine: &TestServer, line: &str) {
                         "rejected at the testkit-server prompt",
                     )
                 };
-                if !done {
-                    say!("{key}: no pending registration of that key");
+                if let Err(why) = done {
+                    say!("{key}: {why}");
                 }
             }
         }

@@ -2,40 +2,13 @@
 //! transport) against the testkit's servers.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use connector_core::{
-    BaseConnector, ExecuteContext, ExecuteError, ExecuteOutput, MultiTransportOptions, StreamMux,
-    Transport, TransportError,
-};
+use connector_core::{MultiTransportOptions, StreamMux, Transport, TransportError};
 use connector_grpc::GrpcTransport;
 use connector_testkit::{GrpcTestServer, WsTestServer};
 use connector_ws::WsTransport;
-
-/// `sleep` waits `{"ms": N}`; anything else echoes. Counts handler runs.
-#[derive(Default)]
-pub(crate) struct Worker {
-    pub(crate) executions: AtomicUsize,
-}
-
-#[async_trait]
-impl BaseConnector for Worker {
-    fn connector_type(&self) -> &str {
-        "echo"
-    }
-
-    async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
-        self.executions.fetch_add(1, Ordering::SeqCst);
-        if ctx.capability_id == "sleep" {
-            let v: serde_json::Value = ctx.json()?;
-            tokio::time::sleep(Duration::from_millis(v["ms"].as_u64().unwrap_or(0))).await;
-        }
-        Ok(ExecuteOutput::json_bytes(ctx.payload))
-    }
-}
 
 /// Either transport, so one test body serves both.
 pub(crate) enum AnyTransport {

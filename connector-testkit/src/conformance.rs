@@ -1,0 +1,973 @@
+//! The conformance suite: every story of the wire contract that does not
+//! depend on the transport, written once and run over any client
+//! transport against the testkit's servers.
+//!
+//! A story is a plain async function taking a [`Target`]; it panics with a
+//! message naming what broke. [`conformance_suite!`](crate::conformance_suite)
+//! expands to one `#[tokio::test]` per story, so one line runs them all:
+//!
+//! ```ignore
+//! // connector-grpc/tests/conformance.rs
+//! connector_testkit::conformance_suite!(connector_testkit::conformance::Target::grpc());
+//! ```
+//!
+//! A downstream transport plugs in with [`Target::custom`]: it names the
+//! wire its client speaks (the testkit's gRPC or WebSocket server is the
+//! other end) and how to make a client.
+//!
+//! Every story ends with [`TestServer::verify`]: a client protocol error
+//! anywhere in it fails the story. Waits are on events with bounded
+//! timeouts; nothing sleeps to let things settle.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use connector_core::proto::{ExecuteRequest, ExecuteResponse, PayloadEncoding};
+use connector_core::{
+    ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause, JitterRng,
+    MultiConnectorRunner, MultiTransportOptions, MultiTransportOptionsBuilder, ProxySetting,
+    RegistrationEvent, RegistrationKey, RegistrationState, StreamMux, Transport, TransportError,
+};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use crate::connectors::{Counting, Sleep};
+use crate::engine::{ServerEvent, TestServer};
+use crate::proxy::ConnectProxy;
+use crate::tls::TestCertificate;
+
+/// Bound for every wait of a story: generous, only reached when broken.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The wire a client transport speaks, that is which testkit server a
+/// story starts for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Wire {
+    /// gRPC over HTTP/2 ([`crate::GrpcTestServer`]).
+    Grpc,
+    /// WebSocket ([`crate::WsTestServer`]).
+    WebSocket,
+}
+
+type MakeTransport = dyn Fn() -> Arc<dyn Transport> + Send + Sync;
+
+/// A client transport under test: the wire it speaks and how to make one.
+#[derive(Clone)]
+pub struct Target {
+    name: String,
+    wire: Wire,
+    make: Arc<MakeTransport>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("wire", &self.wire)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// The SDK's gRPC transport (`connector_grpc::GrpcTransport`).
+    #[cfg(feature = "grpc")]
+    pub fn grpc() -> Self {
+        Self::custom("grpc", Wire::Grpc, connector_grpc::GrpcTransport::new)
+    }
+
+    /// The SDK's WebSocket transport (`connector_ws::WsTransport`).
+    #[cfg(feature = "ws")]
+    pub fn websocket() -> Self {
+        Self::custom("websocket", Wire::WebSocket, connector_ws::WsTransport::new)
+    }
+
+    /// Your own transport: `make` builds a client for `wire`.
+    pub fn custom<T: Transport>(
+        name: impl Into<String>,
+        wire: Wire,
+        make: impl Fn() -> T + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            wire,
+            make: Arc::new(move || Arc::new(make()) as Arc<dyn Transport>),
+        }
+    }
+
+    /// The name given at construction.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The wire the transport speaks.
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    fn transport(&self) -> Shared {
+        Shared((self.make)())
+    }
+}
+
+/// `Arc<dyn Transport>` as an `impl Transport` for the runner.
+struct Shared(Arc<dyn Transport>);
+
+#[async_trait]
+impl Transport for Shared {
+    async fn mux(
+        &self,
+        options: &MultiTransportOptions,
+    ) -> Result<Arc<dyn StreamMux>, TransportError> {
+        self.0.mux(options).await
+    }
+}
+
+/// Either testkit server, with the faults both offer.
+#[derive(Clone)]
+enum Server {
+    #[cfg(feature = "grpc")]
+    Grpc(crate::GrpcTestServer),
+    #[cfg(feature = "ws")]
+    Ws(crate::WsTestServer),
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            #[cfg(feature = "grpc")]
+            Server::Grpc($s) => $e,
+            #[cfg(feature = "ws")]
+            Server::Ws($s) => $e,
+        }
+    };
+}
+
+/// TLS settings for a story's server.
+#[derive(Clone, Default)]
+struct Tls {
+    cert: Option<TestCertificate>,
+    require_client_cert: bool,
+}
+
+impl Server {
+    async fn start(wire: Wire, engine: &TestServer, tls: Tls) -> Self {
+        match wire {
+            #[cfg(feature = "grpc")]
+            Wire::Grpc => {
+                let mut o = crate::GrpcServerOptions::default();
+                if let Some(c) = tls.cert {
+                    o = o.tls(c).require_client_cert(tls.require_client_cert);
+                }
+                Server::Grpc(
+                    crate::GrpcTestServer::start(engine.clone(), o)
+                        .await
+                        .expect("gRPC test server starts"),
+                )
+            }
+            #[cfg(feature = "ws")]
+            Wire::WebSocket => {
+                let mut o = crate::WsServerOptions::default();
+                if let Some(c) = tls.cert {
+                    o = o.tls(c).require_client_cert(tls.require_client_cert);
+                }
+                Server::Ws(
+                    crate::WsTestServer::start(engine.clone(), o)
+                        .await
+                        .expect("WebSocket test server starts"),
+                )
+            }
+            #[allow(unreachable_patterns)] // a front-end compiled out
+            other => panic!("this testkit build has no server for {other:?}"),
+        }
+    }
+
+    fn url(&self) -> String {
+        each!(self, s => s.url())
+    }
+
+    fn kill_one(&self) {
+        let first = each!(self, s => s.connections().first().map(|c| c.connection_id));
+        if let Some(id) = first {
+            each!(self, s => s.kill_connection(id));
+        }
+    }
+
+    fn kill_all(&self) -> usize {
+        each!(self, s => s.kill_all_connections())
+    }
+
+    fn total_connections_accepted(&self) -> u64 {
+        each!(self, s => s.total_connections_accepted())
+    }
+
+    async fn restart(&self) {
+        each!(self, s => s.restart().await).expect("server restarts");
+    }
+
+    async fn stop(&self) {
+        each!(self, s => s.stop().await)
+    }
+}
+
+/// One story's world: the engine, a server for the target's wire, and a
+/// runner of `n` counted registrations `acme.echo.i{k}`.
+struct World {
+    engine: TestServer,
+    server: Server,
+    runner: MultiConnectorRunner,
+    worker: Counting<Sleep>,
+    run: Option<JoinHandle<Result<(), ConnectorError>>>,
+}
+
+fn key(i: usize) -> RegistrationKey {
+    RegistrationKey::new("acme", "echo", format!("i{i}")).expect("valid key")
+}
+
+fn options(url: &str) -> MultiTransportOptionsBuilder {
+    MultiTransportOptions::builder(url)
+        .connect_timeout(Duration::from_secs(3))
+        .reconnect_delay(Duration::from_millis(20))
+        .jitter(Duration::from_millis(20))
+        .max_backoff(Duration::from_millis(200))
+        .heartbeat_interval(Duration::from_millis(200))
+        .heartbeat_timeout(Duration::from_secs(3))
+        .drain_timeout(Duration::from_secs(5))
+        .jitter_seed(Some(7))
+}
+
+fn runner(
+    target: &Target,
+    n: usize,
+    options: MultiTransportOptions,
+    worker: &Counting<Sleep>,
+) -> MultiConnectorRunner {
+    let regs = (0..n)
+        .map(|i| {
+            let k = key(i);
+            ConnectorRegistration::new(
+                ConnectorConfig::builder(k.tenant_id(), k.connector_type(), k.instance_id())
+                    .auth_token("secret-token")
+                    .build()
+                    .expect("valid config"),
+                worker.clone(),
+            )
+        })
+        .collect();
+    MultiConnectorRunner::new(regs, options, target.transport())
+}
+
+impl World {
+    async fn new(
+        target: &Target,
+        n: usize,
+        tls: Tls,
+        tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+    ) -> Self {
+        let engine = TestServer::new();
+        let server = Server::start(target.wire, &engine, tls).await;
+        let worker = Counting::new(Sleep::new(Duration::ZERO));
+        let options = tune(options(&server.url())).build().expect("valid options");
+        let runner = runner(target, n, options, &worker);
+        Self {
+            engine,
+            server,
+            runner,
+            worker,
+            run: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let r = self.runner.clone();
+        self.run = Some(tokio::spawn(async move { r.run().await }));
+    }
+
+    async fn all_active(&self, n: usize) {
+        self.engine
+            .wait_for_active(n, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for k in self.runner.registrations() {
+            self.runner
+                .registration(&k)
+                .expect("hosted")
+                .wait_for(WAIT, |s| *s == RegistrationState::Active)
+                .await
+                .unwrap_or_else(|| panic!("{k} not active on the client"));
+        }
+    }
+
+    fn events(&self, i: usize) -> broadcast::Receiver<RegistrationEvent> {
+        self.runner.registration(&key(i)).expect("hosted").events()
+    }
+
+    /// Stops the runner: `run` returns `Ok` and no connection stays open;
+    /// then the engine must have seen no protocol error.
+    async fn stop(mut self) {
+        self.runner.shutdown_handle().shutdown();
+        if let Some(run) = self.run.take() {
+            timeout(WAIT, run)
+                .await
+                .expect("run() returns after shutdown")
+                .expect("no panic")
+                .expect("clean stop");
+        }
+        assert_eq!(self.runner.summary().transport.open_connections(), 0);
+        self.engine.verify().expect("no client protocol error");
+        self.server.stop().await;
+    }
+}
+
+fn request(id: &str, payload: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: id.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: "echo".into(),
+        ..Default::default()
+    }
+}
+
+/// Sends one request and checks the answer is its payload, echoed.
+async fn echo(engine: &TestServer, k: &RegistrationKey, id: &str) -> ExecuteResponse {
+    let req = request(id, &format!("{{\"id\":\"{id}\"}}"));
+    let resp = engine
+        .send_execute(&k.to_string(), req.clone())
+        .unwrap_or_else(|e| panic!("send {id}: {e}"))
+        .wait(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("answer to {id}: {e}"));
+    assert!(resp.success, "{resp:?}");
+    assert_eq!(resp.request_id, id);
+    assert_eq!(resp.payload, req.payload, "the echo is the payload");
+    resp
+}
+
+/// Waits for the first event `pick` accepts (lagging is fine).
+async fn wait_event<T>(
+    events: &mut broadcast::Receiver<RegistrationEvent>,
+    what: &str,
+    mut pick: impl FnMut(&RegistrationEvent) -> Option<T>,
+) -> T {
+    timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(t) = pick(&e) {
+                        return t;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream while waiting for {what}: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Register, get approved, answer executes; the server sees the
+/// registration's identity and auth token.
+pub async fn register_approve_and_echo(target: Target) {
+    let mut w = World::new(&target, 3, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(3).await;
+    let regs = w.engine.registrations();
+    assert_eq!(regs.len(), 3, "{regs:?}");
+    for (i, r) in regs.iter().enumerate() {
+        assert_eq!(r.key, key(i).to_string());
+        assert_eq!(r.register.auth_token, "secret-token");
+    }
+    for i in 0..3 {
+        echo(&w.engine, &key(i), &format!("r{i}")).await;
+        assert_eq!(w.worker.runs(&format!("r{i}")), 1);
+    }
+    w.stop().await;
+}
+
+/// `PENDING` then approved: the client waits without executing, then
+/// becomes active on the same stream.
+pub async fn pending_then_approved(target: Target) {
+    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
+    w.engine.set_policy(crate::ApprovalPolicy::Pending);
+    w.start();
+    let handle = w.runner.registration(&key(0)).expect("hosted");
+    handle
+        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
+        .await
+        .expect("pending on the client");
+    assert!(w.engine.active_keys().is_empty());
+    w.engine.approve(&key(0).to_string()).expect("approve");
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "after-approval").await;
+    assert_eq!(
+        w.engine.stats().streams_opened,
+        1,
+        "approved on the same stream"
+    );
+    w.stop().await;
+}
+
+/// `PENDING` then rejected (`DENIED`): the client reports the rejection
+/// and does not run a request.
+pub async fn pending_then_rejected(target: Target) {
+    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
+    w.engine.set_policy(crate::ApprovalPolicy::Pending);
+    let mut events = w.events(0);
+    w.start();
+    w.runner
+        .registration(&key(0))
+        .expect("hosted")
+        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
+        .await
+        .expect("pending on the client");
+    w.engine
+        .reject(
+            &key(0).to_string(),
+            connector_core::proto::RejectReason::Denied,
+            "no",
+        )
+        .expect("reject");
+    wait_event(&mut events, "the rejection", |e| {
+        matches!(e, RegistrationEvent::Rejected { .. }).then_some(())
+    })
+    .await;
+    assert!(w.engine.active_keys().is_empty());
+    assert_eq!(w.worker.total(), 0);
+    w.stop().await;
+}
+
+/// The server ends a stream: the client reconnects with the session token
+/// it was given (the server sees a resumed register) and works again.
+pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
+    let mut w = World::new(&target, 2, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(2).await;
+    let mut events = w.events(0);
+    w.engine.close_stream(&key(0).to_string()).expect("close");
+    let cause = wait_event(&mut events, "the disconnect", |e| match e {
+        RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(cause, DisconnectCause::ClosedByServer);
+    let k0 = key(0).to_string();
+    w.engine
+        .wait_until(WAIT, |e| {
+            e.events().iter().any(
+                |ev| matches!(ev, ServerEvent::Registered { key, resumed: true, .. } if *key == k0),
+            )
+        })
+        .await
+        .expect("a register carrying the issued session token");
+    w.all_active(2).await;
+    echo(&w.engine, &key(0), "after-close").await;
+    w.stop().await;
+}
+
+/// Connections die under the client: it must see an error (not a clean
+/// close), then every registration comes back and answers.
+pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
+    let mut w = World::new(&target, 4, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(4).await;
+    let mut events = w.events(0);
+    assert!(w.server.kill_all() > 0, "there were connections to kill");
+    let cause = wait_event(&mut events, "the disconnect", |e| match e {
+        RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            cause,
+            DisconnectCause::Error(_) | DisconnectCause::OpenFailed(_)
+        ),
+        "a killed connection is an error, not {cause:?}"
+    );
+    w.all_active(4).await;
+    for i in 0..4 {
+        echo(&w.engine, &key(i), &format!("back{i}")).await;
+    }
+    assert_eq!(w.engine.stats().duplicate_active, 0);
+    w.stop().await;
+}
+
+/// The server restarts on the same port: everyone comes back.
+pub async fn server_restart_brings_everyone_back(target: Target) {
+    let mut w = World::new(&target, 3, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(3).await;
+    let before = w.engine.stats().registers;
+    w.server.restart().await;
+    w.engine
+        .wait_until(WAIT, |e| e.stats().registers >= before + 3)
+        .await
+        .expect("everyone registered again");
+    w.all_active(3).await;
+    echo(&w.engine, &key(2), "after-restart").await;
+    w.stop().await;
+}
+
+/// Heartbeat acks stop: the watchdog drops the stream; once acks flow
+/// again the registration is back.
+pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
+    let mut w = World::new(&target, 1, Tls::default(), |o| {
+        o.heartbeat_interval(Duration::from_millis(100))
+            .heartbeat_timeout(Duration::from_millis(400))
+    })
+    .await;
+    w.start();
+    w.all_active(1).await;
+    let mut events = w.events(0);
+    w.engine.set_ack_heartbeats(false);
+    wait_event(&mut events, "the watchdog", |e| {
+        matches!(
+            e,
+            RegistrationEvent::Disconnected {
+                cause: DisconnectCause::Watchdog
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    w.engine.set_ack_heartbeats(true);
+    wait_event(&mut events, "the approval after reconnecting", |e| {
+        matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
+    })
+    .await;
+    echo(&w.engine, &key(0), "after-watchdog").await;
+    w.stop().await;
+}
+
+/// `drain`: requests in flight are answered, the stream ends as drained,
+/// and the registration reconnects; `should_reconnect` on a heartbeat ack
+/// makes it reconnect too.
+pub async fn drain_and_should_reconnect(target: Target) {
+    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(1).await;
+    let k = key(0).to_string();
+    let slow = w
+        .engine
+        .send_execute(&k, request("slow", r#"{"ms":200}"#))
+        .expect("send");
+    w.worker.wait_started(1, WAIT).await.expect("running");
+    let mut events = w.events(0);
+    w.engine.drain(&k, "deploy", 0).expect("drain");
+    let answer = slow.wait(WAIT).await.expect("in-flight answered");
+    assert!(answer.success, "{answer:?}");
+    wait_event(&mut events, "the drained disconnect", |e| {
+        matches!(
+            e,
+            RegistrationEvent::Disconnected {
+                cause: DisconnectCause::Drained
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    w.all_active(1).await;
+    let opened = w.engine.stats().streams_opened;
+    w.engine.ack_should_reconnect(&k).expect("arm");
+    w.engine
+        .wait_until(WAIT, |e| e.stats().streams_opened > opened)
+        .await
+        .expect("a new stream after should_reconnect");
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "after-drain").await;
+    assert_eq!(w.worker.runs("slow"), 1);
+    w.stop().await;
+}
+
+/// Shutdown while requests run: each is answered before `run` returns.
+pub async fn shutdown_answers_work_in_flight(target: Target) {
+    let mut w = World::new(&target, 2, Tls::default(), |o| o).await;
+    w.start();
+    w.all_active(2).await;
+    let pending: Vec<_> = (0..6)
+        .map(|i| {
+            w.engine
+                .send_execute(
+                    &key(i % 2).to_string(),
+                    request(&format!("f{i}"), r#"{"ms":300}"#),
+                )
+                .expect("send")
+        })
+        .collect();
+    w.worker.wait_started(6, WAIT).await.expect("all running");
+    w.runner.shutdown_handle().shutdown();
+    for p in pending {
+        let id = p.request_id().to_string();
+        let r = p.wait(WAIT).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert!(r.success, "{r:?}");
+    }
+    assert_eq!(w.worker.total(), 6);
+    assert!(w.worker.runs_over_once().is_empty());
+    w.stop().await;
+}
+
+/// Random stream closes, connection kills and restarts while executes
+/// flow: every request the server sent is answered exactly once (per id),
+/// and the handler ran at most once per id.
+pub async fn exactly_once_under_random_faults(target: Target) {
+    const N: usize = 8;
+    let mut w = World::new(&target, N, Tls::default(), |o| o.max_streams_per_channel(4)).await;
+    w.start();
+    w.all_active(N).await;
+    let mut rng = JitterRng::new(2024);
+    let mut pending = Vec::new();
+    for round in 0..20u64 {
+        for i in 0..10u64 {
+            let keys = w.engine.active_keys();
+            if keys.is_empty() {
+                break;
+            }
+            let k = &keys[(rng.next_u64() as usize) % keys.len()];
+            let ms = rng.next_u64() % 40;
+            let req = request(&format!("r{round}-{i}"), &format!("{{\"ms\":{ms}}}"));
+            if let Ok(p) = w.engine.send_execute(k, req) {
+                pending.push(p);
+            }
+        }
+        match rng.next_u64() % 5 {
+            0 => {
+                if let Some(k) = w.engine.active_keys().first() {
+                    w.engine.close_stream(k).expect("close a live stream");
+                }
+            }
+            1 => w.server.kill_one(),
+            2 if round % 10 == 5 => w.server.restart().await,
+            _ => {}
+        }
+        w.engine
+            .wait_for_active(N, WAIT)
+            .await
+            .expect("all back after the fault");
+    }
+    w.engine
+        .wait_until(WAIT, |s| s.stats().outstanding == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", w.engine.stats()));
+    let stats = w.engine.stats();
+    let sent = pending.len() as u64;
+    assert!(sent > 100, "the story sent too little to mean anything");
+    assert_eq!(stats.executes_sent, sent);
+    // One answer per id: none missing (outstanding 0 and each waiter
+    // answered), none twice (the strict engine fails on a duplicate).
+    let mut answered_ids = std::collections::HashSet::new();
+    for p in pending {
+        let id = p.request_id().to_string();
+        let r = p.wait(WAIT).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert!(r.success, "{r:?}");
+        assert_eq!(r.request_id, id);
+        assert!(answered_ids.insert(id), "one waiter per id");
+    }
+    assert_eq!(stats.duplicate_responses, 0, "{stats:?}");
+    let answered_events = w
+        .engine
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::ExecuteAnswered { .. }))
+        .count();
+    assert_eq!(answered_events as u64, sent, "exactly one answer per id");
+    // A replay answers from the kept response: the handler ran at most
+    // once per id, and at least once for each (nothing answered unrun).
+    assert!(
+        w.worker.runs_over_once().is_empty(),
+        "handlers ran twice: {:?}",
+        w.worker.runs_over_once()
+    );
+    assert_eq!(w.worker.distinct() as u64, sent);
+    assert_eq!(stats.duplicate_active, 0, "{stats:?}");
+    w.stop().await;
+}
+
+/// Through an HTTP CONNECT proxy, with TLS inside the tunnel: every
+/// server connection is one tunnel, each asked for the name TLS verifies
+/// (not an address), and the registrations answer.
+pub async fn proxy_tunnels_every_connection(target: Target) {
+    let cert = TestCertificate::generate().expect("cert");
+    let dir = TempDir::new("proxy");
+    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let proxy = ConnectProxy::start().await.expect("proxy");
+    let purl = proxy.url();
+    let tls = Tls {
+        cert: Some(cert),
+        require_client_cert: false,
+    };
+    let mut w = World::new(&target, 6, tls, |o| {
+        o.proxy(ProxySetting::Url(purl))
+            .max_streams_per_channel(4)
+            .ca_cert(&ca)
+    })
+    .await;
+    assert!(
+        w.server.url().contains("://localhost:"),
+        "{}",
+        w.server.url()
+    );
+    w.start();
+    w.all_active(6).await;
+    echo(&w.engine, &key(5), "via-proxy").await;
+    let conns = w.server.total_connections_accepted();
+    assert!(conns > 0);
+    assert_eq!(proxy.tunnels_opened(), conns, "each connection is a tunnel");
+    let authority = w
+        .server
+        .url()
+        .split_once("://")
+        .expect("scheme")
+        .1
+        .to_string();
+    assert_eq!(proxy.connect_targets(), vec![authority; conns as usize]);
+    w.stop().await;
+    proxy.stop().await;
+}
+
+/// A proxy that cannot reach the server: every open fails with the
+/// proxy's status (502) and the target's address; the runner keeps going.
+pub async fn proxy_that_cannot_reach_the_server(target: Target) {
+    let proxy = ConnectProxy::start().await.expect("proxy");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let scheme = match target.wire {
+        Wire::Grpc => "grpc",
+        Wire::WebSocket => "ws",
+    };
+    let options = options(&format!("{scheme}://{dead}"))
+        .proxy(ProxySetting::Url(proxy.url()))
+        .build()
+        .expect("options");
+    let worker = Counting::new(Sleep::new(Duration::ZERO));
+    let runner = runner(&target, 1, options, &worker);
+    let mut events = runner.registration(&key(0)).expect("hosted").events();
+    let r = runner.clone();
+    let run = tokio::spawn(async move { r.run().await });
+    let msg = wait_event(&mut events, "a failed open", |e| match e {
+        RegistrationEvent::Disconnected {
+            cause: DisconnectCause::OpenFailed(m),
+        } => Some(m.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(msg.contains("502"), "{msg}");
+    assert!(msg.contains(&dead.to_string()), "{msg}");
+    assert!(
+        !run.is_finished(),
+        "a proxy refusal does not end the runner"
+    );
+    runner.shutdown_handle().shutdown();
+    timeout(WAIT, run)
+        .await
+        .expect("run returns")
+        .expect("no panic")
+        .expect("clean stop");
+    proxy.stop().await;
+}
+
+/// A proxy that wants credentials: the right ones go through; wrong ones
+/// fail every open naming the proxy and the 407 (never the password), and
+/// the registration keeps retrying.
+pub async fn proxy_credentials(target: Target) {
+    let proxy = ConnectProxy::start().await.expect("proxy");
+    proxy.require_auth("agent", "hunter2");
+    let good = proxy.url_with_auth("agent", "hunter2");
+    let mut w = World::new(&target, 1, Tls::default(), |o| {
+        o.proxy(ProxySetting::Url(good))
+    })
+    .await;
+    w.start();
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "authed").await;
+    assert_eq!(proxy.auth_failures(), 0);
+    w.stop().await;
+
+    let tunnels = proxy.tunnels_opened();
+    let bad = proxy.url_with_auth("agent", "wrong-pass");
+    let mut w = World::new(&target, 1, Tls::default(), |o| {
+        o.proxy(ProxySetting::Url(bad))
+    })
+    .await;
+    let mut events = w.events(0);
+    w.start();
+    let addr = proxy.addr().to_string();
+    for _ in 0..2 {
+        let msg = wait_event(&mut events, "a failed open", |e| match e {
+            RegistrationEvent::Disconnected {
+                cause: DisconnectCause::OpenFailed(m),
+            } => Some(m.clone()),
+            _ => None,
+        })
+        .await;
+        assert!(msg.contains("407"), "{msg}");
+        assert!(msg.contains(&addr), "{msg}");
+        assert!(
+            !msg.contains("wrong-pass"),
+            "no credential in errors: {msg}"
+        );
+    }
+    assert!(proxy.auth_failures() >= 2);
+    assert_eq!(
+        proxy.tunnels_opened(),
+        tunnels,
+        "no tunnel without credentials"
+    );
+    assert!(w.engine.registrations().is_empty());
+    w.stop().await;
+    proxy.stop().await;
+}
+
+/// `ProxySetting::Disabled` goes direct even with a proxy around.
+pub async fn proxy_disabled_goes_direct(target: Target) {
+    let proxy = ConnectProxy::start().await.expect("proxy");
+    let mut w = World::new(&target, 2, Tls::default(), |o| {
+        o.proxy(ProxySetting::Disabled)
+    })
+    .await;
+    w.start();
+    w.all_active(2).await;
+    echo(&w.engine, &key(1), "direct").await;
+    assert!(
+        proxy.connect_targets().is_empty(),
+        "Disabled never asks the proxy"
+    );
+    w.stop().await;
+    proxy.stop().await;
+}
+
+/// A directory removed on drop, for certificate files.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "connector-conformance-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// TLS with the testkit CA, and mutual TLS: without a client certificate
+/// the open fails (retried, nothing registers); with one, admitted.
+pub async fn tls_and_mutual_tls(target: Target) {
+    let cert = TestCertificate::generate().expect("cert");
+    let dir = TempDir::new("tls");
+    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let (c, k) = cert
+        .generate_client_identity("client.test")
+        .expect("identity");
+    let (cp, kp) = (dir.0.join("client.pem"), dir.0.join("client.key"));
+    std::fs::write(&cp, c).expect("write");
+    std::fs::write(&kp, k).expect("write");
+
+    let tls = Tls {
+        cert: Some(cert.clone()),
+        require_client_cert: false,
+    };
+    let mut w = World::new(&target, 2, tls, |o| o.ca_cert(&ca)).await;
+    w.start();
+    w.all_active(2).await;
+    echo(&w.engine, &key(1), "tls").await;
+    w.stop().await;
+
+    let mtls = Tls {
+        cert: Some(cert),
+        require_client_cert: true,
+    };
+    let mut w = World::new(&target, 1, mtls.clone(), |o| o.ca_cert(&ca)).await;
+    let mut events = w.events(0);
+    w.start();
+    for _ in 0..2 {
+        wait_event(&mut events, "a refused open", |e| {
+            matches!(e, RegistrationEvent::Disconnected { .. }).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        w.engine.active_keys().is_empty(),
+        "no stream without a client certificate"
+    );
+    w.stop().await;
+
+    let mut w = World::new(&target, 1, mtls, |o| {
+        o.ca_cert(&ca).client_identity(&cp, &kp)
+    })
+    .await;
+    w.start();
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "mtls").await;
+    w.stop().await;
+}
+
+/// Bad input from the user: an unreadable CA file fails `run` with a
+/// configuration error naming the file, at once; nothing reaches the
+/// server.
+pub async fn unreadable_ca_file_is_a_config_error(target: Target) {
+    const MISSING: &str = "/nonexistent/connector-conformance/ca.pem";
+    let tls = Tls {
+        cert: Some(TestCertificate::generate().expect("cert")),
+        require_client_cert: false,
+    };
+    let w = World::new(&target, 1, tls, |o| o.ca_cert(MISSING)).await;
+    let err = timeout(WAIT, w.runner.run())
+        .await
+        .expect("run returns at once")
+        .expect_err("a config error");
+    assert!(err.is_config(), "{err}");
+    assert!(err.to_string().contains(MISSING), "{err}");
+    assert_eq!(w.engine.stats().streams_opened, 0);
+    w.engine.verify().expect("no protocol error");
+}
+
+/// Expands to one `#[tokio::test]` per conformance story for a
+/// [`conformance::Target`](crate::conformance::Target) expression.
+///
+/// The calling crate needs `tokio` (with `macros` and `rt-multi-thread`)
+/// among its dev-dependencies.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($target:expr) => {
+        $crate::conformance_suite!(@each $target;
+            register_approve_and_echo,
+            pending_then_approved,
+            pending_then_rejected,
+            stream_kill_resumes_with_the_session_token,
+            connection_kill_is_an_error_then_recovers,
+            server_restart_brings_everyone_back,
+            stalled_heartbeat_acks_trip_the_watchdog,
+            drain_and_should_reconnect,
+            shutdown_answers_work_in_flight,
+            exactly_once_under_random_faults,
+            proxy_tunnels_every_connection,
+            proxy_that_cannot_reach_the_server,
+            proxy_credentials,
+            proxy_disabled_goes_direct,
+            tls_and_mutual_tls,
+            unreadable_ca_file_is_a_config_error,
+        );
+    };
+    (@each $target:expr; $($story:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $story() {
+                $crate::conformance::$story($target).await;
+            }
+        )*
+    };
+}
