@@ -83,6 +83,45 @@ impl fmt::Display for RegistrationKey {
     }
 }
 
+/// Parses `tenant.type.instance`, the form [`RegistrationKey`]'s `Display`
+/// writes. Identifiers cannot contain `.`, so the split is unambiguous.
+impl std::str::FromStr for RegistrationKey {
+    type Err = ConnectorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split('.');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(tenant), Some(kind), Some(instance), None) => Self::new(tenant, kind, instance),
+            _ => Err(ConnectorError::InvalidConfig(format!(
+                "registration key `{s}` is not `tenant.type.instance`"
+            ))),
+        }
+    }
+}
+
+/// A key equals the `tenant.type.instance` text its `Display` writes.
+impl PartialEq<str> for RegistrationKey {
+    fn eq(&self, other: &str) -> bool {
+        let mut parts = other.split('.');
+        parts.next() == Some(self.tenant_id())
+            && parts.next() == Some(self.connector_type())
+            && parts.next() == Some(self.instance_id())
+            && parts.next().is_none()
+    }
+}
+
+impl PartialEq<&str> for RegistrationKey {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq<String> for RegistrationKey {
+    fn eq(&self, other: &String) -> bool {
+        *self == **other
+    }
+}
+
 impl fmt::Debug for RegistrationKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "RegistrationKey({self})")
@@ -1023,6 +1062,35 @@ mod tests {
             vars.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn a_key_parses_from_and_equals_its_display_form() {
+        let k: RegistrationKey = "acme.echo.i-0".parse().expect("parses");
+        assert_eq!(
+            k,
+            RegistrationKey::new("acme", "echo", "i-0").expect("valid")
+        );
+        assert_eq!(
+            k.to_string()
+                .parse::<RegistrationKey>()
+                .expect("round trip"),
+            k
+        );
+        let text = String::from("acme.echo.i-0");
+        assert!(k == "acme.echo.i-0" && k == text);
+        for other in [
+            "acme.echo.i-1",
+            "acme.echo",
+            "acme.echo.i-0.x",
+            "acme.echo.i-0.",
+            "",
+        ] {
+            assert!(k != other, "{other}");
+        }
+        for bad in ["acme.echo", "a.b.c.d", "acme..i0", "acme.echo.i 0", ""] {
+            assert!(bad.parse::<RegistrationKey>().is_err(), "{bad} parsed");
         }
     }
 

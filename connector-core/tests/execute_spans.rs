@@ -24,6 +24,10 @@ use tracing_subscriber::Layer;
 
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "t.traced.i0";
+
+fn key() -> connector_core::RegistrationKey {
+    KEY.parse().expect("a key")
+}
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -247,7 +251,7 @@ fn request(
 
 async fn run(s: &Setup, req: ExecuteRequest) -> connector_core::proto::ExecuteResponse {
     s.server
-        .send_execute(KEY, req)
+        .send_execute(&key(), req)
         .expect("sent")
         .wait(WAIT)
         .await
@@ -389,11 +393,11 @@ async fn panicking_failing_cancelled_and_timed_out_handlers_close_their_spans_wi
 
     let pending = s
         .server
-        .send_execute(KEY, request("c1", "forever", &[], 0))
+        .send_execute(&key(), request("c1", "forever", &[], 0))
         .expect("sent");
     // Let it start (and move to its task) before the cancel.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    s.server.cancel(KEY, "c1").expect("c1 is outstanding");
+    s.server.cancel(&key(), "c1").expect("c1 is outstanding");
     let r = pending.wait(WAIT).await.expect("answered");
     assert_eq!(r.error_kind, ExecuteErrorKind::Cancelled as i32);
     let span = s.capture.wait_closed("c1").await;

@@ -155,7 +155,9 @@ async fn a_drain_of_49_days_waits_at_most_max_backoff() {
     server.wait_for_active(1, WAIT).await.expect("active");
     let handle = runner.registration(&key(0)).expect("hosted");
     let t = Instant::now();
-    server.drain("t.echo.e0", "bye", u32::MAX).expect("drain");
+    server
+        .drain(&"t.echo.e0".parse().expect("a key"), "bye", u32::MAX)
+        .expect("drain");
     server
         .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
         .await
@@ -179,7 +181,7 @@ async fn an_unknown_reject_reason_is_retried_not_fatal() {
         .expect("pending");
     server
         .send_raw(
-            "t.echo.e0",
+            &"t.echo.e0".parse().expect("a key"),
             StreamMessage {
                 kind: Some(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Rejected as i32,
@@ -211,10 +213,12 @@ async fn a_request_sent_right_after_a_drain_still_gets_an_answer() {
     server.wait_for_active(1, WAIT).await.expect("active");
     // Drain (nothing in flight: the client closes at once) and a request
     // right behind it on the same stream.
-    server.drain("t.echo.e0", "bye", 0).expect("drain");
+    server
+        .drain(&"t.echo.e0".parse().expect("a key"), "bye", 0)
+        .expect("drain");
     let pending = server
         .send_execute(
-            "t.echo.e0",
+            &"t.echo.e0".parse().expect("a key"),
             ExecuteRequest {
                 request_id: "late".into(),
                 payload: b"{}".to_vec().into(),

@@ -269,7 +269,7 @@ async fn concurrency_bound_is_respected_and_excess_waits() {
         .map(|i| {
             server
                 .send_execute(
-                    "t.echo.e0",
+                    &"t.echo.e0".parse().expect("a key"),
                     json_request(&format!("s{i}"), "sleep", r#"{"ms":100}"#),
                 )
                 .expect("sent")
@@ -338,7 +338,10 @@ async fn shutdown_mid_register_with_a_black_hole_is_prompt() {
 #[tokio::test(start_paused = true)]
 async fn rejected_registration_stops_others_carry_on() {
     let (server, _m, runner, _) = setup(3);
-    server.set_policy_for("t.echo.e1", ApprovalPolicy::Reject(RejectReason::Denied));
+    server.set_policy_for(
+        &"t.echo.e1".parse().expect("a key"),
+        ApprovalPolicy::Reject(RejectReason::Denied),
+    );
     let r2 = runner.clone();
     let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(2, WAIT).await.expect("two active");
@@ -452,7 +455,10 @@ async fn graceful_shutdown_answers_in_flight_requests() {
     let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(1, WAIT).await.expect("active");
     let pending = server
-        .send_execute("t.echo.e0", json_request("slow", "sleep", r#"{"ms":2000}"#))
+        .send_execute(
+            &"t.echo.e0".parse().expect("a key"),
+            json_request("slow", "sleep", r#"{"ms":2000}"#),
+        )
         .expect("sent");
     echo.wait_started(1, WAIT).await.expect("handler started");
     runner.shutdown_handle().shutdown();
@@ -481,7 +487,10 @@ async fn killed_stream_reconnects_and_redelivers() {
     let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(1, WAIT).await.expect("active");
     let pending = server
-        .send_execute("t.echo.e0", json_request("x", "sleep", r#"{"ms":1000}"#))
+        .send_execute(
+            &"t.echo.e0".parse().expect("a key"),
+            json_request("x", "sleep", r#"{"ms":1000}"#),
+        )
         .expect("sent");
     // Let the request reach the handler, then kill the connection under it.
     let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
@@ -562,12 +571,18 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(1, WAIT).await.expect("active");
     let bad = server
-        .execute("t.picky.p", json_request("b", "echo", "{nope"))
+        .execute(
+            &"t.picky.p".parse().expect("a key"),
+            json_request("b", "echo", "{nope"),
+        )
         .await
         .expect("answered");
     assert_eq!(bad.error_kind, ExecuteErrorKind::BadPayload as i32);
     let unknown = server
-        .execute("t.picky.p", json_request("u", "other", "{}"))
+        .execute(
+            &"t.picky.p".parse().expect("a key"),
+            json_request("u", "other", "{}"),
+        )
         .await
         .expect("answered");
     assert_eq!(
@@ -698,7 +713,10 @@ async fn a_panicking_handler_is_a_handler_error_whether_it_waited_or_not() {
     server.wait_for_active(1, WAIT).await.expect("active");
     for (i, capability) in ["now", "later", "ok", "now", "ok"].iter().enumerate() {
         let resp = server
-            .execute("t.echo.p", json_request(&format!("r{i}"), capability, "{}"))
+            .execute(
+                &"t.echo.p".parse().expect("a key"),
+                json_request(&format!("r{i}"), capability, "{}"),
+            )
             .await
             .expect("one response each");
         if *capability == "ok" {

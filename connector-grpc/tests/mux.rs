@@ -508,9 +508,7 @@ async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
     drop(a_in);
     assert_eq!(streams_per_channel(&mux), vec![1]);
     engine
-        .wait_until(WAIT, |e| {
-            e.active_keys() == vec!["tenant.echo.i1".to_string()]
-        })
+        .wait_until(WAIT, |e| e.active_keys() == ["tenant.echo.i1"])
         .await
         .expect("the server saw stream 0 end");
     // The freed slot is reused: still one connection.
@@ -558,7 +556,9 @@ async fn oversized_server_message_is_a_protocol_error() {
             ..Default::default()
         }))),
     };
-    engine.send_raw("tenant.echo.i0", big).expect("send_raw");
+    engine
+        .send_raw(&"tenant.echo.i0".parse().expect("a key"), big)
+        .expect("send_raw");
     match next(&mut s).await {
         Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Protocol, "{e}"),
         other => panic!("expected a protocol error, got {other:?}"),
@@ -770,7 +770,7 @@ async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
         let payload: Vec<u8> = (0..size).map(|i| (i * 31 + n) as u8).collect();
         let pending = engine
             .send_execute(
-                "tenant.echo.i0",
+                &"tenant.echo.i0".parse().expect("a key"),
                 ExecuteRequest {
                     request_id: format!("r{n}"),
                     payload: payload.clone().into(),

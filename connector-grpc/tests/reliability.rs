@@ -99,14 +99,17 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
     let blocked: Vec<_> = (0..50)
         .map(|i| {
             engine
-                .send_execute("acme.worker.w0", request(&format!("b{i}"), "block", BLOCK))
+                .send_execute(
+                    &"acme.worker.w0".parse().expect("a key"),
+                    request(&format!("b{i}"), "block", BLOCK),
+                )
                 .expect("sent")
         })
         .collect();
     for round in 0..5 {
         let mut answers = Vec::new();
         for i in 1..N {
-            let key = format!("acme.worker.w{i}");
+            let key = format!("acme.worker.w{i}").parse().expect("a key");
             answers.push(
                 engine
                     .send_execute(&key, request(&format!("e{round}-{i}"), "echo", "{\"x\":1}"))
@@ -118,7 +121,9 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
         }
     }
     // The blocked registration still reads its stream: a cancel reaches it.
-    engine.cancel("acme.worker.w0", "b0").expect("cancel");
+    engine
+        .cancel(&"acme.worker.w0".parse().expect("a key"), "b0")
+        .expect("cancel");
     let r = blocked
         .into_iter()
         .next()

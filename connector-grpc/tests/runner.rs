@@ -88,6 +88,7 @@ async fn wait_all_active(runner: &MultiConnectorRunner) {
 }
 
 async fn echo(engine: &TestServer, key: &str, id: &str) {
+    let key = &key.parse().expect("a key");
     let resp = timeout(WAIT, engine.execute(key, echo_request(id)))
         .await
         .expect("answered in time")

@@ -143,7 +143,7 @@ enum Expect {
 
 #[derive(Debug)]
 struct Planned {
-    key: String,
+    key: RegistrationKey,
     request: ExecuteRequest,
     expect: Expect,
 }
@@ -151,7 +151,7 @@ struct Planned {
 /// The workload: mostly `echo`, every tenth a short `sleep`, a few `fail`,
 /// and one each of bad JSON, a non-JSON RAW payload, an unknown capability
 /// and an empty capability id.
-fn plan(keys: &[String]) -> Vec<Planned> {
+fn plan(keys: &[RegistrationKey]) -> Vec<Planned> {
     use ExecuteErrorKind::{BadPayload, Handler, UnknownCapability};
     use PayloadEncoding::{Json, Raw};
     let total = 300.max(2 * keys.len());
@@ -409,7 +409,6 @@ pub(crate) async fn run_demo(
         log_hosting(&url, shard, hosted, args.count as usize);
     }
     let keys: Vec<RegistrationKey> = runner.registrations();
-    let addresses: Vec<String> = keys.iter().map(ToString::to_string).collect();
     println!(
         "connector-host demo: {} echo connectors on an embedded {} test server at {url}",
         keys.len(),
@@ -465,7 +464,7 @@ pub(crate) async fn run_demo(
     );
 
     // 2. The workload, checked response by response.
-    let planned = plan(&addresses);
+    let planned = plan(&keys);
     let total = planned.len();
     let workload_started = tokio::time::Instant::now();
     let unexpected = drive_workload(server.engine(), planned).await;

@@ -27,7 +27,7 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write the file");
 }
 
-fn registrations(engine_server: &GrpcTestServer) -> Vec<String> {
+fn registrations(engine_server: &GrpcTestServer) -> Vec<connector_core::RegistrationKey> {
     let mut keys = engine_server.engine().active_keys();
     keys.sort();
     keys
@@ -312,14 +312,12 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
         .await;
     server
         .engine()
-        .wait_until(WAIT, |s| {
-            !s.active_keys().contains(&"t.echo.a0".to_string())
-        })
+        .wait_until(WAIT, |s| !s.active_keys().iter().any(|k| k == "t.echo.a0"))
         .await
         .expect("a0's stream closed");
     one_execute_each(
         server.engine(),
-        &["t.echo.a1".into(), "t.echo.a3".into(), "t.echo.p0".into()],
+        &["t.echo.a1", "t.echo.a3", "t.echo.p0"].map(|k| k.parse().expect("a key")),
     )
     .await;
     let list = json(addr, "/registrations").await;

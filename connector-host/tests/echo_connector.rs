@@ -14,6 +14,10 @@ use connector_testkit::{MemoryTransport, TestServer};
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "demo.echo.e0";
 
+fn key() -> connector_core::RegistrationKey {
+    KEY.parse().expect("a key")
+}
+
 async fn with_echo<F, Fut>(test: F)
 where
     F: FnOnce(TestServer) -> Fut,
@@ -55,7 +59,7 @@ async fn call(
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     server
         .send_execute(
-            KEY,
+            &key(),
             ExecuteRequest {
                 request_id: format!("r{id}"),
                 payload: payload.to_vec().into(),

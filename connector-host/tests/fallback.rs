@@ -98,7 +98,8 @@ fn workload(
                 let id = format!("r{n}");
                 // A key between streams has no approved stream: skip it
                 // this round.
-                if let Ok(p) = engine.send_execute(key, echo_request(&id)) {
+                if let Ok(p) = engine.send_execute(&key.parse().expect("a key"), echo_request(&id))
+                {
                     sent.push((id, p));
                 }
             }

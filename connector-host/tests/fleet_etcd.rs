@@ -378,9 +378,9 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
         .await
         .is_err()
     {
-        let active: BTreeSet<String> = engine.active_keys().into_iter().collect();
+        let active: BTreeSet<RegistrationKey> = engine.active_keys().into_iter().collect();
         for k in keys() {
-            if !active.contains(&k.to_string()) {
+            if !active.contains(&k) {
                 eprintln!(
                     "DIAG missing {k}, owner {:?}",
                     owner_of(&k, ["r0", "r1", "r2"])

@@ -207,9 +207,8 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     }
     let ids = ["h0", "h1", "h2"];
     settle(&engine, &keys, &ids, WAIT).await;
-    let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
     // Afterwards every key is Active on its host's side too.
-    one_execute_each(&engine, &names).await;
+    one_execute_each(&engine, &keys).await;
     let shares = expected(&keys, &ids);
     for r in &replicas {
         let share = shares.get(r.id).cloned().unwrap_or_default();
@@ -488,8 +487,7 @@ async fn not_ready_and_hosting_nothing_until_etcd_answers() {
     etcd.spawn().await;
     let keys = keys_of("demo", "echo-", 6);
     settle(&engine, &keys, &["h0"], WAIT).await;
-    let names: Vec<String> = keys.iter().map(ToString::to_string).collect();
-    one_execute_each(&engine, &names).await;
+    one_execute_each(&engine, &keys).await;
     let ready = get(metrics, "/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert!(

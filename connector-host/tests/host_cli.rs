@@ -55,8 +55,9 @@ async fn run(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Rows of the summary table for `prefix0..prefix{n-1}` in `state`.
-fn assert_rows(stdout: &str, addresses: &[String], state: &str) {
+fn assert_rows(stdout: &str, addresses: &[impl ToString], state: &str) {
     for address in addresses {
+        let address = address.to_string();
         let row = stdout
             .lines()
             .find(|l| l.split_whitespace().next() == Some(address.as_str()))
@@ -370,7 +371,10 @@ async fn duration_secs_stops_a_websocket_host_by_itself() {
     .expect("spawn connector-host");
     engine.wait_for_active(3, WAIT).await.expect("3 active");
     let r = engine
-        .send_execute("demo.echo.echo-2", execute("x", "sleep", r#"{"ms": 10}"#))
+        .send_execute(
+            &"demo.echo.echo-2".parse().expect("a key"),
+            execute("x", "sleep", r#"{"ms": 10}"#),
+        )
         .expect("sent")
         .wait(WAIT)
         .await
@@ -441,7 +445,10 @@ async fn two_hundred_registrations_share_three_grpc_connections() {
     .enumerate()
     {
         let r = engine
-            .send_execute(key, execute(&format!("s{i}"), "sleep", r#"{"ms": 5}"#))
+            .send_execute(
+                &key.parse().expect("a key"),
+                execute(&format!("s{i}"), "sleep", r#"{"ms": 5}"#),
+            )
             .expect("sent")
             .wait(WAIT)
             .await

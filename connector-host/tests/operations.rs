@@ -142,7 +142,10 @@ async fn ready_is_503_while_a_registration_is_rejected() {
     let server = grpc_server().await;
     let engine = server.engine().clone();
     let rejected = "demo.echo.echo-2";
-    engine.set_policy_for(rejected, ApprovalPolicy::Reject(RejectReason::Denied));
+    engine.set_policy_for(
+        &rejected.parse().expect("a key"),
+        ApprovalPolicy::Reject(RejectReason::Denied),
+    );
     let mut host = Host::spawn(
         &[
             "--url",

@@ -104,6 +104,7 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
         .await
         .expect("active");
     let key = "demo.echo.echo-0";
+    let reg_key = &key.parse().expect("a key");
     let traced = ExecuteRequest {
         request_id: "traced-1".into(),
         payload: b"{\"x\":1}".to_vec().into(),
@@ -119,7 +120,7 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
     };
     let r = server
         .engine()
-        .send_execute(key, traced)
+        .send_execute(reg_key, traced)
         .expect("sent")
         .wait(WAIT)
         .await
@@ -134,7 +135,7 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
     };
     let r = server
         .engine()
-        .send_execute(key, plain)
+        .send_execute(reg_key, plain)
         .expect("sent")
         .wait(WAIT)
         .await

@@ -29,6 +29,10 @@ use support::{grpc_server, Host, LOG, WAIT};
 
 const KEY: &str = "rot.echo.i0";
 
+fn key() -> connector_core::RegistrationKey {
+    KEY.parse().expect("a key")
+}
+
 /// Every log line of this test binary, at `trace` for the SDK's crates.
 fn logs() -> &'static Mutex<Vec<u8>> {
     static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
@@ -208,7 +212,7 @@ async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill()
     };
     run.server
         .engine()
-        .send_raw(KEY, expire)
+        .send_raw(&key(), expire)
         .expect("a SESSION_EXPIRED sent on the stream");
     run.server
         .engine()
@@ -223,7 +227,7 @@ async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill()
     run.wait_pending().await;
     run.server
         .engine()
-        .approve(KEY)
+        .approve(&key())
         .expect("the registration is pending");
     run.wait_approved_with("rot-token-two").await;
 
@@ -263,10 +267,10 @@ async fn invalid_credentials_is_retried_once_with_the_newer_token() {
     rewrite(&file, "inv-token-new");
     run.server
         .engine()
-        .set_policy_for(KEY, ApprovalPolicy::Approve);
+        .set_policy_for(&key(), ApprovalPolicy::Approve);
     run.server
         .engine()
-        .reject(KEY, RejectReason::InvalidCredentials, "token expired")
+        .reject(&key(), RejectReason::InvalidCredentials, "token expired")
         .expect("the registration is pending");
     run.wait_approved_with("inv-token-new").await;
     assert_eq!(run.registers(), 2, "one retry, with the newer token");
@@ -274,7 +278,7 @@ async fn invalid_credentials_is_retried_once_with_the_newer_token() {
     // INVALID_CREDENTIALS when the file holds the very token rejected: no
     // retry, the contract's rule (stop for good, saying why).
     run.server.engine().set_policy_for(
-        KEY,
+        &key(),
         ApprovalPolicy::Reject(RejectReason::InvalidCredentials),
     );
     assert!(run.server.kill_all_connections() > 0);

@@ -40,7 +40,8 @@ use crate::proxy::ConnectProxy;
 use crate::tls::TestCertificate;
 
 /// Bound for every wait of a story: generous, only reached when broken.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub use crate::harness::WAIT;
+use crate::harness::{fast_options as options, key};
 
 /// The wire a client transport speaks, that is which testkit server a
 /// story starts for it.
@@ -223,22 +224,6 @@ struct World {
     run: Option<JoinHandle<Result<(), ConnectorError>>>,
 }
 
-fn key(i: usize) -> RegistrationKey {
-    RegistrationKey::new("acme", "echo", format!("i{i}")).expect("valid key")
-}
-
-fn options(url: &str) -> MultiTransportOptionsBuilder {
-    MultiTransportOptions::builder(url)
-        .connect_timeout(Duration::from_secs(3))
-        .reconnect_delay(Duration::from_millis(20))
-        .jitter(Duration::from_millis(20))
-        .max_backoff(Duration::from_millis(200))
-        .heartbeat_interval(Duration::from_millis(200))
-        .heartbeat_timeout(Duration::from_secs(3))
-        .drain_timeout(Duration::from_secs(5))
-        .jitter_seed(Some(7))
-}
-
 fn runner(
     target: &Target,
     n: usize,
@@ -336,7 +321,7 @@ fn request(id: &str, payload: &str) -> ExecuteRequest {
 async fn echo(engine: &TestServer, k: &RegistrationKey, id: &str) -> ExecuteResponse {
     let req = request(id, &format!("{{\"id\":\"{id}\"}}"));
     let resp = engine
-        .send_execute(&k.to_string(), req.clone())
+        .send_execute(k, req.clone())
         .unwrap_or_else(|e| panic!("send {id}: {e}"))
         .wait(WAIT)
         .await
@@ -401,7 +386,7 @@ pub async fn pending_then_approved(target: Target) {
         .await
         .expect("pending on the client");
     assert!(w.engine.active_keys().is_empty());
-    w.engine.approve(&key(0).to_string()).expect("approve");
+    w.engine.approve(&key(0)).expect("approve");
     w.all_active(1).await;
     echo(&w.engine, &key(0), "after-approval").await;
     assert_eq!(
@@ -426,11 +411,7 @@ pub async fn pending_then_rejected(target: Target) {
         .await
         .expect("pending on the client");
     w.engine
-        .reject(
-            &key(0).to_string(),
-            connector_core::proto::RejectReason::Denied,
-            "no",
-        )
+        .reject(&key(0), connector_core::proto::RejectReason::Denied, "no")
         .expect("reject");
     wait_event(&mut events, "the rejection", |e| {
         matches!(e, RegistrationEvent::Rejected { .. }).then_some(())
@@ -448,7 +429,7 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
     w.start();
     w.all_active(2).await;
     let mut events = w.events(0);
-    w.engine.close_stream(&key(0).to_string()).expect("close");
+    w.engine.close_stream(&key(0)).expect("close");
     let cause = wait_event(&mut events, "the disconnect", |e| match e {
         RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
         _ => None,
@@ -551,7 +532,7 @@ pub async fn drain_and_should_reconnect(target: Target) {
     let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
     w.start();
     w.all_active(1).await;
-    let k = key(0).to_string();
+    let k = key(0);
     let slow = w
         .engine
         .send_execute(&k, request("slow", r#"{"ms":200}"#))
@@ -592,10 +573,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
     let pending: Vec<_> = (0..6)
         .map(|i| {
             w.engine
-                .send_execute(
-                    &key(i % 2).to_string(),
-                    request(&format!("f{i}"), r#"{"ms":300}"#),
-                )
+                .send_execute(&key(i % 2), request(&format!("f{i}"), r#"{"ms":300}"#))
                 .expect("send")
         })
         .collect();

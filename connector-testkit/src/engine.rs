@@ -29,6 +29,8 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use connector_core::RegistrationKey;
+
 use crate::error::TestkitError;
 use crate::memory::MemoryMux;
 
@@ -711,7 +713,9 @@ impl TestServer {
     }
 
     /// The policy for `key` (`tenant.type.instance`), overriding the default.
-    pub fn set_policy_for(&self, key: &str, p: ApprovalPolicy) {
+    pub fn set_policy_for(&self, key: &RegistrationKey, p: ApprovalPolicy) {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             st.rejected_once.remove(key);
             st.policies.insert(key.to_string(), p);
@@ -735,7 +739,9 @@ impl TestServer {
     /// Approves the newest live `PENDING` stream of `key` with an
     /// `approval_update` carrying the session token. Fails with
     /// [`TestkitError::NotPending`] if there is none.
-    pub fn approve(&self, key: &str) -> Result<(), TestkitError> {
+    pub fn approve(&self, key: &RegistrationKey) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.pending_stream(key)?;
             let token = st.mark_approved(id, key);
@@ -758,10 +764,12 @@ impl TestServer {
     /// [`TestkitError::NotPending`] if there is none.
     pub fn reject(
         &self,
-        key: &str,
+        key: &RegistrationKey,
         reason: RejectReason,
         message: &str,
     ) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.pending_stream(key)?;
             if let Some(s) = st.streams.get_mut(&id) {
@@ -811,13 +819,15 @@ impl TestServer {
     }
 
     /// Keys with a live `APPROVED` stream, sorted, each once.
-    pub fn active_keys(&self) -> Vec<String> {
+    pub fn active_keys(&self) -> Vec<RegistrationKey> {
         let st = self.lock();
-        let mut keys: Vec<String> = st
+        let mut keys: Vec<RegistrationKey> = st
             .streams
             .values()
             .filter(|s| s.live() && s.status == RegistrationStatus::Approved)
-            .filter_map(|s| s.key.clone())
+            // The engine approves only keys that parse (it answers a
+            // register with invalid identifiers `INVALID_REQUEST`).
+            .filter_map(|s| s.key.as_deref()?.parse().ok())
             .collect();
         keys.sort();
         keys.dedup();
@@ -881,7 +891,7 @@ impl TestServer {
     /// wrap it in a timeout, or use [`PendingExecute::wait`].
     pub async fn execute(
         &self,
-        key: &str,
+        key: &RegistrationKey,
         req: ExecuteRequest,
     ) -> Result<ExecuteResponse, TestkitError> {
         self.send_execute(key, req)?.await
@@ -893,9 +903,11 @@ impl TestServer {
     /// `req.request_id` is already outstanding for the key.
     pub fn send_execute(
         &self,
-        key: &str,
+        key: &RegistrationKey,
         req: ExecuteRequest,
     ) -> Result<PendingExecute, TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.target(key, true)?;
             let request_id = req.request_id.clone();
@@ -935,7 +947,9 @@ impl TestServer {
 
     /// Sends `cancel` for `request_id` on the key's newest live approved
     /// stream.
-    pub fn cancel(&self, key: &str, request_id: &str) -> Result<(), TestkitError> {
+    pub fn cancel(&self, key: &RegistrationKey, request_id: &str) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.target(key, true)?;
             st.send_to(
@@ -956,7 +970,9 @@ impl TestServer {
     /// Fault injection: sends any message (a second register response, an
     /// unknown execute id, …) on the key's newest live stream, whatever its
     /// status. Not tracked as an execute.
-    pub fn send_raw(&self, key: &str, msg: StreamMessage) -> Result<(), TestkitError> {
+    pub fn send_raw(&self, key: &RegistrationKey, msg: StreamMessage) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.target(key, false)?;
             st.send_to(id, msg)
@@ -965,7 +981,9 @@ impl TestServer {
 
     /// Ends the key's newest live stream cleanly (after the messages queued
     /// before it).
-    pub fn close_stream(&self, key: &str) -> Result<(), TestkitError> {
+    pub fn close_stream(&self, key: &RegistrationKey) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.target(key, false)?;
             st.close(id);
@@ -998,10 +1016,12 @@ impl TestServer {
     /// Sends `drain` on the key's newest live stream.
     pub fn drain(
         &self,
-        key: &str,
+        key: &RegistrationKey,
         reason: &str,
         reconnect_after_ms: u32,
     ) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             let id = st.target(key, false)?;
             st.send_to(
@@ -1023,7 +1043,9 @@ impl TestServer {
     /// Makes the next `heartbeat_ack` for `key` carry
     /// `should_reconnect = true`. Fails (and arms nothing) if the key has no
     /// live stream.
-    pub fn ack_should_reconnect(&self, key: &str) -> Result<(), TestkitError> {
+    pub fn ack_should_reconnect(&self, key: &RegistrationKey) -> Result<(), TestkitError> {
+        let key = key.to_string();
+        let key = key.as_str();
         self.update(|st| {
             st.target(key, false)?;
             st.reconnect_on_next_ack.insert(key.to_string());

@@ -56,6 +56,7 @@ mod engine;
 mod error;
 #[cfg(feature = "grpc")]
 mod grpc_server;
+pub mod harness;
 mod http1_only;
 mod memory;
 mod proxy;

@@ -66,7 +66,7 @@ async fn approve_by_default_with_token_and_address() {
     assert_eq!(r.heartbeat_interval_ms, 1500);
 
     engine.wait_for_active(1, T).await.unwrap();
-    assert_eq!(engine.active_keys(), vec![KEY.to_string()]);
+    assert_eq!(engine.active_keys(), vec![key()]);
     let regs = engine.registrations();
     assert_eq!(regs.len(), 1);
     assert_eq!(regs[0].transport, "memory");
@@ -127,11 +127,11 @@ async fn pending_then_approve() {
     );
     // Not approved yet: executes have nowhere to go.
     assert!(matches!(
-        engine.send_execute(KEY, exec_req("r0")),
+        engine.send_execute(&key(), exec_req("r0")),
         Err(TestkitError::NoSuchRegistration(_))
     ));
 
-    engine.approve(KEY).expect("approve");
+    engine.approve(&key()).expect("approve");
     match next(&mut s.inbound).await.kind {
         Some(Kind::ApprovalUpdate(u)) => {
             assert_eq!(u.status, RegistrationStatus::Approved as i32);
@@ -139,19 +139,19 @@ async fn pending_then_approve() {
         }
         other => panic!("expected approval_update, got {other:?}"),
     }
-    assert_eq!(engine.active_keys(), vec![KEY.to_string()]);
-    assert!(engine.approve(KEY).is_err(), "nothing pending any more");
+    assert_eq!(engine.active_keys(), vec![key()]);
+    assert!(engine.approve(&key()).is_err(), "nothing pending any more");
 }
 
 #[tokio::test]
 async fn pending_then_reject_closes_the_stream() {
     let engine = TestServer::new();
-    engine.set_policy_for(KEY, ApprovalPolicy::Pending);
+    engine.set_policy_for(&key(), ApprovalPolicy::Pending);
     let mux = engine.memory_mux();
     let (mut s, r) = open_registered(&mux).await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
     engine
-        .reject(KEY, RejectReason::Denied, "no thanks")
+        .reject(&key(), RejectReason::Denied, "no thanks")
         .expect("reject");
     match next(&mut s.inbound).await.kind {
         Some(Kind::ApprovalUpdate(u)) => {
@@ -162,7 +162,9 @@ async fn pending_then_reject_closes_the_stream() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     expect_end(&mut s.inbound).await;
-    assert!(engine.reject(KEY, RejectReason::Denied, "again").is_err());
+    assert!(engine
+        .reject(&key(), RejectReason::Denied, "again")
+        .is_err());
 }
 
 #[tokio::test]
@@ -176,7 +178,7 @@ async fn reject_policy_and_reject_once() {
     expect_end(&mut s.inbound).await;
 
     engine.set_policy_for(
-        KEY,
+        &key(),
         ApprovalPolicy::RejectOnce(RejectReason::SessionExpired),
     );
     let (_s, r) = open_registered(&mux).await;
@@ -250,7 +252,7 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         .unwrap();
     engine.set_ack_heartbeats(true);
     engine
-        .ack_should_reconnect(KEY)
+        .ack_should_reconnect(&key())
         .expect("ack_should_reconnect");
     s.outbound.send(heartbeat(3, 0)).await.unwrap();
     s.outbound.send(heartbeat(4, 0)).await.unwrap();
@@ -262,7 +264,9 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         Some(Kind::HeartbeatAck(a)) => assert_eq!((a.sequence, a.should_reconnect), (4, false)),
         other => panic!("expected heartbeat_ack, got {other:?}"),
     }
-    assert!(engine.ack_should_reconnect("t1.echo.nobody").is_err());
+    assert!(engine
+        .ack_should_reconnect(&"t1.echo.nobody".parse().expect("a key"))
+        .is_err());
 }
 
 #[tokio::test]
@@ -271,12 +275,12 @@ async fn execute_roundtrip_with_the_test_as_client() {
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
 
-    let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
+    let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     assert_eq!(pending.request_id(), "r1");
     assert_eq!(engine.stats().outstanding, 1);
     // The same id cannot be outstanding twice.
     assert!(matches!(
-        engine.send_execute(KEY, exec_req("r1")),
+        engine.send_execute(&key(), exec_req("r1")),
         Err(TestkitError::Protocol(_))
     ));
     match next(&mut s.inbound).await.kind {
@@ -300,7 +304,7 @@ async fn execute_roundtrip_with_the_test_as_client() {
         s.outbound.send(exec_resp(&r.request_id)).await.unwrap();
         s
     });
-    let resp = tokio::time::timeout(T, engine.execute(KEY, exec_req("r2")))
+    let resp = tokio::time::timeout(T, engine.execute(&key(), exec_req("r2")))
         .await
         .unwrap()
         .unwrap();
@@ -322,7 +326,7 @@ async fn duplicate_and_unknown_responses_are_counted() {
     engine.expect_protocol_errors();
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
-    let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
+    let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     let _ = next(&mut s.inbound).await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
@@ -343,7 +347,7 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
     let engine = TestServer::new();
     let mux = engine.memory_mux();
     let (mut s1, r) = open_registered(&mux).await;
-    let pending = engine.send_execute(KEY, exec_req("late")).unwrap();
+    let pending = engine.send_execute(&key(), exec_req("late")).unwrap();
     assert!(matches!(
         next(&mut s1.inbound).await.kind,
         Some(Kind::ExecuteRequest(_))
@@ -391,11 +395,11 @@ async fn server_actions_reach_the_client() {
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
 
-    engine.cancel(KEY, "r9").expect("cancel");
+    engine.cancel(&key(), "r9").expect("cancel");
     assert!(
         matches!(next(&mut s.inbound).await.kind, Some(Kind::Cancel(c)) if c.request_id == "r9")
     );
-    engine.drain(KEY, "deploy", 250).expect("drain");
+    engine.drain(&key(), "deploy", 250).expect("drain");
     match next(&mut s.inbound).await.kind {
         Some(Kind::Drain(d)) => {
             assert_eq!((d.reason.as_str(), d.reconnect_after_ms), ("deploy", 250))
@@ -405,19 +409,19 @@ async fn server_actions_reach_the_client() {
     let raw = StreamMessage {
         kind: Some(Kind::MetricsReport(Box::default())),
     };
-    engine.send_raw(KEY, raw.clone()).expect("send_raw");
+    engine.send_raw(&key(), raw.clone()).expect("send_raw");
     assert_eq!(next(&mut s.inbound).await, raw);
 
-    engine.close_stream(KEY).expect("close_stream");
+    engine.close_stream(&key()).expect("close_stream");
     expect_end(&mut s.inbound).await;
     assert!(
         engine.registrations().is_empty(),
         "closing streams are not live"
     );
-    assert!(engine.close_stream(KEY).is_err());
-    assert!(engine.cancel(KEY, "r9").is_err());
-    assert!(engine.drain(KEY, "x", 0).is_err());
-    assert!(engine.send_raw(KEY, raw).is_err());
+    assert!(engine.close_stream(&key()).is_err());
+    assert!(engine.cancel(&key(), "r9").is_err());
+    assert!(engine.drain(&key(), "x", 0).is_err());
+    assert!(engine.send_raw(&key(), raw).is_err());
 }
 
 #[tokio::test]
@@ -592,7 +596,7 @@ async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
     let mux = engine.memory_mux();
     let (mut s, _) = open_registered(&mux).await;
     engine.verify().unwrap();
-    let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
+    let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     let _ = next(&mut s.inbound).await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
@@ -607,18 +611,18 @@ async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
         "{err}"
     );
     assert!(matches!(
-        engine.send_execute(KEY, exec_req("r2")),
+        engine.send_execute(&key(), exec_req("r2")),
         Err(TestkitError::ClientProtocolErrors(_))
     ));
     assert!(matches!(
-        engine.drain(KEY, "x", 0),
+        engine.drain(&key(), "x", 0),
         Err(TestkitError::ClientProtocolErrors(_))
     ));
     assert!(engine.verify().is_err());
     // Said once, the same errors are only recorded.
     engine.expect_protocol_errors();
     engine.verify().unwrap();
-    engine.drain(KEY, "x", 0).unwrap();
+    engine.drain(&key(), "x", 0).unwrap();
 }
 
 #[tokio::test]
@@ -626,18 +630,18 @@ async fn steering_calls_say_why_they_did_nothing() {
     let engine = TestServer::new();
     let mux = engine.memory_mux();
     assert!(matches!(
-        engine.approve(KEY),
+        engine.approve(&key()),
         Err(TestkitError::NotPending(k)) if k == KEY
     ));
     assert!(matches!(
-        engine.close_stream(KEY),
+        engine.close_stream(&key()),
         Err(TestkitError::NoSuchRegistration(k)) if k == KEY
     ));
     let (_s, _) = open_registered(&mux).await;
     // Approved already: nothing pending.
     assert!(matches!(
-        engine.reject(KEY, RejectReason::Denied, "late"),
+        engine.reject(&key(), RejectReason::Denied, "late"),
         Err(TestkitError::NotPending(_))
     ));
-    engine.close_stream(KEY).unwrap();
+    engine.close_stream(&key()).unwrap();
 }

@@ -93,7 +93,9 @@ async fn execute_and_server_close_over_grpc() {
     let ch = channel(&server).await;
     let mut call = open_approved(&ch, "i1").await;
 
-    let pending = engine.send_execute("t1.echo.i1", exec_req("r1")).unwrap();
+    let pending = engine
+        .send_execute(&"t1.echo.i1".parse().expect("a key"), exec_req("r1"))
+        .unwrap();
     assert!(
         matches!(next(&mut call).await.kind, Some(Kind::ExecuteRequest(r)) if r.request_id == "r1")
     );
@@ -101,7 +103,9 @@ async fn execute_and_server_close_over_grpc() {
     assert!(pending.wait(T).await.unwrap().success);
 
     // A server close is a clean end of the response stream.
-    engine.close_stream("t1.echo.i1").expect("close_stream");
+    engine
+        .close_stream(&"t1.echo.i1".parse().expect("a key"))
+        .expect("close_stream");
     let end = tokio::time::timeout(T, call.rx.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     assert_eq!(engine.stats().outstanding, 0);
@@ -227,7 +231,9 @@ async fn max_concurrent_streams_makes_the_next_call_wait_for_a_slot() {
 
     let ch2 = ch.clone();
     let second = tokio::spawn(async move { open_approved(&ch2, "b").await });
-    engine.close_stream("t1.echo.a").expect("close_stream");
+    engine
+        .close_stream(&"t1.echo.a".parse().expect("a key"))
+        .expect("close_stream");
     let end = tokio::time::timeout(T, a.rx.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     drop(a);

@@ -70,7 +70,7 @@ async fn answers_that_would_exceed_the_limit(engine: TestServer, server: AnyServ
     let r = runner.clone();
     let run = tokio::spawn(async move { r.run().await });
     engine.wait_for_active(1, WAIT).await.expect("active");
-    let key = "acme.echo.w0";
+    let key = &connector_core::RegistrationKey::new("acme", "echo", "w0").expect("a key");
 
     // A 1 MB capability id of control characters: Debug-escaped it made a
     // ~6 MB error text that no transport would carry.

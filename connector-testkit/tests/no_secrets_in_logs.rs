@@ -54,7 +54,7 @@ async fn exercise(
         })
         .collect();
     engine.set_policy_for(
-        "t.echo.e2",
+        &"t.echo.e2".parse().expect("a key"),
         ApprovalPolicy::Reject(RejectReason::InvalidCredentials),
     );
     let options = MultiTransportOptions::builder(url)
@@ -80,7 +80,7 @@ async fn exercise(
     engine.wait_for_active(2, WAIT).await.expect("back");
     let resp = engine
         .execute(
-            "t.echo.e0",
+            &"t.echo.e0".parse().expect("a key"),
             ExecuteRequest {
                 request_id: "x".into(),
                 payload: b"{}".to_vec().into(),

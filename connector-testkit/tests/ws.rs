@@ -22,6 +22,10 @@ use tokio_tungstenite::WebSocketStream;
 
 const KEY: &str = "t1.echo.i1";
 
+fn key() -> connector_core::RegistrationKey {
+    KEY.parse().expect("a key")
+}
+
 fn request(url: &str, subprotocol: Option<&str>) -> Request {
     let mut req = url.into_client_request().unwrap();
     if let Some(p) = subprotocol {
@@ -114,7 +118,7 @@ async fn registers_and_gets_approved() {
     // Heartbeat and execute over frames.
     send(&mut ws, heartbeat(7, 99)).await;
     assert!(matches!(next_msg(&mut ws).await.kind, Some(Kind::HeartbeatAck(a)) if a.sequence == 7));
-    let pending = engine.send_execute(KEY, exec_req("r1")).unwrap();
+    let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     assert!(matches!(
         next_msg(&mut ws).await.kind,
         Some(Kind::ExecuteRequest(_))
@@ -205,7 +209,7 @@ async fn server_side_faults_reach_the_client() {
     assert!(!server.send_text_frame("t1.echo.nobody"));
 
     // Server close is a normal close frame.
-    engine.close_stream(KEY).expect("close_stream");
+    engine.close_stream(&key()).expect("close_stream");
     expect_close(&mut ws, CloseCode::Normal).await;
 }
 

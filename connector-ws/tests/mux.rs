@@ -177,7 +177,7 @@ async fn messages_flow_both_ways() {
 
     let pending = engine
         .send_execute(
-            &k.to_string(),
+            &k,
             connector_core::proto::ExecuteRequest {
                 request_id: "r1".into(),
                 payload: b"{}".to_vec().into(),
@@ -270,7 +270,7 @@ async fn server_close_ends_the_stream() {
     let mut s = mux.open(&k, register(&k)).await.unwrap();
     expect_approved(&mut s).await;
 
-    engine.close_stream(&k.to_string()).expect("close_stream");
+    engine.close_stream(&k).expect("close_stream");
     assert!(
         next(&mut s).await.is_none(),
         "a server close ends the stream"

@@ -133,7 +133,7 @@ async fn twenty_registrations_twenty_sockets_all_active_and_echo() {
 
     for key in runner.registrations() {
         let id = format!("req-{key}");
-        let resp = timeout(WAIT, engine.execute(&key.to_string(), echo_request(&id)))
+        let resp = timeout(WAIT, engine.execute(&key, echo_request(&id)))
             .await
             .expect("answered in time")
             .unwrap();

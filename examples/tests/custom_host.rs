@@ -38,7 +38,7 @@ async fn call(
     payload: serde_json::Value,
 ) -> serde_json::Value {
     let r = engine
-        .send_execute(key, request(id, cap, payload))
+        .send_execute(&key.parse().expect("a key"), request(id, cap, payload))
         .expect("sent")
         .wait(WAIT)
         .await
@@ -107,7 +107,7 @@ async fn kv_story(engine: &TestServer, url: String) {
     assert_eq!(other, serde_json::json!({"value": null}));
     let unknown = engine
         .send_execute(
-            "acme.kv.kv-0",
+            &"acme.kv.kv-0".parse().expect("a key"),
             request("u", "delete", serde_json::json!({"key": "k"})),
         )
         .expect("sent")

@@ -87,8 +87,7 @@ async fn my_connector_answers_over_real_grpc() {
     let config = ConnectorConfig::builder("acme", "inventory", "inv-1")
         .build()
         .expect("valid identifiers");
-    let reg_key = config.key().clone();
-    let key = reg_key.to_string(); // the server's address: `acme.inventory.inv-1`
+    let key = config.key().clone(); // the server sees it as `acme.inventory.inv-1`
     let options = MultiTransportOptions::builder(server.url())
         .build()
         .expect("valid options");
@@ -156,7 +155,7 @@ async fn my_connector_answers_over_real_grpc() {
     assert_eq!(unknown.error_kind(), ExecuteErrorKind::UnknownCapability);
 
     // 5. The host's own view agrees.
-    let handle = runner.registration(&reg_key).expect("hosted");
+    let handle = runner.registration(&key).expect("hosted");
     assert_eq!(handle.state(), RegistrationState::Active);
     let metrics = handle.metrics();
     assert_eq!(metrics.requests_succeeded, 1);

@@ -226,7 +226,7 @@ pub fn execute(id: &str, capability: &str) -> ExecuteRequest {
 /// One execute answered per key. The host reads its approval before the
 /// execute on the same stream, so afterwards every key is Active on the
 /// host's side too, not only on the server's.
-pub async fn one_execute_each(engine: &TestServer, keys: &[String]) {
+pub async fn one_execute_each(engine: &TestServer, keys: &[connector_core::RegistrationKey]) {
     for (i, key) in keys.iter().enumerate() {
         let r = engine
             .send_execute(key, execute(&format!("e{i}"), "echo"))

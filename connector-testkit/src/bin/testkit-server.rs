@@ -41,6 +41,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use connector_core::RegistrationKey;
 use connector_testkit::proto::{
     ExecuteRequest, ExecuteResponse, PayloadEncoding, RegistrationStatus, RejectReason,
 };
@@ -425,6 +426,13 @@ fn command(engine: &TestServer, line: &str) {
                 vec![target.to_string()]
             };
             for key in keys {
+                let key: RegistrationKey = match key.parse() {
+                    Ok(k) => k,
+                    Err(why) => {
+                        say!("{key}: {why}");
+                        continue;
+                    }
+                };
                 let done = if words[0] == "approve" {
                     engine.approve(&key)
                 } else {
@@ -574,7 +582,8 @@ impl Workload {
 
     fn send_round(&mut self, engine: &TestServer, answers: &mut JoinSet<(String, Fate)>) {
         let cap = self.cap();
-        for key in engine.active_keys() {
+        for k in engine.active_keys() {
+            let key = k.to_string();
             let in_flight = self.in_flight.entry(key.clone()).or_default();
             if *in_flight >= cap {
                 self.second.skipped += 1;
@@ -594,7 +603,7 @@ impl Workload {
                 ..Default::default()
             };
             // Fails only when the stream went away since `active_keys`.
-            let Ok(pending) = engine.send_execute(&key, request) else {
+            let Ok(pending) = engine.send_execute(&k, request) else {
                 continue;
             };
             *in_flight += 1;

@@ -1,0 +1,136 @@
+//! The pieces every SDK-against-testkit test repeats, written once: test
+//! keys, test-speed options, registrations of one connector, JSON execute
+//! requests, and a runner running in the background that stops cleanly.
+//!
+//! ```no_run
+//! # async fn demo(url: String, transport: impl connector_core::Transport) {
+//! use std::sync::Arc;
+//! use connector_testkit::connectors::Echo;
+//! use connector_testkit::harness::{fast_options, registrations, Running};
+//!
+//! let options = fast_options(&url).build().expect("valid options");
+//! let runner = connector_core::MultiConnectorRunner::new(
+//!     registrations(3, Arc::new(Echo)),
+//!     options,
+//!     transport,
+//! );
+//! let running = Running::start(runner);
+//! // … drive the server, assert …
+//! running.stop().await.expect("clean stop");
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_core::{
+    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
+    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
+};
+use tokio::task::JoinHandle;
+
+/// Bound for a test's waits: generous, only reached when something is broken.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The auth token [`registrations`] configure.
+pub const TEST_TOKEN: &str = "secret-token";
+
+/// The `i`-th test key: `acme.echo.i{i}`.
+pub fn key(i: usize) -> RegistrationKey {
+    RegistrationKey::new("acme", "echo", format!("i{i}")).expect("a valid key")
+}
+
+/// Options tuned for tests against a local server: short connect timeout,
+/// reconnect within tens of milliseconds, a heartbeat every 200 ms, a fixed
+/// jitter seed. Tune further with the returned builder.
+pub fn fast_options(url: &str) -> MultiTransportOptionsBuilder {
+    MultiTransportOptions::builder(url)
+        .connect_timeout(Duration::from_secs(3))
+        .reconnect_delay(Duration::from_millis(20))
+        .jitter(Duration::from_millis(20))
+        .max_backoff(Duration::from_millis(200))
+        .heartbeat_interval(Duration::from_millis(200))
+        .heartbeat_timeout(Duration::from_secs(3))
+        .drain_timeout(Duration::from_secs(5))
+        .jitter_seed(Some(7))
+}
+
+/// `n` registrations `key(0)..key(n)` sharing one connector, each with the
+/// auth token [`TEST_TOKEN`].
+pub fn registrations(n: usize, connector: Arc<dyn BaseConnector>) -> Vec<ConnectorRegistration> {
+    (0..n)
+        .map(|i| {
+            let k = key(i);
+            ConnectorRegistration::from_arc(
+                ConnectorConfig::builder(k.tenant_id(), k.connector_type(), k.instance_id())
+                    .auth_token(TEST_TOKEN)
+                    .build()
+                    .expect("a valid config"),
+                Arc::clone(&connector),
+            )
+        })
+        .collect()
+}
+
+/// A JSON execute request for `capability`, with a 30 s deadline.
+pub fn json_execute(request_id: &str, capability: &str, payload: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        request_id: request_id.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        encoding: PayloadEncoding::Json as i32,
+        capability_id: capability.into(),
+        timeout_ms: 30_000,
+        ..Default::default()
+    }
+}
+
+/// A runner whose `run()` is running on a task.
+#[derive(Debug)]
+pub struct Running {
+    runner: MultiConnectorRunner,
+    task: JoinHandle<Result<(), ConnectorError>>,
+}
+
+impl Running {
+    /// Spawns `runner.run()`.
+    pub fn start(runner: MultiConnectorRunner) -> Self {
+        let r = runner.clone();
+        let task = tokio::spawn(async move { r.run().await });
+        Self { runner, task }
+    }
+
+    /// The runner (a clone shares it).
+    pub fn runner(&self) -> &MultiConnectorRunner {
+        &self.runner
+    }
+
+    /// Whether `run()` has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Shuts the runner down and returns what `run()` returned.
+    ///
+    /// # Panics
+    ///
+    /// When `run()` does not return within [`WAIT`] of the shutdown (the
+    /// prompt-shutdown promise is broken) or its task panicked.
+    pub async fn stop(self) -> Result<(), ConnectorError> {
+        self.runner.shutdown_handle().shutdown();
+        self.join().await
+    }
+
+    /// Waits for `run()` to return on its own (without shutting down).
+    ///
+    /// # Panics
+    ///
+    /// As [`Running::stop`].
+    pub async fn join(self) -> Result<(), ConnectorError> {
+        match tokio::time::timeout(WAIT, self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => panic!("the runner's task failed: {e}"),
+            Err(_) => panic!("run() did not return within {WAIT:?}"),
+        }
+    }
+}
