@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use clap::ArgMatches;
 use connector_core::{
     validate_identifier, ConnectorError, MultiConnectorRunner, MultiTransportOptions, ProxySetting,
     RegistrationKey, Shard,
@@ -141,10 +141,7 @@ fn prepare(types: ConnectorTypes, argv: Vec<OsString>) -> Result<Prepared, ExitC
             }
         }
     };
-    let matches = Args::command()
-        .try_get_matches_from(argv)
-        .map_err(clap_error)?;
-    let mut args = Args::from_arg_matches(&matches).map_err(clap_error)?;
+    let (mut args, matches) = cli::parse(argv).map_err(clap_error)?;
     let config_error = |m: String| report(Failure::Config(m));
     let mut file = None;
     let mut from_file = Vec::new();

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Parser, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use connector_core::{ConnectorError, Shard};
 
 pub(crate) const AFTER_HELP: &str = "\
@@ -64,202 +64,163 @@ Examples:
 pub(crate) struct Args {
     /// Server to connect to: grpc://HOST:PORT, grpcs://HOST:PORT, ws://HOST:PORT or
     /// wss://HOST:PORT. Without it, the demo runs on an embedded test server.
-    #[arg(long, value_name = "URL", env = "CONNECTOR_HOST_URL")]
+    #[arg(long, value_name = "URL")]
     pub(crate) url: Option<String>,
 
     /// Number of registrations (instances P0 … P{N-1}).
-    #[arg(long, value_name = "N", default_value_t = 3, env = "CONNECTOR_HOST_COUNT",
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) count: u32,
 
     /// Tenant of every registration (1-128 of A-Z a-z 0-9 _ -).
-    #[arg(
-        long,
-        value_name = "T",
-        default_value = "demo",
-        env = "CONNECTOR_HOST_TENANT"
-    )]
+    #[arg(long, value_name = "T", default_value = "demo")]
     pub(crate) tenant: String,
 
     /// Connector type of every registration (1-128 of A-Z a-z 0-9 _ -).
-    #[arg(
-        long,
-        value_name = "T",
-        default_value = "echo",
-        env = "CONNECTOR_HOST_CONNECTOR_TYPE"
-    )]
+    #[arg(long, value_name = "T", default_value = "echo")]
     pub(crate) connector_type: String,
 
     /// Instance ids are P0, P1, … P{N-1} (each 1-128 of A-Z a-z 0-9 _ -).
-    #[arg(
-        long,
-        value_name = "P",
-        default_value = "echo-",
-        env = "CONNECTOR_HOST_INSTANCE_PREFIX"
-    )]
+    #[arg(long, value_name = "P", default_value = "echo-")]
     pub(crate) instance_prefix: String,
 
     /// Bearer credential sent in `register` (default: empty). Never logged.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "CONNECTOR_HOST_AUTH_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "TOKEN", hide_env_values = true)]
     pub(crate) auth_token: Option<String>,
 
     /// gRPC: streams one HTTP/2 connection carries before another is opened.
-    #[arg(
-        long,
-        value_name = "K",
-        default_value_t = 80,
-        env = "CONNECTOR_HOST_MAX_STREAMS_PER_CHANNEL"
-    )]
+    #[arg(long, value_name = "K", default_value_t = 80)]
     pub(crate) max_streams_per_channel: usize,
 
     /// Execute requests each registration runs at once; more wait for a slot.
-    #[arg(
-        long,
-        value_name = "K",
-        default_value_t = 100,
-        env = "CONNECTOR_HOST_MAX_CONCURRENT_REQUESTS"
-    )]
+    #[arg(long, value_name = "K", default_value_t = 100)]
     pub(crate) max_concurrent_requests: u32,
 
     /// Heartbeat period. The demo uses 500 ms unless this is given.
-    #[arg(
-        long,
-        value_name = "MS",
-        default_value_t = 30_000,
-        env = "CONNECTOR_HOST_HEARTBEAT_INTERVAL_MS"
-    )]
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub(crate) heartbeat_interval_ms: u64,
 
     /// A stream with no server message for this long is dead and reconnected.
     /// The demo uses 5000 ms unless this is given.
-    #[arg(
-        long,
-        value_name = "MS",
-        default_value_t = 45_000,
-        env = "CONNECTOR_HOST_HEARTBEAT_TIMEOUT_MS"
-    )]
+    #[arg(long, value_name = "MS", default_value_t = 45_000)]
     pub(crate) heartbeat_timeout_ms: u64,
 
     /// Reconnect backoff base (doubles per failed attempt).
-    #[arg(
-        long,
-        value_name = "MS",
-        default_value_t = 500,
-        env = "CONNECTOR_HOST_RECONNECT_DELAY_MS"
-    )]
+    #[arg(long, value_name = "MS", default_value_t = 500)]
     pub(crate) reconnect_delay_ms: u64,
 
     /// Reconnect backoff cap, jitter included.
-    #[arg(
-        long,
-        value_name = "MS",
-        default_value_t = 60_000,
-        env = "CONNECTOR_HOST_MAX_BACKOFF_MS"
-    )]
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub(crate) max_backoff_ms: u64,
 
     /// Random extra delay added to each backoff.
-    #[arg(
-        long,
-        value_name = "MS",
-        default_value_t = 500,
-        env = "CONNECTOR_HOST_JITTER_MS"
-    )]
+    #[arg(long, value_name = "MS", default_value_t = 500)]
     pub(crate) jitter_ms: u64,
 
     /// A registration whose stream ends stops instead of reconnecting
     /// (variable: true/false, 1/0, yes/no, on/off).
-    #[arg(long, env = "CONNECTOR_HOST_NO_RECONNECT",
-          value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_reconnect: bool,
 
     /// Stop gracefully by itself after S seconds.
-    #[arg(long, value_name = "S", env = "CONNECTOR_HOST_DURATION_SECS")]
+    #[arg(long, value_name = "S")]
     pub(crate) duration_secs: Option<u64>,
 
     /// Extra trusted CA certificate(s), PEM, for grpcs:// and wss://.
-    #[arg(long, value_name = "PATH", env = "CONNECTOR_HOST_CA_CERT")]
+    #[arg(long, value_name = "PATH")]
     pub(crate) ca_cert: Option<PathBuf>,
 
     /// Tracing filter for the logs on stderr, e.g. `debug` or
     /// `info,connector_core=debug`. [default: info; RUST_LOG is used when
     /// this is not given]
-    #[arg(long, value_name = "LEVEL", env = "CONNECTOR_HOST_LOG")]
+    #[arg(long, value_name = "LEVEL")]
     pub(crate) log: Option<String>,
 
     /// Kind of embedded test server for the demo (only used without --url).
-    #[arg(long, value_enum, default_value_t = DemoTransport::Grpc, env = "CONNECTOR_HOST_TRANSPORT")]
+    #[arg(long, value_enum, default_value_t = DemoTransport::Grpc)]
     pub(crate) transport: DemoTransport,
 
     /// HTTP CONNECT proxy: `http://[USER:PASSWORD@]HOST:PORT`, or `none` for a
     /// direct connection. [default: HTTPS_PROXY for grpcs/wss, HTTP_PROXY
     /// for grpc/ws (or their lower-case forms), except hosts in NO_PROXY]
-    #[arg(
-        long,
-        value_name = "URL|none",
-        env = "CONNECTOR_HOST_PROXY",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "URL|none", hide_env_values = true)]
     pub(crate) proxy: Option<String>,
 
     /// Serve GET /metrics (Prometheus text) and GET /ready (200 while every
     /// hosted registration is active, else 503) on this address, e.g.
     /// 0.0.0.0:9090 (port 0: any free port, logged at startup).
-    #[arg(long, value_name = "HOST:PORT", env = "CONNECTOR_HOST_METRICS_ADDR",
-          value_parser = parse_host_port)]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub(crate) metrics_addr: Option<String>,
 
     /// Host only the registrations that shard I of N owns (0 <= I < N):
     /// N replicas, one per shard, cover the registrations exactly once.
-    #[arg(long, value_name = "I/N", env = "CONNECTOR_HOST_SHARD",
-          value_parser = parse_shard)]
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
     pub(crate) shard: Option<Shard>,
 
     /// Number of replicas (shards) when --shard is not given: this
     /// replica's index is the ordinal at the end of HOSTNAME, as a
     /// StatefulSet pod's name `connector-host-3` is shard 3.
-    #[arg(long, value_name = "N", env = "CONNECTOR_HOST_SHARDS",
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub(crate) shards: Option<u32>,
 
     /// Registrations and settings from a TOML file (see
     /// connector-host-config.md), read again on SIGHUP. Excludes --count,
     /// --tenant, --connector-type, --instance-prefix and --auth-token.
-    #[arg(long, value_name = "PATH", env = "CONNECTOR_HOST_CONFIG")]
+    #[arg(long, value_name = "PATH")]
     pub(crate) config: Option<PathBuf>,
 
     /// WebSocket endpoint (ws:// or wss://) used when HTTP/2 to --url cannot
     /// get through (config key `fallback_url`).
-    #[arg(long, value_name = "ws[s]://…", env = "CONNECTOR_HOST_FALLBACK_URL")]
+    #[arg(long, value_name = "ws[s]://…")]
     pub(crate) fallback_url: Option<String>,
 
     /// Elastic fleet: replicas share the registration list through etcd,
     /// etcd://HOST:PORT/PREFIX (config key `fleet`; needs the `etcd` feature).
-    #[arg(
-        long,
-        value_name = "etcd://HOST:PORT/PREFIX",
-        env = "CONNECTOR_HOST_FLEET"
-    )]
+    #[arg(long, value_name = "etcd://HOST:PORT/PREFIX")]
     pub(crate) fleet: Option<String>,
 
     /// This replica's id in the fleet. [default: HOSTNAME, else random]
-    #[arg(long, value_name = "ID", env = "CONNECTOR_HOST_FLEET_MEMBER")]
+    #[arg(long, value_name = "ID")]
     pub(crate) fleet_member: Option<String>,
 
     /// Fleet lease TTL: a replica that dies is replaced after about this long.
-    #[arg(long, value_name = "S", default_value_t = 10, env = "CONNECTOR_HOST_FLEET_LEASE_SECS",
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) fleet_lease_secs: u64,
 
     /// Export execute spans over OTLP to this endpoint (http:// or https://;
     /// needs the `opentelemetry` feature).
-    #[arg(long, value_name = "URL", env = "CONNECTOR_HOST_OTLP_ENDPOINT")]
+    #[arg(long, value_name = "URL")]
     pub(crate) otlp_endpoint: Option<String>,
+}
+
+/// The command line: [`Args`], each flag reading its `CONNECTOR_HOST_*`
+/// variable (the flag name in upper case, `-` as `_`), the one rule of
+/// `connector-host-cli.md` applied to every flag here rather than spelled
+/// out per flag.
+pub(crate) fn command() -> clap::Command {
+    Args::command().mut_args(|arg| match arg.get_long().map(env_var) {
+        Some(var) => arg.env(var),
+        None => arg,
+    })
+}
+
+/// `--connector-type` reads `CONNECTOR_HOST_CONNECTOR_TYPE`.
+fn env_var(long: &str) -> String {
+    format!(
+        "CONNECTOR_HOST_{}",
+        long.replace('-', "_").to_ascii_uppercase()
+    )
+}
+
+/// Parses `argv` (the program name first) into the arguments and the
+/// matches (which tell where each value came from, see [`given`]).
+pub(crate) fn parse<I, T>(argv: I) -> Result<(Args, ArgMatches), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(argv)?;
+    let args = Args::from_arg_matches(&matches)?;
+    Ok((args, matches))
 }
 
 /// `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6 address, and a
@@ -451,13 +412,45 @@ pub(crate) fn fleet_needs_etcd(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{CommandFactory, FromArgMatches};
 
     fn args(list: &[&str]) -> Args {
-        let m = Args::command()
-            .try_get_matches_from(std::iter::once("connector-host").chain(list.iter().copied()))
-            .expect("valid flags");
-        Args::from_arg_matches(&m).expect("args")
+        parse(std::iter::once("connector-host").chain(list.iter().copied()))
+            .expect("valid flags")
+            .0
+    }
+
+    #[test]
+    fn every_flag_reads_its_variable() {
+        let cmd = command();
+        let mut flags = 0;
+        for arg in cmd.get_arguments() {
+            let long = arg.get_long().expect("every flag is long");
+            let var = arg.get_env().expect("every flag has a variable");
+            let want = format!(
+                "CONNECTOR_HOST_{}",
+                long.replace('-', "_").to_ascii_uppercase()
+            );
+            assert_eq!(var, want.as_str(), "--{long}");
+            flags += 1;
+        }
+        assert_eq!(
+            flags, 28,
+            "the flags of connector-host-cli.md and --transport"
+        );
+        let var = |long: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .and_then(|a| a.get_env())
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            var("connector-type").as_deref(),
+            Some("CONNECTOR_HOST_CONNECTOR_TYPE")
+        );
+        assert_eq!(
+            var("max-streams-per-channel").as_deref(),
+            Some("CONNECTOR_HOST_MAX_STREAMS_PER_CHANNEL")
+        );
     }
 
     #[test]

@@ -57,40 +57,43 @@ pub(crate) struct TopLevel {
     pub(crate) otlp_endpoint: Option<String>,
 }
 
-/// The keys `[defaults]` and a `[[registration]]` share.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Defaults {
-    tenant: Option<String>,
-    connector_type: Option<String>,
-    auth_token: Option<String>,
-    auth_token_env: Option<String>,
-    auth_token_file: Option<PathBuf>,
-    display_name: Option<String>,
-    tags: Option<Vec<String>>,
-    metadata: Option<BTreeMap<String, String>>,
-    max_concurrent_requests: Option<u32>,
-    paused: Option<bool>,
+/// Declares a table type with the keys `[defaults]` and a
+/// `[[registration]]` share, then its own. One list for both: serde's
+/// `flatten` does not combine with `deny_unknown_fields`, which names an
+/// unknown key with its line.
+macro_rules! table_with_shared_keys {
+    ($(#[$doc:meta])* struct $name:ident { $($own:ident: $ty:ty,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            tenant: Option<String>,
+            connector_type: Option<String>,
+            auth_token: Option<String>,
+            auth_token_env: Option<String>,
+            auth_token_file: Option<PathBuf>,
+            display_name: Option<String>,
+            tags: Option<Vec<String>>,
+            metadata: Option<BTreeMap<String, String>>,
+            max_concurrent_requests: Option<u32>,
+            paused: Option<bool>,
+            $($own: $ty,)*
+        }
+    };
 }
 
-/// One `[[registration]]` (serde's `flatten` does not combine with
-/// `deny_unknown_fields`, so the shared keys are spelled out again).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistrationTable {
-    tenant: Option<String>,
-    connector_type: Option<String>,
-    auth_token: Option<String>,
-    auth_token_env: Option<String>,
-    auth_token_file: Option<PathBuf>,
-    display_name: Option<String>,
-    tags: Option<Vec<String>>,
-    metadata: Option<BTreeMap<String, String>>,
-    max_concurrent_requests: Option<u32>,
-    paused: Option<bool>,
-    instance: Option<String>,
-    instance_prefix: Option<String>,
-    count: Option<u32>,
+table_with_shared_keys! {
+    /// `[defaults]`: the shared keys only.
+    struct Defaults {}
+}
+
+table_with_shared_keys! {
+    /// One `[[registration]]`: the shared keys, and which instances.
+    struct RegistrationTable {
+        instance: Option<String>,
+        instance_prefix: Option<String>,
+        count: Option<u32>,
+    }
 }
 
 /// The whole file. Unknown top-level keys land in `top` and are rejected by
@@ -539,32 +542,53 @@ paused = false
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn an_unknown_key_is_named_with_its_line() {
-        let e = err("url = \"grpc://h:1\"\nurll = \"x\"\n");
-        assert!(e.contains("urll") && e.contains("line 2"), "{e}");
-        let e = err("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\ncolour = 1\n");
-        assert!(e.contains("colour") && e.contains("line 5"), "{e}");
-        let e = err("[defaults]\ninstance = \"a\"\n");
-        assert!(e.contains("instance") && e.contains("line 2"), "{e}");
+    /// A rejected file, one line naming every needle.
+    fn rejected(text: &str, needles: &[&str]) {
+        let e = err(text);
+        for needle in needles {
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
     }
 
     #[test]
-    fn a_value_of_the_wrong_type_is_named_with_its_line() {
-        let e = err("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance_prefix = \"a\"\ncount = \"ten\"\n");
-        assert!(e.contains("line 5"), "{e}");
-        let e = err("jitter_ms = \"soon\"\n");
-        assert!(e.contains("jitter_ms") && e.contains("line 1"), "{e}");
-        let e = err("not toml at all [");
-        assert!(e.contains("line 1"), "{e}");
+    fn an_unknown_key_or_a_wrong_value_is_named_with_its_line() {
+        let reg = "[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\n";
+        for (text, needles) in [
+            // Unknown keys: top level, [[registration]], [defaults].
+            (
+                "url = \"grpc://h:1\"\nurll = \"x\"\n".to_string(),
+                &["urll", "line 2"][..],
+            ),
+            (
+                format!("{reg}instance = \"a\"\ncolour = 1\n"),
+                &["colour", "line 5"],
+            ),
+            (
+                "[defaults]\ninstance = \"a\"\n".into(),
+                &["instance", "line 2"],
+            ),
+            // Values of the wrong type, and no TOML at all.
+            (
+                format!("{reg}instance_prefix = \"a\"\ncount = \"ten\"\n"),
+                &["line 5"],
+            ),
+            ("jitter_ms = \"soon\"\n".into(), &["jitter_ms", "line 1"]),
+            ("not toml at all [".into(), &["line 1"]),
+        ] {
+            rejected(&text, needles);
+        }
     }
 
     #[test]
     fn missing_tenant_or_type_is_an_error() {
-        let e = err("[[registration]]\nconnector_type = \"echo\"\ninstance = \"a\"\n");
-        assert!(e.contains("#1") && e.contains("tenant"), "{e}");
-        let e = err("[[registration]]\ntenant = \"t\"\ninstance = \"a\"\n");
-        assert!(e.contains("#1") && e.contains("connector_type"), "{e}");
+        rejected(
+            "[[registration]]\nconnector_type = \"echo\"\ninstance = \"a\"\n",
+            &["#1", "tenant"],
+        );
+        rejected(
+            "[[registration]]\ntenant = \"t\"\ninstance = \"a\"\n",
+            &["#1", "connector_type"],
+        );
     }
 
     #[test]
@@ -580,42 +604,48 @@ paused = false
             ("count = 2\n", "needs `instance_prefix`"),
             ("instance_prefix = \"p\"\ncount = 0\n", "at least 1"),
         ] {
-            let e = err(&format!("{head}{body}"));
-            assert!(e.contains(needle), "{needle:?} not in {e}");
+            rejected(&format!("{head}{body}"), &[needle]);
         }
     }
 
     #[test]
     fn a_duplicate_registration_is_named() {
-        let e = err("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance_prefix = \"e\"\ncount = 3\n\
-             [[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"e2\"\n");
-        assert!(e.contains("t.echo.e2") && e.contains("#2"), "{e}");
+        rejected("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance_prefix = \"e\"\ncount = 3\n\
+             [[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"e2\"\n", &["t.echo.e2", "#2"]);
     }
 
     #[test]
     fn an_unknown_connector_type_is_named() {
-        let e =
-            err("[[registration]]\ntenant = \"t\"\nconnector_type = \"sql\"\ninstance = \"a\"\n");
-        assert!(e.contains("sql") && e.contains("echo, kv"), "{e}");
+        rejected(
+            "[[registration]]\ntenant = \"t\"\nconnector_type = \"sql\"\ninstance = \"a\"\n",
+            &["sql", "echo, kv"],
+        );
     }
 
     #[test]
     fn token_sources_are_checked() {
         let head =
             "[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\n";
-        let e = err(&format!("{head}auth_token_env = \"NOPE_NOT_SET\"\n"));
-        assert!(e.contains("NOPE_NOT_SET") && e.contains("not set"), "{e}");
-        let e = err(&format!("{head}auth_token_file = \"/nonexistent/token\"\n"));
-        assert!(e.contains("/nonexistent/token"), "{e}");
-        let e = err(&format!(
-            "{head}auth_token = \"a\"\nauth_token_env = \"B\"\n"
-        ));
-        assert!(e.contains("more than one"), "{e}");
-        let e = err("[defaults]\nauth_token = \"a\"\nauth_token_file = \"f\"\n[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\n");
-        assert!(
-            e.contains("[defaults]") && e.contains("more than one"),
-            "{e}"
-        );
+        for (text, needles) in [
+            (
+                format!("{head}auth_token_env = \"NOPE_NOT_SET\"\n"),
+                &["NOPE_NOT_SET", "not set"][..],
+            ),
+            (
+                format!("{head}auth_token_file = \"/nonexistent/token\"\n"),
+                &["/nonexistent/token"],
+            ),
+            (
+                format!("{head}auth_token = \"a\"\nauth_token_env = \"B\"\n"),
+                &["more than one"],
+            ),
+            (
+                format!("[defaults]\nauth_token = \"a\"\nauth_token_file = \"f\"\n{head}"),
+                &["[defaults]", "more than one"],
+            ),
+        ] {
+            rejected(&text, needles);
+        }
         // A registration's own source replaces the defaults' (no "more than one").
         let ok = parse_with(
             "[defaults]\nauth_token_env = \"A\"\n[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\nauth_token = \"lit\"\n",
@@ -627,12 +657,11 @@ paused = false
 
     #[test]
     fn bad_identifiers_and_zero_limits_are_errors() {
-        let e = err(
+        rejected(
             "[[registration]]\ntenant = \"t t\"\nconnector_type = \"echo\"\ninstance = \"a\"\n",
+            &["tenant"],
         );
-        assert!(e.contains("tenant"), "{e}");
-        let e = err("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\nmax_concurrent_requests = 0\n");
-        assert!(e.contains("max_concurrent_requests"), "{e}");
+        rejected("[[registration]]\ntenant = \"t\"\nconnector_type = \"echo\"\ninstance = \"a\"\nmax_concurrent_requests = 0\n", &["max_concurrent_requests"]);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use connector_core::{
     ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
 };
 use connector_host::EchoConnector;
+use connector_testkit::harness::{json_execute, Running, WAIT};
 use connector_testkit::{MemoryTransport, TestServer};
 
-const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "demo.echo.e0";
 
 fn key() -> connector_core::RegistrationKey {
@@ -30,23 +30,14 @@ where
     let config = ConnectorConfig::builder("demo", "echo", "e0")
         .build()
         .expect("valid config");
-    let runner = MultiConnectorRunner::new(
+    let running = Running::start(MultiConnectorRunner::new(
         vec![ConnectorRegistration::new(config, EchoConnector::new())],
         options,
         MemoryTransport::new(server.memory_mux()),
-    );
-    let run = tokio::spawn({
-        let runner = runner.clone();
-        async move { runner.run().await }
-    });
+    ));
     server.wait_for_active(1, WAIT).await.expect("active");
     test(server.clone()).await;
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("clean stop");
+    running.stop().await.expect("clean stop");
 }
 
 async fn call(
@@ -57,17 +48,13 @@ async fn call(
 ) -> ExecuteResponse {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let request = ExecuteRequest {
+        payload: payload.to_vec().into(),
+        encoding: encoding as i32,
+        ..json_execute(&format!("r{id}"), capability, "")
+    };
     server
-        .send_execute(
-            &key(),
-            ExecuteRequest {
-                request_id: format!("r{id}"),
-                payload: payload.to_vec().into(),
-                encoding: encoding as i32,
-                capability_id: capability.into(),
-                ..Default::default()
-            },
-        )
+        .send_execute(&key(), request)
         .expect("sent")
         .wait(WAIT)
         .await

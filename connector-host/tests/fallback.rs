@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
+use connector_core::proto::{ExecuteErrorKind, ExecuteRequest};
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
-    MultiConnectorRunner, MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationEvent,
-    RegistrationKey,
+    DisconnectCause, MultiConnectorRunner, MultiTransportOptions, MultiTransportOptionsBuilder,
+    RegistrationEvent, RegistrationKey,
 };
 use connector_host::fallback::{ActiveTransport, FallbackEvent, FallbackTransport};
 use connector_testkit::connectors::Sleep;
+use connector_testkit::harness::{fast_options, json_execute, registrations, Running, WAIT};
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, Http1OnlyServer, PendingExecute, TestCertificate,
     TestServer, WsServerOptions, WsTestServer,
@@ -25,16 +25,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
 const REPROBE: Duration = Duration::from_millis(500);
 
 fn options_builder(url: &str, connect_timeout: Duration) -> MultiTransportOptionsBuilder {
-    MultiTransportOptions::builder(url)
+    fast_options(url)
         .connect_timeout(connect_timeout)
-        .reconnect_delay(Duration::from_millis(20))
-        .jitter(Duration::from_millis(20))
-        .max_backoff(Duration::from_millis(200))
-        .drain_timeout(Duration::from_secs(5))
         .jitter_seed(Some(11))
 }
 
@@ -45,41 +40,12 @@ fn options(url: &str, connect_timeout: Duration) -> MultiTransportOptions {
 }
 
 fn runner(n: usize, options: MultiTransportOptions, t: FallbackTransport) -> MultiConnectorRunner {
-    let echo: Arc<dyn BaseConnector> = Arc::new(Sleep::new(Duration::from_millis(30)));
-    let regs = (0..n)
-        .map(|i| {
-            ConnectorRegistration::from_arc(
-                ConnectorConfig::builder("acme", "echo", format!("i{i}"))
-                    .build()
-                    .expect("valid config"),
-                Arc::clone(&echo),
-            )
-        })
-        .collect();
-    MultiConnectorRunner::new(regs, options, t)
-}
-
-fn start(runner: &MultiConnectorRunner) -> JoinHandle<Result<(), ConnectorError>> {
-    let r = runner.clone();
-    tokio::spawn(async move { r.run().await })
-}
-
-async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), ConnectorError>>) {
-    runner.shutdown_handle().shutdown();
-    timeout(WAIT, run)
-        .await
-        .expect("run() returns after shutdown")
-        .expect("no panic")
-        .expect("clean stop");
+    let sleep = Arc::new(Sleep::new(Duration::from_millis(30)));
+    MultiConnectorRunner::new(registrations(n, sleep), options, t)
 }
 
 fn echo_request(id: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: format!("{{\"id\":\"{id}\"}}").into_bytes().into(),
-        encoding: PayloadEncoding::Json as i32,
-        ..Default::default()
-    }
+    json_execute(id, "", &format!("{{\"id\":\"{id}\"}}"))
 }
 
 /// Sends executes to every key in rounds until told to stop; returns every
@@ -135,7 +101,7 @@ async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
     let transport = FallbackTransport::new(ws.url()).reprobe_period(REPROBE);
     let status = transport.status();
     let runner = runner(N, options(&grpc.url(), Duration::from_secs(5)), transport);
-    let run = start(&runner);
+    let run = Running::start(runner.clone());
 
     // Every registration is active on the WebSocket.
     engine.wait_for_active(N, WAIT).await.unwrap();
@@ -287,7 +253,7 @@ async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
          {ok} answered ok, {overloaded} refused while draining"
     );
 
-    stop(&runner, run).await;
+    run.stop().await.expect("clean stop");
     assert_eq!(status.registrations_on(ActiveTransport::Grpc), 0);
     ws.stop().await;
     grpc.stop().await;
@@ -315,7 +281,7 @@ async fn alpn_without_h2_falls_back_on_the_first_open() {
         .build()
         .expect("options");
     let runner = runner(N, options, transport);
-    let run = start(&runner);
+    let run = Running::start(runner.clone());
     engine.wait_for_active(N, WAIT).await.unwrap();
     assert!(transports(&engine).values().all(|t| *t == "ws"));
     let reason = status.fallback_reason().expect("fell back");
@@ -327,7 +293,7 @@ async fn alpn_without_h2_falls_back_on_the_first_open() {
     }
     // Still refused at every probe: everything stays on the WebSocket.
     assert_eq!(status.mode(), Some(ActiveTransport::WebSocket));
-    stop(&runner, run).await;
+    run.stop().await.expect("clean stop");
     ws.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -370,7 +336,7 @@ async fn assert_no_fallback(grpc_url: &str, connect_timeout: Duration) -> Vec<St
     let status = transport.status();
     let runner = runner(2, options(grpc_url, connect_timeout), transport);
     let keys = runner.registrations();
-    let run = start(&runner);
+    let run = Running::start(runner.clone());
     // Failures keep coming (each registration backs off and retries), so
     // subscribing after the start misses nothing that matters.
     let messages = wait_for_open_failures(&runner, &keys, 3).await;
@@ -382,7 +348,7 @@ async fn assert_no_fallback(grpc_url: &str, connect_timeout: Duration) -> Vec<St
         "the WebSocket was never tried"
     );
     assert!(engine.active_keys().is_empty());
-    stop(&runner, run).await;
+    run.stop().await.expect("clean stop");
     ws.stop().await;
     messages
 }
