@@ -222,7 +222,8 @@ impl AnsweredLog {
             self.ring_stream = stream;
         }
         let mut dropped = self.expire(now);
-        let response = without_id(response);
+        let mut response = without_id(response);
+        response.payload = compact(std::mem::take(&mut response.payload));
         let mut expires = now + self.ttl;
         // A replayed answer leaves the maybe-lost entries (it keeps its
         // first expiry, so replays cannot keep it forever).
@@ -504,6 +505,23 @@ impl AnsweredLog {
             .get(id)
             .map(|e| with_id(without_id(&e.response), id))
     }
+}
+
+/// Payloads from this size on are copied when kept (see [`compact`]).
+const COMPACT_FROM: usize = 1024;
+
+/// A payload as the log keeps it. An echoed payload is a slice of the
+/// transport's receive buffer (tonic decodes `bytes` fields without a
+/// copy), and keeping the slice keeps that whole buffer: with 4 KiB
+/// answers, each kept answer held 8 KiB and more of receive buffers until
+/// its heartbeat was acknowledged. A large payload is copied to a buffer
+/// of its own (one copy, small next to encoding it); a small one stays
+/// shared, where a copy would cost more than it frees.
+fn compact(payload: bytes::Bytes) -> bytes::Bytes {
+    if payload.len() < COMPACT_FROM {
+        return payload;
+    }
+    bytes::Bytes::copy_from_slice(&payload)
 }
 
 /// A copy of `r` without its request id: no string is copied (the error
