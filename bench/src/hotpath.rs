@@ -26,11 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, MessageStream, MultiConnectorRunner,
     MultiTransportOptions, RegistrationKey, StreamInfo, StreamMux, Transport, TransportError,
 };
-use bytes::Bytes;
 use connector_proto::{ExecuteRequest, Kind, PayloadEncoding, StreamMessage};
 use connector_testkit::connectors::Echo;
 use futures_util::StreamExt;

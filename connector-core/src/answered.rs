@@ -35,7 +35,9 @@ use tokio::time::Instant;
 pub(crate) enum Place {
     Waiting,
     /// Sent on `stream`, which died before confirming it: maybe lost.
-    Lost { stream: u64 },
+    Lost {
+        stream: u64,
+    },
 }
 
 #[derive(Debug)]

@@ -55,7 +55,10 @@ pub(super) fn wire_size(r: &ExecuteResponse) -> usize {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Fit {
     /// It fit as it was; `size` is its size on the wire.
-    AsIs { answer: ExecuteResponse, size: usize },
+    AsIs {
+        answer: ExecuteResponse,
+        size: usize,
+    },
     /// It was replaced by a smaller error answer of `size` bytes; `was` is
     /// the original's size.
     Replaced {

@@ -1583,14 +1583,21 @@ impl Registration {
     }
 
     /// [`Registration::finish`] of a request already taken from the table.
-    fn finish_left(&mut self, now: Instant, left: Left, mut response: ExecuteResponse, abort: bool) {
+    fn finish_left(
+        &mut self,
+        now: Instant,
+        left: Left,
+        mut response: ExecuteResponse,
+        abort: bool,
+    ) {
         if response.request_id.is_empty() {
             // `String::from(&str)`, not `to_string()`: `Arc<str>` has no
             // `ToString` fast path and goes through the formatter.
             response.request_id = String::from(&*left.id);
         }
         if left.was_running && abort {
-            self.actions.push_back(Action::Abort(String::from(&*left.id)));
+            self.actions
+                .push_back(Action::Abort(String::from(&*left.id)));
         }
         let took = now.saturating_duration_since(left.received_at);
         response.duration_ms = took.as_millis() as u64;
