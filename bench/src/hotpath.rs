@@ -7,8 +7,10 @@
 //! replaces each answer with a new request and acks heartbeats. Everything
 //! the SDK does per response runs (decode-free dispatch, JSON check,
 //! concurrency bound, in-flight table, answered log, outbox), everything
-//! gRPC does not. On a single-threaded runtime, so a run is deterministic
-//! enough to compare instruction counts:
+//! gRPC does not. Request payloads share one buffer, as tonic's decoded
+//! `bytes` fields share its receive buffer (cloning one is a reference
+//! count, not an allocation). On a single-threaded runtime, so a run is
+//! deterministic enough to compare instruction counts:
 //!
 //! ```text
 //! valgrind --tool=callgrind --callgrind-out-file=a.out \
@@ -24,17 +26,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, MessageStream, MultiConnectorRunner,
     MultiTransportOptions, RegistrationKey, StreamInfo, StreamMux, Transport, TransportError,
 };
-use connector_proto::{Kind, StreamMessage};
+use connector_proto::{ExecuteRequest, Kind, PayloadEncoding, StreamMessage};
 use connector_testkit::connectors::Echo;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::wire::{approved, execute, heartbeat_ack, instance_id, json_payload, Result};
+use crate::wire::{approved, heartbeat_ack, instance_id, json_payload, msg, Result};
+
+/// An `execute_request` with id `id` whose payload shares `payload`.
+fn execute(id: u64, payload: &Bytes) -> StreamMessage {
+    msg(Kind::ExecuteRequest(Box::new(ExecuteRequest {
+        request_id: id.to_string(),
+        payload: payload.clone(),
+        encoding: PayloadEncoding::Json as i32,
+        ..Default::default()
+    })))
+}
 
 /// Arguments of `hotpath`.
 #[derive(Debug, clap::Args)]
@@ -55,7 +68,8 @@ pub(crate) struct HotpathArgs {
 
 struct Shared {
     window: usize,
-    payload: Vec<u8>,
+    /// Already shared (see the module docs).
+    payload: Bytes,
     /// Responses still to come; the run ends at 0.
     remaining: AtomicI64,
     done: Notify,
@@ -143,7 +157,12 @@ pub(crate) fn run(args: &HotpathArgs) -> Result<()> {
     runtime.block_on(async {
         let shared = Arc::new(Shared {
             window: args.window,
-            payload: json_payload(args.payload.max(8)),
+            payload: {
+                let payload = Bytes::from(json_payload(args.payload.max(8)));
+                // The first clone makes the buffer shared; later ones count.
+                let _ = payload.clone();
+                payload
+            },
             remaining: AtomicI64::new(args.responses),
             done: Notify::new(),
         });

@@ -54,10 +54,18 @@ pub(super) fn wire_size(r: &ExecuteResponse) -> usize {
 /// How an answer was made to fit.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Fit {
-    /// It fit as it was.
-    AsIs(ExecuteResponse),
-    /// It was replaced by a smaller error answer; `was` is its size.
-    Replaced { answer: ExecuteResponse, was: usize },
+    /// It fit as it was; `size` is its size on the wire.
+    AsIs {
+        answer: ExecuteResponse,
+        size: usize,
+    },
+    /// It was replaced by a smaller error answer of `size` bytes; `was` is
+    /// the original's size.
+    Replaced {
+        answer: ExecuteResponse,
+        was: usize,
+        size: usize,
+    },
     /// Not even an empty answer with this id fits.
     Impossible,
 }
@@ -66,7 +74,10 @@ pub(super) enum Fit {
 pub(super) fn fit(r: ExecuteResponse, max: usize) -> Fit {
     let was = wire_size(&r);
     if was <= max {
-        return Fit::AsIs(r);
+        return Fit::AsIs {
+            answer: r,
+            size: was,
+        };
     }
     let mut answer = ExecuteResponse {
         request_id: r.request_id,
@@ -87,18 +98,18 @@ pub(super) fn fit(r: ExecuteResponse, max: usize) -> Fit {
     // `MAX_REPLACED_TEXT`: past that a text helps nobody.
     truncate(&mut text, MAX_REPLACED_TEXT);
     answer.error = text;
-    loop {
+    let size = loop {
         let size = wire_size(&answer);
         if size <= max {
-            break;
+            break size;
         }
         if answer.error.is_empty() {
             return Fit::Impossible;
         }
         let keep = answer.error.len().saturating_sub(size - max);
         truncate(&mut answer.error, keep);
-    }
-    Fit::Replaced { answer, was }
+    };
+    Fit::Replaced { answer, was, size }
 }
 
 /// The envelope of an answer.
@@ -120,7 +131,8 @@ mod tests {
             payload: vec![1u8; 100].into(),
             ..Default::default()
         };
-        assert_eq!(fit(r.clone(), 1024), Fit::AsIs(r));
+        let size = wire_size(&r);
+        assert_eq!(fit(r.clone(), 1024), Fit::AsIs { answer: r, size });
     }
 
     #[test]
@@ -133,9 +145,10 @@ mod tests {
                 error,
                 ..Default::default()
             };
-            let Fit::Replaced { answer, was } = fit(r, 2048) else {
+            let Fit::Replaced { answer, was, size } = fit(r, 2048) else {
                 panic!("not replaced")
             };
+            assert_eq!(size, wire_size(&answer));
             assert!(was > 2048);
             assert!(wire_size(&answer) <= 2048, "{}", wire_size(&answer));
             assert_eq!(answer.request_id, "req-1");

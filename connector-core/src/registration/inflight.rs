@@ -99,6 +99,7 @@ impl InFlight {
     pub(super) fn shared_id(&self, id: &str) -> Option<Arc<str>> {
         self.map.get_key_value(id).map(|(k, _)| Arc::clone(k))
     }
+    #[cfg(test)]
     pub(super) fn is_running(&self, id: &str) -> bool {
         matches!(
             self.map.get(id),
@@ -195,6 +196,27 @@ impl InFlight {
             id,
             received_at: e.received_at,
             was_running,
+        })
+    }
+
+    /// Takes `id` out of the table if its handler runs (one lookup; a
+    /// queued request of that id stays).
+    pub(super) fn remove_running(&mut self, id: &str) -> Option<Left> {
+        let (id, e) = self.map.remove_entry(id)?;
+        if !matches!(e.slot, Slot::Running) {
+            // Rare: a handler of an earlier request with this id finished
+            // after its answer while the id waits again. Put it back.
+            self.map.insert(id, e);
+            return None;
+        }
+        if let Some(at) = e.deadline {
+            self.deadlines.remove(&at);
+        }
+        self.running -= 1;
+        Some(Left {
+            id,
+            received_at: e.received_at,
+            was_running: true,
         })
     }
 

@@ -105,7 +105,7 @@ use crate::text::{sanitize_text, MAX_PEER_TEXT_CHARS};
 
 use answers::{error_response, fit, Fit};
 use heartbeat::Heartbeats;
-use inflight::{request_bytes, InFlight};
+use inflight::{request_bytes, InFlight, Left};
 use timers::{Timer, TimerTable};
 
 /// The longest `timeout_ms` of a request that is honoured as given; a
@@ -325,7 +325,8 @@ pub struct Registration {
     heartbeats: Heartbeats,
     backoff: Backoff,
     inflight: InFlight,
-    outbox: VecDeque<StreamMessage>,
+    /// Messages for the stream, with their encoded size (computed once).
+    outbox: VecDeque<(StreamMessage, usize)>,
     outbox_bytes: usize,
     answered: AnsweredLog,
     /// Responses queued since the last heartbeat; past a threshold a
@@ -472,8 +473,8 @@ impl Registration {
     /// The next message for the server, if any. Only meaningful while a
     /// stream is open; the driver stops pulling when the stream's queue is full.
     pub fn poll_transmit(&mut self) -> Option<StreamMessage> {
-        let m = self.outbox.pop_front()?;
-        self.outbox_bytes = self.outbox_bytes.saturating_sub(m.encoded_len());
+        let (m, size) = self.outbox.pop_front()?;
+        self.outbox_bytes = self.outbox_bytes.saturating_sub(size);
         Some(m)
     }
 
@@ -752,10 +753,10 @@ impl Registration {
         request_id: &str,
         result: Result<ExecuteOutput, ExecuteError>,
     ) {
-        if !self.inflight.is_running(request_id) {
+        let Some(left) = self.inflight.remove_running(request_id) else {
             // Already answered (timeout, cancel, drain deadline).
             return;
-        }
+        };
         let response = match result {
             Ok(out) => ExecuteResponse {
                 // Filled in by `finish` with the table's own copy of the id.
@@ -769,7 +770,7 @@ impl Registration {
             },
             Err(e) => error_response(request_id, e),
         };
-        self.finish(now, request_id, response, false);
+        self.finish_left(now, left, response, false);
     }
 
     /// Graceful shutdown of the runner: no new work, in-flight requests are
@@ -895,6 +896,8 @@ impl Registration {
         let Some(stream) = self.phase.stream() else {
             return;
         };
+        // What this stream did not confirm is maybe lost from here on.
+        self.answered.stream_ended();
         match how {
             How::Gone => self.requeue_outbox(now),
             How::Drop => {
@@ -960,7 +963,7 @@ impl Registration {
 
     fn requeue_outbox(&mut self, now: Instant) {
         self.outbox_bytes = 0;
-        for m in std::mem::take(&mut self.outbox) {
+        for (m, _) in std::mem::take(&mut self.outbox) {
             if let Some(Kind::ExecuteResponse(r)) = m.kind {
                 self.not_sent(now, *r);
             }
@@ -1539,8 +1542,8 @@ impl Registration {
         if self.phase.stream().is_none() {
             return;
         }
-        if let Some(resp) = self.fit_answer(resp) {
-            self.push_out(now, answers::message(resp));
+        if let Some((resp, size)) = self.fit_answer(resp) {
+            self.push_out_sized(now, answers::message(resp), size);
         }
     }
 
@@ -1572,22 +1575,29 @@ impl Registration {
     /// The one place a request in flight gets its response: it leaves the
     /// table here, so a second response cannot be made. `abort`: its
     /// handler may still run (cancel, deadline, drain) and is aborted.
-    fn finish(
-        &mut self,
-        now: Instant,
-        request_id: &str,
-        mut response: ExecuteResponse,
-        abort: bool,
-    ) {
+    fn finish(&mut self, now: Instant, request_id: &str, response: ExecuteResponse, abort: bool) {
         let Some(left) = self.inflight.remove(request_id) else {
             return;
         };
+        self.finish_left(now, left, response, abort);
+    }
+
+    /// [`Registration::finish`] of a request already taken from the table.
+    fn finish_left(
+        &mut self,
+        now: Instant,
+        left: Left,
+        mut response: ExecuteResponse,
+        abort: bool,
+    ) {
         if response.request_id.is_empty() {
-            response.request_id = left.id.to_string();
+            // `String::from(&str)`, not `to_string()`: `Arc<str>` has no
+            // `ToString` fast path and goes through the formatter.
+            response.request_id = String::from(&*left.id);
         }
         if left.was_running && abort {
             self.actions
-                .push_back(Action::Abort(request_id.to_string()));
+                .push_back(Action::Abort(String::from(&*left.id)));
         }
         let took = now.saturating_duration_since(left.received_at);
         response.duration_ms = took.as_millis() as u64;
@@ -1604,14 +1614,15 @@ impl Registration {
     }
 
     /// `r`, or the error answer that replaces it when it would not fit in
-    /// a message; `None` when nothing with its id fits.
-    fn fit_answer(&mut self, r: ExecuteResponse) -> Option<ExecuteResponse> {
+    /// a message, with its size on the wire; `None` when nothing with its
+    /// id fits.
+    fn fit_answer(&mut self, r: ExecuteResponse) -> Option<(ExecuteResponse, usize)> {
         match fit(r, self.settings.max_message_size) {
-            Fit::AsIs(r) => Some(r),
-            Fit::Replaced { answer, was } => {
+            Fit::AsIs { answer, size } => Some((answer, size)),
+            Fit::Replaced { answer, was, size } => {
                 self.counters.answers_oversized += 1;
                 tracing::warn!(key = %self.key, request_id = %sanitize_text(&answer.request_id, MAX_PEER_TEXT_CHARS), bytes = was, limit = self.settings.max_message_size, "answer exceeds max_message_size; replaced by a HANDLER error answer");
-                Some(answer)
+                Some((answer, size))
             }
             Fit::Impossible => {
                 self.protocol_error("request_id too long to answer within max_message_size");
@@ -1633,7 +1644,7 @@ impl Registration {
         response: ExecuteResponse,
         id: Option<Arc<str>>,
     ) {
-        let Some(response) = self.fit_answer(response) else {
+        let Some((response, size)) = self.fit_answer(response) else {
             return;
         };
         let stream = match self.phase {
@@ -1653,7 +1664,7 @@ impl Registration {
             .sent_with_id(now, &response, id, stream.gen, tag);
         self.count_dropped(dropped);
         self.bytes_since_heartbeat += response.payload.len() + response.error.len();
-        self.push_out(now, answers::message(response));
+        self.push_out_sized(now, answers::message(response), size);
         self.queued_since_heartbeat += 1;
         if self.queued_since_heartbeat >= EARLY_HEARTBEAT_AFTER
             || self.bytes_since_heartbeat >= EARLY_HEARTBEAT_BYTES
@@ -1667,8 +1678,14 @@ impl Registration {
     /// rather than buffer without limit, give it up (answers move to the
     /// bounded answered log).
     fn push_out(&mut self, now: Instant, message: StreamMessage) {
-        self.outbox_bytes += message.encoded_len();
-        self.outbox.push_back(message);
+        let size = message.encoded_len();
+        self.push_out_sized(now, message, size);
+    }
+
+    /// [`Registration::push_out`] of a message whose encoded size is known.
+    fn push_out_sized(&mut self, now: Instant, message: StreamMessage, size: usize) {
+        self.outbox_bytes += size;
+        self.outbox.push_back((message, size));
         let limits = &self.settings.limits;
         if (self.outbox.len() > limits.outbox_messages || self.outbox_bytes > limits.outbox_bytes)
             && self.phase.stream().is_some()
