@@ -13,10 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use connector_proto::{ExecuteRequest, PayloadEncoding, StreamMessage};
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{broadcast, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Instrument;
 
 use crate::config::{MultiTransportOptions, RegistrationKey, Secret};
@@ -24,104 +23,17 @@ use crate::connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
 use crate::error::{ConnectorError, TransportError, TransportErrorKind};
-use crate::metrics::{ConnectorMetrics, Counters, MetricsCell};
+use crate::live::LiveShared;
+use crate::metrics::Counters;
 use crate::pacing::ReconnectPacer;
 use crate::registration::{Action, Registration};
-use crate::state::{RegistrationEvent, RegistrationState};
+use crate::state::RegistrationEvent;
 use crate::token::TokenSource;
 use crate::transport::{MessageStream, StreamMux};
 
 /// How long a graceful close waits for the outbox to flush and the server to
 /// end its side before the stream is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// Events a slow [`RegistrationHandle::events`] receiver may fall behind
-/// before it loses the oldest.
-const EVENT_CAPACITY: usize = 64;
-
-/// Live view of one registration, shared by its driver and its runner.
-#[derive(Debug)]
-pub(crate) struct LiveShared {
-    pub(crate) key: RegistrationKey,
-    pub(crate) metrics: Arc<MetricsCell>,
-    pub(crate) state: watch::Sender<RegistrationState>,
-    /// Made on the first `events()` call: a broadcast channel allocates
-    /// all its slots up front (~5 KiB for 64 events), which for ten thousand
-    /// registrations nobody listens to was a quarter of their idle memory.
-    pub(crate) events: std::sync::OnceLock<broadcast::Sender<RegistrationEvent>>,
-    /// Cancelled by `remove` (and, as a child, by the runner's shutdown).
-    pub(crate) stop: CancellationToken,
-    pub(crate) removing: std::sync::atomic::AtomicBool,
-}
-
-impl LiveShared {
-    pub(crate) fn new(key: RegistrationKey, stop: CancellationToken) -> Self {
-        Self {
-            key,
-            metrics: Arc::new(MetricsCell::default()),
-            state: watch::channel(RegistrationState::Idle).0,
-            events: std::sync::OnceLock::new(),
-            stop,
-            removing: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
-
-/// A handle on one hosted registration: its state, events and metrics.
-#[derive(Debug, Clone)]
-pub struct RegistrationHandle {
-    pub(crate) shared: Arc<LiveShared>,
-}
-
-impl RegistrationHandle {
-    /// The registration's key.
-    pub fn key(&self) -> &RegistrationKey {
-        &self.shared.key
-    }
-
-    /// The state now.
-    pub fn state(&self) -> RegistrationState {
-        self.shared.state.borrow().clone()
-    }
-
-    /// A receiver that sees every state change (`watch` semantics: the
-    /// latest value, never a backlog).
-    pub fn watch_state(&self) -> watch::Receiver<RegistrationState> {
-        self.shared.state.subscribe()
-    }
-
-    /// Events from now on. A receiver that falls more than 64 events behind
-    /// loses the oldest (`broadcast` semantics) and is told so.
-    pub fn events(&self) -> broadcast::Receiver<RegistrationEvent> {
-        self.shared
-            .events
-            .get_or_init(|| broadcast::channel(EVENT_CAPACITY).0)
-            .subscribe()
-    }
-
-    /// The counters now.
-    pub fn metrics(&self) -> ConnectorMetrics {
-        let state = self.shared.state.borrow().clone();
-        self.shared.metrics.snapshot(state)
-    }
-
-    /// Waits until the state satisfies `pred`, or `timeout` passes; returns
-    /// the state that satisfied it.
-    pub async fn wait_for(
-        &self,
-        timeout: Duration,
-        mut pred: impl FnMut(&RegistrationState) -> bool,
-    ) -> Option<RegistrationState> {
-        let mut rx = self.watch_state();
-        tokio::time::timeout(timeout, async {
-            let state = rx.wait_for(|s| pred(s)).await.ok()?;
-            Some(state.clone())
-        })
-        .await
-        .ok()
-        .flatten()
-    }
-}
 
 type Opening = Pin<Box<dyn Future<Output = Result<MessageStream, TransportError>> + Send>>;
 type Fetching = Pin<Box<dyn Future<Output = Result<Secret, ConnectorError>> + Send>>;
@@ -150,45 +62,51 @@ fn unix_ms_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs one registration until it stops. Returns when the registration is
+/// Runs one registration until it stops. Resolves when the registration is
 /// stopped and every handler task is gone (no task outlives this future).
-pub(crate) async fn drive(
+///
+/// The state machine and the driver are built here, before the future
+/// exists, so the future holds them and nothing else: an `async fn` would
+/// also keep its arguments (the registration's config, 144 bytes) in every
+/// state, and the runner's task would hold a third copy, for each of the
+/// tens of thousands of registrations a process may host.
+pub(crate) fn drive(
     registration: ConnectorRegistration,
-    options: Arc<MultiTransportOptions>,
+    options: &MultiTransportOptions,
     mux: Arc<dyn StreamMux>,
     pacer: Option<Arc<ReconnectPacer>>,
     live: Arc<LiveShared>,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let key = live.key.clone();
     let span = tracing::info_span!("registration", key = %key);
+    let connector = registration.connector().clone();
+    let token_source = registration.config().token_source.clone();
+    let mut sm = Registration::new(&registration, options, Instant::now(), unix_ms_now());
+    // The state machine has what it needs; the config's copy (and its
+    // strings) need not live as long as the registration runs.
+    drop(registration);
+    let mut driver = Driver {
+        key,
+        connector,
+        mux,
+        pacer,
+        opened_before: false,
+        stream: None,
+        closing: None,
+        opening: None,
+        token_source,
+        fetching: None,
+        timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+        timer_at: None,
+        stopped: Box::pin(live.stop.clone().cancelled_owned()),
+        tasks: JoinSet::new(),
+        aborts: HashMap::default(),
+        stop_seen: false,
+        published: u64::MAX,
+        published_counters: Counters::default(),
+        published_connection: None,
+    };
     async move {
-        let connector = registration.connector().clone();
-        let token_source = registration.config().token_source.clone();
-        let mut sm = Registration::new(&registration, &options, Instant::now(), unix_ms_now());
-        // The state machine has what it needs; the config's copy (and its
-        // strings) need not live as long as the registration runs.
-        drop(registration);
-        let mut driver = Driver {
-            key,
-            connector,
-            mux,
-            pacer,
-            opened_before: false,
-            stream: None,
-            closing: None,
-            opening: None,
-            token_source,
-            fetching: None,
-            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            timer_at: None,
-            stopped: Box::pin(live.stop.clone().cancelled_owned()),
-            tasks: JoinSet::new(),
-            aborts: HashMap::default(),
-            stop_seen: false,
-            published: u64::MAX,
-            published_counters: Counters::default(),
-            published_connection: None,
-        };
         sm.handle_start(Instant::now());
         loop {
             driver.apply_actions(&mut sm).await;
@@ -209,7 +127,6 @@ pub(crate) async fn drive(
         driver.publish(&mut sm, &live);
     }
     .instrument(span)
-    .await
 }
 
 struct Driver {
@@ -379,7 +296,7 @@ impl Driver {
         }
         if sm.state_version() != self.published {
             self.published = sm.state_version();
-            live.state.send_replace(sm.state().clone());
+            live.state.publish(sm.state().clone());
         }
         while let Some(event) = sm.poll_event() {
             match &event {
@@ -395,10 +312,7 @@ impl Driver {
                 RegistrationEvent::Stopped { reason } => tracing::info!(%reason, "stopped"),
                 _ => tracing::trace!(?event, "event"),
             }
-            // No receiver is fine: events are for whoever listens.
-            if let Some(events) = live.events.get() {
-                let _ = events.send(event);
-            }
+            live.send_event(event);
         }
     }
 

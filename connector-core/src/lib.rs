@@ -16,6 +16,7 @@ mod connector;
 mod driver;
 mod error;
 mod fleet;
+mod live;
 mod metrics;
 mod pacing;
 mod proxy;
@@ -40,9 +41,9 @@ pub use config::{
 pub use connector::{
     BaseConnector, ConnectorRegistration, ExecuteContext, ExecuteError, ExecuteOutput,
 };
-pub use driver::RegistrationHandle;
 pub use error::{ConnectorError, TransportError, TransportErrorKind};
 pub use fleet::{owner_of, shard_of, Shard};
+pub use live::RegistrationHandle;
 pub use metrics::ConnectorMetrics;
 pub use proxy::{Proxy, ProxySetting};
 pub use redact::redact_url;

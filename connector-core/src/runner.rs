@@ -5,14 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MultiTransportOptions, RegistrationKey};
 use crate::connector::ConnectorRegistration;
-use crate::driver::{drive, LiveShared, RegistrationHandle};
+use crate::driver::drive;
 use crate::error::ConnectorError;
+use crate::live::{LiveShared, RegistrationHandle};
 use crate::metrics::ConnectorMetrics;
 use crate::pacing::ReconnectPacer;
 use crate::state::RegistrationState;
@@ -257,7 +259,7 @@ impl MultiConnectorRunner {
             .entries
             .iter()
             .map(|(k, e)| {
-                let state = e.live.state.borrow().clone();
+                let state = e.live.state.get();
                 (k.clone(), e.live.metrics.snapshot(state))
             })
             .collect()
@@ -269,7 +271,7 @@ impl MultiConnectorRunner {
         let state = self.lock();
         let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
         for e in state.entries.values() {
-            *by_state.entry(e.live.state.borrow().name()).or_default() += 1;
+            *by_state.entry(e.live.state.name()).or_default() += 1;
         }
         RunnerSummary {
             registrations: state.entries.len(),
@@ -334,14 +336,16 @@ impl MultiConnectorRunner {
         );
         let mut drivers = JoinSet::new();
         let spawn = |drivers: &mut JoinSet<RegistrationKey>, entry: Entry| {
-            let options = self.shared.options.clone();
+            let options = &self.shared.options;
             let pacer = self.shared.pacer.clone();
             let mux = mux.clone();
             let key = entry.live.key.clone();
-            drivers.spawn(async move {
-                drive(entry.registration, options, mux, pacer, entry.live).await;
-                key
-            });
+            // Built outside the task's future, which then holds the driver
+            // and the key only (see `drive`). `map`, not `async { run.await;
+            // key }`: an async block would keep `run` twice (the captured
+            // value and the awaited one), 2 KiB more per registration.
+            let run = drive(entry.registration, options, mux, pacer, entry.live);
+            drivers.spawn(run.map(move |()| key));
         };
         for entry in initial {
             spawn(&mut drivers, entry);

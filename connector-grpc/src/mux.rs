@@ -31,12 +31,14 @@ const OUTBOUND_CAPACITY: usize = 64;
 /// The first allocation of each stream's encode and decode buffers (tonic
 /// allocates 8 KiB of each per stream by default, eagerly). An idle
 /// registration sends and receives a heartbeat of a few dozen bytes every
-/// 30 s, so 16 KiB per stream is most of what an idle registration costs;
-/// 1 KiB holds every control message. A larger message grows the buffer
-/// as needed (prost reserves what it writes, the decoder reserves the
-/// message's length), so only throughput with large payloads pays an
-/// extra allocation now and then.
-const CODEC_BUFFER_SIZE: usize = 1024;
+/// 30 s, and the largest control message (`register`, `register_response`)
+/// is a few hundred bytes at most, so 256 bytes hold all of them; at 1 KiB
+/// the two buffers were an eighth of an idle registration's memory. A
+/// larger message grows the buffer as needed (prost reserves what it
+/// writes, the decoder reserves the message's length, and the grown
+/// capacity is kept while the buffer is not shared), so only throughput
+/// with large payloads pays an extra allocation now and then.
+const CODEC_BUFFER_SIZE: usize = 256;
 /// Encoded messages are handed to HTTP/2 once this many bytes are queued
 /// (tonic's default), so bursts still go out in large writes.
 const CODEC_YIELD_THRESHOLD: usize = 32 * 1024;

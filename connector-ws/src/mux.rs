@@ -243,7 +243,7 @@ impl Inner {
         };
         let io = match &self.tls {
             None => Either::Left(tcp),
-            Some(tls) => Either::Right(
+            Some(tls) => Either::Right(Box::new(
                 tls.connector
                     .connect(tls.server_name.clone(), tcp)
                     .await
@@ -251,7 +251,7 @@ impl Inner {
                         addr: addr.clone(),
                         source,
                     })?,
-            ),
+            )),
         };
         let request = upgrade_request(&self.url)?;
         let (mut ws, response) =

@@ -33,8 +33,11 @@ use tracing::Span;
 
 use crate::error::WsError;
 
-/// The byte stream under a socket: plain TCP or TLS over TCP.
-pub(crate) type Io = Either<TcpStream, TlsStream<TcpStream>>;
+/// The byte stream under a socket: plain TCP or TLS over TCP. The TLS
+/// stream is boxed: rustls's connection state is ~1.1 KiB, and unboxed it
+/// would make every plaintext socket (whose `TcpStream` is 32 bytes) that
+/// size too, since an enum is as large as its largest variant.
+pub(crate) type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 /// An open WebSocket.
 pub(crate) type Ws = WebSocketStream<Io>;
 
