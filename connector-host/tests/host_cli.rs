@@ -3,55 +3,18 @@
 //! flight against a server started here. Every wait is bounded; servers bind
 //! `127.0.0.1:0`.
 
-use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_testkit::harness::json_execute;
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
-use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_connector-host");
-/// Bound for a whole demo run or for a registration to appear.
-const WAIT: Duration = Duration::from_secs(60);
-
-fn host(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    // None of the variables the program reads leaks in from the machine.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("CONNECTOR_HOST_")
-            || name == "RUST_LOG"
-            || name == "HOSTNAME"
-            || name.to_ascii_lowercase().ends_with("_proxy")
-        {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A failed assertion or timeout must not leave the process behind.
-        .kill_on_drop(true);
-    cmd
-}
-
-async fn finish(child: Child, within: Duration) -> Output {
-    tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .expect("connector-host exited in time")
-        .expect("connector-host output collected")
-}
+mod support;
+use support::{assert_one_line_config_error, Host, WAIT};
 
 async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = finish(host(args).spawn().expect("spawn connector-host"), WAIT).await;
-    (
-        out.status.code().expect("exited with a code, not a signal"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    support::run(args, &[]).await
 }
 
 /// Rows of the summary table for `prefix0..prefix{n-1}` in `state`.
@@ -72,15 +35,6 @@ fn assert_rows(stdout: &str, addresses: &[impl ToString], state: &str) {
 
 fn addresses(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
-}
-
-fn assert_one_line_config_error(code: i32, stdout: &str, stderr: &str, needle: &str) {
-    assert_eq!(code, 2, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line on stderr, got:\n{stderr}");
-    assert!(lines[0].starts_with("connector-host: error: "), "{stderr}");
-    assert!(lines[0].contains(needle), "{needle:?} not in {stderr:?}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[tokio::test]
@@ -124,19 +78,19 @@ async fn demo_over_websocket_uses_one_socket_per_registration() {
 #[tokio::test]
 async fn unknown_url_scheme_is_one_line_and_exit_2() {
     let (code, stdout, stderr) = run(&["--url", "ftp://x:1"]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "ftp");
+    assert_one_line_config_error(&stdout, code, &stderr, "ftp");
 }
 
 #[tokio::test]
 async fn port_out_of_range_is_exit_2() {
     let (code, stdout, stderr) = run(&["--url", "grpc://127.0.0.1:70000"]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "70000");
+    assert_one_line_config_error(&stdout, code, &stderr, "70000");
 }
 
 #[tokio::test]
 async fn invalid_instance_prefix_is_exit_2_before_anything_starts() {
     let (code, stdout, stderr) = run(&["--count", "2", "--instance-prefix", "bad id"]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "bad id0");
+    assert_one_line_config_error(&stdout, code, &stderr, "bad id0");
     assert!(stdout.is_empty(), "the demo did not start: {stdout}");
 }
 
@@ -145,15 +99,15 @@ async fn every_instance_id_is_checked_not_just_the_first() {
     // 127 + "0".."9" fits; "10" makes 129 characters.
     let prefix = "p".repeat(127);
     let (code, stdout, stderr) = run(&["--count", "11", "--instance-prefix", &prefix]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "129");
+    assert_one_line_config_error(&stdout, code, &stderr, "129");
 }
 
 #[tokio::test]
 async fn bad_tenant_and_type_are_exit_2() {
     let (code, stdout, stderr) = run(&["--tenant", "a.b"]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "--tenant");
+    assert_one_line_config_error(&stdout, code, &stderr, "--tenant");
     let (code, stdout, stderr) = run(&["--url", "ws://127.0.0.1:1", "--connector-type", ""]).await;
-    assert_one_line_config_error(code, &stdout, &stderr, "--connector-type");
+    assert_one_line_config_error(&stdout, code, &stderr, "--connector-type");
 }
 
 #[tokio::test]
@@ -165,7 +119,7 @@ async fn unreadable_or_unusable_ca_file_is_exit_2() {
         "/nonexistent/ca.pem",
     ])
     .await;
-    assert_one_line_config_error(code, &stdout, &stderr, "/nonexistent/ca.pem");
+    assert_one_line_config_error(&stdout, code, &stderr, "/nonexistent/ca.pem");
 
     // A file that looks like PEM but does not parse: reported by the
     // transport when the runner starts, still one line and exit 2.
@@ -250,26 +204,6 @@ async fn help_explains_every_flag_of_the_contract() {
     }
 }
 
-fn execute(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        timeout_ms: 30_000,
-        ..Default::default()
-    }
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("the child is running");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_in_flight_requests_and_exits_0() {
     let server = GrpcTestServer::start(TestServer::new(), GrpcServerOptions::default())
@@ -277,9 +211,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
         .expect("server starts");
     let engine = server.engine().clone();
     let url = server.url();
-    let child = host(&["--url", &url, "--count", "5", "--log", "warn"])
-        .spawn()
-        .expect("spawn connector-host");
+    let host = Host::spawn(&["--url", &url, "--count", "5", "--log", "warn"], &[]);
     engine.wait_for_active(5, WAIT).await.expect("5 active");
     let keys = engine.active_keys();
     assert_eq!(keys, addresses("demo.echo.echo-", 5));
@@ -291,7 +223,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
 
     for (i, key) in keys.iter().enumerate() {
         let r = engine
-            .send_execute(key, execute(&format!("e{i}"), "echo", r#"{"n": 1}"#))
+            .send_execute(key, json_execute(&format!("e{i}"), "echo", r#"{"n": 1}"#))
             .expect("sent")
             .wait(WAIT)
             .await
@@ -300,7 +232,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
         assert_eq!(r.payload, &br#"{"n": 1}"#[..]);
     }
     let fail = engine
-        .send_execute(&keys[1], execute("f", "fail", "{}"))
+        .send_execute(&keys[1], json_execute("f", "fail", "{}"))
         .expect("sent")
         .wait(WAIT)
         .await
@@ -313,10 +245,10 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
     // A sleep, then an echo behind it on the same stream: once the echo is
     // answered, the host has read the sleep too, so it is in flight.
     let sleeping = engine
-        .send_execute(&keys[0], execute("s", "sleep", r#"{"ms": 1500}"#))
+        .send_execute(&keys[0], json_execute("s", "sleep", r#"{"ms": 1500}"#))
         .expect("sent");
     let marker = engine
-        .send_execute(&keys[0], execute("m", "echo", "{}"))
+        .send_execute(&keys[0], json_execute("m", "echo", "{}"))
         .expect("sent")
         .wait(WAIT)
         .await
@@ -324,7 +256,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
     assert!(marker.success);
 
     let signalled = tokio::time::Instant::now();
-    sigterm(&child);
+    host.sigterm();
     let slept = sleeping
         .wait(WAIT)
         .await
@@ -334,14 +266,8 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
         serde_json::from_slice::<serde_json::Value>(&slept.payload).expect("json"),
         serde_json::json!({"slept_ms": 1500})
     );
-    let out = finish(child, Duration::from_secs(5)).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (code, stdout, stderr) = host.finish_within(Duration::from_secs(5)).await;
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(signalled.elapsed() < Duration::from_secs(5));
     assert_rows(&stdout, &keys, "active");
     assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
@@ -357,32 +283,32 @@ async fn duration_secs_stops_a_websocket_host_by_itself() {
         .expect("server starts");
     let engine = server.engine().clone();
     let url = server.url();
-    let child = host(&[
-        "--url",
-        &url,
-        "--count",
-        "3",
-        "--duration-secs",
-        "2",
-        "--log",
-        "warn",
-    ])
-    .spawn()
-    .expect("spawn connector-host");
+    let host = Host::spawn(
+        &[
+            "--url",
+            &url,
+            "--count",
+            "3",
+            "--duration-secs",
+            "2",
+            "--log",
+            "warn",
+        ],
+        &[],
+    );
     engine.wait_for_active(3, WAIT).await.expect("3 active");
     let r = engine
         .send_execute(
             &"demo.echo.echo-2".parse().expect("a key"),
-            execute("x", "sleep", r#"{"ms": 10}"#),
+            json_execute("x", "sleep", r#"{"ms": 10}"#),
         )
         .expect("sent")
         .wait(WAIT)
         .await
         .expect("answered");
     assert!(r.success, "{}", r.error);
-    let out = finish(child, WAIT).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (code, stdout, _) = host.finish().await;
+    assert_eq!(code, 0, "{stdout}");
     assert_rows(&stdout, &addresses("demo.echo.echo-", 3), "active");
     assert!(stdout.contains("--duration-secs elapsed"), "{stdout}");
     assert!(stdout.contains("TCP connections used: 3"), "{stdout}");
@@ -395,27 +321,22 @@ async fn no_reconnect_host_exits_1_when_every_stream_has_ended() {
         .await
         .expect("server starts");
     let engine = server.engine().clone();
-    let child = host(&[
-        "--url",
-        &server.url(),
-        "--count",
-        "2",
-        "--no-reconnect",
-        "--log",
-        "warn",
-    ])
-    .spawn()
-    .expect("spawn connector-host");
+    let host = Host::spawn(
+        &[
+            "--url",
+            &server.url(),
+            "--count",
+            "2",
+            "--no-reconnect",
+            "--log",
+            "warn",
+        ],
+        &[],
+    );
     engine.wait_for_active(2, WAIT).await.expect("2 active");
     assert_eq!(engine.close_all_streams(), 2);
-    let out = finish(child, WAIT).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (code, stdout, stderr) = host.finish().await;
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_rows(&stdout, &addresses("demo.echo.echo-", 2), "stopped");
     assert!(
         stderr.contains("every registration has stopped"),
@@ -430,9 +351,10 @@ async fn two_hundred_registrations_share_three_grpc_connections() {
         .await
         .expect("server starts");
     let engine = server.engine().clone();
-    let child = host(&["--url", &server.url(), "--count", "200", "--log", "warn"])
-        .spawn()
-        .expect("spawn connector-host");
+    let host = Host::spawn(
+        &["--url", &server.url(), "--count", "200", "--log", "warn"],
+        &[],
+    );
     engine.wait_for_active(200, WAIT).await.expect("200 active");
     // 80 streams per connection by default: 80 + 80 + 40.
     assert_eq!(server.connection_count(), 3);
@@ -447,7 +369,7 @@ async fn two_hundred_registrations_share_three_grpc_connections() {
         let r = engine
             .send_execute(
                 &key.parse().expect("a key"),
-                execute(&format!("s{i}"), "sleep", r#"{"ms": 5}"#),
+                json_execute(&format!("s{i}"), "sleep", r#"{"ms": 5}"#),
             )
             .expect("sent")
             .wait(WAIT)
@@ -455,10 +377,9 @@ async fn two_hundred_registrations_share_three_grpc_connections() {
             .expect("answered");
         assert!(r.success, "{key}: {}", r.error);
     }
-    sigterm(&child);
-    let out = finish(child, Duration::from_secs(10)).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    host.sigterm();
+    let (code, stdout, _) = host.finish_within(Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("total (200)"), "{stdout}");
     assert!(stdout.contains("200 active"), "{stdout}");
     assert!(stdout.contains("TCP connections used: 3"), "{stdout}");

@@ -13,6 +13,7 @@ use connector_core::Shard;
 use connector_testkit::ApprovalPolicy;
 
 mod support;
+use connector_testkit::harness::json_execute;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +40,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     assert_eq!(keys, self::keys(5, None));
     one_execute_each(&engine, &keys).await;
     let failed = engine
-        .send_execute(&keys[0], execute("f", "fail"))
+        .send_execute(&keys[0], json_execute("f", "fail", "{}"))
         .expect("sent")
         .wait(WAIT)
         .await

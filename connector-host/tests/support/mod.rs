@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{RegistrationKey, Shard};
+use connector_testkit::harness::json_execute;
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -118,12 +118,7 @@ impl Host {
     }
 
     pub fn sigterm(&self) {
-        let pid = self.child.id().expect("the child is running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}");
+        self.signal("TERM");
     }
 
     /// SIGTERM, then [`Host::finish`].
@@ -132,14 +127,19 @@ impl Host {
         self.finish().await
     }
 
-    /// Waits for the exit: code, stdout, all of stderr.
+    /// Waits (at most [`WAIT`]) for the exit: code, stdout, all of stderr.
     pub async fn finish(self) -> (i32, String, String) {
+        self.finish_within(WAIT).await
+    }
+
+    /// [`Host::finish`], the exit bounded by `within`.
+    pub async fn finish_within(self, within: Duration) -> (i32, String, String) {
         let Self {
             child,
             mut stderr,
             mut seen,
         } = self;
-        let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        let out = tokio::time::timeout(within, child.wait_with_output())
             .await
             .expect("connector-host exited in time")
             .expect("connector-host output collected");
@@ -212,24 +212,13 @@ pub fn has_line(body: &str, line: &str) -> bool {
     body.lines().any(|l| l == line)
 }
 
-pub fn execute(id: &str, capability: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: b"{}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        timeout_ms: 30_000,
-        ..Default::default()
-    }
-}
-
 /// One execute answered per key. The host reads its approval before the
 /// execute on the same stream, so afterwards every key is Active on the
 /// host's side too, not only on the server's.
 pub async fn one_execute_each(engine: &TestServer, keys: &[connector_core::RegistrationKey]) {
     for (i, key) in keys.iter().enumerate() {
         let r = engine
-            .send_execute(key, execute(&format!("e{i}"), "echo"))
+            .send_execute(key, json_execute(&format!("e{i}"), "echo", "{}"))
             .expect("sent")
             .wait(WAIT)
             .await
@@ -262,6 +251,7 @@ pub fn assert_one_line_config_error(what: &str, code: i32, stderr: &str, needle:
         lines[0].contains(needle),
         "{what}: {needle:?} not in {stderr:?}"
     );
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
 }
 
 pub async fn grpc_server() -> GrpcTestServer {
