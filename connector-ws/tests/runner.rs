@@ -21,13 +21,6 @@ fn start(n: usize, server: &WsTestServer) -> Running {
     ))
 }
 
-/// Stops cleanly; no socket and no writer task outlives run().
-async fn stop(running: Running) {
-    let runner = running.runner().clone();
-    running.stop().await.expect("clean stop");
-    assert_eq!(runner.summary().transport.open_connections(), 0);
-}
-
 async fn ws_server(opts: WsServerOptions) -> (TestServer, WsTestServer) {
     let engine = TestServer::new();
     let server = WsTestServer::start(engine.clone(), opts).await.unwrap();
@@ -67,7 +60,9 @@ async fn twenty_registrations_twenty_sockets_all_active_and_echo() {
         assert_eq!(resp.payload, request.payload);
     }
 
-    stop(running).await;
+    running.stop().await.expect("clean stop");
+    // No socket and no writer task outlives run().
+    assert_eq!(runner.summary().transport.open_connections(), 0);
     server.wait_for_connection_count(0, WAIT).await.unwrap();
     assert!(
         engine.stats().protocol_errors.is_empty(),
@@ -101,6 +96,8 @@ async fn text_and_garbage_frames_make_the_registration_reconnect() {
             "{key}: the bad frame is counted: {m:?}"
         );
     }
-    stop(running).await;
+    running.stop().await.expect("clean stop");
+    // No socket and no writer task outlives run().
+    assert_eq!(runner.summary().transport.open_connections(), 0);
     server.wait_for_connection_count(0, WAIT).await.unwrap();
 }
