@@ -2,75 +2,30 @@
 //! GOAWAY survived. (Exactly-once under random faults, for both transports,
 //! is in connector-testkit's `exactly_once` test.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
-    ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
-    MultiTransportOptions, RegistrationEvent, RegistrationKey, RegistrationState,
+    MultiConnectorRunner, MultiTransportOptions, RegistrationEvent, RegistrationState,
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::{Counting, Sleep};
+use connector_testkit::harness::{fast_options, json_execute, key, registrations, Running, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Echoes; `{"ms": N}` waits N ms first (an hour: "blocks"); counts runs.
-type Worker = Counting<Sleep>;
 
 /// Long enough to outlast any test: a request that never finishes by itself.
 const BLOCK: &str = r#"{"ms":3600000}"#;
 
-fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
-    MultiTransportOptions::builder(url)
-        .connect_timeout(Duration::from_secs(2))
-        .reconnect_delay(Duration::from_millis(20))
-        .jitter(Duration::from_millis(30))
-        .max_backoff(Duration::from_millis(300))
-        .heartbeat_interval(Duration::from_millis(200))
-        .heartbeat_timeout(Duration::from_secs(2))
-        .drain_timeout(Duration::from_secs(5))
-        .jitter_seed(Some(11))
-}
-
-fn runner(n: usize, options: MultiTransportOptions, worker: Worker) -> MultiConnectorRunner {
-    let regs = (0..n)
-        .map(|i| {
-            ConnectorRegistration::new(
-                ConnectorConfig::builder("acme", "worker", format!("w{i}"))
-                    .build()
-                    .expect("valid config"),
-                worker.clone(),
-            )
-        })
-        .collect();
-    MultiConnectorRunner::new(regs, options, GrpcTransport::new())
-}
-
-fn start(runner: &MultiConnectorRunner) -> JoinHandle<Result<(), ConnectorError>> {
-    let r = runner.clone();
-    tokio::spawn(async move { r.run().await })
-}
-
-async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), ConnectorError>>) {
-    runner.shutdown_handle().shutdown();
-    timeout(WAIT, run)
-        .await
-        .expect("run() returns after shutdown")
-        .expect("no panic")
-        .expect("clean stop");
-}
-
-fn request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        ..Default::default()
-    }
+/// `n` registrations of a worker that echoes, and for `{"ms": N}` waits N
+/// ms first (an hour: "blocks"), running over gRPC.
+fn start(n: usize, options: MultiTransportOptions) -> Running {
+    let worker = Arc::new(Counting::new(Sleep::new(Duration::ZERO)));
+    Running::start(MultiConnectorRunner::new(
+        registrations(n, worker),
+        options,
+        GrpcTransport::new(),
+    ))
 }
 
 /// One registration whose handler never returns does not stall the other
@@ -82,48 +37,37 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
     let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
         .await
         .expect("server");
-    let runner = runner(
+    let running = start(
         N,
-        options(&server.url())
+        fast_options(&server.url())
             .max_concurrent_requests(2)
             // Shutdown cancels what never ends after this long.
             .drain_timeout(Duration::from_millis(500))
             .build()
             .expect("valid"),
-        Counting::new(Sleep::new(Duration::ZERO)),
     );
-    let run = start(&runner);
     engine.wait_for_active(N, WAIT).await.expect("all active");
     assert_eq!(server.connection_count(), 1);
     // Fill w0's slots and its queue with work that never ends.
     let blocked: Vec<_> = (0..50)
         .map(|i| {
             engine
-                .send_execute(
-                    &"acme.worker.w0".parse().expect("a key"),
-                    request(&format!("b{i}"), "block", BLOCK),
-                )
+                .send_execute(&key(0), json_execute(&format!("b{i}"), "block", BLOCK))
                 .expect("sent")
         })
         .collect();
     for round in 0..5 {
         let mut answers = Vec::new();
         for i in 1..N {
-            let key = format!("acme.worker.w{i}").parse().expect("a key");
-            answers.push(
-                engine
-                    .send_execute(&key, request(&format!("e{round}-{i}"), "echo", "{\"x\":1}"))
-                    .expect("sent"),
-            );
+            let request = json_execute(&format!("e{round}-{i}"), "echo", "{\"x\":1}");
+            answers.push(engine.send_execute(&key(i), request).expect("sent"));
         }
         for a in answers {
             assert!(a.wait(WAIT).await.expect("answered").success);
         }
     }
     // The blocked registration still reads its stream: a cancel reaches it.
-    engine
-        .cancel(&"acme.worker.w0".parse().expect("a key"), "b0")
-        .expect("cancel");
+    engine.cancel(&key(0), "b0").expect("cancel");
     let r = blocked
         .into_iter()
         .next()
@@ -132,7 +76,7 @@ async fn a_blocked_handler_does_not_stall_its_channel() {
         .await
         .expect("cancelled answer");
     assert!(!r.success);
-    stop(&runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 /// A server that accepts TCP and never answers: the registration times out
@@ -149,17 +93,14 @@ async fn black_hole_server_times_out_and_backs_off() {
             sockets.push(s);
         }
     });
-    let runner = runner(
+    let running = start(
         2,
-        options(&format!("grpc://{addr}"))
+        fast_options(&format!("grpc://{addr}"))
             .connect_timeout(Duration::from_millis(300))
             .build()
             .expect("valid"),
-        Counting::new(Sleep::new(Duration::ZERO)),
     );
-    let run = start(&runner);
-    let key = RegistrationKey::new("acme", "worker", "w0").expect("valid");
-    let handle = runner.registration(&key).expect("hosted");
+    let handle = running.runner().registration(&key(0)).expect("hosted");
     let mut states = handle.watch_state();
     timeout(WAIT, async {
         loop {
@@ -175,7 +116,7 @@ async fn black_hole_server_times_out_and_backs_off() {
         handle.state(),
         RegistrationState::Backoff { .. } | RegistrationState::Connecting
     ));
-    stop(&runner, run).await;
+    running.stop().await.expect("clean stop");
     held.abort();
 }
 
@@ -188,12 +129,8 @@ async fn goaway_and_restart_bring_everyone_back() {
     let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
         .await
         .expect("server");
-    let runner = runner(
-        N,
-        options(&server.url()).build().expect("valid"),
-        Counting::new(Sleep::new(Duration::ZERO)),
-    );
-    let run = start(&runner);
+    let running = start(N, fast_options(&server.url()).build().expect("valid"));
+    let runner = running.runner();
     engine.wait_for_active(N, WAIT).await.expect("all active");
     // The client side too: an approval still in flight when the server
     // restarts would make the next one a first approval, not a reconnect.
@@ -236,5 +173,5 @@ async fn goaway_and_restart_bring_everyone_back() {
     }
     engine.wait_for_active(N, WAIT).await.expect("all back");
     assert_eq!(engine.stats().duplicate_active, 0);
-    stop(&runner, run).await;
+    running.stop().await.expect("clean stop");
 }

@@ -4,58 +4,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause,
-    MultiConnectorRunner, MultiTransportOptions, RegistrationEvent, RegistrationKey,
-    RegistrationState,
+    DisconnectCause, MultiConnectorRunner, MultiTransportOptions, RegistrationEvent,
+    RegistrationKey, RegistrationState,
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
+use connector_testkit::harness::{fast_options, json_execute, key, registrations, Running, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
-    MultiTransportOptions::builder(url)
-        .connect_timeout(Duration::from_secs(5))
-        .reconnect_delay(Duration::from_millis(20))
-        .jitter(Duration::from_millis(20))
-        .max_backoff(Duration::from_millis(200))
-        .drain_timeout(Duration::from_secs(5))
-        .jitter_seed(Some(7))
-}
-
 fn runner(n: usize, options: MultiTransportOptions) -> MultiConnectorRunner {
-    let echo: Arc<dyn BaseConnector> = Arc::new(Echo);
-    let regs = (0..n)
-        .map(|i| {
-            ConnectorRegistration::from_arc(
-                ConnectorConfig::builder("acme", "echo", format!("i{i}"))
-                    .auth_token("secret-token")
-                    .build()
-                    .expect("valid config"),
-                Arc::clone(&echo),
-            )
-        })
-        .collect();
-    MultiConnectorRunner::new(regs, options, GrpcTransport::new())
+    MultiConnectorRunner::new(
+        registrations(n, Arc::new(Echo)),
+        options,
+        GrpcTransport::new(),
+    )
 }
 
-fn start(runner: &MultiConnectorRunner) -> JoinHandle<Result<(), ConnectorError>> {
-    let r = runner.clone();
-    tokio::spawn(async move { r.run().await })
-}
-
-async fn stop(runner: &MultiConnectorRunner, run: JoinHandle<Result<(), ConnectorError>>) {
-    runner.shutdown_handle().shutdown();
-    timeout(WAIT, run)
-        .await
-        .expect("run() returns after shutdown")
-        .expect("no panic")
-        .expect("clean stop");
+/// Stops cleanly, and no connection outlives `run()`.
+async fn stop(running: Running) {
+    let runner = running.runner().clone();
+    running.stop().await.expect("clean stop");
     assert_eq!(runner.summary().transport.open_connections(), 0);
 }
 
@@ -65,15 +35,6 @@ async fn grpc_server(opts: GrpcServerOptions) -> (TestServer, GrpcTestServer) {
         .await
         .expect("server starts");
     (engine, server)
-}
-
-fn echo_request(id: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: format!("{{\"id\":\"{id}\"}}").into_bytes().into(),
-        encoding: PayloadEncoding::Json as i32,
-        ..Default::default()
-    }
 }
 
 async fn wait_all_active(runner: &MultiConnectorRunner) {
@@ -87,21 +48,25 @@ async fn wait_all_active(runner: &MultiConnectorRunner) {
     }
 }
 
-async fn echo(engine: &TestServer, key: &str, id: &str) {
-    let key = &key.parse().expect("a key");
-    let resp = timeout(WAIT, engine.execute(key, echo_request(id)))
+/// The registration `key` echoes request `id`.
+async fn echo(engine: &TestServer, key: &RegistrationKey, id: &str) {
+    let request = json_execute(id, "echo", &format!("{{\"id\":\"{id}\"}}"));
+    let resp = timeout(WAIT, engine.execute(key, request.clone()))
         .await
         .expect("answered in time")
         .expect("answered");
     assert!(resp.success, "{resp:?}");
-    assert_eq!(resp.payload, echo_request(id).payload);
+    assert_eq!(resp.payload, request.payload);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_registrations_share_three_connections_and_echo() {
     let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
-    let runner = runner(200, options(&server.url()).build().expect("options"));
-    let run = start(&runner);
+    let running = Running::start(runner(
+        200,
+        fast_options(&server.url()).build().expect("options"),
+    ));
+    let runner = running.runner().clone();
 
     engine.wait_for_active(200, WAIT).await.expect("200 active");
     wait_all_active(&runner).await;
@@ -119,16 +84,14 @@ async fn two_hundred_registrations_share_three_connections_and_echo() {
         .into_iter()
         .map(|key| {
             let engine = engine.clone();
-            tokio::spawn(
-                async move { echo(&engine, &key.to_string(), &format!("req-{key}")).await },
-            )
+            tokio::spawn(async move { echo(&engine, &key, &format!("req-{key}")).await })
         })
         .collect();
     for t in tasks {
         t.await.expect("echo task");
     }
 
-    stop(&runner, run).await;
+    stop(running).await;
     server
         .wait_for_connection_count(0, WAIT)
         .await
@@ -141,36 +104,36 @@ async fn two_hundred_registrations_share_three_connections_and_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cap_ten_with_thirty_five_registrations_uses_four_connections() {
     let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
-    let runner = runner(
+    let running = Running::start(runner(
         35,
-        options(&server.url())
+        fast_options(&server.url())
             .max_streams_per_channel(10)
             .build()
             .expect("options"),
-    );
-    let run = start(&runner);
+    ));
+    let runner = running.runner().clone();
     engine.wait_for_active(35, WAIT).await.expect("35 active");
     server
         .wait_for_connection_count(4, WAIT)
         .await
         .expect("4 connections");
     assert_eq!(runner.summary().transport.open_connections(), 4);
-    echo(&engine, "acme.echo.i34", "last").await;
-    stop(&runner, run).await;
+    echo(&engine, &key(34), "last").await;
+    stop(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_limit_below_the_cap_gets_every_registration_active() {
     let (engine, server) =
         grpc_server(GrpcServerOptions::default().max_concurrent_streams(5)).await;
-    let runner = runner(
+    let running = Running::start(runner(
         12,
-        options(&server.url())
+        fast_options(&server.url())
             .connect_timeout(Duration::from_secs(1))
             .build()
             .expect("options"),
-    );
-    let run = start(&runner);
+    ));
+    let runner = running.runner().clone();
     engine.wait_for_active(12, WAIT).await.expect("12 active");
     wait_all_active(&runner).await;
     server
@@ -178,22 +141,22 @@ async fn server_limit_below_the_cap_gets_every_registration_active() {
         .await
         .expect("3 connections");
     for i in [0, 6, 11] {
-        echo(&engine, &format!("acme.echo.i{i}"), &format!("r{i}")).await;
+        echo(&engine, &key(i), &format!("r{i}")).await;
     }
-    stop(&runner, run).await;
+    stop(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() {
     let (engine, server) = grpc_server(GrpcServerOptions::default()).await;
-    let runner = runner(
+    let running = Running::start(runner(
         15,
-        options(&server.url())
+        fast_options(&server.url())
             .max_streams_per_channel(10)
             .build()
             .expect("options"),
-    );
-    let run = start(&runner);
+    ));
+    let runner = running.runner().clone();
     engine.wait_for_active(15, WAIT).await.expect("15 active");
     wait_all_active(&runner).await;
     server
@@ -206,11 +169,11 @@ async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() 
         .into_iter()
         .find(|c| c.open_streams == 5)
         .expect("the connection with 5 streams");
-    let victims: Vec<String> = engine
+    let victims: Vec<RegistrationKey> = engine
         .registrations()
         .into_iter()
         .filter(|r| r.connection_id == victim.connection_id)
-        .map(|r| r.key)
+        .map(|r| r.key.parse().expect("a key"))
         .collect();
     assert_eq!(victims.len(), 5);
     let registers_before = engine.stats().registers;
@@ -225,7 +188,7 @@ async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() 
     wait_all_active(&runner).await;
     for key in runner.registrations() {
         let m = runner.registration(&key).expect("hosted").metrics();
-        if victims.contains(&key.to_string()) {
+        if victims.contains(&key) {
             assert!(m.total_disconnects >= 1, "{key}: {m:?}");
             assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
         } else {
@@ -235,8 +198,8 @@ async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() 
     for v in &victims {
         echo(&engine, v, &format!("after-{v}")).await;
     }
-    assert!(runner.summary().transport.open_streams() == 15);
-    stop(&runner, run).await;
+    assert_eq!(runner.summary().transport.open_streams(), 15);
+    stop(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,14 +215,13 @@ async fn wrong_ca_is_a_tls_error_retried_with_backoff() {
     let wrong = other.write_ca_pem(&dir).expect("ca");
     let runner = runner(
         1,
-        options(&server.url())
+        fast_options(&server.url())
             .ca_cert(wrong)
             .build()
             .expect("options"),
     );
-    let key = RegistrationKey::new("acme", "echo", "i0").expect("key");
-    let mut events = runner.registration(&key).expect("hosted").events();
-    let run = start(&runner);
+    let mut events = runner.registration(&key(0)).expect("hosted").events();
+    let running = Running::start(runner);
 
     // Two failed opens that name TLS, with a backoff between them.
     let mut tls_failures = 0;
@@ -282,7 +244,10 @@ async fn wrong_ca_is_a_tls_error_retried_with_backoff() {
     .await
     .expect("retries in time");
     assert!(engine.registrations().is_empty());
-    assert!(!run.is_finished(), "a TLS failure does not end the runner");
-    stop(&runner, run).await;
+    assert!(
+        !running.is_finished(),
+        "a TLS failure does not end the runner"
+    );
+    stop(running).await;
     let _ = std::fs::remove_dir_all(dir);
 }
