@@ -111,6 +111,35 @@ impl ExecuteContext {
         }
     }
 
+    /// The context of a request from the wire, built in one step (the
+    /// builder methods move the whole context once per call, which per
+    /// execute was measurable).
+    pub(crate) fn from_request(
+        key: RegistrationKey,
+        request_id: String,
+        capability_id: String,
+        payload: Bytes,
+        encoding: PayloadEncoding,
+        context: HashMap<String, String>,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let trace = if context.is_empty() {
+            None
+        } else {
+            TraceContext::from_context(&context)
+        };
+        Self {
+            request_id,
+            capability_id,
+            payload,
+            encoding,
+            context,
+            deadline,
+            key,
+            trace,
+        }
+    }
+
     /// The capability asked for.
     pub fn with_capability(mut self, capability_id: impl Into<String>) -> Self {
         self.capability_id = capability_id.into();

@@ -164,6 +164,9 @@ struct Driver {
 
 impl Driver {
     async fn apply_actions(&mut self, sm: &mut Registration) {
+        // One clock read for the handlers started in this batch (their
+        // deadlines); each one's end is read when it ends.
+        let mut started_at: Option<Instant> = None;
         while let Some(action) = sm.poll_action() {
             match action {
                 Action::OpenStream(register) => {
@@ -213,7 +216,10 @@ impl Driver {
                     }
                     None => sm.handle_token(Instant::now(), Err("no token source configured")),
                 },
-                Action::Execute(request) => self.start_execute(sm, *request, Instant::now()),
+                Action::Execute(request) => {
+                    let now = *started_at.get_or_insert_with(Instant::now);
+                    self.start_execute(sm, *request, now)
+                }
                 Action::Abort(id) => {
                     if let Some(handle) = self.aborts.remove(id.as_str()) {
                         handle.abort();
@@ -238,15 +244,17 @@ impl Driver {
         let id = sm
             .shared_request_id(&request.request_id)
             .unwrap_or_else(|| Arc::from(request.request_id.as_str()));
-        let mut ctx = ExecuteContext::new(self.key.clone(), request.request_id, request.payload)
-            .with_capability(request.capability_id)
-            .with_encoding(
-                PayloadEncoding::try_from(request.encoding).unwrap_or(PayloadEncoding::Unspecified),
-            )
-            .with_context(request.context);
-        if request.timeout_ms > 0 {
-            ctx = ctx.with_deadline(now + Duration::from_millis(request.timeout_ms as u64));
-        }
+        let deadline = (request.timeout_ms > 0)
+            .then(|| now + Duration::from_millis(request.timeout_ms as u64));
+        let ctx = ExecuteContext::from_request(
+            self.key.clone(),
+            request.request_id,
+            request.capability_id,
+            request.payload,
+            PayloadEncoding::try_from(request.encoding).unwrap_or(PayloadEncoding::Unspecified),
+            request.context,
+            deadline,
+        );
         let span = crate::trace::execute_span(&self.key, &ctx);
         let end = crate::trace::SpanEnd::new(&span, ctx.deadline);
         let connector = self.connector.clone();
