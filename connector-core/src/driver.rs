@@ -374,7 +374,9 @@ impl Driver {
                 }
                 Err(_) => Input::OutboundClosed,
             },
-            ev = async { match closing.as_mut() { Some(c) => c.step().await, None => std::future::pending().await } }, if has_closing => Input::Closing(ev),
+            // Boxed: a close is rare and short, and inline its future
+            // (~270 bytes) would be in every registration's task for life.
+            ev = async { match closing.as_mut() { Some(c) => Box::pin(c.step()).await, None => std::future::pending().await } }, if has_closing => Input::Closing(ev),
             _ = timer.as_mut(), if has_timer => Input::Timer,
         }
     }

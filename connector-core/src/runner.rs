@@ -54,9 +54,10 @@ enum Phase {
 }
 
 /// One hosted registration.
-#[derive(Clone)]
 struct Entry {
-    registration: ConnectorRegistration,
+    /// Taken when its driver starts: the driver keeps what it needs, and
+    /// the runner's table holds no second copy of every config.
+    registration: Option<ConnectorRegistration>,
     live: Arc<LiveShared>,
 }
 
@@ -136,7 +137,7 @@ impl MultiConnectorRunner {
                 key.clone(),
                 Entry {
                     live: Arc::new(LiveShared::new(key.clone(), shutdown.child_token())),
-                    registration,
+                    registration: Some(registration),
                 },
             );
             state.order.push(key);
@@ -181,12 +182,12 @@ impl MultiConnectorRunner {
                 "registration `{key}` is already hosted by this runner"
             )));
         }
-        let entry = Entry {
+        let mut entry = Entry {
             live: Arc::new(LiveShared::new(
                 key.clone(),
                 self.shared.shutdown.child_token(),
             )),
-            registration,
+            registration: Some(registration),
         };
         let handle = RegistrationHandle {
             shared: entry.live.clone(),
@@ -194,7 +195,11 @@ impl MultiConnectorRunner {
         if let Phase::Running { adds } = &state.phase {
             // The run loop holds the receiver until it sets `Finished` under
             // this same lock, so the send cannot be lost.
-            if adds.send(entry.clone()).is_err() {
+            let started = Entry {
+                registration: entry.registration.take(),
+                live: entry.live.clone(),
+            };
+            if adds.send(started).is_err() {
                 return Err(ConnectorError::AlreadyRunning(format!(
                     "cannot add `{key}`: the runner is finishing"
                 )));
@@ -314,10 +319,16 @@ impl MultiConnectorRunner {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             state.phase = Phase::Running { adds: tx };
-            let initial: Vec<Entry> = state
-                .order
+            let RunnerState { order, entries, .. } = &mut *state;
+            let initial: Vec<Entry> = order
                 .iter()
-                .filter_map(|k| state.entries.get(k).cloned())
+                .filter_map(|k| {
+                    let e = entries.get_mut(k)?;
+                    Some(Entry {
+                        registration: e.registration.take(),
+                        live: e.live.clone(),
+                    })
+                })
                 .collect();
             (initial, rx)
         };
@@ -339,12 +350,15 @@ impl MultiConnectorRunner {
             let options = &self.shared.options;
             let pacer = self.shared.pacer.clone();
             let mux = mux.clone();
+            let Some(registration) = entry.registration else {
+                return;
+            };
             let key = entry.live.key.clone();
             // Built outside the task's future, which then holds the driver
             // and the key only (see `drive`). `map`, not `async { run.await;
             // key }`: an async block would keep `run` twice (the captured
             // value and the awaited one), 2 KiB more per registration.
-            let run = drive(entry.registration, options, mux, pacer, entry.live);
+            let run = drive(registration, options, mux, pacer, entry.live);
             drivers.spawn(run.map(move |()| key));
         };
         for entry in initial {
