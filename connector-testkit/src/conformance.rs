@@ -20,28 +20,34 @@
 //! timeouts; nothing sleeps to let things settle.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use connector_core::proto::{ExecuteRequest, ExecuteResponse, PayloadEncoding};
+use connector_core::proto::stream_message::Kind;
+use connector_core::proto::{
+    ApprovalUpdate, ExecuteRequest, ExecuteResponse, PayloadEncoding, RegistrationStatus,
+    RejectReason, StreamMessage,
+};
 use connector_core::{
-    ConnectorConfig, ConnectorError, ConnectorRegistration, DisconnectCause, JitterRng,
-    MultiConnectorRunner, MultiTransportOptions, MultiTransportOptionsBuilder, ProxySetting,
-    RegistrationEvent, RegistrationKey, RegistrationState, StreamMux, Transport, TransportError,
+    BaseConnector, ConnectorError, DisconnectCause, JitterRng, MultiConnectorRunner,
+    MultiTransportOptions, MultiTransportOptionsBuilder, ProxySetting, RegistrationEvent,
+    RegistrationHandle, RegistrationKey, RegistrationState, StopReason, StreamMux, Transport,
+    TransportError,
 };
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use crate::connectors::{Counting, Sleep};
-use crate::engine::{ServerEvent, TestServer};
+use crate::engine::{ApprovalPolicy, ServerEvent, TestServer};
 use crate::proxy::ConnectProxy;
 use crate::tls::TestCertificate;
 
 /// Bound for every wait of a story: generous, only reached when broken.
 pub use crate::harness::WAIT;
-use crate::harness::{fast_options as options, key};
+use crate::harness::{fast_options as options, key, registrations, TEST_TOKEN};
 
 /// The wire a client transport speaks, that is which testkit server a
 /// story starts for it.
@@ -147,40 +153,58 @@ macro_rules! each {
     };
 }
 
-/// TLS settings for a story's server.
+/// How a story's server is set up: TLS, and a fixed address.
 #[derive(Clone, Default)]
-struct Tls {
+struct Setup {
     cert: Option<TestCertificate>,
     require_client_cert: bool,
+    bind: Option<SocketAddr>,
+}
+
+impl Setup {
+    /// TLS with `cert`.
+    fn tls(cert: TestCertificate) -> Self {
+        Self {
+            cert: Some(cert),
+            ..Self::default()
+        }
+    }
+
+    /// TLS with `cert`, and a client certificate required.
+    fn mutual(cert: TestCertificate) -> Self {
+        Self {
+            require_client_cert: true,
+            ..Self::tls(cert)
+        }
+    }
+}
+
+/// Starts the front-end `$server` (options `$opts`) for `Server::$variant`.
+macro_rules! start_server {
+    ($variant:ident, $server:ident, $opts:ident, $engine:expr, $setup:expr) => {{
+        let setup = $setup;
+        let mut o = crate::$opts::default();
+        if let Some(c) = setup.cert {
+            o = o.tls(c).require_client_cert(setup.require_client_cert);
+        }
+        if let Some(a) = setup.bind {
+            o = o.bind(a);
+        }
+        Server::$variant(
+            crate::$server::start($engine.clone(), o)
+                .await
+                .expect("the test server starts"),
+        )
+    }};
 }
 
 impl Server {
-    async fn start(wire: Wire, engine: &TestServer, tls: Tls) -> Self {
+    async fn start(wire: Wire, engine: &TestServer, setup: Setup) -> Self {
         match wire {
             #[cfg(feature = "grpc")]
-            Wire::Grpc => {
-                let mut o = crate::GrpcServerOptions::default();
-                if let Some(c) = tls.cert {
-                    o = o.tls(c).require_client_cert(tls.require_client_cert);
-                }
-                Server::Grpc(
-                    crate::GrpcTestServer::start(engine.clone(), o)
-                        .await
-                        .expect("gRPC test server starts"),
-                )
-            }
+            Wire::Grpc => start_server!(Grpc, GrpcTestServer, GrpcServerOptions, engine, setup),
             #[cfg(feature = "ws")]
-            Wire::WebSocket => {
-                let mut o = crate::WsServerOptions::default();
-                if let Some(c) = tls.cert {
-                    o = o.tls(c).require_client_cert(tls.require_client_cert);
-                }
-                Server::Ws(
-                    crate::WsTestServer::start(engine.clone(), o)
-                        .await
-                        .expect("WebSocket test server starts"),
-                )
-            }
+            Wire::WebSocket => start_server!(Ws, WsTestServer, WsServerOptions, engine, setup),
             #[allow(unreachable_patterns)] // a front-end compiled out
             other => panic!("this testkit build has no server for {other:?}"),
         }
@@ -190,19 +214,24 @@ impl Server {
         each!(self, s => s.url())
     }
 
+    fn kill(&self, connection_id: u64) -> bool {
+        each!(self, s => s.kill_connection(connection_id))
+    }
+
     fn kill_one(&self) {
         let first = each!(self, s => s.connections().first().map(|c| c.connection_id));
         if let Some(id) = first {
-            each!(self, s => s.kill_connection(id));
+            self.kill(id);
         }
-    }
-
-    fn kill_all(&self) -> usize {
-        each!(self, s => s.kill_all_connections())
     }
 
     fn total_connections_accepted(&self) -> u64 {
         each!(self, s => s.total_connections_accepted())
+    }
+
+    async fn wait_for_connection_count(&self, n: usize) {
+        each!(self, s => s.wait_for_connection_count(n, WAIT).await)
+            .unwrap_or_else(|e| panic!("{n} server connections: {e}"));
     }
 
     async fn restart(&self) {
@@ -211,6 +240,14 @@ impl Server {
 
     async fn stop(&self) {
         each!(self, s => s.stop().await)
+    }
+}
+
+/// The URL scheme of `wire`, without TLS.
+fn scheme(wire: Wire) -> &'static str {
+    match wire {
+        Wire::Grpc => "grpc",
+        Wire::WebSocket => "ws",
     }
 }
 
@@ -228,35 +265,27 @@ fn runner(
     target: &Target,
     n: usize,
     options: MultiTransportOptions,
-    worker: &Counting<Sleep>,
+    connector: Arc<dyn BaseConnector>,
 ) -> MultiConnectorRunner {
-    let regs = (0..n)
-        .map(|i| {
-            let k = key(i);
-            ConnectorRegistration::new(
-                ConnectorConfig::builder(k.tenant_id(), k.connector_type(), k.instance_id())
-                    .auth_token("secret-token")
-                    .build()
-                    .expect("valid config"),
-                worker.clone(),
-            )
-        })
-        .collect();
-    MultiConnectorRunner::new(regs, options, target.transport())
+    MultiConnectorRunner::new(registrations(n, connector), options, target.transport())
+}
+
+fn worker() -> Counting<Sleep> {
+    Counting::new(Sleep::new(Duration::ZERO))
 }
 
 impl World {
     async fn new(
         target: &Target,
         n: usize,
-        tls: Tls,
+        setup: Setup,
         tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
     ) -> Self {
         let engine = TestServer::new();
-        let server = Server::start(target.wire, &engine, tls).await;
-        let worker = Counting::new(Sleep::new(Duration::ZERO));
+        let server = Server::start(target.wire, &engine, setup).await;
+        let worker = worker();
         let options = tune(options(&server.url())).build().expect("valid options");
-        let runner = runner(target, n, options, &worker);
+        let runner = runner(target, n, options, Arc::new(worker.clone()));
         Self {
             engine,
             server,
@@ -266,32 +295,75 @@ impl World {
         }
     }
 
+    /// `n` registrations, a plaintext server, the test options.
+    async fn plain(target: &Target, n: usize) -> Self {
+        Self::new(target, n, Setup::default(), |o| o).await
+    }
+
+    /// [`World::plain`], started, every registration active.
+    async fn running(target: &Target, n: usize) -> Self {
+        let mut w = Self::plain(target, n).await;
+        w.start();
+        w.all_active(n).await;
+        w
+    }
+
     fn start(&mut self) {
         let r = self.runner.clone();
         self.run = Some(tokio::spawn(async move { r.run().await }));
     }
 
+    fn handle(&self, i: usize) -> RegistrationHandle {
+        self.runner.registration(&key(i)).expect("hosted")
+    }
+
+    /// Waits until registration `i` is active on the client.
+    async fn active(&self, i: usize) {
+        self.handle(i)
+            .wait_for(WAIT, |s| *s == RegistrationState::Active)
+            .await
+            .unwrap_or_else(|| panic!("{} not active on the client", key(i)));
+    }
+
+    /// `n` keys active on the server, and every registration on the client.
     async fn all_active(&self, n: usize) {
         self.engine
             .wait_for_active(n, WAIT)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        for k in self.runner.registrations() {
-            self.runner
-                .registration(&k)
-                .expect("hosted")
-                .wait_for(WAIT, |s| *s == RegistrationState::Active)
-                .await
-                .unwrap_or_else(|| panic!("{k} not active on the client"));
+        for i in 0..self.runner.registrations().len() {
+            self.active(i).await;
         }
     }
 
     fn events(&self, i: usize) -> broadcast::Receiver<RegistrationEvent> {
-        self.runner.registration(&key(i)).expect("hosted").events()
+        self.handle(i).events()
     }
 
-    /// Stops the runner: `run` returns `Ok` and no connection stays open;
-    /// then the engine must have seen no protocol error.
+    /// Every `register` the server saw from registration `i`, oldest
+    /// first, as "did it carry a session token this server issued".
+    fn registers(&self, i: usize) -> Vec<bool> {
+        let k = key(i).to_string();
+        self.engine
+            .events()
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::Registered { key, resumed, .. } if *key == k => Some(*resumed),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `run` has returned.
+    fn finished(&self) -> bool {
+        self.run.as_ref().is_some_and(JoinHandle::is_finished)
+    }
+
+    /// Stops the runner: `run` returns `Ok` and no connection stays open.
+    /// Then, once the server has seen every connection and stream end and
+    /// has stopped itself, the engine must have seen no protocol error: a
+    /// violation in the client's last messages is caught, and a server
+    /// teardown after the check cannot add one the check missed.
     async fn stop(mut self) {
         self.runner.shutdown_handle().shutdown();
         if let Some(run) = self.run.take() {
@@ -302,9 +374,18 @@ impl World {
                 .expect("clean stop");
         }
         assert_eq!(self.runner.summary().transport.open_connections(), 0);
-        self.engine.verify().expect("no client protocol error");
+        self.server.wait_for_connection_count(0).await;
+        self.engine
+            .wait_until(WAIT, |e| e.registrations().is_empty())
+            .await
+            .unwrap_or_else(|e| panic!("every stream ends on the server: {e}"));
         self.server.stop().await;
+        self.engine.verify().expect("no client protocol error");
     }
+}
+
+fn message(kind: Kind) -> StreamMessage {
+    StreamMessage { kind: Some(kind) }
 }
 
 fn request(id: &str, payload: &str) -> ExecuteRequest {
@@ -317,17 +398,24 @@ fn request(id: &str, payload: &str) -> ExecuteRequest {
     }
 }
 
-/// Sends one request and checks the answer is its payload, echoed.
-async fn echo(engine: &TestServer, k: &RegistrationKey, id: &str) -> ExecuteResponse {
-    let req = request(id, &format!("{{\"id\":\"{id}\"}}"));
+/// Sends `req` to `k` and waits for its answer, which must carry its id.
+async fn answer(engine: &TestServer, k: &RegistrationKey, req: ExecuteRequest) -> ExecuteResponse {
+    let id = req.request_id.clone();
     let resp = engine
-        .send_execute(k, req.clone())
+        .send_execute(k, req)
         .unwrap_or_else(|e| panic!("send {id}: {e}"))
         .wait(WAIT)
         .await
         .unwrap_or_else(|e| panic!("answer to {id}: {e}"));
-    assert!(resp.success, "{resp:?}");
     assert_eq!(resp.request_id, id);
+    resp
+}
+
+/// Sends one request and checks the answer is its payload, echoed.
+async fn echo(engine: &TestServer, k: &RegistrationKey, id: &str) -> ExecuteResponse {
+    let req = request(id, &format!("{{\"id\":\"{id}\"}}"));
+    let resp = answer(engine, k, req.clone()).await;
+    assert!(resp.success, "{resp:?}");
     assert_eq!(resp.payload, req.payload, "the echo is the payload");
     resp
 }
@@ -355,17 +443,119 @@ async fn wait_event<T>(
     .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Every event up to and including the first `done` accepts. Lagging
+/// fails: the story asserts on the whole sequence.
+async fn events_until(
+    events: &mut broadcast::Receiver<RegistrationEvent>,
+    what: &str,
+    mut done: impl FnMut(&RegistrationEvent) -> bool,
+) -> Vec<RegistrationEvent> {
+    let mut seen = Vec::new();
+    timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    let last = done(&e);
+                    seen.push(e);
+                    if last {
+                        return;
+                    }
+                }
+                Err(e) => panic!("event stream while waiting for {what}: {e}; seen {seen:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    seen
+}
+
+/// The cause of a `Disconnected` event.
+fn disconnect(e: &RegistrationEvent) -> Option<DisconnectCause> {
+    match e {
+        RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
+        _ => None,
+    }
+}
+
+/// The message of a `Disconnected { OpenFailed }` event.
+fn open_failure(e: &RegistrationEvent) -> Option<String> {
+    match disconnect(e)? {
+        DisconnectCause::OpenFailed(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// An approval after a lost approved stream.
+fn reconnected(e: &RegistrationEvent) -> Option<()> {
+    matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
+}
+
+/// The index of the first event `is` accepts, or a panic naming `what`.
+fn position(
+    seen: &[RegistrationEvent],
+    what: &str,
+    is: impl Fn(&RegistrationEvent) -> bool,
+) -> usize {
+    seen.iter()
+        .position(is)
+        .unwrap_or_else(|| panic!("no {what} among {seen:#?}"))
+}
+
+/// Registration 0 was rejected with `reason` and `message` and stopped for
+/// good: no second register; registration 1 carries on and answers.
+async fn assert_rejected_for_good(
+    w: &World,
+    events: &mut broadcast::Receiver<RegistrationEvent>,
+    reason: RejectReason,
+    message: &str,
+) {
+    let got = wait_event(events, "the rejection", |e| match e {
+        RegistrationEvent::Rejected { reason, message } => Some((*reason, message.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, (reason, message.to_string()));
+    let state = w
+        .handle(0)
+        .wait_for(WAIT, |s| matches!(s, RegistrationState::Stopped(_)))
+        .await
+        .expect("a final rejection stops the registration");
+    assert_eq!(
+        state,
+        RegistrationState::Stopped(StopReason::Rejected {
+            reason,
+            message: message.into()
+        })
+    );
+    w.active(1).await;
+    echo(&w.engine, &key(1), "the-other-carries-on").await;
+    assert!(!w.finished(), "the runner carries on with the others");
+    assert_eq!(w.registers(0).len(), 1, "a final rejection is not retried");
+    assert_eq!(w.handle(0).state(), state, "stopped stays stopped");
+    assert_eq!(w.worker.total(), 1, "only the other one ran a request");
+}
+
+/// The server rejects registration 0 with a final `reason` at once.
+async fn rejected_for_good(target: Target, reason: RejectReason) {
+    let mut w = World::plain(&target, 2).await;
+    w.engine
+        .set_policy_for(&key(0), ApprovalPolicy::Reject(reason));
+    let mut events = w.events(0);
+    w.start();
+    assert_rejected_for_good(&w, &mut events, reason, "rejected by the test's policy").await;
+    w.stop().await;
+}
+
 /// Register, get approved, answer executes; the server sees the
 /// registration's identity and auth token.
 pub async fn register_approve_and_echo(target: Target) {
-    let mut w = World::new(&target, 3, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(3).await;
+    let w = World::running(&target, 3).await;
     let regs = w.engine.registrations();
     assert_eq!(regs.len(), 3, "{regs:?}");
     for (i, r) in regs.iter().enumerate() {
         assert_eq!(r.key, key(i).to_string());
-        assert_eq!(r.register.auth_token, "secret-token");
+        assert_eq!(r.register.auth_token, TEST_TOKEN);
     }
     for i in 0..3 {
         echo(&w.engine, &key(i), &format!("r{i}")).await;
@@ -377,11 +567,10 @@ pub async fn register_approve_and_echo(target: Target) {
 /// `PENDING` then approved: the client waits without executing, then
 /// becomes active on the same stream.
 pub async fn pending_then_approved(target: Target) {
-    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
-    w.engine.set_policy(crate::ApprovalPolicy::Pending);
+    let mut w = World::plain(&target, 1).await;
+    w.engine.set_policy(ApprovalPolicy::Pending);
     w.start();
-    let handle = w.runner.registration(&key(0)).expect("hosted");
-    handle
+    w.handle(0)
         .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
         .await
         .expect("pending on the client");
@@ -397,107 +586,262 @@ pub async fn pending_then_approved(target: Target) {
     w.stop().await;
 }
 
-/// `PENDING` then rejected (`DENIED`): the client reports the rejection
-/// and does not run a request.
+/// `PENDING` then rejected (`DENIED`): the client reports the reason and
+/// the server's message, stops that registration for good without running
+/// a request, and the other one carries on.
 pub async fn pending_then_rejected(target: Target) {
-    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
-    w.engine.set_policy(crate::ApprovalPolicy::Pending);
+    let mut w = World::plain(&target, 2).await;
+    w.engine.set_policy(ApprovalPolicy::Pending);
+    w.engine.set_policy_for(&key(1), ApprovalPolicy::Approve);
     let mut events = w.events(0);
     w.start();
-    w.runner
-        .registration(&key(0))
-        .expect("hosted")
+    w.handle(0)
         .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
         .await
         .expect("pending on the client");
     w.engine
-        .reject(&key(0), connector_core::proto::RejectReason::Denied, "no")
+        .reject(&key(0), RejectReason::Denied, "not this one")
         .expect("reject");
-    wait_event(&mut events, "the rejection", |e| {
-        matches!(e, RegistrationEvent::Rejected { .. }).then_some(())
+    assert_rejected_for_good(&w, &mut events, RejectReason::Denied, "not this one").await;
+    assert_eq!(w.engine.active_keys(), vec![key(1)]);
+    w.stop().await;
+}
+
+/// `REJECTED` with `DENIED`: final.
+pub async fn denied_is_final(target: Target) {
+    rejected_for_good(target, RejectReason::Denied).await;
+}
+
+/// `REJECTED` with `INVALID_CREDENTIALS` (a fixed token): final.
+pub async fn invalid_credentials_is_final(target: Target) {
+    rejected_for_good(target, RejectReason::InvalidCredentials).await;
+}
+
+/// `REJECTED` with `INVALID_REQUEST`: final.
+pub async fn invalid_request_is_final(target: Target) {
+    rejected_for_good(target, RejectReason::InvalidRequest).await;
+}
+
+/// `SESSION_EXPIRED` on a resumed register: the client drops the session
+/// token and registers again at once (no backoff) with its auth token.
+pub async fn session_expired_registers_again_at_once_without_the_token(target: Target) {
+    let w = World::running(&target, 1).await;
+    assert_eq!(w.registers(0), vec![false]);
+    w.engine.set_policy_for(
+        &key(0),
+        ApprovalPolicy::RejectOnce(RejectReason::SessionExpired),
+    );
+    let mut events = w.events(0);
+    w.engine.close_stream(&key(0)).expect("close");
+    // The first approval's event may still be on its way when the state
+    // already says Active: wait for the rejection first, then the approval.
+    let expired = |e: &RegistrationEvent| {
+        matches!(
+            e,
+            RegistrationEvent::Rejected {
+                reason: RejectReason::SessionExpired,
+                ..
+            }
+        )
+    };
+    let mut seen = events_until(&mut events, "the SESSION_EXPIRED rejection", expired).await;
+    seen.extend(
+        events_until(&mut events, "the approval after the expiry", |e| {
+            matches!(e, RegistrationEvent::Approved { .. })
+        })
+        .await,
+    );
+    let at = position(&seen, "SESSION_EXPIRED rejection", expired);
+    assert!(
+        !seen[at..]
+            .iter()
+            .any(|e| matches!(e, RegistrationEvent::BackingOff { .. })),
+        "registers again at once: {seen:#?}"
+    );
+    position(&seen[at..], "SessionExpired disconnect", |e| {
+        disconnect(e) == Some(DisconnectCause::SessionExpired)
+    });
+    assert_eq!(
+        w.registers(0),
+        vec![false, true, false],
+        "first, resumed (expired), then fresh"
+    );
+    let regs = w.engine.registrations();
+    assert_eq!(regs.len(), 1, "{regs:?}");
+    assert!(
+        regs[0].register.session_token.is_empty(),
+        "the expired token is dropped"
+    );
+    assert_eq!(regs[0].register.auth_token, TEST_TOKEN);
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "after-expiry").await;
+    w.stop().await;
+}
+
+/// `DUPLICATE`: the client backs off, retries, and is approved.
+pub async fn duplicate_backs_off_then_is_approved(target: Target) {
+    let mut w = World::plain(&target, 1).await;
+    w.engine
+        .set_policy_for(&key(0), ApprovalPolicy::RejectOnce(RejectReason::Duplicate));
+    let mut events = w.events(0);
+    w.start();
+    let seen = events_until(&mut events, "the approval after the retry", |e| {
+        matches!(e, RegistrationEvent::Approved { .. })
     })
     .await;
-    assert!(w.engine.active_keys().is_empty());
-    assert_eq!(w.worker.total(), 0);
+    let at = position(&seen, "DUPLICATE rejection", |e| {
+        matches!(
+            e,
+            RegistrationEvent::Rejected {
+                reason: RejectReason::Duplicate,
+                ..
+            }
+        )
+    });
+    position(&seen[at..], "Duplicate disconnect", |e| {
+        disconnect(e) == Some(DisconnectCause::Duplicate)
+    });
+    position(&seen[at..], "backoff before the retry", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    w.all_active(1).await;
+    assert_eq!(w.registers(0).len(), 2, "one rejected, one approved");
+    echo(&w.engine, &key(0), "after-duplicate").await;
+    w.stop().await;
+}
+
+/// A reject reason this client does not know (99, from a newer server):
+/// not one of the contract's final reasons, so never final; the client
+/// reports it, backs off and registers again.
+pub async fn unknown_reject_reason_is_retried(target: Target) {
+    let mut w = World::plain(&target, 1).await;
+    w.engine.set_policy(ApprovalPolicy::Pending);
+    let mut events = w.events(0);
+    w.start();
+    wait_event(&mut events, "pending", |e| {
+        matches!(e, RegistrationEvent::PendingApproval).then_some(())
+    })
+    .await;
+    w.engine
+        .send_raw(
+            &key(0),
+            message(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
+                status: RegistrationStatus::Rejected as i32,
+                session_token: String::new(),
+                message: "a reason from the future".into(),
+                reject_reason: 99,
+            }))),
+        )
+        .expect("send");
+    let seen = events_until(&mut events, "pending again", |e| {
+        matches!(e, RegistrationEvent::PendingApproval)
+    })
+    .await;
+    let at = position(&seen, "the rejection", |e| {
+        *e == RegistrationEvent::Rejected {
+            reason: RejectReason::Unspecified,
+            message: "a reason from the future".into(),
+        }
+    });
+    position(&seen[at..], "backoff before the retry", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    assert!(!matches!(w.handle(0).state(), RegistrationState::Stopped(_)));
+    assert_eq!(w.registers(0).len(), 2);
+    w.engine.approve(&key(0)).expect("approve the retry");
+    w.all_active(1).await;
+    echo(&w.engine, &key(0), "after-unknown-reason").await;
     w.stop().await;
 }
 
 /// The server ends a stream: the client reconnects with the session token
 /// it was given (the server sees a resumed register) and works again.
 pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
-    let mut w = World::new(&target, 2, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(2).await;
+    let w = World::running(&target, 2).await;
     let mut events = w.events(0);
     w.engine.close_stream(&key(0)).expect("close");
-    let cause = wait_event(&mut events, "the disconnect", |e| match e {
-        RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
-        _ => None,
-    })
-    .await;
+    let cause = wait_event(&mut events, "the disconnect", disconnect).await;
     assert_eq!(cause, DisconnectCause::ClosedByServer);
-    let k0 = key(0).to_string();
-    w.engine
-        .wait_until(WAIT, |e| {
-            e.events().iter().any(
-                |ev| matches!(ev, ServerEvent::Registered { key, resumed: true, .. } if *key == k0),
-            )
-        })
-        .await
-        .expect("a register carrying the issued session token");
+    wait_event(&mut events, "the reconnect", reconnected).await;
+    assert_eq!(w.registers(0), vec![false, true], "resumed with the token");
+    assert_eq!(w.registers(1), vec![false], "the other stream untouched");
     w.all_active(2).await;
     echo(&w.engine, &key(0), "after-close").await;
     w.stop().await;
 }
 
-/// Connections die under the client: it must see an error (not a clean
-/// close), then every registration comes back and answers.
+/// A connection dies under the client: every registration it carried sees
+/// an error (not a clean close, not a failed open), comes back and
+/// answers; the registrations on other connections see nothing.
 pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
-    let mut w = World::new(&target, 4, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(4).await;
-    let mut events = w.events(0);
-    assert!(w.server.kill_all() > 0, "there were connections to kill");
-    let cause = wait_event(&mut events, "the disconnect", |e| match e {
-        RegistrationEvent::Disconnected { cause } => Some(cause.clone()),
-        _ => None,
+    const N: usize = 6;
+    let mut w = World::new(&target, N, Setup::default(), |o| {
+        o.max_streams_per_channel(4)
     })
     .await;
-    assert!(
-        matches!(
-            cause,
-            DisconnectCause::Error(_) | DisconnectCause::OpenFailed(_)
-        ),
-        "a killed connection is an error, not {cause:?}"
-    );
-    w.all_active(4).await;
-    for i in 0..4 {
-        echo(&w.engine, &key(i), &format!("back{i}")).await;
+    w.start();
+    w.all_active(N).await;
+    let regs = w.engine.registrations();
+    let victim = regs[0].connection_id;
+    let victims: Vec<usize> = (0..N)
+        .filter(|i| {
+            regs.iter()
+                .any(|r| r.key == key(*i).to_string() && r.connection_id == victim)
+        })
+        .collect();
+    assert!(victims.contains(&0), "{regs:?}");
+    let mut events: Vec<_> = victims.iter().map(|i| w.events(*i)).collect();
+    assert!(w.server.kill(victim), "the connection was live");
+    for (i, ev) in victims.iter().zip(&mut events) {
+        let cause = wait_event(ev, "the disconnect", disconnect).await;
+        assert!(
+            matches!(cause, DisconnectCause::Error(_)),
+            "{}: a killed connection is an error, not {cause:?}",
+            key(*i)
+        );
+        wait_event(ev, "the reconnect", reconnected).await;
     }
+    w.all_active(N).await;
+    for i in 0..N {
+        echo(&w.engine, &key(i), &format!("back{i}")).await;
+        let m = w.handle(i).metrics();
+        if victims.contains(&i) {
+            assert!(m.total_disconnects >= 1, "{}: {m:?}", key(i));
+            assert!(m.successful_reconnects >= 1, "{}: {m:?}", key(i));
+        } else {
+            assert_eq!(m.total_disconnects, 0, "{} was untouched: {m:?}", key(i));
+        }
+    }
+    assert_eq!(w.runner.summary().transport.open_streams(), N);
     assert_eq!(w.engine.stats().duplicate_active, 0);
     w.stop().await;
 }
 
-/// The server restarts on the same port: everyone comes back.
+/// The server restarts on the same port (gRPC: GOAWAY to every
+/// connection): every registration reconnects once, is active again and
+/// answers.
 pub async fn server_restart_brings_everyone_back(target: Target) {
-    let mut w = World::new(&target, 3, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(3).await;
-    let before = w.engine.stats().registers;
+    const N: usize = 20;
+    let w = World::running(&target, N).await;
+    let mut events: Vec<_> = (0..N).map(|i| w.events(i)).collect();
     w.server.restart().await;
-    w.engine
-        .wait_until(WAIT, |e| e.stats().registers >= before + 3)
-        .await
-        .expect("everyone registered again");
-    w.all_active(3).await;
-    echo(&w.engine, &key(2), "after-restart").await;
+    for (i, ev) in events.iter_mut().enumerate() {
+        wait_event(ev, &format!("{} to reconnect", key(i)), reconnected).await;
+    }
+    w.all_active(N).await;
+    for i in 0..N {
+        let m = w.handle(i).metrics();
+        assert_eq!(m.successful_reconnects, 1, "{}: {m:?}", key(i));
+        echo(&w.engine, &key(i), &format!("after-restart{i}")).await;
+    }
+    assert_eq!(w.engine.stats().duplicate_active, 0);
     w.stop().await;
 }
 
 /// Heartbeat acks stop: the watchdog drops the stream; once acks flow
 /// again the registration is back.
 pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
-    let mut w = World::new(&target, 1, Tls::default(), |o| {
+    let mut w = World::new(&target, 1, Setup::default(), |o| {
         o.heartbeat_interval(Duration::from_millis(100))
             .heartbeat_timeout(Duration::from_millis(400))
     })
@@ -529,9 +873,7 @@ pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
 /// and the registration reconnects; `should_reconnect` on a heartbeat ack
 /// makes it reconnect too.
 pub async fn drain_and_should_reconnect(target: Target) {
-    let mut w = World::new(&target, 1, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(1).await;
+    let w = World::running(&target, 1).await;
     let k = key(0);
     let slow = w
         .engine
@@ -567,9 +909,7 @@ pub async fn drain_and_should_reconnect(target: Target) {
 
 /// Shutdown while requests run: each is answered before `run` returns.
 pub async fn shutdown_answers_work_in_flight(target: Target) {
-    let mut w = World::new(&target, 2, Tls::default(), |o| o).await;
-    w.start();
-    w.all_active(2).await;
+    let w = World::running(&target, 2).await;
     let pending: Vec<_> = (0..6)
         .map(|i| {
             w.engine
@@ -594,7 +934,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let mut w = World::new(&target, N, Tls::default(), |o| o.max_streams_per_channel(4)).await;
+    let mut w = World::new(&target, N, Setup::default(), |o| o.max_streams_per_channel(4)).await;
     w.start();
     w.all_active(N).await;
     let mut rng = JitterRng::new(2024);
@@ -674,11 +1014,7 @@ pub async fn proxy_tunnels_every_connection(target: Target) {
     let ca = cert.write_ca_pem(&dir.0).expect("ca");
     let proxy = ConnectProxy::start().await.expect("proxy");
     let purl = proxy.url();
-    let tls = Tls {
-        cert: Some(cert),
-        require_client_cert: false,
-    };
-    let mut w = World::new(&target, 6, tls, |o| {
+    let mut w = World::new(&target, 6, Setup::tls(cert), |o| {
         o.proxy(ProxySetting::Url(purl))
             .max_streams_per_channel(4)
             .ca_cert(&ca)
@@ -714,16 +1050,11 @@ pub async fn proxy_that_cannot_reach_the_server(target: Target) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = closed.local_addr().expect("addr");
     drop(closed);
-    let scheme = match target.wire {
-        Wire::Grpc => "grpc",
-        Wire::WebSocket => "ws",
-    };
-    let options = options(&format!("{scheme}://{dead}"))
+    let options = options(&format!("{}://{dead}", scheme(target.wire)))
         .proxy(ProxySetting::Url(proxy.url()))
         .build()
         .expect("options");
-    let worker = Counting::new(Sleep::new(Duration::ZERO));
-    let runner = runner(&target, 1, options, &worker);
+    let runner = runner(&target, 1, options, Arc::new(worker()));
     let mut events = runner.registration(&key(0)).expect("hosted").events();
     let r = runner.clone();
     let run = tokio::spawn(async move { r.run().await });
@@ -756,7 +1087,7 @@ pub async fn proxy_credentials(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
     proxy.require_auth("agent", "hunter2");
     let good = proxy.url_with_auth("agent", "hunter2");
-    let mut w = World::new(&target, 1, Tls::default(), |o| {
+    let mut w = World::new(&target, 1, Setup::default(), |o| {
         o.proxy(ProxySetting::Url(good))
     })
     .await;
@@ -768,7 +1099,7 @@ pub async fn proxy_credentials(target: Target) {
 
     let tunnels = proxy.tunnels_opened();
     let bad = proxy.url_with_auth("agent", "wrong-pass");
-    let mut w = World::new(&target, 1, Tls::default(), |o| {
+    let mut w = World::new(&target, 1, Setup::default(), |o| {
         o.proxy(ProxySetting::Url(bad))
     })
     .await;
@@ -804,7 +1135,7 @@ pub async fn proxy_credentials(target: Target) {
 /// `ProxySetting::Disabled` goes direct even with a proxy around.
 pub async fn proxy_disabled_goes_direct(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
-    let mut w = World::new(&target, 2, Tls::default(), |o| {
+    let mut w = World::new(&target, 2, Setup::default(), |o| {
         o.proxy(ProxySetting::Disabled)
     })
     .await;
@@ -841,8 +1172,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether a TLS failure message says so.
+fn names_tls(msg: &str) -> bool {
+    let m = msg.to_lowercase();
+    m.contains("tls") || m.contains("certificate")
+}
+
 /// TLS with the testkit CA, and mutual TLS: without a client certificate
-/// the open fails (retried, nothing registers); with one, admitted.
+/// every open fails with a TLS error (retried, nothing registers); with
+/// one, admitted.
 pub async fn tls_and_mutual_tls(target: Target) {
     let cert = TestCertificate::generate().expect("cert");
     let dir = TempDir::new("tls");
@@ -854,36 +1192,37 @@ pub async fn tls_and_mutual_tls(target: Target) {
     std::fs::write(&cp, c).expect("write");
     std::fs::write(&kp, k).expect("write");
 
-    let tls = Tls {
-        cert: Some(cert.clone()),
-        require_client_cert: false,
-    };
-    let mut w = World::new(&target, 2, tls, |o| o.ca_cert(&ca)).await;
+    let mut w = World::new(&target, 2, Setup::tls(cert.clone()), |o| o.ca_cert(&ca)).await;
     w.start();
     w.all_active(2).await;
     echo(&w.engine, &key(1), "tls").await;
     w.stop().await;
 
-    let mtls = Tls {
-        cert: Some(cert),
-        require_client_cert: true,
-    };
-    let mut w = World::new(&target, 1, mtls.clone(), |o| o.ca_cert(&ca)).await;
+    let mut w = World::new(&target, 1, Setup::mutual(cert.clone()), |o| {
+        o.ca_cert(&ca)
+    })
+    .await;
     let mut events = w.events(0);
     w.start();
     for _ in 0..2 {
-        wait_event(&mut events, "a refused open", |e| {
-            matches!(e, RegistrationEvent::Disconnected { .. }).then_some(())
-        })
-        .await;
+        let cause = wait_event(&mut events, "a refused open", disconnect).await;
+        // The handshake fails, so the open does: no stream, no register.
+        // (The gRPC client's message does not name TLS here, unlike the
+        // WebSocket one; see `wrong_ca_…` for a message that must.)
+        assert!(
+            matches!(cause, DisconnectCause::OpenFailed(_)),
+            "a refused client certificate fails the open, not {cause:?}"
+        );
     }
-    assert!(
-        w.engine.active_keys().is_empty(),
+    assert_eq!(
+        w.engine.stats().streams_opened,
+        0,
         "no stream without a client certificate"
     );
+    assert!(!w.finished(), "a TLS failure does not end the runner");
     w.stop().await;
 
-    let mut w = World::new(&target, 1, mtls, |o| {
+    let mut w = World::new(&target, 1, Setup::mutual(cert), |o| {
         o.ca_cert(&ca).client_identity(&cp, &kp)
     })
     .await;
@@ -893,16 +1232,42 @@ pub async fn tls_and_mutual_tls(target: Target) {
     w.stop().await;
 }
 
+/// A CA that did not sign the server's certificate: every open fails
+/// naming TLS, with a backoff between attempts; nothing registers and the
+/// runner keeps going.
+pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
+    let served = TestCertificate::generate().expect("cert");
+    let other = TestCertificate::generate().expect("cert");
+    let dir = TempDir::new("wrong-ca");
+    let wrong = other.write_ca_pem(&dir.0).expect("ca");
+    let mut w = World::new(&target, 1, Setup::tls(served), |o| o.ca_cert(&wrong)).await;
+    let mut events = w.events(0);
+    w.start();
+    let mut failures = 0;
+    let seen = events_until(&mut events, "two failed opens", |e| {
+        failures += usize::from(open_failure(e).is_some());
+        failures == 2
+    })
+    .await;
+    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
+    position(&seen[first..], "a backoff between the attempts", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    for msg in seen.iter().filter_map(open_failure) {
+        assert!(names_tls(&msg), "{msg}");
+    }
+    assert_eq!(w.engine.stats().registers, 0);
+    assert!(!w.finished(), "a TLS failure does not end the runner");
+    w.stop().await;
+}
+
 /// Bad input from the user: an unreadable CA file fails `run` with a
 /// configuration error naming the file, at once; nothing reaches the
 /// server.
 pub async fn unreadable_ca_file_is_a_config_error(target: Target) {
     const MISSING: &str = "/nonexistent/connector-conformance/ca.pem";
-    let tls = Tls {
-        cert: Some(TestCertificate::generate().expect("cert")),
-        require_client_cert: false,
-    };
-    let w = World::new(&target, 1, tls, |o| o.ca_cert(MISSING)).await;
+    let setup = Setup::tls(TestCertificate::generate().expect("cert"));
+    let w = World::new(&target, 1, setup, |o| o.ca_cert(MISSING)).await;
     let err = timeout(WAIT, w.runner.run())
         .await
         .expect("run returns at once")
@@ -925,6 +1290,12 @@ macro_rules! conformance_suite {
             register_approve_and_echo,
             pending_then_approved,
             pending_then_rejected,
+            denied_is_final,
+            invalid_credentials_is_final,
+            invalid_request_is_final,
+            session_expired_registers_again_at_once_without_the_token,
+            duplicate_backs_off_then_is_approved,
+            unknown_reject_reason_is_retried,
             stream_kill_resumes_with_the_session_token,
             connection_kill_is_an_error_then_recovers,
             server_restart_brings_everyone_back,
@@ -937,6 +1308,7 @@ macro_rules! conformance_suite {
             proxy_credentials,
             proxy_disabled_goes_direct,
             tls_and_mutual_tls,
+            wrong_ca_is_a_tls_error_retried_with_backoff,
             unreadable_ca_file_is_a_config_error,
         );
     };
