@@ -786,7 +786,7 @@ pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     let victims: Vec<usize> = (0..N)
         .filter(|i| {
             regs.iter()
-                .any(|r| r.key == key(*i).to_string() && r.connection_id == victim)
+                .any(|r| key(*i) == r.key && r.connection_id == victim)
         })
         .collect();
     assert!(victims.contains(&0), "{regs:?}");
