@@ -212,25 +212,27 @@ impl H {
         std::mem::take(&mut self.sent)
     }
 
-    fn responses(&mut self) -> Vec<ExecuteResponse> {
+    /// What `pick` takes from the messages sent since the last look (the
+    /// rest dropped).
+    fn sent_of<T>(&mut self, pick: impl Fn(Kind) -> Option<T>) -> Vec<T> {
         self.take_sent()
             .into_iter()
-            .filter_map(|m| match m.kind {
-                Some(Kind::ExecuteResponse(r)) => Some(*r),
-                _ => None,
-            })
+            .filter_map(|m| m.kind.and_then(&pick))
             .collect()
     }
 
-    /// The heartbeats sent since the last look (other messages dropped).
+    fn responses(&mut self) -> Vec<ExecuteResponse> {
+        self.sent_of(|k| match k {
+            Kind::ExecuteResponse(r) => Some(*r),
+            _ => None,
+        })
+    }
+
     fn beats(&mut self) -> Vec<Heartbeat> {
-        self.take_sent()
-            .iter()
-            .filter_map(|m| match &m.kind {
-                Some(Kind::Heartbeat(hb)) => Some(*hb),
-                _ => None,
-            })
-            .collect()
+        self.sent_of(|k| match k {
+            Kind::Heartbeat(hb) => Some(hb),
+            _ => None,
+        })
     }
 
     /// The registers opened since the last look (other actions dropped).
