@@ -6,15 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use connector_proto::{
     stream_message::Kind, ApprovalUpdate, CancelRequest, Capability, Drain, ExecuteErrorKind,
-    ExecuteRequest, ExecuteResponse, HeartbeatAck, PayloadEncoding, RegisterResponse,
-    RegistrationStatus, RejectReason, StreamMessage,
+    ExecuteRequest, ExecuteResponse, Heartbeat, HeartbeatAck, PayloadEncoding, RegisterRequest,
+    RegisterResponse, RegistrationStatus, RejectReason, StreamMessage,
 };
 use tokio::time::Instant;
 
 use crate::{
     Action, BaseConnector, ConnectorConfig, ConnectorRegistration, DisconnectCause, ExecuteContext,
-    ExecuteError, ExecuteOutput, MultiTransportOptions, Registration, RegistrationEvent,
-    RegistrationState, StopReason,
+    ExecuteError, ExecuteOutput, MultiTransportOptions, MultiTransportOptionsBuilder, Registration,
+    RegistrationEvent, RegistrationState, StopReason,
 };
 
 struct Echo;
@@ -37,6 +37,8 @@ impl BaseConnector for Echo {
 
 const HB: Duration = Duration::from_secs(30);
 const WD: Duration = Duration::from_secs(45);
+/// The message every [`rejected`] answer carries.
+const REJECTION: &str = "rejected by the test";
 
 fn options() -> MultiTransportOptions {
     MultiTransportOptions::builder("grpc://127.0.0.1:1")
@@ -45,6 +47,88 @@ fn options() -> MultiTransportOptions {
         .metrics_report_interval(None)
         .build()
         .expect("valid options")
+}
+
+fn config(instance: &str) -> ConnectorConfig {
+    ConnectorConfig::builder("t", "echo", instance)
+        .auth_token("secret-auth")
+        .build()
+        .expect("valid config")
+}
+
+// What the scripted server sends.
+
+/// A `register_response` with `status` and nothing else.
+fn answer(status: RegistrationStatus) -> Kind {
+    Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: status as i32,
+        ..Default::default()
+    }))
+}
+
+fn approved() -> Kind {
+    answer(RegistrationStatus::Approved)
+}
+
+fn pending() -> Kind {
+    answer(RegistrationStatus::Pending)
+}
+
+/// A rejection with reason code `code` (maybe one the SDK does not know)
+/// and the message [`REJECTION`].
+fn rejected_code(code: i32) -> Kind {
+    Kind::RegisterResponse(Box::new(RegisterResponse {
+        status: RegistrationStatus::Rejected as i32,
+        reject_reason: code,
+        message: REJECTION.into(),
+        ..Default::default()
+    }))
+}
+
+fn rejected(reason: RejectReason) -> Kind {
+    rejected_code(reason as i32)
+}
+
+/// An `approval_update` with the session token `tok`.
+fn approval_update(status: RegistrationStatus, reject_reason: RejectReason) -> Kind {
+    Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
+        status: status as i32,
+        session_token: "tok".into(),
+        message: REJECTION.into(),
+        reject_reason: reject_reason as i32,
+    }))
+}
+
+fn drain(reason: &str, reconnect_after_ms: u32) -> Kind {
+    Kind::Drain(Box::new(Drain {
+        reason: reason.into(),
+        reconnect_after_ms,
+    }))
+}
+
+fn ack(sequence: u64) -> Kind {
+    Kind::HeartbeatAck(HeartbeatAck {
+        sequence,
+        ..Default::default()
+    })
+}
+
+/// A heartbeat ack asking the connector to reconnect.
+fn reconnect_hint() -> Kind {
+    Kind::HeartbeatAck(HeartbeatAck {
+        should_reconnect: true,
+        ..Default::default()
+    })
+}
+
+fn cancel(id: &str) -> Kind {
+    Kind::Cancel(CancelRequest {
+        request_id: id.into(),
+    })
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
 /// A scripted harness: the test plays the driver and the server.
@@ -62,14 +146,21 @@ impl H {
     }
 
     fn with(options: MultiTransportOptions) -> Self {
-        let config = ConnectorConfig::builder("t", "echo", "i1")
-            .auth_token("secret-auth")
-            .build()
-            .expect("valid config");
+        Self::build(config("i1"), &options)
+    }
+
+    /// [`options`] changed by `tune`.
+    fn tuned(
+        tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+    ) -> Self {
+        Self::with(tune(options().to_builder()).build().expect("valid options"))
+    }
+
+    fn build(config: ConnectorConfig, options: &MultiTransportOptions) -> Self {
         let reg = ConnectorRegistration::new(config, Echo);
         let now = Instant::now();
         Self {
-            sm: Registration::new(&reg, &options, now, 1_000_000),
+            sm: Registration::new(&reg, options, now, 1_000_000),
             now,
             sent: Vec::new(),
             actions: Vec::new(),
@@ -121,24 +212,73 @@ impl H {
         std::mem::take(&mut self.sent)
     }
 
-    fn responses(&mut self) -> Vec<ExecuteResponse> {
+    /// What `pick` takes from the messages sent since the last look (the
+    /// rest dropped).
+    fn sent_of<T>(&mut self, pick: impl Fn(Kind) -> Option<T>) -> Vec<T> {
         self.take_sent()
             .into_iter()
-            .filter_map(|m| match m.kind {
-                Some(Kind::ExecuteResponse(r)) => Some(*r),
-                _ => None,
-            })
+            .filter_map(|m| m.kind.and_then(&pick))
             .collect()
     }
 
-    /// Start, open, and answer `register` with `status`.
-    fn open(&mut self) {
+    fn responses(&mut self) -> Vec<ExecuteResponse> {
+        self.sent_of(|k| match k {
+            Kind::ExecuteResponse(r) => Some(*r),
+            _ => None,
+        })
+    }
+
+    fn beats(&mut self) -> Vec<Heartbeat> {
+        self.sent_of(|k| match k {
+            Kind::Heartbeat(hb) => Some(hb),
+            _ => None,
+        })
+    }
+
+    /// The registers opened since the last look (other actions dropped).
+    fn registers(&mut self) -> Vec<RegisterRequest> {
+        self.take_actions()
+            .iter()
+            .filter_map(|a| register_of(a).cloned())
+            .collect()
+    }
+
+    /// Whether the actions since the last look close the stream gracefully
+    /// (other actions dropped).
+    fn closes(&mut self) -> bool {
+        self.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::CloseStream))
+    }
+
+    /// Whether the stream was ever lost for `cause`.
+    fn disconnected(&self, cause: &DisconnectCause) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, RegistrationEvent::Disconnected { cause: c } if c == cause))
+    }
+
+    /// `handle_start`, and the actions it asks for.
+    fn start(&mut self) -> Vec<Action> {
         self.sm.handle_start(self.now);
-        self.pump();
+        self.take_actions()
+    }
+
+    /// Start and open the stream, `register` not answered yet.
+    fn open(&mut self) {
+        self.start();
         self.sm.handle_stream_opened(self.now);
         self.pump();
     }
 
+    /// The driver opened the stream; the server answers `answer`.
+    fn reopen(&mut self, answer: Kind) {
+        self.sm.handle_stream_opened(self.now);
+        self.recv(answer);
+    }
+
+    /// Start, open, and approve with the session token `sess-1`; forgets
+    /// what that asked for and sent.
     fn approve(&mut self) {
         self.open();
         self.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
@@ -151,6 +291,15 @@ impl H {
         self.take_sent();
     }
 
+    /// After a lost stream: the backoff passes, one register goes out and
+    /// is approved.
+    fn reconnect(&mut self) {
+        self.advance(Duration::from_secs(2));
+        assert_eq!(self.registers().len(), 1);
+        self.reopen(approved());
+        assert_eq!(self.sm.state(), &RegistrationState::Active);
+    }
+
     fn execute(&mut self, id: &str, capability: &str, payload: &[u8], timeout_ms: u32) {
         self.recv(Kind::ExecuteRequest(Box::new(ExecuteRequest {
             request_id: id.into(),
@@ -161,9 +310,34 @@ impl H {
             ..Default::default()
         })));
     }
+
+    /// An `echo` request with payload `{}` and no deadline.
+    fn echo(&mut self, id: &str) {
+        self.execute(id, "echo", b"{}", 0);
+    }
+
+    fn done(&mut self, id: &str, result: Result<ExecuteOutput, ExecuteError>) {
+        self.sm.handle_execute_done(self.now, id, result);
+    }
+
+    /// The handler of `id` returns `{}`.
+    fn done_ok(&mut self, id: &str) {
+        self.done(id, Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    }
+
+    fn sm_metrics(&self) -> crate::ConnectorMetrics {
+        self.sm.metrics_snapshot()
+    }
+
+    fn delay(&self) -> Duration {
+        match self.sm.state() {
+            RegistrationState::Backoff { delay } => *delay,
+            other => panic!("not backing off: {other:?}"),
+        }
+    }
 }
 
-fn register_of(action: &Action) -> Option<&connector_proto::RegisterRequest> {
+fn register_of(action: &Action) -> Option<&RegisterRequest> {
     match action {
         Action::OpenStream(StreamMessage {
             kind: Some(Kind::Register(r)),
@@ -185,8 +359,7 @@ fn executes(actions: &[Action]) -> Vec<String> {
 #[test]
 fn start_opens_a_stream_with_register_first() {
     let mut h = H::new();
-    h.sm.handle_start(h.now);
-    let actions = h.take_actions();
+    let actions = h.start();
     let reg = register_of(&actions[0]).expect("first action opens a stream with register");
     assert_eq!(
         (
@@ -211,12 +384,7 @@ fn watchdog_fires_at_the_timeout_and_not_before() {
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     h.advance(Duration::from_millis(1));
     assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::Watchdog
-        }
-    )));
+    assert!(h.disconnected(&DisconnectCause::Watchdog));
     assert!(h.actions.iter().any(|a| matches!(a, Action::DropStream)));
 }
 
@@ -225,7 +393,7 @@ fn any_server_message_feeds_the_watchdog() {
     let mut h = H::new();
     h.approve();
     h.advance(Duration::from_secs(40));
-    h.execute("r1", "echo", b"{}", 0);
+    h.echo("r1");
     h.advance(Duration::from_secs(40));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     h.advance(Duration::from_secs(5));
@@ -246,14 +414,9 @@ fn twenty_intervals_with_acks_never_disconnect() {
         } else {
             HB - Duration::from_millis(20)
         });
-        let sent = h.take_sent();
-        let hb = sent
-            .iter()
-            .find_map(|m| match &m.kind {
-                Some(Kind::Heartbeat(hb)) => Some(*hb),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("no heartbeat in round {round}"));
+        let beats = h.beats();
+        assert_eq!(beats.len(), 1, "round {round}");
+        let hb = beats[0];
         assert_eq!(hb.sequence, round + 1);
         h.advance(Duration::from_millis(20));
         h.recv(Kind::HeartbeatAck(HeartbeatAck {
@@ -272,45 +435,29 @@ fn twenty_intervals_with_acks_never_disconnect() {
     assert_eq!(m.total_disconnects, 0);
 }
 
-impl H {
-    fn sm_metrics(&self) -> crate::ConnectorMetrics {
-        self.sm.metrics_snapshot()
-    }
-}
-
 #[test]
 fn heartbeats_start_when_the_stream_opens_even_while_pending() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Pending as i32,
-        ..Default::default()
-    })));
+    h.recv(pending());
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
     h.advance(HB);
-    assert!(h
-        .take_sent()
-        .iter()
-        .any(|m| matches!(m.kind, Some(Kind::Heartbeat(_)))));
+    assert_eq!(h.beats().len(), 1);
 }
 
 #[test]
 fn pending_then_approved_then_execute() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Pending as i32,
-        ..Default::default()
-    })));
+    h.recv(pending());
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
     // Pending may last longer than the connect timeout: no register timeout.
     h.advance(Duration::from_secs(20));
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
-    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
-        status: RegistrationStatus::Approved as i32,
-        session_token: "tok".into(),
-        ..Default::default()
-    })));
+    h.recv(approval_update(
+        RegistrationStatus::Approved,
+        RejectReason::Unspecified,
+    ));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     assert!(h.sm.has_session_token());
 }
@@ -319,16 +466,12 @@ fn pending_then_approved_then_execute() {
 fn pending_then_rejected_stops_for_good() {
     let mut h = H::new();
     h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Pending as i32,
-        ..Default::default()
-    })));
-    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
-        status: RegistrationStatus::Rejected as i32,
-        reject_reason: RejectReason::Denied as i32,
-        message: "no".into(),
-        ..Default::default()
-    })));
+    h.recv(pending());
+    h.take_actions();
+    h.recv(approval_update(
+        RegistrationStatus::Rejected,
+        RejectReason::Denied,
+    ));
     assert!(matches!(
         h.sm.state(),
         RegistrationState::Stopped(StopReason::Rejected {
@@ -336,17 +479,10 @@ fn pending_then_rejected_stops_for_good() {
             ..
         })
     ));
-    assert!(h.sm.is_finished() || !h.take_actions().is_empty());
-}
-
-fn reject(h: &mut H, reason: RejectReason) {
-    h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Rejected as i32,
-        reject_reason: reason as i32,
-        message: "test".into(),
-        ..Default::default()
-    })));
+    // Its one last action closes the stream; then nothing is left to do.
+    assert_eq!(format!("{:?}", h.take_actions()), "[CloseStream]");
+    assert!(h.sm.is_finished());
+    assert!(h.sm.poll_timeout().is_none(), "no timer left armed");
 }
 
 #[test]
@@ -357,19 +493,19 @@ fn final_reject_reasons_stop_the_registration() {
         RejectReason::InvalidRequest,
     ] {
         let mut h = H::new();
-        reject(&mut h, reason);
+        h.open();
+        h.recv(rejected(reason));
         match h.sm.state() {
             RegistrationState::Stopped(StopReason::Rejected { reason: r, message }) => {
                 assert_eq!(*r, reason);
-                assert_eq!(message, "test");
+                assert_eq!(message, REJECTION);
             }
             other => panic!("{reason:?}: {other:?}"),
         }
-        let actions = h.take_actions();
-        assert!(actions.iter().any(|a| matches!(a, Action::CloseStream)));
+        assert!(h.closes());
         // No reconnect is ever scheduled.
         h.advance(Duration::from_secs(3600));
-        assert!(h.take_actions().iter().all(|a| register_of(a).is_none()));
+        assert!(h.registers().is_empty());
     }
 }
 
@@ -380,57 +516,38 @@ fn session_expired_drops_token_and_registers_again_at_once() {
     // Lose the stream, come back with the token.
     h.sm.handle_stream_closed(h.now, None);
     h.advance(Duration::from_secs(2));
-    let actions = h.take_actions();
-    let reg = actions
-        .iter()
-        .find_map(register_of)
-        .expect("reconnect after backoff");
-    assert_eq!(reg.session_token, "sess-1", "session token reused");
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Rejected as i32,
-        reject_reason: RejectReason::SessionExpired as i32,
-        ..Default::default()
-    })));
+    let reg = h.registers();
+    assert_eq!(reg.len(), 1, "reconnect after backoff");
+    assert_eq!(reg[0].session_token, "sess-1", "session token reused");
+    h.reopen(rejected(RejectReason::SessionExpired));
     let actions = h.take_actions();
     assert!(matches!(actions[0], Action::CloseStream));
-    let reg = actions
-        .iter()
-        .find_map(register_of)
-        .expect("registers again at once, without backoff");
-    assert_eq!(reg.session_token, "", "expired token dropped");
-    assert_eq!(reg.auth_token, "secret-auth");
+    let reg: Vec<_> = actions.iter().filter_map(register_of).collect();
+    assert_eq!(reg.len(), 1, "registers again at once, without backoff");
+    assert_eq!(reg[0].session_token, "", "expired token dropped");
+    assert_eq!(reg[0].auth_token, "secret-auth");
 }
 
 #[test]
 fn duplicate_backs_off_and_retries() {
     let mut h = H::new();
-    reject(&mut h, RejectReason::Duplicate);
+    h.open();
+    h.recv(rejected(RejectReason::Duplicate));
     assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
     h.advance(Duration::from_secs(2));
-    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+    assert_eq!(h.registers().len(), 1);
 }
 
 #[test]
 fn backoff_grows_and_is_capped_across_failures() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_backoff(Duration::from_secs(4))
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.max_backoff(Duration::from_secs(4)));
     h.sm.handle_start(h.now);
     let mut delays = Vec::new();
     for _ in 0..8 {
         h.take_actions();
         h.sm.handle_open_failed(h.now, "refused");
-        match h.sm.state() {
-            RegistrationState::Backoff { delay } => delays.push(*delay),
-            other => panic!("{other:?}"),
-        }
-        let d = *delays.last().expect("one");
-        h.advance(d);
+        delays.push(h.delay());
+        h.advance(h.delay());
         assert_eq!(h.sm.state(), &RegistrationState::Connecting);
     }
     assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
@@ -449,30 +566,16 @@ fn backoff_resets_only_after_a_healthy_while() {
         h.advance(Duration::from_secs(10));
     }
     // A short-lived approval does not reset it.
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.reopen(approved());
     h.advance(Duration::from_secs(1));
     h.sm.handle_stream_closed(h.now, Some("reset"));
-    match h.sm.state() {
-        RegistrationState::Backoff { delay } => assert!(*delay >= Duration::from_secs(8)),
-        other => panic!("{other:?}"),
-    }
+    assert!(h.delay() >= Duration::from_secs(8), "{:?}", h.delay());
     // A long healthy stream does.
     h.advance(Duration::from_secs(20));
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.reopen(approved());
     h.advance(Duration::from_secs(11));
     h.sm.handle_stream_closed(h.now, Some("reset"));
-    match h.sm.state() {
-        RegistrationState::Backoff { delay } => assert!(*delay <= Duration::from_secs(1)),
-        other => panic!("{other:?}"),
-    }
+    assert!(h.delay() <= Duration::from_secs(1), "{:?}", h.delay());
 }
 
 #[test]
@@ -481,12 +584,7 @@ fn register_timeout_reconnects() {
     h.open();
     h.advance(Duration::from_secs(10));
     assert!(matches!(h.sm.state(), RegistrationState::Backoff { .. }));
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::RegisterTimeout
-        }
-    )));
+    assert!(h.disconnected(&DisconnectCause::RegisterTimeout));
 }
 
 #[test]
@@ -506,11 +604,7 @@ fn execute_success_bad_payload_and_unknown_capability() {
         responses[1].error_kind,
         ExecuteErrorKind::UnknownCapability as i32
     );
-    h.sm.handle_execute_done(
-        h.now,
-        "ok",
-        Ok(ExecuteOutput::json_bytes(&br#"{"a":1}"#[..])),
-    );
+    h.done("ok", Ok(ExecuteOutput::json_bytes(&br#"{"a":1}"#[..])));
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert!(r[0].success);
@@ -526,10 +620,11 @@ fn execute_success_bad_payload_and_unknown_capability() {
 fn handler_error_is_reported_with_its_kind() {
     let mut h = H::new();
     h.approve();
-    h.execute("f", "echo", b"{}", 0);
+    h.echo("f");
     h.take_actions();
-    h.sm.handle_execute_done(h.now, "f", Err(ExecuteError::handler("boom")));
+    h.done("f", Err(ExecuteError::handler("boom")));
     let r = h.responses();
+    assert_eq!(r.len(), 1);
     assert_eq!(r[0].error_kind, ExecuteErrorKind::Handler as i32);
     assert_eq!(r[0].error, "boom");
     assert!(!r[0].success);
@@ -539,45 +634,39 @@ fn handler_error_is_reported_with_its_kind() {
 fn concurrency_bound_queues_excess_and_never_drops_it() {
     let mut h = H::new(); // max 2 concurrent
     h.approve();
-    for i in 0..5 {
-        h.execute(&format!("r{i}"), "echo", b"{}", 0);
+    let ids = ids("r", 5);
+    for id in &ids {
+        h.echo(id);
     }
     assert_eq!(executes(&h.take_actions()), vec!["r0", "r1"]);
     assert_eq!(h.sm.in_flight(), 5);
     assert_eq!(h.sm.running(), 2);
-    for i in 0..5 {
-        h.sm.handle_execute_done(
-            h.now,
-            &format!("r{i}"),
-            Ok(ExecuteOutput::json_bytes(&b"{}"[..])),
-        );
-        assert!(h.sm.running() <= 2);
+    // Each answer frees a slot the next queued request takes, until the
+    // queue is empty.
+    let mut running = Vec::new();
+    for id in &ids {
+        h.done_ok(id);
+        running.push(h.sm.running());
     }
+    assert_eq!(running, vec![2, 2, 2, 1, 0]);
     let started = executes(&h.take_actions());
     assert_eq!(
         started,
         vec!["r2", "r3", "r4"],
         "queued work starts in order"
     );
-    let ids: Vec<_> = h.responses().into_iter().map(|r| r.request_id).collect();
-    assert_eq!(ids, vec!["r0", "r1", "r2", "r3", "r4"]);
+    let answered: Vec<_> = h.responses().into_iter().map(|r| r.request_id).collect();
+    assert_eq!(answered, ids);
     assert_eq!(h.sm.in_flight(), 0);
 }
 
 #[test]
 fn queue_limit_answers_overloaded() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1)
-            .max_queued_requests(1)
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.max_concurrent_requests(1).max_queued_requests(1));
     h.approve();
-    h.execute("a", "echo", b"{}", 0);
-    h.execute("b", "echo", b"{}", 0);
-    h.execute("c", "echo", b"{}", 0);
+    for id in ["a", "b", "c"] {
+        h.echo(id);
+    }
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].request_id, "c");
@@ -601,7 +690,7 @@ fn exactly_one_response_under_timeout() {
         .iter()
         .any(|a| matches!(a, Action::Abort(id) if id == "slow")));
     // The handler finishing late changes nothing.
-    h.sm.handle_execute_done(h.now, "slow", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("slow");
     assert!(h.responses().is_empty());
 }
 
@@ -610,13 +699,9 @@ fn exactly_one_response_under_cancel_and_unknown_cancel_is_ignored() {
     let mut h = H::new();
     h.approve();
     h.execute("c1", "sleep", b"{}", 0);
-    h.recv(Kind::Cancel(CancelRequest {
-        request_id: "c1".into(),
-    }));
-    h.recv(Kind::Cancel(CancelRequest {
-        request_id: "never-sent".into(),
-    }));
-    h.sm.handle_execute_done(h.now, "c1", Err(ExecuteError::handler("late")));
+    h.recv(cancel("c1"));
+    h.recv(cancel("never-sent"));
+    h.done("c1", Err(ExecuteError::handler("late")));
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].error_kind, ExecuteErrorKind::Cancelled as i32);
@@ -627,11 +712,11 @@ fn exactly_one_response_under_cancel_and_unknown_cancel_is_ignored() {
 fn duplicate_request_id_in_flight_is_counted_not_answered_twice() {
     let mut h = H::new();
     h.approve();
-    h.execute("d", "echo", b"{}", 0);
-    h.execute("d", "echo", b"{}", 0);
+    h.echo("d");
+    h.echo("d");
     assert_eq!(executes(&h.take_actions()), vec!["d"]);
     assert_eq!(h.sm_metrics().protocol_errors, 1);
-    h.sm.handle_execute_done(h.now, "d", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("d");
     assert_eq!(h.responses().len(), 1);
 }
 
@@ -639,10 +724,10 @@ fn duplicate_request_id_in_flight_is_counted_not_answered_twice() {
 fn response_finished_while_down_is_redelivered_after_reregistering() {
     let mut h = H::new();
     h.approve();
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     h.take_actions();
     h.sm.handle_stream_closed(h.now, Some("connection reset"));
-    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("x");
     assert!(h.responses().is_empty(), "no stream: nothing sent");
     assert_eq!(h.sm.undelivered(), 1);
     h.advance(Duration::from_secs(2));
@@ -651,10 +736,7 @@ fn response_finished_while_down_is_redelivered_after_reregistering() {
         h.responses().is_empty(),
         "not before the registration is approved"
     );
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.recv(approved());
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].request_id, "x");
@@ -664,26 +746,18 @@ fn response_finished_while_down_is_redelivered_after_reregistering() {
 
 #[test]
 fn redelivery_respects_its_ttl() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .redelivery_ttl(Duration::from_secs(1))
+    let mut h = H::tuned(|o| {
+        o.redelivery_ttl(Duration::from_secs(1))
             .reconnect_delay(Duration::from_secs(5))
             .max_backoff(Duration::from_secs(5))
             .jitter(Duration::ZERO)
-            .build()
-            .expect("valid"),
-    );
+    });
     h.approve();
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     h.sm.handle_stream_closed(h.now, None);
-    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("x");
     h.advance(Duration::from_secs(5));
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.reopen(approved());
     assert!(h.responses().is_empty());
     assert_eq!(h.sm_metrics().responses_expired, 1);
 }
@@ -692,41 +766,32 @@ fn redelivery_respects_its_ttl() {
 fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
     let mut h = H::new();
     h.approve();
-    h.execute("a", "echo", b"{}", 0);
+    h.echo("a");
     h.take_actions();
-    h.recv(Kind::Drain(Box::new(Drain {
-        reason: "deploy".into(),
-        reconnect_after_ms: 3000,
-    })));
+    h.recv(drain("deploy", 3000));
     assert_eq!(h.sm.state(), &RegistrationState::Draining);
     // New work is refused while draining, with a response.
-    h.execute("late", "echo", b"{}", 0);
+    h.echo("late");
     let r = h.responses();
+    assert_eq!(r.len(), 1);
     assert_eq!(r[0].request_id, "late");
     assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
-    assert!(h
-        .take_actions()
-        .iter()
-        .all(|a| !matches!(a, Action::CloseStream)));
-    h.sm.handle_execute_done(h.now, "a", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    assert!(!h.closes());
+    h.done_ok("a");
     // The response is queued before the close, so a graceful close sends it.
     assert_eq!(
         h.sm.poll_transmit()
             .map(|m| matches!(m.kind, Some(Kind::ExecuteResponse(_)))),
         Some(true)
     );
-    assert!(h
-        .take_actions()
-        .iter()
-        .any(|a| matches!(a, Action::CloseStream)));
-    match h.sm.state() {
-        RegistrationState::Backoff { delay } => {
-            assert!(*delay >= Duration::from_secs(3) && *delay <= Duration::from_millis(3500))
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(h.closes());
+    let delay = h.delay();
+    assert!(
+        delay >= Duration::from_secs(3) && delay <= Duration::from_millis(3500),
+        "{delay:?}"
+    );
     h.advance(Duration::from_millis(3500));
-    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+    assert_eq!(h.registers().len(), 1);
 }
 
 #[test]
@@ -735,31 +800,15 @@ fn should_reconnect_drains_like_drain() {
     h.approve();
     // A stream that stayed healthy (past backoff_reset_after).
     h.advance(Duration::from_secs(11));
-    h.recv(Kind::HeartbeatAck(HeartbeatAck {
-        sequence: 0,
-        sent_at_unix_ms: 0,
-        should_reconnect: true,
-    }));
+    h.recv(reconnect_hint());
     // Nothing in flight: closes at once and backs off by jitter only.
-    assert!(h
-        .take_actions()
-        .iter()
-        .any(|a| matches!(a, Action::CloseStream)));
-    match h.sm.state() {
-        RegistrationState::Backoff { delay } => assert!(*delay <= Duration::from_millis(500)),
-        other => panic!("{other:?}"),
-    }
+    assert!(h.closes());
+    assert!(h.delay() <= Duration::from_millis(500), "{:?}", h.delay());
 }
 
 #[test]
 fn drain_timeout_cancels_what_is_left() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .drain_timeout(Duration::from_secs(5))
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.drain_timeout(Duration::from_secs(5)));
     h.approve();
     h.execute("stuck", "sleep", b"{}", 0);
     h.take_actions();
@@ -790,13 +839,7 @@ fn shutdown_during_backoff_stops_at_once() {
 
 #[test]
 fn no_reconnect_stops_when_the_stream_ends() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .reconnect(false)
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.reconnect(false));
     h.approve();
     h.sm.handle_stream_closed(h.now, None);
     assert!(matches!(
@@ -809,27 +852,21 @@ fn no_reconnect_stops_when_the_stream_ends() {
 fn unexpected_messages_are_counted_and_ignored() {
     let mut h = H::new();
     h.open();
-    h.execute("early", "echo", b"{}", 0);
+    h.echo("early");
     let r = h.responses();
     assert!(
         r.is_empty(),
         "not deliverable before approval; kept instead"
     );
-    h.recv(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.recv(approval_update(
+        RegistrationStatus::Approved,
+        RejectReason::Unspecified,
+    ));
     h.sm.handle_message(h.now, StreamMessage { kind: None });
     h.recv(Kind::Heartbeat(Default::default()));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
+    h.recv(approved());
+    h.recv(approved());
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     // early execute, approval while registering, no kind, heartbeat from
     // server, second register_response.
@@ -840,21 +877,23 @@ fn unexpected_messages_are_counted_and_ignored() {
     assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
 }
 
-#[test]
-fn server_heartbeat_interval_is_honoured() {
-    let mut h = H::new();
+/// Opens and approves with the server's wish for a heartbeat interval.
+fn approved_with_interval(h: &mut H, heartbeat_interval_ms: u32) {
     h.open();
     h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
-        heartbeat_interval_ms: 5_000,
+        heartbeat_interval_ms,
         ..Default::default()
     })));
+}
+
+#[test]
+fn server_heartbeat_interval_is_honoured() {
+    let mut h = H::new();
+    approved_with_interval(&mut h, 5_000);
     h.take_sent();
     h.advance(Duration::from_secs(5));
-    assert!(h
-        .take_sent()
-        .iter()
-        .any(|m| matches!(m.kind, Some(Kind::Heartbeat(_)))));
+    assert_eq!(h.beats().len(), 1);
 }
 
 #[test]
@@ -868,75 +907,46 @@ fn debug_output_never_shows_tokens() {
 
 #[test]
 fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1)
-            .limits(
-                crate::Limits::default()
-                    .queued_requests(2)
-                    .answered_entries(4)
-                    .outbox_messages(71),
-            )
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| {
+        o.max_concurrent_requests(1).limits(
+            crate::Limits::default()
+                .queued_requests(2)
+                .answered_entries(4)
+                .outbox_messages(71),
+        )
+    });
     h.approve();
     // The driver never pulls: the stream's queue is full. Requests keep
     // coming and are answered at once (bad payload), piling up.
     for i in 0..200 {
-        h.sm.handle_message(
-            h.now,
-            StreamMessage {
-                kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
-                    request_id: format!("r{i}"),
-                    payload: b"{".to_vec().into(),
-                    encoding: PayloadEncoding::Json as i32,
-                    ..Default::default()
-                }))),
-            },
-        );
-        while let Some(e) = h.sm.poll_event() {
-            h.events.push(e);
-        }
+        h.recv_unread(Kind::ExecuteRequest(Box::new(ExecuteRequest {
+            request_id: format!("r{i}"),
+            payload: b"{".to_vec().into(),
+            encoding: PayloadEncoding::Json as i32,
+            ..Default::default()
+        })));
         assert!(h.sm.undelivered() <= 4);
     }
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::OutboundStalled
-        }
-    )));
+    assert!(h.disconnected(&DisconnectCause::OutboundStalled));
     assert!(
         h.sm_metrics().responses_expired > 0,
         "what was dropped is counted"
     );
 }
 
-fn reconnect(h: &mut H) {
-    h.advance(Duration::from_secs(2));
-    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        ..Default::default()
-    })));
-    assert_eq!(h.sm.state(), &RegistrationState::Active);
-}
-
 #[test]
 fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
     let mut h = H::new();
     h.approve();
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     h.take_actions();
-    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{\"v\":1}"[..])));
+    h.done("x", Ok(ExecuteOutput::json_bytes(&b"{\"v\":1}"[..])));
     assert_eq!(h.responses().len(), 1, "sent once");
     // The connection dies before the server acknowledged a later heartbeat.
     h.sm.handle_stream_closed(h.now, Some("reset"));
-    reconnect(&mut h);
+    h.reconnect();
     assert!(h.responses().is_empty(), "not resent on its own");
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     assert!(
         executes(&h.take_actions()).is_empty(),
         "the handler does not run twice"
@@ -945,7 +955,7 @@ fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].payload, &b"{\"v\":1}"[..]);
     // Asked a third time on the same stream: the answer is on its way.
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     assert!(h.responses().is_empty());
     assert!(executes(&h.take_actions()).is_empty());
 }
@@ -954,89 +964,57 @@ fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
 fn an_acknowledged_heartbeat_confirms_earlier_answers() {
     let mut h = H::new();
     h.approve();
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     h.take_actions();
-    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("x");
     h.take_sent();
     h.advance(HB);
-    let seq = h
-        .take_sent()
-        .iter()
-        .find_map(|m| match &m.kind {
-            Some(Kind::Heartbeat(hb)) => Some(hb.sequence),
-            _ => None,
-        })
-        .expect("heartbeat");
-    h.recv(Kind::HeartbeatAck(HeartbeatAck {
-        sequence: seq,
-        ..Default::default()
-    }));
+    let beats = h.beats();
+    assert_eq!(beats.len(), 1);
+    h.recv(ack(beats[0].sequence));
     h.sm.handle_stream_closed(h.now, Some("reset"));
-    reconnect(&mut h);
+    h.reconnect();
     // The server read the answer, so the id is free: a new request.
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     assert_eq!(executes(&h.take_actions()), vec!["x"]);
+}
+
+/// `n` echo requests, all running, answered with `output`; returns, in
+/// order, whether each message sent after the first answer is a heartbeat.
+fn answer_many(n: usize, output: impl Fn() -> ExecuteOutput) -> Vec<bool> {
+    let mut h = H::tuned(|o| o.max_concurrent_requests(1000));
+    h.approve();
+    let ids = ids("r", n);
+    for id in &ids {
+        h.echo(id);
+    }
+    assert_eq!(executes(&h.take_actions()), ids);
+    for id in &ids {
+        h.done(id, Ok(output()));
+    }
+    h.take_sent()
+        .iter()
+        .map(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
+        .collect()
 }
 
 #[test]
 fn many_answers_without_a_heartbeat_ask_for_an_early_ack() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1000)
-            .build()
-            .expect("valid"),
-    );
-    h.approve();
-    for i in 0..70 {
-        h.execute(&format!("r{i}"), "echo", b"{}", 0);
-    }
-    h.take_actions();
-    for i in 0..70 {
-        h.sm.handle_execute_done(
-            h.now,
-            &format!("r{i}"),
-            Ok(ExecuteOutput::json_bytes(&b"{}"[..])),
-        );
-    }
-    let sent = h.take_sent();
-    let beats = sent
-        .iter()
-        .filter(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
-        .count();
-    assert_eq!(beats, 2, "an early heartbeat after every 32 answers");
+    let kinds = answer_many(70, || ExecuteOutput::json_bytes(&b"{}"[..]));
+    // An early heartbeat after every 32 answers.
+    let beats: Vec<usize> = (0..kinds.len()).filter(|&i| kinds[i]).collect();
+    assert_eq!(beats, vec![32, 65], "{kinds:?}");
+    assert_eq!(kinds.len(), 72);
 }
 
 #[test]
 fn large_answers_ask_for_an_early_ack_by_bytes() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1000)
-            .build()
-            .expect("valid"),
-    );
-    h.approve();
-    for i in 0..20 {
-        h.execute(&format!("r{i}"), "echo", b"{}", 0);
-    }
-    h.take_actions();
     // 20 answers of 4 KiB: a heartbeat after every 8 (32 KiB), not 32.
     let big = format!("\"{}\"", "x".repeat(4094));
-    for i in 0..20 {
-        h.sm.handle_execute_done(
-            h.now,
-            &format!("r{i}"),
-            Ok(ExecuteOutput::json_bytes(big.clone().into_bytes())),
-        );
-    }
-    let sent = h.take_sent();
-    let kinds: Vec<bool> = sent
-        .iter()
-        .map(|m| matches!(m.kind, Some(Kind::Heartbeat(_))))
-        .collect();
-    assert_eq!(kinds.iter().filter(|&&b| b).count(), 2, "{kinds:?}");
-    assert!(kinds[8], "the first early heartbeat follows the 8th answer");
+    let kinds = answer_many(20, || ExecuteOutput::json_bytes(big.clone().into_bytes()));
+    let beats: Vec<usize> = (0..kinds.len()).filter(|&i| kinds[i]).collect();
+    assert_eq!(beats, vec![8, 17], "{kinds:?}");
+    assert_eq!(kinds.len(), 22);
 }
 
 // ----------------------------------------------------------------------
@@ -1044,21 +1022,22 @@ fn large_answers_ask_for_an_early_ack_by_bytes() {
 // ----------------------------------------------------------------------
 
 impl H {
-    fn delay(&self) -> Duration {
-        match self.sm.state() {
-            RegistrationState::Backoff { delay } => *delay,
-            other => panic!("not backing off: {other:?}"),
+    /// Collects actions and events but, as a driver whose stream is not
+    /// read, leaves the outbox alone.
+    fn pump_unread(&mut self) {
+        while let Some(a) = self.sm.poll_action() {
+            self.actions.push(a);
+        }
+        while let Some(e) = self.sm.poll_event() {
+            self.events.push(e);
         }
     }
 
-    fn heartbeats_sent(&mut self) -> Vec<u64> {
-        self.take_sent()
-            .iter()
-            .filter_map(|m| match &m.kind {
-                Some(Kind::Heartbeat(hb)) => Some(hb.sequence),
-                _ => None,
-            })
-            .collect()
+    /// [`H::recv`] on a stream the server does not read.
+    fn recv_unread(&mut self, kind: Kind) {
+        self.sm
+            .handle_message(self.now, StreamMessage { kind: Some(kind) });
+        self.pump_unread();
     }
 
     /// Plays a server that answers every `OpenStream` by opening it and
@@ -1068,15 +1047,10 @@ impl H {
         let end = self.now + total;
         let mut registers = 0;
         loop {
-            let opens = self
-                .take_actions()
-                .iter()
-                .filter(|a| register_of(a).is_some())
-                .count();
+            let opens = self.registers().len();
             if opens > 0 {
                 registers += opens;
-                self.sm.handle_stream_opened(self.now);
-                self.recv(answer());
+                self.reopen(answer());
                 continue;
             }
             match self.sm.poll_timeout() {
@@ -1091,21 +1065,13 @@ impl H {
 #[test]
 fn hostile_heartbeat_interval_of_1ms_is_clamped_to_one_second() {
     let mut h = H::new();
-    h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        heartbeat_interval_ms: 1,
-        ..Default::default()
-    })));
+    approved_with_interval(&mut h, 1);
     let mut beats = 0;
     for _ in 0..3000 {
         h.advance(Duration::from_millis(1));
-        for seq in h.heartbeats_sent() {
+        for hb in h.beats() {
             beats += 1;
-            h.recv(Kind::HeartbeatAck(HeartbeatAck {
-                sequence: seq,
-                ..Default::default()
-            }));
+            h.recv(ack(hb.sequence));
         }
     }
     // 3 s at the 1 s floor: at most one beat per second (plus the phase).
@@ -1113,40 +1079,41 @@ fn hostile_heartbeat_interval_of_1ms_is_clamped_to_one_second() {
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     // And the other end of the range: a 49-day wish is 5 minutes.
     let mut h = H::new();
-    h.open();
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Approved as i32,
-        heartbeat_interval_ms: u32::MAX,
-        ..Default::default()
-    })));
+    approved_with_interval(&mut h, u32::MAX);
     let next = h.sm.next_heartbeat_at().expect("armed");
     assert!(next <= h.now + super::MAX_SERVER_HEARTBEAT_INTERVAL);
 }
 
 #[test]
-fn hostile_session_expired_forever_escalates_the_backoff() {
-    // The server rejects every register SESSION_EXPIRED, and hands out a
-    // session token with each rejection to bait an immediate retry.
-    let mut h = H::new();
-    h.sm.handle_start(h.now);
-    let registers = h.serve_for(Duration::from_secs(60), || {
-        Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Rejected as i32,
-            reject_reason: RejectReason::SessionExpired as i32,
-            session_token: "bait".into(),
-            ..Default::default()
-        }))
-    });
-    // 0.5 + 1 + 2 + 4 + 8 + 16 + 32 s: about 8 attempts in a minute.
-    assert!(
-        (5..=10).contains(&registers),
-        "{registers} registers in 60 s"
-    );
-    assert!(
-        !h.sm.has_session_token(),
-        "a token sent with a rejection is not kept"
-    );
-    assert!(h.delay() >= Duration::from_secs(16), "{:?}", h.delay());
+fn hostile_rejections_forever_escalate_the_backoff() {
+    // The server rejects every register, and hands out a session token
+    // with each rejection to bait an immediate retry.
+    for reason in [RejectReason::SessionExpired, RejectReason::Duplicate] {
+        let mut h = H::new();
+        h.sm.handle_start(h.now);
+        let registers = h.serve_for(Duration::from_secs(60), || {
+            Kind::RegisterResponse(Box::new(RegisterResponse {
+                status: RegistrationStatus::Rejected as i32,
+                reject_reason: reason as i32,
+                session_token: "bait".into(),
+                ..Default::default()
+            }))
+        });
+        // 0.5 + 1 + 2 + 4 + 8 + 16 + 32 s: about 8 attempts in a minute.
+        assert!(
+            (5..=10).contains(&registers),
+            "{reason:?}: {registers} registers in 60 s"
+        );
+        assert!(
+            !h.sm.has_session_token(),
+            "{reason:?}: a token sent with a rejection is not kept"
+        );
+        assert!(
+            h.delay() >= Duration::from_secs(16),
+            "{reason:?}: {:?}",
+            h.delay()
+        );
+    }
 }
 
 #[test]
@@ -1155,43 +1122,14 @@ fn session_expired_gets_one_immediate_retry_then_backs_off() {
     h.approve();
     h.sm.handle_stream_closed(h.now, None);
     h.advance(Duration::from_secs(2));
-    assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
-    h.sm.handle_stream_opened(h.now);
-    let expired = || {
-        Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Rejected as i32,
-            reject_reason: RejectReason::SessionExpired as i32,
-            ..Default::default()
-        }))
-    };
-    h.recv(expired());
-    let reg = h
-        .take_actions()
-        .iter()
-        .find_map(|a| register_of(a).cloned())
-        .expect("immediate retry");
-    assert_eq!(reg.session_token, "");
-    h.sm.handle_stream_opened(h.now);
-    h.recv(expired());
-    assert!(h.take_actions().iter().all(|a| register_of(a).is_none()));
+    assert_eq!(h.registers().len(), 1);
+    h.reopen(rejected(RejectReason::SessionExpired));
+    let reg = h.registers();
+    assert_eq!(reg.len(), 1, "immediate retry");
+    assert_eq!(reg[0].session_token, "");
+    h.reopen(rejected(RejectReason::SessionExpired));
+    assert!(h.registers().is_empty());
     assert!(h.delay() >= Duration::from_millis(500));
-}
-
-#[test]
-fn hostile_duplicate_forever_escalates_the_backoff() {
-    let mut h = H::new();
-    h.sm.handle_start(h.now);
-    let registers = h.serve_for(Duration::from_secs(60), || {
-        Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Rejected as i32,
-            reject_reason: RejectReason::Duplicate as i32,
-            ..Default::default()
-        }))
-    });
-    assert!(
-        (5..=10).contains(&registers),
-        "{registers} registers in 60 s"
-    );
 }
 
 #[test]
@@ -1199,12 +1137,7 @@ fn hostile_unknown_and_unspecified_reject_reasons_retry_with_backoff() {
     for code in [99, 0] {
         let mut h = H::new();
         h.open();
-        h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Rejected as i32,
-            reject_reason: code,
-            message: "new reason".into(),
-            ..Default::default()
-        })));
+        h.recv(rejected_code(code));
         let first = h.delay();
         assert!(
             first >= Duration::from_millis(500),
@@ -1212,38 +1145,25 @@ fn hostile_unknown_and_unspecified_reject_reasons_retry_with_backoff() {
         );
         // Retried, and a second one escalates.
         h.advance(first);
-        assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
-        h.sm.handle_stream_opened(h.now);
-        h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Rejected as i32,
-            reject_reason: code,
-            ..Default::default()
-        })));
+        assert_eq!(h.registers().len(), 1, "code {code}");
+        h.reopen(rejected_code(code));
         assert!(h.delay() >= Duration::from_secs(1), "code {code}");
     }
 }
 
 #[test]
 fn hostile_drain_delay_is_clamped_to_max_backoff() {
-    let opts = options()
-        .to_builder()
-        .max_backoff(Duration::from_secs(2))
-        .build()
-        .expect("valid");
     // Healthy stream and fresh stream alike.
     for healthy in [true, false] {
-        let mut h = H::with(opts.clone());
+        let mut h = H::tuned(|o| o.max_backoff(Duration::from_secs(2)));
         h.approve();
         if healthy {
             h.advance(Duration::from_secs(11));
         }
-        h.recv(Kind::Drain(Box::new(Drain {
-            reason: "bye".into(),
-            reconnect_after_ms: u32::MAX,
-        })));
+        h.recv(drain("bye", u32::MAX));
         assert!(h.delay() <= Duration::from_secs(2), "{:?}", h.delay());
         h.advance(Duration::from_secs(2));
-        assert!(h.take_actions().iter().any(|a| register_of(a).is_some()));
+        assert_eq!(h.registers().len(), 1);
     }
 }
 
@@ -1254,32 +1174,15 @@ fn drains_on_streams_that_never_stay_healthy_escalate_the_backoff() {
     h.sm.handle_start(h.now);
     let mut delays = Vec::new();
     for _ in 0..6 {
-        let d = h.serve_for(Duration::ZERO, || {
-            Kind::RegisterResponse(Box::new(RegisterResponse {
-                status: RegistrationStatus::Approved as i32,
-                ..Default::default()
-            }))
-        });
-        assert_eq!(d, 1);
-        h.recv(Kind::Drain(Box::new(Drain {
-            reason: String::new(),
-            reconnect_after_ms: 0,
-        })));
+        assert_eq!(h.serve_for(Duration::ZERO, approved), 1);
+        h.recv(drain("", 0));
         delays.push(h.delay());
         h.advance(h.delay());
     }
     assert!(delays[5] >= Duration::from_secs(16), "{delays:?}");
     // should_reconnect on an unhealthy stream too.
-    h.serve_for(Duration::ZERO, || {
-        Kind::RegisterResponse(Box::new(RegisterResponse {
-            status: RegistrationStatus::Approved as i32,
-            ..Default::default()
-        }))
-    });
-    h.recv(Kind::HeartbeatAck(HeartbeatAck {
-        should_reconnect: true,
-        ..Default::default()
-    }));
+    assert_eq!(h.serve_for(Duration::ZERO, approved), 1);
+    h.recv(reconnect_hint());
     assert!(h.delay() >= Duration::from_secs(32), "{:?}", h.delay());
 }
 
@@ -1316,10 +1219,7 @@ fn hostile_reject_text_is_sanitized_before_events_and_stop_reasons() {
     // A drain reason too.
     let mut h = H::new();
     h.approve();
-    h.recv(Kind::Drain(Box::new(Drain {
-        reason: "bye\nFORGED".into(),
-        reconnect_after_ms: 0,
-    })));
+    h.recv(drain("bye\nFORGED", 0));
     assert!(h
         .events
         .iter()
@@ -1335,22 +1235,12 @@ fn hostile_request_timeout_is_clamped() {
     assert_eq!(at, h.now + super::MAX_REQUEST_TIMEOUT);
 }
 
-fn execute_raw(h: &mut H, id: &str, capability: &str) {
-    h.recv(Kind::ExecuteRequest(Box::new(ExecuteRequest {
-        request_id: id.into(),
-        payload: b"{}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        ..Default::default()
-    })));
-}
-
 #[test]
 fn hostile_long_request_id_is_answered_and_never_stored() {
     let mut h = H::new();
     h.approve();
     let id = "i".repeat(16 * 1024);
-    execute_raw(&mut h, &id, "echo");
+    h.echo(&id);
     assert!(
         executes(&h.take_actions()).is_empty(),
         "the handler does not run"
@@ -1373,23 +1263,20 @@ fn hostile_never_acking_server_with_long_ids_cannot_grow_memory() {
     // 16 KiB ids they are refused unstored; with ids just under the limit
     // the answered log (unconfirmed part included) stays in its budget.
     let budget = 2 << 20;
-    let opts = options()
-        .to_builder()
-        .limits(
-            crate::Limits::default()
-                .answered_bytes(budget)
-                .answered_entries(100_000),
-        )
-        .build()
-        .expect("valid");
     for id_len in [16 * 1024, 1000] {
-        let mut h = H::with(opts.clone());
+        let mut h = H::tuned(|o| {
+            o.limits(
+                crate::Limits::default()
+                    .answered_bytes(budget)
+                    .answered_entries(100_000),
+            )
+        });
         h.approve();
         let mut answered = 0;
         let mut peak = 0;
         for i in 0..24_000 {
             let id = format!("{i:08}{}", "x".repeat(id_len - 8));
-            execute_raw(&mut h, &id, "no-such-capability");
+            h.execute(&id, "no-such-capability", b"{}", 0);
             answered += h.responses().len();
             let (outbox, queued, log) = h.sm.held_bytes();
             assert_eq!((outbox, queued), (0, 0));
@@ -1417,7 +1304,7 @@ fn hostile_megabyte_capability_id_gets_a_small_answer_without_debug_escapes() {
     let mut h = H::new();
     h.approve();
     let cap: String = "\u{1}".repeat(1 << 20);
-    execute_raw(&mut h, "r1", &cap);
+    h.execute("r1", &cap, b"{}", 0);
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].error_kind, ExecuteErrorKind::UnknownCapability as i32);
@@ -1432,23 +1319,13 @@ fn hostile_megabyte_capability_id_gets_a_small_answer_without_debug_escapes() {
 
 #[test]
 fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_message_size(64 * 1024)
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.max_message_size(64 * 1024));
     h.approve();
-    h.execute("big", "echo", b"{}", 0);
-    h.execute("loud", "echo", b"{}", 0);
+    h.echo("big");
+    h.echo("loud");
     h.take_actions();
-    h.sm.handle_execute_done(h.now, "big", Ok(ExecuteOutput::raw(vec![7u8; 100 * 1024])));
-    h.sm.handle_execute_done(
-        h.now,
-        "loud",
-        Err(ExecuteError::handler("e".repeat(200 * 1024))),
-    );
+    h.done("big", Ok(ExecuteOutput::raw(vec![7u8; 100 * 1024])));
+    h.done("loud", Err(ExecuteError::handler("e".repeat(200 * 1024))));
     let r = h.responses();
     assert_eq!(r.len(), 2);
     for a in &r {
@@ -1467,14 +1344,8 @@ fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
 fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
     let mut h = H::new();
     h.approve();
-    h.recv(Kind::Drain(Box::new(Drain {
-        reason: String::new(),
-        reconnect_after_ms: 0,
-    })));
-    assert!(h
-        .take_actions()
-        .iter()
-        .any(|a| matches!(a, Action::CloseStream)));
+    h.recv(drain("", 0));
+    assert!(h.closes());
     // The driver lingers on the old stream and reads one more request.
     h.sm.handle_closing_request(
         h.now,
@@ -1485,7 +1356,7 @@ fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
     );
     assert!(h.responses().is_empty(), "no stream to carry it now");
     assert_eq!(h.sm.undelivered(), 1);
-    reconnect(&mut h);
+    h.reconnect();
     let r = h.responses();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].request_id, "late");
@@ -1494,23 +1365,16 @@ fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
 
 #[test]
 fn a_cancel_flood_on_queued_requests_answers_each_once() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1)
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.max_concurrent_requests(1));
     h.approve();
-    h.execute("busy", "echo", b"{}", 0);
+    h.echo("busy");
     assert_eq!(executes(&h.take_actions()), vec!["busy"]);
-    for i in 0..5000 {
-        h.execute(&format!("q{i}"), "echo", b"{}", 0);
+    let queued = ids("q", 5000);
+    for id in &queued {
+        h.echo(id);
     }
-    for i in 0..5000 {
-        h.recv(Kind::Cancel(CancelRequest {
-            request_id: format!("q{i}"),
-        }));
+    for id in &queued {
+        h.recv(cancel(id));
     }
     let r = h.responses();
     assert_eq!(r.len(), 5000);
@@ -1520,24 +1384,20 @@ fn a_cancel_flood_on_queued_requests_answers_each_once() {
     assert_eq!(h.sm.in_flight(), 1);
     assert!(h.sm.inflight.queue_len() <= 67);
     // The running one finishes; nothing cancelled starts.
-    h.sm.handle_execute_done(h.now, "busy", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("busy");
     assert!(executes(&h.take_actions()).is_empty());
 }
 
 #[test]
 fn queued_request_bytes_are_budgeted() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .max_concurrent_requests(1)
+    let mut h = H::tuned(|o| {
+        o.max_concurrent_requests(1)
             .limits(crate::Limits::default().queued_bytes(64 * 1024))
-            .build()
-            .expect("valid"),
-    );
+    });
     h.approve();
     let payload = format!("\"{}\"", "p".repeat(10 * 1024));
-    for i in 0..20 {
-        h.execute(&format!("r{i}"), "echo", payload.as_bytes(), 0);
+    for id in ids("r", 20) {
+        h.execute(&id, "echo", payload.as_bytes(), 0);
         assert!(h.sm.held_bytes().1 <= 64 * 1024);
     }
     let overloaded = h
@@ -1551,57 +1411,31 @@ fn queued_request_bytes_are_budgeted() {
 
 #[test]
 fn the_outbox_byte_budget_drops_a_stream_that_is_not_read() {
-    let mut h = H::with(
-        options()
-            .to_builder()
-            .limits(crate::Limits::default().outbox_bytes(256 * 1024))
-            .build()
-            .expect("valid"),
-    );
+    let mut h = H::tuned(|o| o.limits(crate::Limits::default().outbox_bytes(256 * 1024)));
     h.approve();
-    for i in 0..100 {
-        // The driver never pulls from the outbox: no `pump`.
-        let id = format!("r{i}");
-        h.sm.handle_message(
-            h.now,
-            StreamMessage {
-                kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
-                    request_id: id.clone(),
-                    ..Default::default()
-                }))),
-            },
-        );
-        while h.sm.poll_action().is_some() {}
-        h.sm.handle_execute_done(h.now, &id, Ok(ExecuteOutput::raw(vec![0u8; 16 * 1024])));
-        while let Some(e) = h.sm.poll_event() {
-            h.events.push(e);
-        }
+    for id in ids("r", 100) {
+        // The driver never pulls from the outbox.
+        h.recv_unread(Kind::ExecuteRequest(Box::new(ExecuteRequest {
+            request_id: id.clone(),
+            ..Default::default()
+        })));
+        h.done(&id, Ok(ExecuteOutput::raw(vec![0u8; 16 * 1024])));
+        h.pump_unread();
         assert!(h.sm.held_bytes().0 <= 256 * 1024 + 17 * 1024);
     }
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::OutboundStalled
-        }
-    )));
+    assert!(h.disconnected(&DisconnectCause::OutboundStalled));
 }
 
 #[test]
 fn heartbeat_phase_is_seeded_per_registration_and_deterministic() {
     let first_beat = |instance: &str| {
-        let config = ConnectorConfig::builder("t", "echo", instance)
-            .build()
-            .expect("valid");
-        let reg = ConnectorRegistration::new(config, Echo);
-        let now = Instant::now();
-        let mut sm = Registration::new(&reg, &options(), now, 0);
-        sm.handle_start(now);
-        sm.handle_stream_opened(now);
-        sm.next_heartbeat_at().expect("armed") - now
+        let mut h = H::build(config(instance), &options());
+        h.open();
+        h.sm.next_heartbeat_at().expect("armed") - h.now
     };
     assert_eq!(first_beat("a"), first_beat("a"));
     let phases: std::collections::BTreeSet<_> =
-        (0..20).map(|i| first_beat(&format!("i{i}"))).collect();
+        ids("i", 20).iter().map(|i| first_beat(i)).collect();
     assert_eq!(phases.len(), 20);
     assert!(phases.iter().all(|d| *d <= HB));
 }
@@ -1610,21 +1444,18 @@ fn heartbeat_phase_is_seeded_per_registration_and_deterministic() {
 fn hostile_ack_for_a_heartbeat_never_sent_confirms_nothing() {
     let mut h = H::new();
     h.approve();
-    h.execute("x", "echo", b"{}", 0);
+    h.echo("x");
     h.take_actions();
-    h.sm.handle_execute_done(h.now, "x", Ok(ExecuteOutput::json_bytes(&b"{}"[..])));
+    h.done_ok("x");
     h.take_sent();
     let errors = h.sm_metrics().protocol_errors;
-    h.recv(Kind::HeartbeatAck(HeartbeatAck {
-        sequence: u64::MAX,
-        ..Default::default()
-    }));
+    h.recv(ack(u64::MAX));
     assert_eq!(h.sm_metrics().protocol_errors, errors + 1);
     // The answer is still kept for replay: the server never read a
     // heartbeat after it.
     h.sm.handle_stream_closed(h.now, Some("reset"));
-    reconnect(&mut h);
-    h.execute("x", "echo", b"{}", 0);
+    h.reconnect();
+    h.echo("x");
     assert!(
         executes(&h.take_actions()).is_empty(),
         "replayed, not run again"
@@ -1656,19 +1487,28 @@ fn transport_error_text_is_sanitized() {
 // Token sources: the machine asks (`FetchToken`), the test answers.
 // ----------------------------------------------------------------------
 
-fn with_token_source() -> H {
-    let config = ConnectorConfig::builder("t", "echo", "i1")
-        .token_source(std::sync::Arc::new(crate::FixedToken::new("unused")))
-        .build()
-        .expect("valid config");
-    let reg = ConnectorRegistration::new(config, Echo);
-    let now = Instant::now();
-    H {
-        sm: Registration::new(&reg, &options(), now, 1_000_000),
-        now,
-        sent: Vec::new(),
-        actions: Vec::new(),
-        events: Vec::new(),
+impl H {
+    /// A registration whose auth token comes from a token source; started,
+    /// with the first `FetchToken` asked for and taken.
+    fn fetching_token() -> Self {
+        let config = ConnectorConfig::builder("t", "echo", "i1")
+            .token_source(std::sync::Arc::new(crate::FixedToken::new("unused")))
+            .build()
+            .expect("valid config");
+        let mut h = Self::build(config, &options());
+        let actions = h.start();
+        assert!(asks_for_token(&actions), "{actions:?}");
+        assert!(actions.iter().all(|a| register_of(a).is_none()));
+        h
+    }
+
+    /// Answers the pending `FetchToken` with `token`; returns the register sent.
+    fn give_token(&mut self, token: &str) -> RegisterRequest {
+        self.sm
+            .handle_token(self.now, Ok(crate::Secret::new(token)));
+        let mut reg = self.registers();
+        assert_eq!(reg.len(), 1, "a token opens the stream");
+        reg.remove(0)
     }
 }
 
@@ -1676,37 +1516,12 @@ fn asks_for_token(actions: &[Action]) -> bool {
     actions.iter().any(|a| matches!(a, Action::FetchToken))
 }
 
-/// Answers the pending `FetchToken` with `token`; returns the register sent.
-fn give_token(h: &mut H, token: &str) -> connector_proto::RegisterRequest {
-    h.sm.handle_token(h.now, Ok(crate::Secret::new(token)));
-    let actions = h.take_actions();
-    actions
-        .iter()
-        .find_map(register_of)
-        .cloned()
-        .expect("a token opens the stream")
-}
-
-fn reject_now(h: &mut H, reason: RejectReason) {
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
-        status: RegistrationStatus::Rejected as i32,
-        reject_reason: reason as i32,
-        message: "bad token".into(),
-        ..Default::default()
-    })));
-}
-
 #[test]
 fn a_token_source_is_asked_before_every_register() {
-    let mut h = with_token_source();
-    h.sm.handle_start(h.now);
-    let actions = h.take_actions();
-    assert!(asks_for_token(&actions), "{actions:?}");
-    assert!(actions.iter().all(|a| register_of(a).is_none()));
+    let mut h = H::fetching_token();
     assert_eq!(h.sm.state(), &RegistrationState::Connecting);
-    assert_eq!(give_token(&mut h, "tok-1").auth_token, "tok-1");
-    h.sm.handle_stream_opened(h.now);
-    h.recv(Kind::RegisterResponse(Box::new(RegisterResponse {
+    assert_eq!(h.give_token("tok-1").auth_token, "tok-1");
+    h.reopen(Kind::RegisterResponse(Box::new(RegisterResponse {
         status: RegistrationStatus::Approved as i32,
         session_token: "sess-1".into(),
         ..Default::default()
@@ -1716,16 +1531,15 @@ fn a_token_source_is_asked_before_every_register() {
     h.sm.handle_stream_closed(h.now, None);
     h.advance(Duration::from_secs(2));
     assert!(asks_for_token(&h.take_actions()));
-    let reg = give_token(&mut h, "tok-2");
+    let reg = h.give_token("tok-2");
     assert_eq!(
         (reg.auth_token.as_str(), reg.session_token.as_str()),
         ("tok-2", "sess-1")
     );
     // SESSION_EXPIRED: asked again at once, no session token.
-    h.sm.handle_stream_opened(h.now);
-    reject_now(&mut h, RejectReason::SessionExpired);
+    h.reopen(rejected(RejectReason::SessionExpired));
     assert!(asks_for_token(&h.take_actions()));
-    let reg = give_token(&mut h, "tok-3");
+    let reg = h.give_token("tok-3");
     assert_eq!(
         (reg.auth_token.as_str(), reg.session_token.as_str()),
         ("tok-3", "")
@@ -1734,9 +1548,7 @@ fn a_token_source_is_asked_before_every_register() {
 
 #[test]
 fn a_token_source_error_backs_off_with_a_clear_cause() {
-    let mut h = with_token_source();
-    h.sm.handle_start(h.now);
-    h.take_actions();
+    let mut h = H::fetching_token();
     h.sm.handle_token(h.now, Err("token file /x: cannot read: not found"));
     h.pump();
     assert!(
@@ -1744,10 +1556,13 @@ fn a_token_source_error_backs_off_with_a_clear_cause() {
         "{:?}",
         h.sm.state()
     );
-    assert!(h.events.iter().any(|e| matches!(e,
-        RegistrationEvent::Disconnected { cause: DisconnectCause::Token(why) } if why.contains("cannot read")
-    )), "{:?}", h.events);
-    assert_eq!(h.sm.metrics_snapshot().connect_failures, 1);
+    let token_failure = |h: &H, why: &str| {
+        h.events.iter().any(|e| matches!(e,
+            RegistrationEvent::Disconnected { cause: DisconnectCause::Token(w) } if w.contains(why)
+        ))
+    };
+    assert!(token_failure(&h, "cannot read"), "{:?}", h.events);
+    assert_eq!(h.sm_metrics().connect_failures, 1);
     h.advance(Duration::from_secs(2));
     assert!(
         asks_for_token(&h.take_actions()),
@@ -1760,27 +1575,21 @@ fn a_token_source_error_backs_off_with_a_clear_cause() {
         actions.iter().any(|a| matches!(a, Action::DropStream)),
         "{actions:?}"
     );
-    assert!(h.events.iter().any(|e| matches!(e,
-        RegistrationEvent::Disconnected { cause: DisconnectCause::Token(why) } if why.contains("did not answer")
-    )));
+    assert!(token_failure(&h, "did not answer"), "{:?}", h.events);
 }
 
 #[test]
 fn invalid_credentials_is_retried_once_with_a_newer_token() {
-    let mut h = with_token_source();
-    h.sm.handle_start(h.now);
-    h.take_actions();
-    give_token(&mut h, "old");
-    h.sm.handle_stream_opened(h.now);
-    reject_now(&mut h, RejectReason::InvalidCredentials);
+    let mut h = H::fetching_token();
+    h.give_token("old");
+    h.reopen(rejected(RejectReason::InvalidCredentials));
     let actions = h.take_actions();
     assert!(matches!(actions[0], Action::CloseStream), "{actions:?}");
     assert!(asks_for_token(&actions), "rechecks the source at once");
-    assert_eq!(give_token(&mut h, "new").auth_token, "new");
-    h.sm.handle_stream_opened(h.now);
+    assert_eq!(h.give_token("new").auth_token, "new");
     // Rejected again: the contract's rule applies (stop), even with yet
     // another token in the source.
-    reject_now(&mut h, RejectReason::InvalidCredentials);
+    h.reopen(rejected(RejectReason::InvalidCredentials));
     assert!(
         matches!(
             h.sm.state(),
@@ -1797,23 +1606,16 @@ fn invalid_credentials_is_retried_once_with_a_newer_token() {
 
 #[test]
 fn invalid_credentials_with_an_unchanged_token_stops() {
-    let mut h = with_token_source();
-    h.sm.handle_start(h.now);
-    h.take_actions();
-    give_token(&mut h, "same");
-    h.sm.handle_stream_opened(h.now);
-    reject_now(&mut h, RejectReason::InvalidCredentials);
+    let mut h = H::fetching_token();
+    h.give_token("same");
+    h.reopen(rejected(RejectReason::InvalidCredentials));
     assert!(asks_for_token(&h.take_actions()));
     h.sm.handle_token(h.now, Ok(crate::Secret::new("same")));
-    let actions = h.take_actions();
-    assert!(
-        actions.iter().all(|a| register_of(a).is_none()),
-        "{actions:?}"
-    );
+    assert!(h.registers().is_empty());
     match h.sm.state() {
         RegistrationState::Stopped(StopReason::Rejected { reason, message }) => {
             assert_eq!(*reason, RejectReason::InvalidCredentials);
-            assert_eq!(message, "bad token");
+            assert_eq!(message, REJECTION);
         }
         other => panic!("{other:?}"),
     }
@@ -1821,9 +1623,7 @@ fn invalid_credentials_with_an_unchanged_token_stops() {
 
 #[test]
 fn shutdown_while_fetching_a_token_stops_and_drops_the_fetch() {
-    let mut h = with_token_source();
-    h.sm.handle_start(h.now);
-    h.take_actions();
+    let mut h = H::fetching_token();
     h.sm.handle_shutdown(h.now);
     let actions = h.take_actions();
     assert!(
@@ -1839,8 +1639,7 @@ fn shutdown_while_fetching_a_token_stops_and_drops_the_fetch() {
 #[test]
 fn a_registration_without_a_source_never_asks() {
     let mut h = H::new();
-    h.sm.handle_start(h.now);
-    let actions = h.take_actions();
+    let actions = h.start();
     assert!(!asks_for_token(&actions));
     assert_eq!(
         register_of(&actions[0]).expect("register").auth_token,
