@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::{
-    trust_anchors, ConnectorError, MultiTransportOptions, Proxy, TlsOptions, TransportKind,
+    sanitize_text, trust_anchors, ConnectorError, MultiTransportOptions, Proxy, TlsOptions,
+    TransportKind, MAX_PEER_TEXT_CHARS,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -14,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::connector::{Dialer, Route, TlsSetup};
 use crate::error::{dial_error, GrpcError};
-use crate::settings::PeerSettings;
+use crate::settings::{PeerSettings, PrefaceFault};
 
 /// HTTP/2 keepalive ping period.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -167,16 +168,40 @@ impl ChannelFactory {
                     ))
                 }
             };
-        if tokio::time::timeout_at(deadline, settings.wait_seen())
-            .await
-            .is_err()
-        {
-            tracing::debug!(
+        match tokio::time::timeout_at(deadline, settings.wait_seen()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(fault)) => return Err(preface_error(&self.target, fault)),
+            Err(_) => tracing::debug!(
                 server = %self.target,
                 "no SETTINGS from the server within the connect timeout"
-            );
+            ),
         }
         Ok(Dialled { channel, settings })
+    }
+}
+
+/// The error of a dial whose server preface is not HTTP/2. A first frame
+/// that is not SETTINGS carries h2's reason, so it sorts as the HTTP/2
+/// refusal it is ([`GrpcError::http2_refusal`]); a connection that ended
+/// first is a failed connect, like a refused one.
+fn preface_error(target: &str, fault: PrefaceFault) -> GrpcError {
+    match fault {
+        PrefaceFault::NotSettings { head, reason } => {
+            let seen = String::from_utf8_lossy(&head).escape_debug().to_string();
+            GrpcError::Protocol {
+                message: format!(
+                    "{target} does not speak HTTP/2: its first frame is not SETTINGS \
+                     ({reason:?}); it began with \"{}\"",
+                    sanitize_text(&seen, MAX_PEER_TEXT_CHARS)
+                ),
+                source: Some(Arc::new(h2::Error::from(reason))),
+            }
+        }
+        PrefaceFault::Closed => GrpcError::Connect {
+            target: target.to_owned(),
+            message: "the connection ended before the server's HTTP/2 SETTINGS".into(),
+            source: None,
+        },
     }
 }
 

@@ -15,12 +15,22 @@
 //! SETTINGS frame sets the limit, or "unlimited" when it has no
 //! `MAX_CONCURRENT_STREAMS`; a later frame changes it only when it carries
 //! the parameter. The cost is a few comparisons per frame on the read path.
+//!
+//! The sniffer also sees a server that is not an HTTP/2 server at all: the
+//! server's connection preface must be a SETTINGS frame (RFC 9113 §3.4), so
+//! a first frame of another type (an HTTP/1.1 answer read as a frame header,
+//! say) or the connection ending before any SETTINGS is a [`PrefaceFault`].
+//! A dial waiting for SETTINGS ends at once with it instead of waiting out
+//! the connect timeout, and says what it saw: h2 itself reports such a
+//! connection only to the streams on it, sometimes as a bare "cancelled".
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use std::sync::OnceLock;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -35,6 +45,24 @@ const PARAM_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const HEADER_LEN: usize = 9;
 /// Length of one SETTINGS parameter (16-bit id, 32-bit value).
 const PARAM_LEN: usize = 6;
+/// The largest frame a peer may send before it has our SETTINGS
+/// (`SETTINGS_MAX_FRAME_SIZE`'s initial value, RFC 9113 §6.5.2).
+const INITIAL_MAX_FRAME: usize = 1 << 14;
+
+/// Why a connection's server preface is not HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrefaceFault {
+    /// The first frame header is not a SETTINGS frame; `head` is the 9
+    /// bytes read as that header (often the start of an HTTP/1.1 answer).
+    NotSettings {
+        head: [u8; HEADER_LEN],
+        /// What h2 calls it: `FRAME_SIZE_ERROR` when the header's length
+        /// is beyond the initial frame size, else `PROTOCOL_ERROR`.
+        reason: h2::Reason,
+    },
+    /// The connection ended (or failed to read) before any SETTINGS.
+    Closed,
+}
 
 /// No SETTINGS frame seen yet.
 const NOT_SEEN: u64 = u64::MAX;
@@ -47,6 +75,8 @@ const UNLIMITED: u64 = 1 << 32;
 pub(crate) struct PeerSettings {
     /// [`NOT_SEEN`], [`UNLIMITED`] or the limit (a `u32`).
     max_streams: AtomicU64,
+    /// Set once, instead of a first SETTINGS frame.
+    fault: OnceLock<PrefaceFault>,
     seen: Notify,
 }
 
@@ -54,6 +84,7 @@ impl Default for PeerSettings {
     fn default() -> Self {
         Self {
             max_streams: AtomicU64::new(NOT_SEEN),
+            fault: OnceLock::new(),
             seen: Notify::new(),
         }
     }
@@ -75,15 +106,26 @@ impl PeerSettings {
         }
     }
 
-    /// Waits until the first SETTINGS frame was read (unbounded: the caller
-    /// bounds it).
-    pub(crate) async fn wait_seen(&self) {
+    /// Waits until the first SETTINGS frame was read, or the preface
+    /// proved not to be HTTP/2 (unbounded: the caller bounds it).
+    pub(crate) async fn wait_seen(&self) -> Result<(), PrefaceFault> {
         loop {
             let notified = self.seen.notified();
             if self.max_streams().is_some() {
-                return;
+                return Ok(());
+            }
+            if let Some(fault) = self.fault.get() {
+                return Err(*fault);
             }
             notified.await;
+        }
+    }
+
+    /// Records that the preface is not HTTP/2; ignored once a SETTINGS
+    /// frame was seen (what comes later is h2's to judge).
+    fn fail(&self, fault: PrefaceFault) {
+        if self.max_streams().is_none() && self.fault.set(fault).is_ok() {
+            self.seen.notify_waiters();
         }
     }
 
@@ -115,6 +157,8 @@ struct FrameScanner {
     param_len: usize,
     /// The frame's `MAX_CONCURRENT_STREAMS` (the last one wins, as in h2).
     found: Option<u32>,
+    /// No frame header completed yet: the next one is the server preface.
+    first: bool,
 }
 
 impl FrameScanner {
@@ -127,6 +171,7 @@ impl FrameScanner {
             param: [0; PARAM_LEN],
             param_len: 0,
             found: None,
+            first: true,
         }
     }
 
@@ -177,6 +222,17 @@ impl FrameScanner {
     fn start_frame(&mut self, settings: &PeerSettings) {
         let h = &self.header;
         let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+        if std::mem::take(&mut self.first) && h[3] != FRAME_SETTINGS {
+            let reason = if len > INITIAL_MAX_FRAME {
+                h2::Reason::FRAME_SIZE_ERROR
+            } else {
+                h2::Reason::PROTOCOL_ERROR
+            };
+            settings.fail(PrefaceFault::NotSettings {
+                head: self.header,
+                reason,
+            });
+        }
         // A SETTINGS payload that is not whole parameters is a protocol
         // error h2 deals with; we just do not decode it.
         self.in_settings = h[3] == FRAME_SETTINGS && h[4] & FLAG_ACK == 0 && len % PARAM_LEN == 0;
@@ -217,6 +273,14 @@ impl<T> SniffedIo<T> {
     }
 }
 
+/// A connection that goes away before its SETTINGS (h2 gave up on it, say
+/// after a failed write) ended its preface too.
+impl<T> Drop for SniffedIo<T> {
+    fn drop(&mut self) {
+        self.settings.fail(PrefaceFault::Closed);
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for SniffedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -225,9 +289,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffedIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            this.scanner.feed(&buf.filled()[before..], &this.settings);
+        match &result {
+            Poll::Ready(Ok(())) if room && buf.filled().len() == before => {
+                this.settings.fail(PrefaceFault::Closed);
+            }
+            Poll::Ready(Ok(())) => this.scanner.feed(&buf.filled()[before..], &this.settings),
+            Poll::Ready(Err(_)) => this.settings.fail(PrefaceFault::Closed),
+            Poll::Pending => {}
         }
         result
     }
@@ -354,7 +424,102 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await
             .expect("woken")
-            .expect("task");
+            .expect("task")
+            .expect("SETTINGS, not a fault");
         assert_eq!(s.max_streams(), Some(2));
+    }
+
+    #[test]
+    fn an_http1_answer_is_a_frame_size_fault_with_its_first_bytes() {
+        let answer = b"HTTP/1.1 505 HTTP Version Not Supported\r\nConnection: close\r\n\r\n";
+        for chunk in [1, 4, 9, 64] {
+            let s = scan(answer, chunk);
+            assert_eq!(s.max_streams(), None);
+            assert_eq!(
+                s.fault.get(),
+                Some(&PrefaceFault::NotSettings {
+                    head: *b"HTTP/1.1 ",
+                    reason: h2::Reason::FRAME_SIZE_ERROR,
+                }),
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_small_first_frame_of_another_type_is_a_protocol_fault() {
+        let mut wire = frame(0x6, 0, &[0; 8]); // PING before SETTINGS
+        wire.extend(settings(&[(0x3, 4)]));
+        let s = scan(&wire, 3);
+        assert!(matches!(
+            s.fault.get(),
+            Some(PrefaceFault::NotSettings {
+                reason: h2::Reason::PROTOCOL_ERROR,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn later_frames_of_any_type_are_no_fault() {
+        let mut wire = settings(&[]);
+        wire.extend(frame(0x6, 0, &[0; 8]));
+        wire.extend(frame(0x0, 0, &[0; 20_000]));
+        let s = scan(&wire, 7);
+        assert_eq!(s.max_streams(), Some(usize::MAX));
+        assert_eq!(s.fault.get(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_stream_before_settings_wakes_the_dial_with_closed() {
+        use tokio::io::AsyncReadExt;
+        let (client, server) = tokio::io::duplex(64);
+        let s = PeerSettings::new();
+        let mut io = SniffedIo::new(client, Arc::clone(&s));
+        let waiter = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.wait_seen().await }
+        });
+        drop(server);
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.expect("EOF is Ok"), 0);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(got, Err(PrefaceFault::Closed));
+    }
+
+    #[test]
+    fn dropping_the_io_before_settings_is_closed_and_after_is_no_fault() {
+        let (client, _server) = tokio::io::duplex(64);
+        let before = PeerSettings::new();
+        drop(SniffedIo::new(client, Arc::clone(&before)));
+        assert_eq!(before.fault.get(), Some(&PrefaceFault::Closed));
+
+        let (client, _server) = tokio::io::duplex(64);
+        let after = PeerSettings::new();
+        let io = SniffedIo::new(client, Arc::clone(&after));
+        FrameScanner::new().feed(&settings(&[]), &after);
+        drop(io);
+        assert_eq!(after.fault.get(), None);
+        assert_eq!(after.max_streams(), Some(usize::MAX));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_stream_after_settings_is_no_fault() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(64);
+        let s = PeerSettings::new();
+        let mut io = SniffedIo::new(client, Arc::clone(&s));
+        server
+            .write_all(&settings(&[(0x3, 3)]))
+            .await
+            .expect("write");
+        drop(server);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.expect("read");
+        assert_eq!(s.wait_seen().await, Ok(()));
+        assert_eq!(s.max_streams(), Some(3));
     }
 }

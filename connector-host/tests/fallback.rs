@@ -87,6 +87,10 @@ fn transports(engine: &TestServer) -> HashMap<String, &'static str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_only_grpc_address_falls_back_to_ws_then_returns_exactly_once() {
     const N: usize = 6;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let engine = TestServer::new();
     // Take a port for gRPC, then put the HTTP/1.1-only listener on it.
     let grpc = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
