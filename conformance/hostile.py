@@ -9,6 +9,7 @@ Set-up and build as for the shared harness (see its first lines), then:
 Each scenario prints `PASS name: figures` or `FAIL name: why`; exit 0 only if all pass.
 """
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -41,47 +42,50 @@ async def start(ctx, n, *extra, transport="grpc", cp=None):
     return cp, front, host
 
 
+@contextlib.asynccontextmanager
+async def hosted(ctx, n, *extra, transport="grpc", cp=None, active=False):
+    """connector-host with n registrations on a fresh front-end, stopped on
+    the way out; with active=True, first waits until all n are active (a
+    harness error, so a failure with its reason, if they are not)."""
+    cp, front, host = await start(ctx, n, *extra, transport=transport, cp=cp)
+    try:
+        if active and not await cp.wait_for(lambda: len(cp.live_keys()) == n, 30):
+            raise RuntimeError(f"{n} registration(s) not active within 30 s")
+        yield cp, host
+    finally:
+        await host.stop(); await front.stop()
+
+
 async def sc_session_expired_forever(ctx):
     """every register is rejected SESSION_EXPIRED: one immediate retry, then escalating backoff (no hot loop)."""
     cp = h.ControlPlane()
     cp.default_policy = ("reject", h.pb.REJECT_REASON_SESSION_EXPIRED)
-    cp, front, host = await start(ctx, 1, *h.FAST, cp=cp)
-    try:
+    async with hosted(ctx, 1, *h.FAST, cp=cp) as (cp, host):
         await asyncio.sleep(5)
         n = len(cp.registers)
         alive = host.proc.poll() is None
         return 2 <= n <= 20 and alive, f"registers in 5 s from one registration: {n} (want 2..20: one immediate retry, then backoff to the 2 s cap); host alive {alive}"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def sc_duplicate_forever(ctx):
     """every register is rejected DUPLICATE: backoff escalates to the cap."""
     cp = h.ControlPlane()
     cp.default_policy = ("reject", h.pb.REJECT_REASON_DUPLICATE)
-    cp, front, host = await start(ctx, 1, *h.FAST, cp=cp)
-    try:
+    async with hosted(ctx, 1, *h.FAST, cp=cp) as (cp, host):
         await asyncio.sleep(5)
         n = len(cp.registers)
         return 1 <= n <= 15, f"registers in 5 s: {n} (want <= 15)"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def sc_drain_forever(ctx):
     """drain with reconnect_after_ms = 2^32-1 under --max-backoff-ms 2000: back within the cap, not in 49 days."""
-    cp, front, host = await start(ctx, 1, *h.FAST)
-    try:
-        if not await cp.wait_for(lambda: len(cp.live_keys()) == 1, 30):
-            return False, "not active"
+    async with hosted(ctx, 1, *h.FAST, active=True) as (cp, host):
         first = cp.live()[0]
         first.send(drain=h.pb.Drain(reason="bye", reconnect_after_ms=4294967295))
         t0 = asyncio.get_running_loop().time()
         ok = await cp.wait_for(lambda: any(s is not first for s in cp.live()), 8)
         dt = asyncio.get_running_loop().time() - t0
         return ok, f"back after drain in {dt:.2f} s (want <= ~2.5 s, the cap plus jitter)"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def sc_unknown_reject_reason(ctx):
@@ -89,21 +93,15 @@ async def sc_unknown_reject_reason(ctx):
     cp = h.ControlPlane()
     cp.default_policy = "approve"
     cp.policy["acc.echo.echo-0"] = ("reject_once", 99)
-    cp, front, host = await start(ctx, 1, *h.FAST, cp=cp)
-    try:
+    async with hosted(ctx, 1, *h.FAST, cp=cp) as (cp, host):
         ok = await cp.wait_for(lambda: len(cp.live_keys()) == 1, 10)
         return ok, f"active after an unknown reject reason: {ok}; registers {len(cp.registers)}"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def flood(ctx, transport):
     cp = h.ControlPlane()
     cp.ack_heartbeats = False
-    cp, front, host = await start(ctx, 1, "--heartbeat-interval-ms", "1000", transport=transport, cp=cp)
-    try:
-        if not await cp.wait_for(lambda: len(cp.live_keys()) == 1, 30):
-            return False, "not active"
+    async with hosted(ctx, 1, "--heartbeat-interval-ms", "1000", transport=transport, cp=cp, active=True) as (cp, host):
         s = cp.live()[0]
         await asyncio.sleep(0.5)
         before = rss_kib(host.proc.pid)
@@ -125,10 +123,8 @@ async def flood(ctx, transport):
         after = rss_kib(host.proc.pid)
         growth = (after - before) / 1024
         alive = host.proc.poll() is None
-        answered = sum(1 for k in cp.responses if len(k) > 16 * 1024 or True)
+        answered = len(cp.responses)
         return alive and growth < 64, f"{sent} requests with 16 KiB ids, no acks: RSS {before/1024:.0f} -> {after/1024:.0f} MiB (+{growth:.0f}, want < 64); answers seen {answered}; alive {alive}"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def sc_flood_grpc(ctx):
@@ -142,10 +138,7 @@ async def sc_flood_ws(ctx):
 
 
 async def oversized(ctx, transport):
-    cp, front, host = await start(ctx, 1, transport=transport)
-    try:
-        if not await cp.wait_for(lambda: len(cp.live_keys()) == 1, 30):
-            return False, "not active"
+    async with hosted(ctx, 1, transport=transport, active=True) as (cp, host):
         s = cp.live()[0]
         cap = "\x01\x02\x1b" * (1024 * 1024 // 3)
         rid, fut = await s.execute(capability=cap, payload=b"{}")
@@ -155,8 +148,6 @@ async def oversized(ctx, transport):
             return False, "no answer in 15 s to a request whose error text would pass 4 MiB"
         ok = (not r.success) and r.request_id == rid and len(r.error) < 64 * 1024
         return ok, f"answered: success={r.success} kind={r.error_kind} error {len(r.error)} bytes"
-    finally:
-        await host.stop(); await front.stop()
 
 
 async def sc_oversized_answer_grpc(ctx):
@@ -174,7 +165,6 @@ async def sc_forged_log_line(ctx):
     cp = h.ControlPlane()
     forged = "nope\n2026-01-01T00:00:00.000000Z  INFO connector_core: FORGED approved\x1b[31mred\x1b]0;title\x07"
     cp.default_policy = ("reject", h.pb.REJECT_REASON_DENIED)
-    orig = cp.on_register
 
     def on_register(s, reg):
         s.key = f"{reg.tenant_id}.{reg.connector_type}.{reg.instance_id}"
@@ -182,8 +172,7 @@ async def sc_forged_log_line(ctx):
         s.send(register_response=h.pb.RegisterResponse(status=h.pb.REGISTRATION_STATUS_REJECTED,
                                                        reject_reason=h.pb.REJECT_REASON_DENIED, message=forged))
     cp.on_register = on_register
-    cp, front, host = await start(ctx, 1, "--log", "info", cp=cp)
-    try:
+    async with hosted(ctx, 1, "--log", "info", cp=cp) as (cp, host):
         await cp.wait_for(lambda: len(cp.registers) >= 1, 10)
         await host.wait_exit(10)
         await host.stop()
@@ -191,8 +180,6 @@ async def sc_forged_log_line(ctx):
         raw_esc = "\x1b" in out
         forged_line = any(l.startswith("2026-01-01T00:00:00.000000Z") for l in out.splitlines())
         return not raw_esc and not forged_line and "FORGED" in out, f"raw ESC in output: {raw_esc}; forged line at a line start: {forged_line}; message shown escaped: {'FORGED' in out}"
-    finally:
-        await host.stop(); await front.stop()
 
 
 SCENARIOS = {
