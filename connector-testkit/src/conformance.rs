@@ -34,7 +34,7 @@ use connector_core::{
     BaseConnector, ConnectorError, DisconnectCause, JitterRng, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, ProxySetting, RegistrationEvent,
     RegistrationHandle, RegistrationKey, RegistrationState, StopReason, StreamMux, Transport,
-    TransportError,
+    TransportError, TransportErrorKind,
 };
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -47,7 +47,7 @@ use crate::tls::TestCertificate;
 
 /// Bound for every wait of a story: generous, only reached when broken.
 pub use crate::harness::WAIT;
-use crate::harness::{fast_options as options, key, registrations, TEST_TOKEN};
+use crate::harness::{fast_options as options, key, registrations, Running, TEST_TOKEN};
 
 /// The wire a client transport speaks, that is which testkit server a
 /// story starts for it.
@@ -486,6 +486,11 @@ fn open_failure(e: &RegistrationEvent) -> Option<String> {
     }
 }
 
+/// A `Disconnected` event with exactly `cause`.
+fn disconnected(cause: DisconnectCause) -> impl FnMut(&RegistrationEvent) -> Option<()> {
+    move |e| (disconnect(e).as_ref() == Some(&cause)).then_some(())
+}
+
 /// An approval after a lost approved stream.
 fn reconnected(e: &RegistrationEvent) -> Option<()> {
     matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
@@ -746,7 +751,10 @@ pub async fn unknown_reject_reason_is_retried(target: Target) {
     position(&seen[at..], "backoff before the retry", |e| {
         matches!(e, RegistrationEvent::BackingOff { .. })
     });
-    assert!(!matches!(w.handle(0).state(), RegistrationState::Stopped(_)));
+    assert!(!matches!(
+        w.handle(0).state(),
+        RegistrationState::Stopped(_)
+    ));
     assert_eq!(w.registers(0).len(), 2);
     w.engine.approve(&key(0)).expect("approve the retry");
     w.all_active(1).await;
@@ -850,21 +858,14 @@ pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
     w.all_active(1).await;
     let mut events = w.events(0);
     w.engine.set_ack_heartbeats(false);
-    wait_event(&mut events, "the watchdog", |e| {
-        matches!(
-            e,
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::Watchdog
-            }
-        )
-        .then_some(())
-    })
+    wait_event(
+        &mut events,
+        "the watchdog",
+        disconnected(DisconnectCause::Watchdog),
+    )
     .await;
     w.engine.set_ack_heartbeats(true);
-    wait_event(&mut events, "the approval after reconnecting", |e| {
-        matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
-    })
-    .await;
+    wait_event(&mut events, "the approval after reconnecting", reconnected).await;
     echo(&w.engine, &key(0), "after-watchdog").await;
     w.stop().await;
 }
@@ -884,15 +885,11 @@ pub async fn drain_and_should_reconnect(target: Target) {
     w.engine.drain(&k, "deploy", 0).expect("drain");
     let answer = slow.wait(WAIT).await.expect("in-flight answered");
     assert!(answer.success, "{answer:?}");
-    wait_event(&mut events, "the drained disconnect", |e| {
-        matches!(
-            e,
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::Drained
-            }
-        )
-        .then_some(())
-    })
+    wait_event(
+        &mut events,
+        "the drained disconnect",
+        disconnected(DisconnectCause::Drained),
+    )
     .await;
     w.all_active(1).await;
     let opened = w.engine.stats().streams_opened;
@@ -934,7 +931,10 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let mut w = World::new(&target, N, Setup::default(), |o| o.max_streams_per_channel(4)).await;
+    let mut w = World::new(&target, N, Setup::default(), |o| {
+        o.max_streams_per_channel(4)
+    })
+    .await;
     w.start();
     w.all_active(N).await;
     let mut rng = JitterRng::new(2024);
@@ -1050,34 +1050,107 @@ pub async fn proxy_that_cannot_reach_the_server(target: Target) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = closed.local_addr().expect("addr");
     drop(closed);
-    let options = options(&format!("{}://{dead}", scheme(target.wire)))
-        .proxy(ProxySetting::Url(proxy.url()))
-        .build()
-        .expect("options");
-    let runner = runner(&target, 1, options, Arc::new(worker()));
-    let mut events = runner.registration(&key(0)).expect("hosted").events();
-    let r = runner.clone();
-    let run = tokio::spawn(async move { r.run().await });
-    let msg = wait_event(&mut events, "a failed open", |e| match e {
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::OpenFailed(m),
-        } => Some(m.clone()),
-        _ => None,
-    })
-    .await;
+    let (running, mut events) =
+        serverless(&target, dead, |o| o.proxy(ProxySetting::Url(proxy.url())));
+    let msg = wait_event(&mut events, "a failed open", open_failure).await;
+    assert_kind(&msg, TransportErrorKind::Refused);
     assert!(msg.contains("502"), "{msg}");
     assert!(msg.contains(&dead.to_string()), "{msg}");
     assert!(
-        !run.is_finished(),
+        !running.is_finished(),
         "a proxy refusal does not end the runner"
     );
-    runner.shutdown_handle().shutdown();
-    timeout(WAIT, run)
-        .await
-        .expect("run returns")
-        .expect("no panic")
-        .expect("clean stop");
+    stop_serverless(running).await;
     proxy.stop().await;
+}
+
+/// One registration, running, aimed at `addr` where no testkit server
+/// is, and its events (subscribed before it starts).
+fn serverless(
+    target: &Target,
+    addr: SocketAddr,
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> (Running, broadcast::Receiver<RegistrationEvent>) {
+    let options = tune(options(&format!("{}://{addr}", scheme(target.wire))))
+        .build()
+        .expect("options");
+    let runner = runner(target, 1, options, Arc::new(worker()));
+    let events = runner.registration(&key(0)).expect("hosted").events();
+    (Running::start(runner), events)
+}
+
+/// Stops a [`serverless`] runner: `run` returns `Ok` and no connection
+/// stays open.
+async fn stop_serverless(running: Running) {
+    let runner = running.runner().clone();
+    running.stop().await.expect("clean stop");
+    assert_eq!(runner.summary().transport.open_connections(), 0);
+}
+
+/// A server that accepts TCP and never answers: every open times out
+/// (a timeout error, counted as a connect failure), with a backoff
+/// between attempts; the registration never gets further than
+/// connecting and the runner keeps going.
+pub async fn black_hole_server_times_out_and_backs_off(target: Target) {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = hole.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            sockets.push(s);
+        }
+    });
+    let (running, mut events) = serverless(&target, addr, |o| {
+        o.connect_timeout(Duration::from_millis(300))
+    });
+    let mut failures = 0;
+    let seen = events_until(&mut events, "two timed-out opens", |e| {
+        failures += usize::from(open_failure(e).is_some());
+        failures == 2
+    })
+    .await;
+    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
+    position(&seen[first..], "a backoff between the attempts", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    for msg in seen.iter().filter_map(open_failure) {
+        assert_kind(&msg, TransportErrorKind::Timeout);
+        assert!(msg.contains("300ms"), "names the deadline: {msg}");
+    }
+    assert!(
+        !seen.iter().any(|e| matches!(
+            e,
+            RegistrationEvent::Connected
+                | RegistrationEvent::PendingApproval
+                | RegistrationEvent::Approved { .. }
+        )),
+        "a black hole never connects: {seen:#?}"
+    );
+    let attempts: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            RegistrationEvent::Connecting { attempt } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, vec![0, 1], "two attempts, counted: {seen:#?}");
+    let handle = running.runner().registration(&key(0)).expect("hosted");
+    // The state machine counts a failure before its event goes out, so a
+    // third attempt may have failed already.
+    let failed = handle.metrics().connect_failures;
+    assert!((2..=3).contains(&failed), "{failed} connect failures");
+    assert!(matches!(
+        handle.state(),
+        RegistrationState::Backoff { .. } | RegistrationState::Connecting
+    ));
+    assert!(
+        !running.is_finished(),
+        "a black hole does not end the runner"
+    );
+    stop_serverless(running).await;
+    held.abort();
 }
 
 /// A proxy that wants credentials: the right ones go through; wrong ones
@@ -1107,13 +1180,8 @@ pub async fn proxy_credentials(target: Target) {
     w.start();
     let addr = proxy.addr().to_string();
     for _ in 0..2 {
-        let msg = wait_event(&mut events, "a failed open", |e| match e {
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::OpenFailed(m),
-            } => Some(m.clone()),
-            _ => None,
-        })
-        .await;
+        let msg = wait_event(&mut events, "a failed open", open_failure).await;
+        assert_kind(&msg, TransportErrorKind::Refused);
         assert!(msg.contains("407"), "{msg}");
         assert!(msg.contains(&addr), "{msg}");
         assert!(
@@ -1172,10 +1240,13 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether a TLS failure message says so.
-fn names_tls(msg: &str) -> bool {
-    let m = msg.to_lowercase();
-    m.contains("tls") || m.contains("certificate")
+/// A failed open's message for a transport error of `kind`: the SDK's
+/// transports report `{kind} error: {message}` (`TransportError`'s display).
+fn assert_kind(msg: &str, kind: TransportErrorKind) {
+    assert!(
+        msg.starts_with(&format!("{kind} error: ")),
+        "a {kind} error, not: {msg}"
+    );
 }
 
 /// TLS with the testkit CA, and mutual TLS: without a client certificate
@@ -1198,21 +1269,16 @@ pub async fn tls_and_mutual_tls(target: Target) {
     echo(&w.engine, &key(1), "tls").await;
     w.stop().await;
 
-    let mut w = World::new(&target, 1, Setup::mutual(cert.clone()), |o| {
-        o.ca_cert(&ca)
-    })
-    .await;
+    let mut w = World::new(&target, 1, Setup::mutual(cert.clone()), |o| o.ca_cert(&ca)).await;
     let mut events = w.events(0);
     w.start();
     for _ in 0..2 {
-        let cause = wait_event(&mut events, "a refused open", disconnect).await;
-        // The handshake fails, so the open does: no stream, no register.
-        // (The gRPC client's message does not name TLS here, unlike the
-        // WebSocket one; see `wrong_ca_…` for a message that must.)
-        assert!(
-            matches!(cause, DisconnectCause::OpenFailed(_)),
-            "a refused client certificate fails the open, not {cause:?}"
-        );
+        let msg = wait_event(&mut events, "a refused open", open_failure).await;
+        // The server refuses the handshake, so the open fails: no stream,
+        // no register. Under TLS 1.3 the client's half of the handshake is
+        // done before the server checks the client's certificate, so the
+        // client sees the connection closed, not a TLS error of its own.
+        assert_kind(&msg, TransportErrorKind::Closed);
     }
     assert_eq!(
         w.engine.stats().streams_opened,
@@ -1232,8 +1298,9 @@ pub async fn tls_and_mutual_tls(target: Target) {
     w.stop().await;
 }
 
-/// A CA that did not sign the server's certificate: every open fails
-/// naming TLS, with a backoff between attempts; nothing registers and the
+/// A CA that did not sign the server's certificate: every open fails with
+/// a TLS error that names the certificate and says what to check (the
+/// `ca_cert`), with a backoff between attempts; no stream opens and the
 /// runner keeps going.
 pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
     let served = TestCertificate::generate().expect("cert");
@@ -1254,9 +1321,13 @@ pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
         matches!(e, RegistrationEvent::BackingOff { .. })
     });
     for msg in seen.iter().filter_map(open_failure) {
-        assert!(names_tls(&msg), "{msg}");
+        assert_kind(&msg, TransportErrorKind::Tls);
+        assert!(msg.contains("certificate"), "names the certificate: {msg}");
+        assert!(msg.contains("ca_cert"), "says what to check: {msg}");
     }
-    assert_eq!(w.engine.stats().registers, 0);
+    let stats = w.engine.stats();
+    assert_eq!(stats.streams_opened, 0, "{stats:?}");
+    assert_eq!(stats.registers, 0, "{stats:?}");
     assert!(!w.finished(), "a TLS failure does not end the runner");
     w.stop().await;
 }
@@ -1305,6 +1376,7 @@ macro_rules! conformance_suite {
             exactly_once_under_random_faults,
             proxy_tunnels_every_connection,
             proxy_that_cannot_reach_the_server,
+            black_hole_server_times_out_and_backs_off,
             proxy_credentials,
             proxy_disabled_goes_direct,
             tls_and_mutual_tls,
