@@ -300,12 +300,22 @@ impl World {
         Self::new(target, n, Setup::default(), |o| o).await
     }
 
-    /// [`World::plain`], started, every registration active.
-    async fn running(target: &Target, n: usize) -> Self {
-        let mut w = Self::plain(target, n).await;
+    /// [`World::new`], started, every registration active.
+    async fn started(
+        target: &Target,
+        n: usize,
+        setup: Setup,
+        tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+    ) -> Self {
+        let mut w = Self::new(target, n, setup, tune).await;
         w.start();
         w.all_active(n).await;
         w
+    }
+
+    /// [`World::plain`], started, every registration active.
+    async fn running(target: &Target, n: usize) -> Self {
+        Self::started(target, n, Setup::default(), |o| o).await
     }
 
     fn start(&mut self) {
@@ -494,6 +504,24 @@ fn disconnected(cause: DisconnectCause) -> impl FnMut(&RegistrationEvent) -> Opt
 /// An approval after a lost approved stream.
 fn reconnected(e: &RegistrationEvent) -> Option<()> {
     matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
+}
+
+/// Every event up to the second failed open, with a backoff between the
+/// two failures.
+async fn two_failed_opens(
+    events: &mut broadcast::Receiver<RegistrationEvent>,
+) -> Vec<RegistrationEvent> {
+    let mut failures = 0;
+    let seen = events_until(events, "two failed opens", |e| {
+        failures += usize::from(open_failure(e).is_some());
+        failures == 2
+    })
+    .await;
+    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
+    position(&seen[first..], "a backoff between the attempts", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    seen
 }
 
 /// The index of the first event `is` accepts, or a panic naming `what`.
@@ -813,12 +841,10 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
 /// answers; the registrations on other connections see nothing.
 pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     const N: usize = 6;
-    let mut w = World::new(&target, N, Setup::default(), |o| {
+    let w = World::started(&target, N, Setup::default(), |o| {
         o.max_streams_per_channel(4)
     })
     .await;
-    w.start();
-    w.all_active(N).await;
     let regs = w.engine.registrations();
     let victim = regs[0].connection_id;
     let victims: Vec<usize> = (0..N)
@@ -879,13 +905,11 @@ pub async fn server_restart_brings_everyone_back(target: Target) {
 /// Heartbeat acks stop: the watchdog drops the stream; once acks flow
 /// again the registration is back.
 pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
-    let mut w = World::new(&target, 1, Setup::default(), |o| {
+    let w = World::started(&target, 1, Setup::default(), |o| {
         o.heartbeat_interval(Duration::from_millis(100))
             .heartbeat_timeout(Duration::from_millis(400))
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     let mut events = w.events(0);
     w.engine.set_ack_heartbeats(false);
     wait_event(
@@ -983,12 +1007,10 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let mut w = World::new(&target, N, Setup::default(), |o| {
+    let w = World::started(&target, N, Setup::default(), |o| {
         o.max_streams_per_channel(4)
     })
     .await;
-    w.start();
-    w.all_active(N).await;
     let mut rng = JitterRng::new(2024);
     let mut pending = Vec::new();
     for round in 0..20u64 {
@@ -1066,7 +1088,7 @@ pub async fn proxy_tunnels_every_connection(target: Target) {
     let ca = cert.write_ca_pem(&dir.0).expect("ca");
     let proxy = ConnectProxy::start().await.expect("proxy");
     let purl = proxy.url();
-    let mut w = World::new(&target, 6, Setup::tls(cert), |o| {
+    let w = World::started(&target, 6, Setup::tls(cert), |o| {
         o.proxy(ProxySetting::Url(purl))
             .max_streams_per_channel(4)
             .ca_cert(&ca)
@@ -1077,8 +1099,6 @@ pub async fn proxy_tunnels_every_connection(target: Target) {
         "{}",
         w.server.url()
     );
-    w.start();
-    w.all_active(6).await;
     echo(&w.engine, &key(5), "via-proxy").await;
     let conns = w.server.total_connections_accepted();
     assert_eq!(
@@ -1161,16 +1181,7 @@ pub async fn black_hole_server_times_out_and_backs_off(target: Target) {
     let (running, mut events) = serverless(&target, addr, |o| {
         o.connect_timeout(Duration::from_millis(300))
     });
-    let mut failures = 0;
-    let seen = events_until(&mut events, "two timed-out opens", |e| {
-        failures += usize::from(open_failure(e).is_some());
-        failures == 2
-    })
-    .await;
-    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
-    position(&seen[first..], "a backoff between the attempts", |e| {
-        matches!(e, RegistrationEvent::BackingOff { .. })
-    });
+    let seen = two_failed_opens(&mut events).await;
     for msg in seen.iter().filter_map(open_failure) {
         assert_kind(&msg, TransportErrorKind::Timeout);
         assert!(msg.contains("300ms"), "names the deadline: {msg}");
@@ -1216,12 +1227,10 @@ pub async fn proxy_credentials(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
     proxy.require_auth("agent", "hunter2");
     let good = proxy.url_with_auth("agent", "hunter2");
-    let mut w = World::new(&target, 1, Setup::default(), |o| {
+    let w = World::started(&target, 1, Setup::default(), |o| {
         o.proxy(ProxySetting::Url(good))
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     echo(&w.engine, &key(0), "authed").await;
     assert_eq!(proxy.auth_failures(), 0);
     w.stop().await;
@@ -1259,12 +1268,10 @@ pub async fn proxy_credentials(target: Target) {
 /// `ProxySetting::Disabled` goes direct even with a proxy around.
 pub async fn proxy_disabled_goes_direct(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
-    let mut w = World::new(&target, 2, Setup::default(), |o| {
+    let w = World::started(&target, 2, Setup::default(), |o| {
         o.proxy(ProxySetting::Disabled)
     })
     .await;
-    w.start();
-    w.all_active(2).await;
     echo(&w.engine, &key(1), "direct").await;
     assert!(
         proxy.connect_targets().is_empty(),
@@ -1319,9 +1326,7 @@ pub async fn tls_and_mutual_tls(target: Target) {
     std::fs::write(&cp, c).expect("write");
     std::fs::write(&kp, k).expect("write");
 
-    let mut w = World::new(&target, 2, Setup::tls(cert.clone()), |o| o.ca_cert(&ca)).await;
-    w.start();
-    w.all_active(2).await;
+    let w = World::started(&target, 2, Setup::tls(cert.clone()), |o| o.ca_cert(&ca)).await;
     echo(&w.engine, &key(1), "tls").await;
     w.stop().await;
 
@@ -1344,12 +1349,10 @@ pub async fn tls_and_mutual_tls(target: Target) {
     assert!(!w.finished(), "a TLS failure does not end the runner");
     w.stop().await;
 
-    let mut w = World::new(&target, 1, Setup::mutual(cert), |o| {
+    let w = World::started(&target, 1, Setup::mutual(cert), |o| {
         o.ca_cert(&ca).client_identity(&cp, &kp)
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     echo(&w.engine, &key(0), "mtls").await;
     w.stop().await;
 }
@@ -1366,16 +1369,7 @@ pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
     let mut w = World::new(&target, 1, Setup::tls(served), |o| o.ca_cert(&wrong)).await;
     let mut events = w.events(0);
     w.start();
-    let mut failures = 0;
-    let seen = events_until(&mut events, "two failed opens", |e| {
-        failures += usize::from(open_failure(e).is_some());
-        failures == 2
-    })
-    .await;
-    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
-    position(&seen[first..], "a backoff between the attempts", |e| {
-        matches!(e, RegistrationEvent::BackingOff { .. })
-    });
+    let seen = two_failed_opens(&mut events).await;
     for msg in seen.iter().filter_map(open_failure) {
         assert_kind(&msg, TransportErrorKind::Tls);
         assert!(msg.contains("certificate"), "names the certificate: {msg}");
