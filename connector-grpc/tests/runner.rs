@@ -50,6 +50,17 @@ async fn assert_connections(f: &Fleet, connections: usize, streams: usize) {
     assert_eq!(transport.open_streams(), streams, "{transport:?}");
 }
 
+/// `n` echo registrations at most ten to a connection, every one active,
+/// on `connections` connections.
+async fn capped_at_ten(n: usize, connections: usize) -> Fleet {
+    let f = echoes(n, GrpcServerOptions::default(), |o| {
+        o.max_streams_per_channel(10)
+    })
+    .await;
+    assert_connections(&f, connections, n).await;
+    f
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_registrations_share_three_connections_and_echo() {
     let f = echoes(200, GrpcServerOptions::default(), |o| o).await;
@@ -78,11 +89,7 @@ async fn two_hundred_registrations_share_three_connections_and_echo() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cap_ten_with_thirty_five_registrations_uses_four_connections() {
-    let f = echoes(35, GrpcServerOptions::default(), |o| {
-        o.max_streams_per_channel(10)
-    })
-    .await;
-    assert_connections(&f, 4, 35).await;
+    let f = capped_at_ten(35, 4).await;
     assert_eq!(f.server.total_connections_accepted(), 4);
     echo(&f.engine, &key(34), "last").await;
     f.stop().await;
@@ -107,11 +114,7 @@ async fn server_limit_below_the_cap_gets_every_registration_active() {
 /// again, on one new connection: the stream accounting is as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_connection_recovers_its_registrations_and_leaves_others_alone() {
-    let f = echoes(15, GrpcServerOptions::default(), |o| {
-        o.max_streams_per_channel(10)
-    })
-    .await;
-    assert_connections(&f, 2, 15).await;
+    let f = capped_at_ten(15, 2).await;
 
     let victim = f
         .server
