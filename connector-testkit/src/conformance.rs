@@ -313,6 +313,15 @@ impl World {
         w
     }
 
+    /// `n` registrations at most four to a connection (gRPC: several
+    /// connections), started, every one active.
+    async fn spread(target: &Target, n: usize) -> Self {
+        Self::started(target, n, Setup::default(), |o| {
+            o.max_streams_per_channel(4)
+        })
+        .await
+    }
+
     /// [`World::plain`], started, every registration active.
     async fn running(target: &Target, n: usize) -> Self {
         Self::started(target, n, Setup::default(), |o| o).await
@@ -344,6 +353,15 @@ impl World {
         for i in 0..self.runner.registrations().len() {
             self.active(i).await;
         }
+    }
+
+    /// Registration `i` lost exactly `n` approved streams and was approved
+    /// again after each (a failed open on the way back is not a lost
+    /// stream).
+    fn assert_lost_and_back(&self, i: usize, n: u64) {
+        let m = self.handle(i).metrics();
+        assert_eq!(m.total_disconnects, n, "{}: {m:?}", key(i));
+        assert_eq!(m.successful_reconnects, n, "{}: {m:?}", key(i));
     }
 
     fn events(&self, i: usize) -> broadcast::Receiver<RegistrationEvent> {
@@ -827,11 +845,8 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
     assert_eq!(w.registers(0), vec![false, true], "resumed with the token");
     assert_eq!(w.registers(1), vec![false], "the other stream untouched");
     w.all_active(2).await;
-    for (i, lost) in [(0, 1), (1, 0)] {
-        let m = w.handle(i).metrics();
-        assert_eq!(m.total_disconnects, lost, "{}: {m:?}", key(i));
-        assert_eq!(m.successful_reconnects, lost, "{}: {m:?}", key(i));
-    }
+    w.assert_lost_and_back(0, 1);
+    w.assert_lost_and_back(1, 0);
     echo(&w.engine, &key(0), "after-close").await;
     w.stop().await;
 }
@@ -841,10 +856,7 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
 /// answers; the registrations on other connections see nothing.
 pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     const N: usize = 6;
-    let w = World::started(&target, N, Setup::default(), |o| {
-        o.max_streams_per_channel(4)
-    })
-    .await;
+    let w = World::spread(&target, N).await;
     let regs = w.engine.registrations();
     let victim = regs[0].connection_id;
     let victims: Vec<usize> = (0..N)
@@ -868,12 +880,7 @@ pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     w.all_active(N).await;
     for i in 0..N {
         echo(&w.engine, &key(i), &format!("back{i}")).await;
-        // One lost stream and one reconnect each for the victims (a failed
-        // open on the way back is not a lost stream), none for the others.
-        let m = w.handle(i).metrics();
-        let lost = u64::from(victims.contains(&i));
-        assert_eq!(m.total_disconnects, lost, "{}: {m:?}", key(i));
-        assert_eq!(m.successful_reconnects, lost, "{}: {m:?}", key(i));
+        w.assert_lost_and_back(i, u64::from(victims.contains(&i)));
     }
     assert_eq!(w.runner.summary().transport.open_streams(), N);
     assert_eq!(w.engine.stats().duplicate_active, 0);
@@ -893,9 +900,7 @@ pub async fn server_restart_brings_everyone_back(target: Target) {
     }
     w.all_active(N).await;
     for i in 0..N {
-        let m = w.handle(i).metrics();
-        assert_eq!(m.total_disconnects, 1, "{}: {m:?}", key(i));
-        assert_eq!(m.successful_reconnects, 1, "{}: {m:?}", key(i));
+        w.assert_lost_and_back(i, 1);
         echo(&w.engine, &key(i), &format!("after-restart{i}")).await;
     }
     assert_eq!(w.engine.stats().duplicate_active, 0);
@@ -970,12 +975,7 @@ pub async fn drain_and_should_reconnect(target: Target) {
     );
     echo(&w.engine, &key(0), "after-drain").await;
     assert_eq!(w.worker.runs("slow"), 1);
-    let m = w.handle(0).metrics();
-    assert_eq!(
-        (m.total_disconnects, m.successful_reconnects),
-        (2, 2),
-        "{m:?}"
-    );
+    w.assert_lost_and_back(0, 2);
     w.stop().await;
 }
 
@@ -1007,10 +1007,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let w = World::started(&target, N, Setup::default(), |o| {
-        o.max_streams_per_channel(4)
-    })
-    .await;
+    let w = World::spread(&target, N).await;
     let mut rng = JitterRng::new(2024);
     let mut pending = Vec::new();
     for round in 0..20u64 {
