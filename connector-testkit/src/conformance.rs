@@ -322,6 +322,21 @@ impl World {
         .await
     }
 
+    /// [`World::plain`], the server answering registration 0 `PENDING`
+    /// (and approving the others), started; returns once 0 is pending,
+    /// with its events after the `PendingApproval`.
+    async fn pending(target: &Target, n: usize) -> (Self, broadcast::Receiver<RegistrationEvent>) {
+        let mut w = Self::plain(target, n).await;
+        w.engine.set_policy_for(&key(0), ApprovalPolicy::Pending);
+        let mut events = w.events(0);
+        w.start();
+        wait_event(&mut events, "pending", |e| {
+            (*e == RegistrationEvent::PendingApproval).then_some(())
+        })
+        .await;
+        (w, events)
+    }
+
     /// [`World::plain`], started, every registration active.
     async fn running(target: &Target, n: usize) -> Self {
         Self::started(target, n, Setup::default(), |o| o).await
@@ -620,27 +635,18 @@ pub async fn register_approve_and_echo(target: Target) {
 /// `PENDING` then approved: the client waits without executing, then
 /// becomes active on the same stream.
 pub async fn pending_then_approved(target: Target) {
-    let mut w = World::plain(&target, 1).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    let mut events = w.events(0);
-    w.start();
-    w.handle(0)
-        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
-        .await
-        .expect("pending on the client");
+    let (w, mut events) = World::pending(&target, 1).await;
+    assert_eq!(w.handle(0).state(), RegistrationState::PendingApproval);
     assert!(w.engine.active_keys().is_empty());
     w.engine.approve(&key(0)).expect("approve");
     let seen = events_until(&mut events, "the approval", |e| {
         matches!(e, RegistrationEvent::Approved { .. })
     })
     .await;
-    let pending = position(&seen, "pending", |e| {
-        *e == RegistrationEvent::PendingApproval
-    });
     assert_eq!(
-        &seen[pending + 1..],
+        seen,
         [RegistrationEvent::Approved { reconnect: false }],
-        "pending, then approved (a first approval), nothing between: {seen:#?}"
+        "pending, then approved (a first approval), nothing between"
     );
     w.all_active(1).await;
     echo(&w.engine, &key(0), "after-approval").await;
@@ -657,15 +663,7 @@ pub async fn pending_then_approved(target: Target) {
 /// the server's message, stops that registration for good without running
 /// a request, and the other one carries on.
 pub async fn pending_then_rejected(target: Target) {
-    let mut w = World::plain(&target, 2).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    w.engine.set_policy_for(&key(1), ApprovalPolicy::Approve);
-    let mut events = w.events(0);
-    w.start();
-    w.handle(0)
-        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
-        .await
-        .expect("pending on the client");
+    let (w, mut events) = World::pending(&target, 2).await;
     w.engine
         .reject(&key(0), RejectReason::Denied, "not this one")
         .expect("reject");
@@ -790,14 +788,7 @@ pub async fn duplicate_backs_off_then_is_approved(target: Target) {
 /// not one of the contract's final reasons, so never final; the client
 /// reports it, backs off and registers again.
 pub async fn unknown_reject_reason_is_retried(target: Target) {
-    let mut w = World::plain(&target, 1).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    let mut events = w.events(0);
-    w.start();
-    wait_event(&mut events, "pending", |e| {
-        matches!(e, RegistrationEvent::PendingApproval).then_some(())
-    })
-    .await;
+    let (w, mut events) = World::pending(&target, 1).await;
     w.engine
         .send_raw(
             &key(0),
