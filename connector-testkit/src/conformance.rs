@@ -34,7 +34,7 @@ use connector_core::{
     BaseConnector, ConnectorError, DisconnectCause, JitterRng, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, ProxySetting, RegistrationEvent,
     RegistrationHandle, RegistrationKey, RegistrationState, StopReason, StreamMux, Transport,
-    TransportError,
+    TransportError, TransportErrorKind,
 };
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -47,7 +47,7 @@ use crate::tls::TestCertificate;
 
 /// Bound for every wait of a story: generous, only reached when broken.
 pub use crate::harness::WAIT;
-use crate::harness::{fast_options as options, key, registrations, TEST_TOKEN};
+use crate::harness::{fast_options as options, key, registrations, Running, TEST_TOKEN};
 
 /// The wire a client transport speaks, that is which testkit server a
 /// story starts for it.
@@ -300,12 +300,46 @@ impl World {
         Self::new(target, n, Setup::default(), |o| o).await
     }
 
-    /// [`World::plain`], started, every registration active.
-    async fn running(target: &Target, n: usize) -> Self {
-        let mut w = Self::plain(target, n).await;
+    /// [`World::new`], started, every registration active.
+    async fn started(
+        target: &Target,
+        n: usize,
+        setup: Setup,
+        tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+    ) -> Self {
+        let mut w = Self::new(target, n, setup, tune).await;
         w.start();
         w.all_active(n).await;
         w
+    }
+
+    /// `n` registrations at most four to a connection (gRPC: several
+    /// connections), started, every one active.
+    async fn spread(target: &Target, n: usize) -> Self {
+        Self::started(target, n, Setup::default(), |o| {
+            o.max_streams_per_channel(4)
+        })
+        .await
+    }
+
+    /// [`World::plain`], the server answering registration 0 `PENDING`
+    /// (and approving the others), started; returns once 0 is pending,
+    /// with its events after the `PendingApproval`.
+    async fn pending(target: &Target, n: usize) -> (Self, broadcast::Receiver<RegistrationEvent>) {
+        let mut w = Self::plain(target, n).await;
+        w.engine.set_policy_for(&key(0), ApprovalPolicy::Pending);
+        let mut events = w.events(0);
+        w.start();
+        wait_event(&mut events, "pending", |e| {
+            (*e == RegistrationEvent::PendingApproval).then_some(())
+        })
+        .await;
+        (w, events)
+    }
+
+    /// [`World::plain`], started, every registration active.
+    async fn running(target: &Target, n: usize) -> Self {
+        Self::started(target, n, Setup::default(), |o| o).await
     }
 
     fn start(&mut self) {
@@ -334,6 +368,15 @@ impl World {
         for i in 0..self.runner.registrations().len() {
             self.active(i).await;
         }
+    }
+
+    /// Registration `i` lost exactly `n` approved streams and was approved
+    /// again after each (a failed open on the way back is not a lost
+    /// stream).
+    fn assert_lost_and_back(&self, i: usize, n: u64) {
+        let m = self.handle(i).metrics();
+        assert_eq!(m.total_disconnects, n, "{}: {m:?}", key(i));
+        assert_eq!(m.successful_reconnects, n, "{}: {m:?}", key(i));
     }
 
     fn events(&self, i: usize) -> broadcast::Receiver<RegistrationEvent> {
@@ -486,9 +529,32 @@ fn open_failure(e: &RegistrationEvent) -> Option<String> {
     }
 }
 
+/// A `Disconnected` event with exactly `cause`.
+fn disconnected(cause: DisconnectCause) -> impl FnMut(&RegistrationEvent) -> Option<()> {
+    move |e| (disconnect(e).as_ref() == Some(&cause)).then_some(())
+}
+
 /// An approval after a lost approved stream.
 fn reconnected(e: &RegistrationEvent) -> Option<()> {
     matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
+}
+
+/// Every event up to the second failed open, with a backoff between the
+/// two failures.
+async fn two_failed_opens(
+    events: &mut broadcast::Receiver<RegistrationEvent>,
+) -> Vec<RegistrationEvent> {
+    let mut failures = 0;
+    let seen = events_until(events, "two failed opens", |e| {
+        failures += usize::from(open_failure(e).is_some());
+        failures == 2
+    })
+    .await;
+    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
+    position(&seen[first..], "a backoff between the attempts", |e| {
+        matches!(e, RegistrationEvent::BackingOff { .. })
+    });
+    seen
 }
 
 /// The index of the first event `is` accepts, or a panic naming `what`.
@@ -547,8 +613,8 @@ async fn rejected_for_good(target: Target, reason: RejectReason) {
     w.stop().await;
 }
 
-/// Register, get approved, answer executes; the server sees the
-/// registration's identity and auth token.
+/// Register once, get approved, answer executes; the server sees the
+/// registration's identity and auth token (and no session token yet).
 pub async fn register_approve_and_echo(target: Target) {
     let w = World::running(&target, 3).await;
     let regs = w.engine.registrations();
@@ -556,26 +622,32 @@ pub async fn register_approve_and_echo(target: Target) {
     for (i, r) in regs.iter().enumerate() {
         assert_eq!(r.key, key(i).to_string());
         assert_eq!(r.register.auth_token, TEST_TOKEN);
+        assert_eq!(w.registers(i), vec![false], "one fresh register");
     }
     for i in 0..3 {
         echo(&w.engine, &key(i), &format!("r{i}")).await;
         assert_eq!(w.worker.runs(&format!("r{i}")), 1);
     }
+    assert_eq!(w.worker.total(), 3, "one run per request");
     w.stop().await;
 }
 
 /// `PENDING` then approved: the client waits without executing, then
 /// becomes active on the same stream.
 pub async fn pending_then_approved(target: Target) {
-    let mut w = World::plain(&target, 1).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    w.start();
-    w.handle(0)
-        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
-        .await
-        .expect("pending on the client");
+    let (w, mut events) = World::pending(&target, 1).await;
+    assert_eq!(w.handle(0).state(), RegistrationState::PendingApproval);
     assert!(w.engine.active_keys().is_empty());
     w.engine.approve(&key(0)).expect("approve");
+    let seen = events_until(&mut events, "the approval", |e| {
+        matches!(e, RegistrationEvent::Approved { .. })
+    })
+    .await;
+    assert_eq!(
+        seen,
+        [RegistrationEvent::Approved { reconnect: false }],
+        "pending, then approved (a first approval), nothing between"
+    );
     w.all_active(1).await;
     echo(&w.engine, &key(0), "after-approval").await;
     assert_eq!(
@@ -583,6 +655,7 @@ pub async fn pending_then_approved(target: Target) {
         1,
         "approved on the same stream"
     );
+    assert_eq!(w.registers(0), vec![false], "one register");
     w.stop().await;
 }
 
@@ -590,15 +663,7 @@ pub async fn pending_then_approved(target: Target) {
 /// the server's message, stops that registration for good without running
 /// a request, and the other one carries on.
 pub async fn pending_then_rejected(target: Target) {
-    let mut w = World::plain(&target, 2).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    w.engine.set_policy_for(&key(1), ApprovalPolicy::Approve);
-    let mut events = w.events(0);
-    w.start();
-    w.handle(0)
-        .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
-        .await
-        .expect("pending on the client");
+    let (w, mut events) = World::pending(&target, 2).await;
     w.engine
         .reject(&key(0), RejectReason::Denied, "not this one")
         .expect("reject");
@@ -704,8 +769,17 @@ pub async fn duplicate_backs_off_then_is_approved(target: Target) {
     position(&seen[at..], "backoff before the retry", |e| {
         matches!(e, RegistrationEvent::BackingOff { .. })
     });
+    assert_eq!(
+        seen.last(),
+        Some(&RegistrationEvent::Approved { reconnect: false }),
+        "never approved before, so not a reconnect"
+    );
     w.all_active(1).await;
-    assert_eq!(w.registers(0).len(), 2, "one rejected, one approved");
+    assert_eq!(
+        w.registers(0),
+        vec![false, false],
+        "one rejected, one approved"
+    );
     echo(&w.engine, &key(0), "after-duplicate").await;
     w.stop().await;
 }
@@ -714,14 +788,7 @@ pub async fn duplicate_backs_off_then_is_approved(target: Target) {
 /// not one of the contract's final reasons, so never final; the client
 /// reports it, backs off and registers again.
 pub async fn unknown_reject_reason_is_retried(target: Target) {
-    let mut w = World::plain(&target, 1).await;
-    w.engine.set_policy(ApprovalPolicy::Pending);
-    let mut events = w.events(0);
-    w.start();
-    wait_event(&mut events, "pending", |e| {
-        matches!(e, RegistrationEvent::PendingApproval).then_some(())
-    })
-    .await;
+    let (w, mut events) = World::pending(&target, 1).await;
     w.engine
         .send_raw(
             &key(0),
@@ -769,6 +836,8 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
     assert_eq!(w.registers(0), vec![false, true], "resumed with the token");
     assert_eq!(w.registers(1), vec![false], "the other stream untouched");
     w.all_active(2).await;
+    w.assert_lost_and_back(0, 1);
+    w.assert_lost_and_back(1, 0);
     echo(&w.engine, &key(0), "after-close").await;
     w.stop().await;
 }
@@ -778,12 +847,7 @@ pub async fn stream_kill_resumes_with_the_session_token(target: Target) {
 /// answers; the registrations on other connections see nothing.
 pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     const N: usize = 6;
-    let mut w = World::new(&target, N, Setup::default(), |o| {
-        o.max_streams_per_channel(4)
-    })
-    .await;
-    w.start();
-    w.all_active(N).await;
+    let w = World::spread(&target, N).await;
     let regs = w.engine.registrations();
     let victim = regs[0].connection_id;
     let victims: Vec<usize> = (0..N)
@@ -807,13 +871,7 @@ pub async fn connection_kill_is_an_error_then_recovers(target: Target) {
     w.all_active(N).await;
     for i in 0..N {
         echo(&w.engine, &key(i), &format!("back{i}")).await;
-        let m = w.handle(i).metrics();
-        if victims.contains(&i) {
-            assert!(m.total_disconnects >= 1, "{}: {m:?}", key(i));
-            assert!(m.successful_reconnects >= 1, "{}: {m:?}", key(i));
-        } else {
-            assert_eq!(m.total_disconnects, 0, "{} was untouched: {m:?}", key(i));
-        }
+        w.assert_lost_and_back(i, u64::from(victims.contains(&i)));
     }
     assert_eq!(w.runner.summary().transport.open_streams(), N);
     assert_eq!(w.engine.stats().duplicate_active, 0);
@@ -833,8 +891,7 @@ pub async fn server_restart_brings_everyone_back(target: Target) {
     }
     w.all_active(N).await;
     for i in 0..N {
-        let m = w.handle(i).metrics();
-        assert_eq!(m.successful_reconnects, 1, "{}: {m:?}", key(i));
+        w.assert_lost_and_back(i, 1);
         echo(&w.engine, &key(i), &format!("after-restart{i}")).await;
     }
     assert_eq!(w.engine.stats().duplicate_active, 0);
@@ -844,30 +901,21 @@ pub async fn server_restart_brings_everyone_back(target: Target) {
 /// Heartbeat acks stop: the watchdog drops the stream; once acks flow
 /// again the registration is back.
 pub async fn stalled_heartbeat_acks_trip_the_watchdog(target: Target) {
-    let mut w = World::new(&target, 1, Setup::default(), |o| {
+    let w = World::started(&target, 1, Setup::default(), |o| {
         o.heartbeat_interval(Duration::from_millis(100))
             .heartbeat_timeout(Duration::from_millis(400))
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     let mut events = w.events(0);
     w.engine.set_ack_heartbeats(false);
-    wait_event(&mut events, "the watchdog", |e| {
-        matches!(
-            e,
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::Watchdog
-            }
-        )
-        .then_some(())
-    })
+    wait_event(
+        &mut events,
+        "the watchdog",
+        disconnected(DisconnectCause::Watchdog),
+    )
     .await;
     w.engine.set_ack_heartbeats(true);
-    wait_event(&mut events, "the approval after reconnecting", |e| {
-        matches!(e, RegistrationEvent::Approved { reconnect: true }).then_some(())
-    })
-    .await;
+    wait_event(&mut events, "the approval after reconnecting", reconnected).await;
     echo(&w.engine, &key(0), "after-watchdog").await;
     w.stop().await;
 }
@@ -887,26 +935,38 @@ pub async fn drain_and_should_reconnect(target: Target) {
     w.engine.drain(&k, "deploy", 0).expect("drain");
     let answer = slow.wait(WAIT).await.expect("in-flight answered");
     assert!(answer.success, "{answer:?}");
-    wait_event(&mut events, "the drained disconnect", |e| {
-        matches!(
-            e,
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::Drained
-            }
-        )
-        .then_some(())
-    })
+    assert_eq!(answer.request_id, "slow");
+    wait_event(
+        &mut events,
+        "the drained disconnect",
+        disconnected(DisconnectCause::Drained),
+    )
     .await;
+    wait_event(&mut events, "the reconnect after the drain", reconnected).await;
     w.all_active(1).await;
     let opened = w.engine.stats().streams_opened;
     w.engine.ack_should_reconnect(&k).expect("arm");
-    w.engine
-        .wait_until(WAIT, |e| e.stats().streams_opened > opened)
-        .await
-        .expect("a new stream after should_reconnect");
+    wait_event(
+        &mut events,
+        "the should_reconnect disconnect",
+        disconnected(DisconnectCause::Drained),
+    )
+    .await;
+    wait_event(
+        &mut events,
+        "the reconnect after should_reconnect",
+        reconnected,
+    )
+    .await;
     w.all_active(1).await;
+    assert_eq!(
+        w.engine.stats().streams_opened,
+        opened + 1,
+        "one new stream after should_reconnect"
+    );
     echo(&w.engine, &key(0), "after-drain").await;
     assert_eq!(w.worker.runs("slow"), 1);
+    w.assert_lost_and_back(0, 2);
     w.stop().await;
 }
 
@@ -926,6 +986,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
         let id = p.request_id().to_string();
         let r = p.wait(WAIT).await.unwrap_or_else(|e| panic!("{id}: {e}"));
         assert!(r.success, "{r:?}");
+        assert_eq!(r.request_id, id);
     }
     assert_eq!(w.worker.total(), 6);
     assert!(w.worker.runs_over_once().is_empty());
@@ -937,12 +998,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let mut w = World::new(&target, N, Setup::default(), |o| {
-        o.max_streams_per_channel(4)
-    })
-    .await;
-    w.start();
-    w.all_active(N).await;
+    let w = World::spread(&target, N).await;
     let mut rng = JitterRng::new(2024);
     let mut pending = Vec::new();
     for round in 0..20u64 {
@@ -1020,7 +1076,7 @@ pub async fn proxy_tunnels_every_connection(target: Target) {
     let ca = cert.write_ca_pem(&dir.0).expect("ca");
     let proxy = ConnectProxy::start().await.expect("proxy");
     let purl = proxy.url();
-    let mut w = World::new(&target, 6, Setup::tls(cert), |o| {
+    let w = World::started(&target, 6, Setup::tls(cert), |o| {
         o.proxy(ProxySetting::Url(purl))
             .max_streams_per_channel(4)
             .ca_cert(&ca)
@@ -1031,11 +1087,13 @@ pub async fn proxy_tunnels_every_connection(target: Target) {
         "{}",
         w.server.url()
     );
-    w.start();
-    w.all_active(6).await;
     echo(&w.engine, &key(5), "via-proxy").await;
     let conns = w.server.total_connections_accepted();
-    assert!(conns > 0);
+    assert_eq!(
+        w.runner.summary().transport.open_connections() as u64,
+        conns,
+        "every connection the server saw is one the client holds"
+    );
     assert_eq!(proxy.tunnels_opened(), conns, "each connection is a tunnel");
     let authority = w
         .server
@@ -1056,34 +1114,98 @@ pub async fn proxy_that_cannot_reach_the_server(target: Target) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = closed.local_addr().expect("addr");
     drop(closed);
-    let options = options(&format!("{}://{dead}", scheme(target.wire)))
-        .proxy(ProxySetting::Url(proxy.url()))
-        .build()
-        .expect("options");
-    let runner = runner(&target, 1, options, Arc::new(worker()));
-    let mut events = runner.registration(&key(0)).expect("hosted").events();
-    let r = runner.clone();
-    let run = tokio::spawn(async move { r.run().await });
-    let msg = wait_event(&mut events, "a failed open", |e| match e {
-        RegistrationEvent::Disconnected {
-            cause: DisconnectCause::OpenFailed(m),
-        } => Some(m.clone()),
-        _ => None,
-    })
-    .await;
+    let (running, mut events) =
+        serverless(&target, dead, |o| o.proxy(ProxySetting::Url(proxy.url())));
+    let msg = wait_event(&mut events, "a failed open", open_failure).await;
+    assert_kind(&msg, TransportErrorKind::Refused);
     assert!(msg.contains("502"), "{msg}");
     assert!(msg.contains(&dead.to_string()), "{msg}");
     assert!(
-        !run.is_finished(),
+        !running.is_finished(),
         "a proxy refusal does not end the runner"
     );
-    runner.shutdown_handle().shutdown();
-    timeout(WAIT, run)
-        .await
-        .expect("run returns")
-        .expect("no panic")
-        .expect("clean stop");
+    stop_serverless(running).await;
     proxy.stop().await;
+}
+
+/// One registration, running, aimed at `addr` where no testkit server
+/// is, and its events (subscribed before it starts).
+fn serverless(
+    target: &Target,
+    addr: SocketAddr,
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> (Running, broadcast::Receiver<RegistrationEvent>) {
+    let options = tune(options(&format!("{}://{addr}", scheme(target.wire))))
+        .build()
+        .expect("options");
+    let runner = runner(target, 1, options, Arc::new(worker()));
+    let events = runner.registration(&key(0)).expect("hosted").events();
+    (Running::start(runner), events)
+}
+
+/// Stops a [`serverless`] runner: `run` returns `Ok` and no connection
+/// stays open.
+async fn stop_serverless(running: Running) {
+    let runner = running.runner().clone();
+    running.stop().await.expect("clean stop");
+    assert_eq!(runner.summary().transport.open_connections(), 0);
+}
+
+/// A server that accepts TCP and never answers: every open times out
+/// (a timeout error, counted as a connect failure), with a backoff
+/// between attempts; the registration never gets further than
+/// connecting and the runner keeps going.
+pub async fn black_hole_server_times_out_and_backs_off(target: Target) {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = hole.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            sockets.push(s);
+        }
+    });
+    let (running, mut events) = serverless(&target, addr, |o| {
+        o.connect_timeout(Duration::from_millis(300))
+    });
+    let seen = two_failed_opens(&mut events).await;
+    for msg in seen.iter().filter_map(open_failure) {
+        assert_kind(&msg, TransportErrorKind::Timeout);
+        assert!(msg.contains("300ms"), "names the deadline: {msg}");
+    }
+    assert!(
+        !seen.iter().any(|e| matches!(
+            e,
+            RegistrationEvent::Connected
+                | RegistrationEvent::PendingApproval
+                | RegistrationEvent::Approved { .. }
+        )),
+        "a black hole never connects: {seen:#?}"
+    );
+    let attempts: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            RegistrationEvent::Connecting { attempt } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, vec![0, 1], "two attempts, counted: {seen:#?}");
+    let handle = running.runner().registration(&key(0)).expect("hosted");
+    // The state machine counts a failure before its event goes out, so a
+    // third attempt may have failed already.
+    let failed = handle.metrics().connect_failures;
+    assert!((2..=3).contains(&failed), "{failed} connect failures");
+    assert!(matches!(
+        handle.state(),
+        RegistrationState::Backoff { .. } | RegistrationState::Connecting
+    ));
+    assert!(
+        !running.is_finished(),
+        "a black hole does not end the runner"
+    );
+    stop_serverless(running).await;
+    held.abort();
 }
 
 /// A proxy that wants credentials: the right ones go through; wrong ones
@@ -1093,12 +1215,10 @@ pub async fn proxy_credentials(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
     proxy.require_auth("agent", "hunter2");
     let good = proxy.url_with_auth("agent", "hunter2");
-    let mut w = World::new(&target, 1, Setup::default(), |o| {
+    let w = World::started(&target, 1, Setup::default(), |o| {
         o.proxy(ProxySetting::Url(good))
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     echo(&w.engine, &key(0), "authed").await;
     assert_eq!(proxy.auth_failures(), 0);
     w.stop().await;
@@ -1113,13 +1233,8 @@ pub async fn proxy_credentials(target: Target) {
     w.start();
     let addr = proxy.addr().to_string();
     for _ in 0..2 {
-        let msg = wait_event(&mut events, "a failed open", |e| match e {
-            RegistrationEvent::Disconnected {
-                cause: DisconnectCause::OpenFailed(m),
-            } => Some(m.clone()),
-            _ => None,
-        })
-        .await;
+        let msg = wait_event(&mut events, "a failed open", open_failure).await;
+        assert_kind(&msg, TransportErrorKind::Refused);
         assert!(msg.contains("407"), "{msg}");
         assert!(msg.contains(&addr), "{msg}");
         assert!(
@@ -1141,12 +1256,10 @@ pub async fn proxy_credentials(target: Target) {
 /// `ProxySetting::Disabled` goes direct even with a proxy around.
 pub async fn proxy_disabled_goes_direct(target: Target) {
     let proxy = ConnectProxy::start().await.expect("proxy");
-    let mut w = World::new(&target, 2, Setup::default(), |o| {
+    let w = World::started(&target, 2, Setup::default(), |o| {
         o.proxy(ProxySetting::Disabled)
     })
     .await;
-    w.start();
-    w.all_active(2).await;
     echo(&w.engine, &key(1), "direct").await;
     assert!(
         proxy.connect_targets().is_empty(),
@@ -1178,10 +1291,13 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether a TLS failure message says so.
-fn names_tls(msg: &str) -> bool {
-    let m = msg.to_lowercase();
-    m.contains("tls") || m.contains("certificate")
+/// A failed open's message for a transport error of `kind`: the SDK's
+/// transports report `{kind} error: {message}` (`TransportError`'s display).
+fn assert_kind(msg: &str, kind: TransportErrorKind) {
+    assert!(
+        msg.starts_with(&format!("{kind} error: ")),
+        "a {kind} error, not: {msg}"
+    );
 }
 
 /// TLS with the testkit CA, and mutual TLS: without a client certificate
@@ -1198,9 +1314,7 @@ pub async fn tls_and_mutual_tls(target: Target) {
     std::fs::write(&cp, c).expect("write");
     std::fs::write(&kp, k).expect("write");
 
-    let mut w = World::new(&target, 2, Setup::tls(cert.clone()), |o| o.ca_cert(&ca)).await;
-    w.start();
-    w.all_active(2).await;
+    let w = World::started(&target, 2, Setup::tls(cert.clone()), |o| o.ca_cert(&ca)).await;
     echo(&w.engine, &key(1), "tls").await;
     w.stop().await;
 
@@ -1208,14 +1322,12 @@ pub async fn tls_and_mutual_tls(target: Target) {
     let mut events = w.events(0);
     w.start();
     for _ in 0..2 {
-        let cause = wait_event(&mut events, "a refused open", disconnect).await;
-        // The handshake fails, so the open does: no stream, no register.
-        // (The gRPC client's message does not name TLS here, unlike the
-        // WebSocket one; see `wrong_ca_…` for a message that must.)
-        assert!(
-            matches!(cause, DisconnectCause::OpenFailed(_)),
-            "a refused client certificate fails the open, not {cause:?}"
-        );
+        let msg = wait_event(&mut events, "a refused open", open_failure).await;
+        // The server refuses the handshake, so the open fails: no stream,
+        // no register. Under TLS 1.3 the client's half of the handshake is
+        // done before the server checks the client's certificate, so the
+        // client sees the connection closed, not a TLS error of its own.
+        assert_kind(&msg, TransportErrorKind::Closed);
     }
     assert_eq!(
         w.engine.stats().streams_opened,
@@ -1225,18 +1337,17 @@ pub async fn tls_and_mutual_tls(target: Target) {
     assert!(!w.finished(), "a TLS failure does not end the runner");
     w.stop().await;
 
-    let mut w = World::new(&target, 1, Setup::mutual(cert), |o| {
+    let w = World::started(&target, 1, Setup::mutual(cert), |o| {
         o.ca_cert(&ca).client_identity(&cp, &kp)
     })
     .await;
-    w.start();
-    w.all_active(1).await;
     echo(&w.engine, &key(0), "mtls").await;
     w.stop().await;
 }
 
-/// A CA that did not sign the server's certificate: every open fails
-/// naming TLS, with a backoff between attempts; nothing registers and the
+/// A CA that did not sign the server's certificate: every open fails with
+/// a TLS error that names the certificate and says what to check (the
+/// `ca_cert`), with a backoff between attempts; no stream opens and the
 /// runner keeps going.
 pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
     let served = TestCertificate::generate().expect("cert");
@@ -1246,20 +1357,15 @@ pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
     let mut w = World::new(&target, 1, Setup::tls(served), |o| o.ca_cert(&wrong)).await;
     let mut events = w.events(0);
     w.start();
-    let mut failures = 0;
-    let seen = events_until(&mut events, "two failed opens", |e| {
-        failures += usize::from(open_failure(e).is_some());
-        failures == 2
-    })
-    .await;
-    let first = position(&seen, "a failed open", |e| open_failure(e).is_some());
-    position(&seen[first..], "a backoff between the attempts", |e| {
-        matches!(e, RegistrationEvent::BackingOff { .. })
-    });
+    let seen = two_failed_opens(&mut events).await;
     for msg in seen.iter().filter_map(open_failure) {
-        assert!(names_tls(&msg), "{msg}");
+        assert_kind(&msg, TransportErrorKind::Tls);
+        assert!(msg.contains("certificate"), "names the certificate: {msg}");
+        assert!(msg.contains("ca_cert"), "says what to check: {msg}");
     }
-    assert_eq!(w.engine.stats().registers, 0);
+    let stats = w.engine.stats();
+    assert_eq!(stats.streams_opened, 0, "{stats:?}");
+    assert_eq!(stats.registers, 0, "{stats:?}");
     assert!(!w.finished(), "a TLS failure does not end the runner");
     w.stop().await;
 }
@@ -1277,6 +1383,7 @@ pub async fn unreadable_ca_file_is_a_config_error(target: Target) {
         .expect_err("a config error");
     assert!(err.is_config(), "{err}");
     assert!(err.to_string().contains(MISSING), "{err}");
+    assert_eq!(w.server.total_connections_accepted(), 0, "not even a dial");
     assert_eq!(w.engine.stats().streams_opened, 0);
     w.engine.verify().expect("no protocol error");
 }
@@ -1308,6 +1415,7 @@ macro_rules! conformance_suite {
             exactly_once_under_random_faults,
             proxy_tunnels_every_connection,
             proxy_that_cannot_reach_the_server,
+            black_hole_server_times_out_and_backs_off,
             proxy_credentials,
             proxy_disabled_goes_direct,
             tls_and_mutual_tls,

@@ -27,6 +27,15 @@ async fn ws_server(opts: WsServerOptions) -> (TestServer, WsTestServer) {
     (engine, server)
 }
 
+/// Stops cleanly: no socket and no writer task outlives `run()`, and the
+/// server sees every socket closed.
+async fn stop(running: Running, server: &WsTestServer) {
+    let runner = running.runner().clone();
+    running.stop().await.expect("clean stop");
+    assert_eq!(runner.summary().transport.open_connections(), 0);
+    server.wait_for_connection_count(0, WAIT).await.unwrap();
+}
+
 async fn wait_all_active(runner: &MultiConnectorRunner) {
     for key in runner.registrations() {
         runner
@@ -48,6 +57,7 @@ async fn twenty_registrations_twenty_sockets_all_active_and_echo() {
     wait_all_active(&runner).await;
     server.wait_for_connection_count(20, WAIT).await.unwrap();
     assert_eq!(runner.summary().transport.open_connections(), 20);
+    assert_eq!(server.total_connections_accepted(), 20, "one socket each");
 
     for key in runner.registrations() {
         let id = format!("req-{key}");
@@ -57,13 +67,11 @@ async fn twenty_registrations_twenty_sockets_all_active_and_echo() {
             .expect("answered in time")
             .unwrap();
         assert!(resp.success, "{resp:?}");
+        assert_eq!(resp.request_id, id);
         assert_eq!(resp.payload, request.payload);
     }
 
-    running.stop().await.expect("clean stop");
-    // No socket and no writer task outlives run().
-    assert_eq!(runner.summary().transport.open_connections(), 0);
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
+    stop(running, &server).await;
     assert!(
         engine.stats().protocol_errors.is_empty(),
         "{:?}",
@@ -87,17 +95,15 @@ async fn text_and_garbage_frames_make_the_registration_reconnect() {
         .await
         .unwrap();
     wait_all_active(&runner).await;
+    assert_eq!(engine.stats().registers, 4, "each registered again once");
     for key in runner.registrations() {
         let m = runner.registration(&key).unwrap().metrics();
-        assert!(m.total_disconnects >= 1, "{key}: {m:?}");
-        assert!(m.successful_reconnects >= 1, "{key}: {m:?}");
+        assert_eq!(m.total_disconnects, 1, "{key}: {m:?}");
+        assert_eq!(m.successful_reconnects, 1, "{key}: {m:?}");
         assert_eq!(
             m.protocol_errors, 1,
             "{key}: the bad frame is counted: {m:?}"
         );
     }
-    running.stop().await.expect("clean stop");
-    // No socket and no writer task outlives run().
-    assert_eq!(runner.summary().transport.open_connections(), 0);
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
+    stop(running, &server).await;
 }
