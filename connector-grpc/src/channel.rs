@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::connector::{Dialer, Route, TlsSetup};
-use crate::error::{dial_error, GrpcError};
+use crate::error::{dial_error, Cause, GrpcError};
 use crate::settings::{PeerSettings, PrefaceFault};
 
 /// HTTP/2 keepalive ping period.
@@ -183,7 +183,8 @@ impl ChannelFactory {
 /// The error of a dial whose server preface is not HTTP/2. A first frame
 /// that is not SETTINGS carries h2's reason, so it sorts as the HTTP/2
 /// refusal it is ([`GrpcError::http2_refusal`]); a connection that ended
-/// first is a failed connect, like a refused one.
+/// first is a closed one, with the read error if there was one (a TLS
+/// alert refusing our client certificate arrives this way).
 fn preface_error(target: &str, fault: PrefaceFault) -> GrpcError {
     match fault {
         PrefaceFault::NotSettings { head, reason } => {
@@ -197,10 +198,16 @@ fn preface_error(target: &str, fault: PrefaceFault) -> GrpcError {
                 source: Some(Arc::new(h2::Error::from(reason))),
             }
         }
-        PrefaceFault::Closed => GrpcError::Connect {
-            target: target.to_owned(),
-            message: "the connection ended before the server's HTTP/2 SETTINGS".into(),
+        PrefaceFault::Closed(None) => GrpcError::Closed {
+            message: format!("{target} ended the connection before its HTTP/2 SETTINGS"),
             source: None,
+        },
+        PrefaceFault::Closed(Some(failure)) => GrpcError::Closed {
+            message: format!(
+                "reading from {target} before its HTTP/2 SETTINGS: {}",
+                failure.message
+            ),
+            source: failure.tls.map(|e| Arc::new(e) as Cause),
         },
     }
 }

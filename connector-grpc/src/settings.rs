@@ -50,7 +50,7 @@ const PARAM_LEN: usize = 6;
 const INITIAL_MAX_FRAME: usize = 1 << 14;
 
 /// Why a connection's server preface is not HTTP/2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum PrefaceFault {
     /// The first frame header is not a SETTINGS frame; `head` is the 9
     /// bytes read as that header (often the start of an HTTP/1.1 answer).
@@ -60,8 +60,32 @@ pub(crate) enum PrefaceFault {
         /// is beyond the initial frame size, else `PROTOCOL_ERROR`.
         reason: h2::Reason,
     },
-    /// The connection ended (or failed to read) before any SETTINGS.
-    Closed,
+    /// The connection ended before any SETTINGS: at its end or dropped
+    /// (`None`), or with a read error, kept for the dial's error.
+    Closed(Option<ReadFailure>),
+}
+
+/// A read error seen before the server's SETTINGS. The error itself goes
+/// to h2; this is what the dial reports: its text, and the TLS error in it
+/// (a server refusing our client certificate after the handshake sends
+/// its alert here), which `rustls` lets us copy.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReadFailure {
+    pub(crate) message: String,
+    pub(crate) tls: Option<rustls::Error>,
+}
+
+impl ReadFailure {
+    fn of(e: &io::Error) -> Self {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .cloned();
+        Self {
+            message: e.to_string(),
+            tls,
+        }
+    }
 }
 
 /// No SETTINGS frame seen yet.
@@ -115,7 +139,7 @@ impl PeerSettings {
                 return Ok(());
             }
             if let Some(fault) = self.fault.get() {
-                return Err(*fault);
+                return Err(fault.clone());
             }
             notified.await;
         }
@@ -277,7 +301,7 @@ impl<T> SniffedIo<T> {
 /// after a failed write) ended its preface too.
 impl<T> Drop for SniffedIo<T> {
     fn drop(&mut self) {
-        self.settings.fail(PrefaceFault::Closed);
+        self.settings.fail(PrefaceFault::Closed(None));
     }
 }
 
@@ -293,10 +317,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffedIo<T> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         match &result {
             Poll::Ready(Ok(())) if room && buf.filled().len() == before => {
-                this.settings.fail(PrefaceFault::Closed);
+                this.settings.fail(PrefaceFault::Closed(None));
             }
             Poll::Ready(Ok(())) => this.scanner.feed(&buf.filled()[before..], &this.settings),
-            Poll::Ready(Err(_)) => this.settings.fail(PrefaceFault::Closed),
+            Poll::Ready(Err(e)) if this.settings.max_streams().is_none() => {
+                let failure = ReadFailure::of(e);
+                this.settings.fail(PrefaceFault::Closed(Some(failure)));
+            }
+            Poll::Ready(Err(_)) => {}
             Poll::Pending => {}
         }
         result
@@ -487,7 +515,7 @@ mod tests {
             .await
             .expect("woken")
             .expect("task");
-        assert_eq!(got, Err(PrefaceFault::Closed));
+        assert_eq!(got, Err(PrefaceFault::Closed(None)));
     }
 
     #[test]
@@ -495,7 +523,7 @@ mod tests {
         let (client, _server) = tokio::io::duplex(64);
         let before = PeerSettings::new();
         drop(SniffedIo::new(client, Arc::clone(&before)));
-        assert_eq!(before.fault.get(), Some(&PrefaceFault::Closed));
+        assert_eq!(before.fault.get(), Some(&PrefaceFault::Closed(None)));
 
         let (client, _server) = tokio::io::duplex(64);
         let after = PeerSettings::new();

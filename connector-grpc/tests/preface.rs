@@ -41,7 +41,7 @@ async fn an_http1_answer_ends_the_dial_at_once_as_a_suspect_refusal() {
 }
 
 #[tokio::test]
-async fn a_server_that_closes_first_ends_the_dial_at_once_as_a_failed_connect() {
+async fn a_server_that_closes_first_ends_the_dial_at_once_as_a_closed_connection() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let closer = tokio::spawn(async move {
@@ -56,11 +56,11 @@ async fn a_server_that_closes_first_ends_the_dial_at_once_as_a_failed_connect() 
         .await
         .expect("the dial ends before its connect timeout")
         .unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err}");
+    assert_eq!(err.kind(), TransportErrorKind::Closed, "{err}");
     assert_eq!(err.http2_refusal(), None, "{err}");
     assert!(
         err.to_string()
-            .contains("ended before the server's HTTP/2 SETTINGS"),
+            .contains("ended the connection before its HTTP/2 SETTINGS"),
         "{err}"
     );
     closer.abort();
