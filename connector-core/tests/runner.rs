@@ -440,11 +440,7 @@ async fn run_until_shutdown_outlives_an_empty_set() {
         .expect("added to an empty running runner");
     server.wait_for_active(1, WAIT).await.expect("active again");
     runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("stopped in time")
-        .expect("join")
-        .expect("ok");
+    support::joined(run).await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
@@ -559,7 +555,7 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     }
     assert_eq!(runner.metrics().expect("metrics").requests_failed, 2);
     runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    support::joined(run).await.expect("ok");
 }
 
 /// Kills every stream of `n` active registrations and returns, per second

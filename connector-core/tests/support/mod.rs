@@ -9,11 +9,12 @@
 use std::sync::Arc;
 
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, MultiConnectorRunner,
+    BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
 };
-use connector_testkit::harness::Running;
+use connector_testkit::harness::{Running, WAIT};
 use connector_testkit::{MemoryMux, MemoryTransport, TestServer};
+use tokio::task::JoinHandle;
 
 /// Options for the in-memory mux (the URL is never dialled), with the
 /// defaults and jitter seed 1.
@@ -75,4 +76,15 @@ pub(crate) fn start(
 ) -> (TestServer, MemoryMux, Running) {
     let (server, mux, runner) = runner(registrations, options);
     (server, mux, Running::start(runner))
+}
+
+/// What a `run()`-like task that [`Running`] does not cover (a
+/// `ConnectorRunner`, `run_until_shutdown`) returned, within [`WAIT`].
+pub(crate) async fn joined(
+    task: JoinHandle<Result<(), ConnectorError>>,
+) -> Result<(), ConnectorError> {
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("run() returned in time")
+        .expect("the runner's task did not panic")
 }
