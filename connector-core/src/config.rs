@@ -1053,17 +1053,21 @@ impl MultiTransportOptionsBuilder {
     }
 }
 
+/// An environment of `vars` only, for the tests of what reads one through
+/// a lookup function (`from_lookup`, proxy resolution).
+#[cfg(test)]
+pub(crate) fn fake_env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::fake_env as env;
     use super::*;
-
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
 
     #[test]
     fn a_key_parses_from_and_equals_its_display_form() {
