@@ -557,10 +557,15 @@ mod tests {
         }
     }
 
+    /// Now, and a log of `entries` entries, 1 MiB and a TTL of `ttl_secs`.
+    fn start(entries: usize, ttl_secs: u64) -> (Instant, AnsweredLog) {
+        let log = AnsweredLog::new(entries, 1 << 20, Duration::from_secs(ttl_secs));
+        (Instant::now(), log)
+    }
+
     #[test]
     fn confirmation_forgets_what_the_server_read() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(60));
+        let (now, mut log) = start(100, 60);
         log.sent(now, &resp("a"), 1, 1);
         log.sent(now, &resp("b"), 1, 2);
         log.confirm(1, 1);
@@ -572,8 +577,7 @@ mod tests {
 
     #[test]
     fn unconfirmed_of_a_dead_stream_stay_for_replay() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(60));
+        let (now, mut log) = start(100, 60);
         log.sent(now, &resp("a"), 1, 1);
         log.sent(now, &resp("b"), 2, 1);
         log.confirm(2, 1);
@@ -584,8 +588,7 @@ mod tests {
 
     #[test]
     fn a_replayed_answer_moves_to_the_new_stream_and_is_confirmed_there() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(60));
+        let (now, mut log) = start(100, 60);
         log.sent(now, &resp("a"), 1, 1);
         log.sent(now, &resp("b"), 1, 1);
         log.stream_ended();
@@ -603,8 +606,7 @@ mod tests {
 
     #[test]
     fn unconfirmed_answers_expire_by_ttl_and_are_counted() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(1));
+        let (now, mut log) = start(100, 1);
         log.sent(now, &resp("a"), 1, 1);
         let d = log.sent(now + Duration::from_secs(2), &resp("b"), 1, 1);
         assert_eq!(d.unconfirmed, 1);
@@ -614,8 +616,7 @@ mod tests {
 
     #[test]
     fn waiting_responses_come_back_in_order_and_expire() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(100, 1 << 20, Duration::from_secs(1));
+        let (now, mut log) = start(100, 1);
         log.keep_waiting(now, resp("a"));
         log.keep_waiting(now + Duration::from_millis(500), resp("b"));
         let (out, expired) = log.take_waiting(now + Duration::from_millis(1200));
@@ -627,8 +628,7 @@ mod tests {
 
     #[test]
     fn capacity_is_a_hard_bound_and_drops_are_counted() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(3, 1 << 20, Duration::from_secs(60));
+        let (now, mut log) = start(3, 60);
         let mut dropped = 0;
         for i in 0..10 {
             dropped += log.keep_waiting(now, resp(&format!("r{i}"))).waiting;
@@ -643,8 +643,7 @@ mod tests {
 
     #[test]
     fn unsent_goes_back_to_waiting() {
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(10, 1 << 20, Duration::from_secs(60));
+        let (now, mut log) = start(10, 60);
         log.sent(now, &resp("a"), 1, 1);
         log.stream_ended();
         log.unsent("a");
@@ -657,8 +656,7 @@ mod tests {
         // A busy stream: ten thousand answers confirmed in batches of 32.
         // The bookkeeping queues must not keep a trace of each one for a
         // whole TTL.
-        let now = Instant::now();
-        let mut log = AnsweredLog::new(1024, 1 << 20, Duration::from_secs(300));
+        let (now, mut log) = start(1024, 300);
         for batch in 0..(10_000 / 32) {
             for i in 0..32 {
                 log.sent(now, &resp(&format!("r{batch}-{i}")), 1, batch + 1);

@@ -747,6 +747,39 @@ pub struct MultiTransportOptions {
     pub proxy: ProxySetting,
 }
 
+/// A `$target` struct literal with the `$extra` fields and every field
+/// [`MultiTransportOptions`] and its builder share, moved out of `$src`:
+/// one list for [`MultiTransportOptions::to_builder`] and
+/// [`MultiTransportOptionsBuilder::build`], so that neither can forget an
+/// option.
+macro_rules! with_shared_fields {
+    ($target:ident { $($extra:ident: $value:expr),* $(,)? } from $src:ident) => {
+        $target {
+            $($extra: $value,)*
+            tls: $src.tls,
+            max_streams_per_channel: $src.max_streams_per_channel,
+            connect_timeout: $src.connect_timeout,
+            reconnect: $src.reconnect,
+            reconnect_delay: $src.reconnect_delay,
+            max_backoff: $src.max_backoff,
+            jitter: $src.jitter,
+            backoff_reset_after: $src.backoff_reset_after,
+            reconnect_rate: $src.reconnect_rate,
+            reconnect_burst: $src.reconnect_burst,
+            max_concurrent_requests: $src.max_concurrent_requests,
+            heartbeat_interval: $src.heartbeat_interval,
+            heartbeat_timeout: $src.heartbeat_timeout,
+            drain_timeout: $src.drain_timeout,
+            metrics_report_interval: $src.metrics_report_interval,
+            max_message_size: $src.max_message_size,
+            redelivery_ttl: $src.redelivery_ttl,
+            limits: $src.limits,
+            jitter_seed: $src.jitter_seed,
+            proxy: $src.proxy,
+        }
+    };
+}
+
 impl MultiTransportOptions {
     /// A builder for `url` with every default.
     pub fn builder(url: impl Into<String>) -> MultiTransportOptionsBuilder {
@@ -783,30 +816,11 @@ impl MultiTransportOptions {
 
     /// Turns these options back into a builder, to change a few fields.
     pub fn to_builder(&self) -> MultiTransportOptionsBuilder {
-        MultiTransportOptionsBuilder {
+        let src = self.clone();
+        with_shared_fields!(MultiTransportOptionsBuilder {
             url: ServerUrl(self.endpoint.full_url()),
             use_tls: Some(self.endpoint.tls),
-            tls: self.tls.clone(),
-            max_streams_per_channel: self.max_streams_per_channel,
-            connect_timeout: self.connect_timeout,
-            reconnect: self.reconnect,
-            reconnect_delay: self.reconnect_delay,
-            max_backoff: self.max_backoff,
-            jitter: self.jitter,
-            backoff_reset_after: self.backoff_reset_after,
-            reconnect_rate: self.reconnect_rate,
-            reconnect_burst: self.reconnect_burst,
-            max_concurrent_requests: self.max_concurrent_requests,
-            heartbeat_interval: self.heartbeat_interval,
-            heartbeat_timeout: self.heartbeat_timeout,
-            drain_timeout: self.drain_timeout,
-            metrics_report_interval: self.metrics_report_interval,
-            max_message_size: self.max_message_size,
-            redelivery_ttl: self.redelivery_ttl,
-            limits: self.limits.clone(),
-            jitter_seed: self.jitter_seed,
-            proxy: self.proxy.clone(),
-        }
+        } from src)
     }
 }
 
@@ -1027,43 +1041,26 @@ impl MultiTransportOptionsBuilder {
                 "heartbeat timeout is shorter than the interval; the watchdog may fire between healthy heartbeats"
             );
         }
-        Ok(MultiTransportOptions {
-            endpoint,
-            tls: self.tls,
-            max_streams_per_channel: self.max_streams_per_channel,
-            connect_timeout: self.connect_timeout,
-            reconnect: self.reconnect,
-            reconnect_delay: self.reconnect_delay,
-            max_backoff: self.max_backoff,
-            jitter: self.jitter,
-            backoff_reset_after: self.backoff_reset_after,
-            reconnect_rate: self.reconnect_rate,
-            reconnect_burst: self.reconnect_burst,
-            max_concurrent_requests: self.max_concurrent_requests,
-            heartbeat_interval: self.heartbeat_interval,
-            heartbeat_timeout: self.heartbeat_timeout,
-            drain_timeout: self.drain_timeout,
-            metrics_report_interval: self.metrics_report_interval,
-            max_message_size: self.max_message_size,
-            redelivery_ttl: self.redelivery_ttl,
-            limits: self.limits,
-            jitter_seed: self.jitter_seed,
-            proxy: self.proxy,
-        })
+        let src = self;
+        Ok(with_shared_fields!(MultiTransportOptions { endpoint: endpoint } from src))
+    }
+}
+
+/// An environment of `vars` only, for the tests of what reads one through
+/// a lookup function (`from_lookup`, proxy resolution).
+#[cfg(test)]
+pub(crate) fn fake_env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fake_env as env;
     use super::*;
-
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
 
     #[test]
     fn a_key_parses_from_and_equals_its_display_form() {
@@ -1135,6 +1132,39 @@ mod tests {
         ]))
         .expect_err("bad identifier");
         assert!(err.is_config());
+    }
+
+    #[test]
+    fn to_builder_then_build_keeps_every_option() {
+        let o = MultiTransportOptions::builder("wss://h:9/x?token=t")
+            .use_tls(false)
+            .ca_cert("/ca.pem")
+            .client_identity("/c.pem", "/k.pem")
+            .max_streams_per_channel(3)
+            .connect_timeout(Duration::from_secs(2))
+            .reconnect(false)
+            .reconnect_delay(Duration::from_millis(7))
+            .max_backoff(Duration::from_secs(9))
+            .jitter(Duration::from_millis(11))
+            .backoff_reset_after(Duration::from_secs(13))
+            .reconnect_rate(17)
+            .reconnect_burst(19)
+            .max_concurrent_requests(23)
+            .heartbeat_interval(Duration::from_secs(29))
+            .heartbeat_timeout(Duration::from_secs(31))
+            .drain_timeout(Duration::from_secs(37))
+            .metrics_report_interval(None)
+            .max_message_size(4096)
+            .redelivery_ttl(Duration::from_secs(41))
+            .limits(Limits::default().outbox_messages(43))
+            .jitter_seed(Some(47))
+            .proxy(ProxySetting::Disabled)
+            .build()
+            .expect("valid");
+        let again = o.to_builder().build().expect("still valid");
+        // `Debug` prints every field (credentials redacted, none here).
+        assert_eq!(format!("{again:?}"), format!("{o:?}"));
+        assert_eq!(again.endpoint.full_url(), "ws://h:9/x?token=t");
     }
 
     #[test]

@@ -37,19 +37,23 @@ pub(crate) struct StateCell {
     kind: AtomicU8,
 }
 
-/// [`RegistrationState::name`] by [`kind`].
-const NAMES: [&str; 8] = [
-    "idle",
-    "connecting",
-    "registering",
-    "pending",
-    "active",
-    "draining",
-    "backoff",
-    "stopped",
-];
+impl RegistrationState {
+    /// Every [`name`](Self::name) a state can have, in the order of the
+    /// variants: the label values a per-state gauge or table reports (so a
+    /// state that empties shows 0 instead of disappearing).
+    pub const NAMES: [&'static str; 8] = [
+        "idle",
+        "connecting",
+        "registering",
+        "pending",
+        "active",
+        "draining",
+        "backoff",
+        "stopped",
+    ];
+}
 
-/// The index of `state`'s variant in [`NAMES`].
+/// The index of `state`'s variant in [`RegistrationState::NAMES`].
 fn kind(state: &RegistrationState) -> u8 {
     match state {
         RegistrationState::Idle => 0,
@@ -95,7 +99,8 @@ impl StateCell {
     /// The name of the state now ([`RegistrationState::name`]), without
     /// the lock.
     pub(crate) fn name(&self) -> &'static str {
-        NAMES[usize::from(self.kind.load(Ordering::Acquire)) % NAMES.len()]
+        let names = RegistrationState::NAMES;
+        names[usize::from(self.kind.load(Ordering::Acquire)) % names.len()]
     }
 
     /// Replaces the state and tells the subscribers, if any.
@@ -239,6 +244,7 @@ mod tests {
             RegistrationState::Stopped(crate::state::StopReason::Shutdown),
         ] {
             let name = state.name();
+            assert_eq!(RegistrationState::NAMES[usize::from(kind(&state))], name);
             cell.publish(state);
             assert_eq!(cell.name(), name);
         }

@@ -7,17 +7,17 @@
 //! testkit's in-memory mux on paused tokio time (a current-thread runtime,
 //! so the scoped subscriber sees every task).
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
-use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
-};
-use connector_testkit::{MemoryTransport, TestServer};
+use connector_core::{BaseConnector, ExecuteContext, ExecuteError, ExecuteOutput, RegistrationKey};
+use connector_testkit::harness::Running;
+use connector_testkit::TestServer;
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
@@ -25,8 +25,8 @@ use tracing_subscriber::Layer;
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "t.traced.i0";
 
-fn key() -> connector_core::RegistrationKey {
-    KEY.parse().expect("a key")
+fn key() -> RegistrationKey {
+    support::key_of("traced", "i0")
 }
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -41,6 +41,13 @@ struct SpanRec {
     fields: HashMap<String, String>,
     parent: Option<String>,
     closed: bool,
+}
+
+impl SpanRec {
+    /// The recorded value of `name`.
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
 }
 
 /// Spans by id, and the span an event named `in handler` was inside.
@@ -121,10 +128,7 @@ impl Capture {
             .lock()
             .expect("lock")
             .iter()
-            .find(|r| {
-                r.name == "execute"
-                    && r.fields.get("request_id").map(String::as_str) == Some(request_id)
-            })
+            .find(|r| r.name == "execute" && r.field("request_id") == Some(request_id))
             .cloned()
     }
 
@@ -192,7 +196,7 @@ impl BaseConnector for Traced {
 
 struct Setup {
     server: TestServer,
-    runner: MultiConnectorRunner,
+    running: Running,
     connector: Arc<Traced>,
     capture: Capture,
     _guard: tracing::subscriber::DefaultGuard,
@@ -202,31 +206,25 @@ async fn setup() -> Setup {
     let capture = Capture::default();
     let subscriber = tracing_subscriber::registry().with(capture.clone());
     let guard = tracing::subscriber::set_default(subscriber);
-    let server = TestServer::new();
-    let options = MultiTransportOptions::builder("grpc://127.0.0.1:1")
-        .jitter_seed(Some(1))
-        .build()
-        .expect("options");
     let connector = Arc::new(Traced::default());
-    let config = ConnectorConfig::builder("t", "traced", "i0")
-        .build()
-        .expect("config");
-    let runner = MultiConnectorRunner::new(
-        vec![ConnectorRegistration::from_arc(config, connector.clone())],
-        options,
-        MemoryTransport::new(server.memory_mux()),
+    let (server, _mux, running) = support::start(
+        vec![support::registration("traced", "i0", connector.clone())],
+        support::options(),
     );
-    tokio::spawn({
-        let runner = runner.clone();
-        async move { runner.run().await }
-    });
     server.wait_for_active(1, WAIT).await.expect("active");
     Setup {
         server,
-        runner,
+        running,
         connector,
         capture,
         _guard: guard,
+    }
+}
+
+impl Setup {
+    /// Stops the runner (still captured) and checks it ended cleanly.
+    async fn stop(self) {
+        self.running.stop().await.expect("clean stop");
     }
 }
 
@@ -262,49 +260,41 @@ async fn run(s: &Setup, req: ExecuteRequest) -> connector_core::proto::ExecuteRe
 // Tests
 // ---------------------------------------------------------------------
 
-#[tokio::test(start_paused = true)]
-async fn a_traceparent_puts_the_servers_trace_id_on_the_span_and_the_context() {
+/// Sends request `id` to `capability` with a valid `traceparent` (and
+/// `extra` context) as the only request of a fresh setup, and checks its
+/// closed `execute` span: the server's trace id, the registration,
+/// capability and outcome `ok`, a duration, the registration span as parent,
+/// the trace id on the handler's context, and the handler's own log line
+/// inside the span.
+async fn traced_ok(id: &str, capability: &str, extra: &[(&str, &str)]) {
     let s = setup().await;
-    let r = run(
-        &s,
-        request(
-            "r1",
-            "echo",
-            &[
-                ("traceparent", TRACEPARENT),
-                ("tracestate", "congo=t61rcWkgMzE"),
-            ],
-            0,
-        ),
-    )
-    .await;
-    assert!(r.success);
-    let span = s.capture.wait_closed("r1").await;
-    assert_eq!(
-        span.fields.get("trace_id").map(String::as_str),
-        Some(TRACE_ID)
-    );
-    assert_eq!(
-        span.fields.get("registration").map(String::as_str),
-        Some(KEY)
-    );
-    assert_eq!(
-        span.fields.get("capability").map(String::as_str),
-        Some("echo")
-    );
-    assert_eq!(span.fields.get("outcome").map(String::as_str), Some("ok"));
+    let context: Vec<_> = [("traceparent", TRACEPARENT)]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let r = run(&s, request(id, capability, &context, 0)).await;
+    assert!(r.success, "{r:?}");
+    let span = s.capture.wait_closed(id).await;
+    assert_eq!(span.field("trace_id"), Some(TRACE_ID), "{span:?}");
+    assert_eq!(span.field("registration"), Some(KEY), "{span:?}");
+    assert_eq!(span.field("capability"), Some(capability), "{span:?}");
+    assert_eq!(span.field("outcome"), Some("ok"), "{span:?}");
     assert!(span.fields.contains_key("duration_ms"), "{span:?}");
-    assert_eq!(span.parent.as_deref(), Some("registration"));
+    assert_eq!(span.parent.as_deref(), Some("registration"), "{span:?}");
     assert_eq!(
         s.connector.seen_trace_ids.lock().expect("lock").as_slice(),
         [Some(TRACE_ID.to_string())]
     );
-    // The handler's own log line is inside its span.
     assert_eq!(
         s.capture.handler_events.lock().expect("lock").as_slice(),
-        [Some("execute:r1".to_string())]
+        [Some(format!("execute:{id}"))]
     );
-    s.runner.shutdown_handle().shutdown();
+    s.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_traceparent_puts_the_servers_trace_id_on_the_span_and_the_context() {
+    traced_ok("r1", "echo", &[("tracestate", "congo=t61rcWkgMzE")]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -324,7 +314,7 @@ async fn an_invalid_traceparent_is_ignored_never_an_error() {
         assert!(r.success, "{bad:?}: {r:?}");
         let span = s.capture.wait_closed(&id).await;
         assert!(!span.fields.contains_key("trace_id"), "{bad:?}: {span:?}");
-        assert_eq!(span.fields.get("outcome").map(String::as_str), Some("ok"));
+        assert_eq!(span.field("outcome"), Some("ok"));
     }
     assert!(s
         .connector
@@ -333,63 +323,66 @@ async fn an_invalid_traceparent_is_ignored_never_an_error() {
         .expect("lock")
         .iter()
         .all(Option::is_none));
-    s.runner.shutdown_handle().shutdown();
+    s.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_spawned_handler_keeps_the_registration_span_as_parent() {
-    let s = setup().await;
-    let r = run(
-        &s,
-        request("slow", "sleep", &[("traceparent", TRACEPARENT)], 0),
-    )
-    .await;
-    assert!(r.success);
-    let span = s.capture.wait_closed("slow").await;
-    assert_eq!(span.parent.as_deref(), Some("registration"), "{span:?}");
-    assert_eq!(span.fields.get("outcome").map(String::as_str), Some("ok"));
-    assert_eq!(
-        span.fields.get("trace_id").map(String::as_str),
-        Some(TRACE_ID)
-    );
     // After its await, on its own task, the handler still logs inside it.
-    assert_eq!(
-        s.capture.handler_events.lock().expect("lock").as_slice(),
-        [Some("execute:slow".to_string())]
-    );
-    s.runner.shutdown_handle().shutdown();
+    traced_ok("slow", "sleep", &[]).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn panicking_failing_cancelled_and_timed_out_handlers_close_their_spans_with_the_outcome() {
     let s = setup().await;
-    let r = run(&s, request("p1", "panic", &[], 0)).await;
-    assert!(!r.success);
-    let span = s.capture.wait_closed("p1").await;
-    assert_eq!(
-        span.fields.get("outcome").map(String::as_str),
-        Some("panicked")
-    );
-
-    let r = run(&s, request("p2", "panic_later", &[], 0)).await;
-    assert!(!r.success);
-    let span = s.capture.wait_closed("p2").await;
-    assert_eq!(
-        span.fields.get("outcome").map(String::as_str),
-        Some("panicked")
-    );
-
-    let r = run(&s, request("f1", "fail", &[], 0)).await;
-    assert_eq!(r.error_kind, ExecuteErrorKind::Handler as i32);
-    let span = s.capture.wait_closed("f1").await;
-    assert_eq!(
-        span.fields.get("outcome").map(String::as_str),
-        Some("error")
-    );
-    assert_eq!(
-        span.fields.get("error_kind").map(String::as_str),
-        Some("EXECUTE_ERROR_KIND_HANDLER")
-    );
+    // (request, capability, timeout ms, answered kind, span outcome, span error_kind)
+    for (id, capability, timeout_ms, kind, outcome, span_kind) in [
+        (
+            "p1",
+            "panic",
+            0,
+            ExecuteErrorKind::Handler,
+            "panicked",
+            None,
+        ),
+        (
+            "p2",
+            "panic_later",
+            0,
+            ExecuteErrorKind::Handler,
+            "panicked",
+            None,
+        ),
+        (
+            "f1",
+            "fail",
+            0,
+            ExecuteErrorKind::Handler,
+            "error",
+            Some("EXECUTE_ERROR_KIND_HANDLER"),
+        ),
+        (
+            "t1",
+            "forever",
+            100,
+            ExecuteErrorKind::Timeout,
+            "timed_out",
+            None,
+        ),
+    ] {
+        let r = run(&s, request(id, capability, &[], timeout_ms)).await;
+        assert!(!r.success, "{id}: {r:?}");
+        assert_eq!(r.error_kind, kind as i32, "{id}: {r:?}");
+        let span = s.capture.wait_closed(id).await;
+        assert_eq!(span.field("outcome"), Some(outcome), "{id}: {span:?}");
+        if let Some(span_kind) = span_kind {
+            assert_eq!(span.field("error_kind"), Some(span_kind), "{id}: {span:?}");
+        }
+        if timeout_ms > 0 {
+            let ms: f64 = span.fields["duration_ms"].parse().expect("a number");
+            assert!((100.0..200.0).contains(&ms), "{id}: {ms}");
+        }
+    }
 
     let pending = s
         .server
@@ -401,21 +394,8 @@ async fn panicking_failing_cancelled_and_timed_out_handlers_close_their_spans_wi
     let r = pending.wait(WAIT).await.expect("answered");
     assert_eq!(r.error_kind, ExecuteErrorKind::Cancelled as i32);
     let span = s.capture.wait_closed("c1").await;
-    assert_eq!(
-        span.fields.get("outcome").map(String::as_str),
-        Some("cancelled")
-    );
-
-    let r = run(&s, request("t1", "forever", &[], 100)).await;
-    assert_eq!(r.error_kind, ExecuteErrorKind::Timeout as i32);
-    let span = s.capture.wait_closed("t1").await;
-    assert_eq!(
-        span.fields.get("outcome").map(String::as_str),
-        Some("timed_out")
-    );
-    let ms: f64 = span.fields["duration_ms"].parse().expect("a number");
-    assert!((100.0..200.0).contains(&ms), "{ms}");
-    s.runner.shutdown_handle().shutdown();
+    assert_eq!(span.field("outcome"), Some("cancelled"));
+    s.stop().await;
 }
 
 #[tokio::test]

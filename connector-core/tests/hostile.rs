@@ -4,86 +4,45 @@
 //! paused tokio time. Counts over a window of virtual time are read at the
 //! window's end; nothing waits on real time.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::proto::{
-    stream_message::Kind, ApprovalUpdate, ExecuteErrorKind, ExecuteRequest, PayloadEncoding,
-    RegistrationStatus, RejectReason, StreamMessage,
+    stream_message::Kind, ApprovalUpdate, ExecuteErrorKind, RegistrationStatus, RejectReason,
+    StreamMessage,
 };
-use connector_core::{
-    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
-    RegistrationKey, RegistrationState,
-};
+use connector_core::{MultiTransportOptionsBuilder, RegistrationKey, RegistrationState};
 use connector_testkit::connectors::Echo;
-use connector_testkit::{ApprovalPolicy, MemoryTransport, TestServer};
+use connector_testkit::harness::{json_execute, Running};
+use connector_testkit::{ApprovalPolicy, TestServer};
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn options() -> MultiTransportOptions {
-    MultiTransportOptions::builder("grpc://127.0.0.1:1")
-        .jitter_seed(Some(42))
-        .metrics_report_interval(None)
-        .build()
-        .expect("valid options")
-}
-
+/// `n` echo registrations `t.echo.e0..` running over a fresh server, with
+/// jitter seed 42, no metrics reports, and `tune` on top.
 fn start(
     n: usize,
-    options: MultiTransportOptions,
-) -> (
-    TestServer,
-    MultiConnectorRunner,
-    tokio::task::JoinHandle<Result<(), connector_core::ConnectorError>>,
-) {
-    let server = TestServer::new();
-    let echo = Arc::new(Echo);
-    let regs = (0..n)
-        .map(|i| {
-            ConnectorRegistration::from_arc(
-                ConnectorConfig::builder("t", "echo", format!("e{i}"))
-                    .build()
-                    .expect("valid config"),
-                echo.clone(),
-            )
-        })
-        .collect();
-    let runner =
-        MultiConnectorRunner::new(regs, options, MemoryTransport::new(server.memory_mux()));
-    let r = runner.clone();
-    let run = tokio::spawn(async move { r.run().await });
-    (server, runner, run)
-}
-
-async fn stop(
-    runner: MultiConnectorRunner,
-    run: tokio::task::JoinHandle<Result<(), connector_core::ConnectorError>>,
-) {
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("prompt shutdown")
-        .expect("join")
-        .expect("ok");
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> (TestServer, Running) {
+    let options = support::tuned(|b| tune(b.jitter_seed(Some(42)).metrics_report_interval(None)));
+    let (server, _mux, running) = support::start(support::echoes(n, Arc::new(Echo)), options);
+    (server, running)
 }
 
 fn key(i: usize) -> RegistrationKey {
-    RegistrationKey::new("t", "echo", format!("e{i}")).expect("valid")
+    support::key_of("echo", &format!("e{i}"))
 }
 
 #[tokio::test(start_paused = true)]
 async fn heartbeats_of_500_registrations_spread_over_the_interval() {
     let interval = Duration::from_secs(10);
-    let (server, runner, run) = start(
-        500,
-        options()
-            .to_builder()
-            .heartbeat_interval(interval)
+    let (server, running) = start(500, |b| {
+        b.heartbeat_interval(interval)
             .heartbeat_timeout(Duration::from_secs(60))
-            .build()
-            .expect("valid"),
-    );
+    });
     server.wait_for_active(500, WAIT).await.expect("all active");
     // Opened together (on paused time, at the same instant): with a fixed
     // ticker every tenth but one would be empty.
@@ -106,12 +65,12 @@ async fn heartbeats_of_500_registrations_spread_over_the_interval() {
             "tenth {i}: {b} beats, mean {mean:.1}: {buckets:?}"
         );
     }
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_heartbeat_interval_of_1ms_from_the_server_is_clamped() {
-    let (server, runner, run) = start(3, options());
+    let (server, running) = start(3, |b| b);
     server.set_heartbeat_interval_ms(1);
     server.wait_for_active(3, WAIT).await.expect("active");
     let before = server.stats().heartbeats;
@@ -123,12 +82,12 @@ async fn a_heartbeat_interval_of_1ms_from_the_server_is_clamped() {
         "{beats} heartbeats in 3 s from 3 registrations"
     );
     assert!(beats >= 6, "{beats}");
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(start_paused = true)]
 async fn session_expired_on_every_register_is_paced_by_the_backoff() {
-    let (server, runner, run) = start(1, options());
+    let (server, running) = start(1, |b| b);
     server.set_policy(ApprovalPolicy::Reject(RejectReason::SessionExpired));
     tokio::time::sleep(Duration::from_secs(60)).await;
     let registers = server.stats().registers;
@@ -138,26 +97,19 @@ async fn session_expired_on_every_register_is_paced_by_the_backoff() {
         (4..=10).contains(&registers),
         "{registers} registers in 60 s"
     );
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_of_49_days_waits_at_most_max_backoff() {
-    let (server, runner, run) = start(
-        1,
-        options()
-            .to_builder()
-            .max_backoff(Duration::from_secs(2))
+    let (server, running) = start(1, |b| {
+        b.max_backoff(Duration::from_secs(2))
             .reconnect_delay(Duration::from_millis(100))
-            .build()
-            .expect("valid"),
-    );
+    });
     server.wait_for_active(1, WAIT).await.expect("active");
-    let handle = runner.registration(&key(0)).expect("hosted");
+    let handle = running.runner().registration(&key(0)).expect("hosted");
     let t = Instant::now();
-    server
-        .drain(&"t.echo.e0".parse().expect("a key"), "bye", u32::MAX)
-        .expect("drain");
+    server.drain(&key(0), "bye", u32::MAX).expect("drain");
     server
         .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
         .await
@@ -167,21 +119,21 @@ async fn a_drain_of_49_days_waits_at_most_max_backoff() {
         "{:?}",
         t.elapsed()
     );
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_unknown_reject_reason_is_retried_not_fatal() {
-    let (server, runner, run) = start(1, options());
+    let (server, running) = start(1, |b| b);
     server.set_policy(ApprovalPolicy::Pending);
-    let handle = runner.registration(&key(0)).expect("hosted");
+    let handle = running.runner().registration(&key(0)).expect("hosted");
     handle
         .wait_for(WAIT, |s| *s == RegistrationState::PendingApproval)
         .await
         .expect("pending");
     server
         .send_raw(
-            &"t.echo.e0".parse().expect("a key"),
+            &key(0),
             StreamMessage {
                 kind: Some(Kind::ApprovalUpdate(Box::new(ApprovalUpdate {
                     status: RegistrationStatus::Rejected as i32,
@@ -201,35 +153,25 @@ async fn an_unknown_reject_reason_is_retried_not_fatal() {
         .wait_for(WAIT, |s| *s == RegistrationState::Active)
         .await
         .expect("retried and approved");
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_request_sent_right_after_a_drain_still_gets_an_answer() {
-    let (server, runner, run) = start(1, options());
+    let (server, running) = start(1, |b| b);
     // The server does not resend unanswered requests on the next stream:
     // the answer must come from the client.
     server.set_resend_on_reconnect(false);
     server.wait_for_active(1, WAIT).await.expect("active");
     // Drain (nothing in flight: the client closes at once) and a request
     // right behind it on the same stream.
-    server
-        .drain(&"t.echo.e0".parse().expect("a key"), "bye", 0)
-        .expect("drain");
+    server.drain(&key(0), "bye", 0).expect("drain");
     let pending = server
-        .send_execute(
-            &"t.echo.e0".parse().expect("a key"),
-            ExecuteRequest {
-                request_id: "late".into(),
-                payload: b"{}".to_vec().into(),
-                encoding: PayloadEncoding::Json as i32,
-                ..Default::default()
-            },
-        )
+        .send_execute(&key(0), json_execute("late", "", "{}"))
         .expect("sent");
     let answer = pending.wait(WAIT).await.expect("answered");
     assert_eq!(answer.request_id, "late");
     assert_eq!(answer.error_kind, ExecuteErrorKind::Overloaded as i32);
     assert_eq!(server.stats().duplicate_responses, 0);
-    stop(runner, run).await;
+    running.stop().await.expect("clean stop");
 }

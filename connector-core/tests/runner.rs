@@ -1,19 +1,22 @@
 //! Runner tests over the testkit's in-memory mux, on paused tokio time: the
 //! whole driver + state machine + engine, without sockets.
 
+mod support;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use connector_core::proto::{ExecuteErrorKind, ExecuteRequest, PayloadEncoding, RejectReason};
+use connector_core::proto::{ExecuteErrorKind, ExecuteResponse, RejectReason};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, ConnectorRunner,
     ExecuteContext, ExecuteError, ExecuteOutput, MultiConnectorRunner, MultiTransportOptions,
     RegistrationKey, RegistrationState, StopReason,
 };
 use connector_testkit::connectors::{Counting, Sleep};
+use connector_testkit::harness::{json_execute, Running, WAIT};
 use connector_testkit::{ApprovalPolicy, MemoryMux, MemoryTransport, TestServer};
-
-const WAIT: Duration = Duration::from_secs(30);
+use support::{key_of, options, tuned};
 
 /// Echoes; a payload `{"ms": N}` waits N ms first; counts runs and how
 /// many run at once.
@@ -23,48 +26,65 @@ fn worker() -> Worker {
     Counting::new(Sleep::new(Duration::ZERO))
 }
 
-fn options() -> MultiTransportOptions {
-    MultiTransportOptions::builder("grpc://127.0.0.1:1")
-        .jitter_seed(Some(1))
-        .build()
-        .expect("valid options")
+/// `t.echo.<instance>`.
+fn key(instance: &str) -> RegistrationKey {
+    key_of("echo", instance)
 }
 
-fn reg(instance: &str, connector: Worker) -> ConnectorRegistration {
-    ConnectorRegistration::new(
-        ConnectorConfig::builder("t", "echo", instance)
-            .build()
-            .expect("valid config"),
-        connector,
-    )
+/// A registration of `echo` under `t.echo.<instance>`.
+fn reg(instance: &str, echo: &Worker) -> ConnectorRegistration {
+    support::registration("echo", instance, Arc::new(echo.clone()))
 }
 
-fn setup(n: usize) -> (TestServer, MemoryMux, MultiConnectorRunner, Worker) {
-    setup_with(n, options())
-}
-
+/// `n` registrations `t.echo.e0..` of one worker, over a fresh server.
 fn setup_with(
     n: usize,
     options: MultiTransportOptions,
 ) -> (TestServer, MemoryMux, MultiConnectorRunner, Worker) {
-    let server = TestServer::new();
-    let mux = server.memory_mux();
     let echo = worker();
-    let regs = (0..n)
-        .map(|i| reg(&format!("e{i}"), echo.clone()))
-        .collect();
-    let runner = MultiConnectorRunner::new(regs, options, MemoryTransport::new(mux.clone()));
+    let (server, mux, runner) =
+        support::runner(support::echoes(n, Arc::new(echo.clone())), options);
     (server, mux, runner, echo)
 }
 
-fn json_request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        ..Default::default()
+/// A running [`setup_with`].
+struct Fixture {
+    server: TestServer,
+    mux: MemoryMux,
+    running: Running,
+    echo: Worker,
+}
+
+/// [`setup_with`], running (not yet waited for).
+fn start(n: usize, options: MultiTransportOptions) -> Fixture {
+    let (server, mux, runner, echo) = setup_with(n, options);
+    Fixture {
+        server,
+        mux,
+        running: Running::start(runner),
+        echo,
     }
+}
+
+/// [`start`], once all `n` are active.
+async fn active(n: usize, options: MultiTransportOptions) -> Fixture {
+    let f = start(n, options);
+    f.server.wait_for_active(n, WAIT).await.expect("all active");
+    f
+}
+
+/// Sends a JSON execute to `key` and waits for its answer.
+async fn answer(
+    server: &TestServer,
+    key: &RegistrationKey,
+    id: &str,
+    capability: &str,
+    payload: &str,
+) -> ExecuteResponse {
+    server
+        .execute(key, json_execute(id, capability, payload))
+        .await
+        .expect("answered")
 }
 
 #[test]
@@ -154,41 +174,26 @@ fn invalid_urls_and_identifiers_are_config_errors() {
 }
 
 #[test]
-fn key_display_and_debug_hide_tokens() {
+fn key_display() {
+    // That a config's Debug hides its token is tests/secrets.rs.
     let key = RegistrationKey::new("acme", "jira", "i-1").expect("valid");
     assert_eq!(key.to_string(), "acme.jira.i-1");
-    let config = ConnectorConfig::builder("acme", "jira", "i-1")
-        .auth_token("top-secret-token")
-        .build()
-        .expect("valid");
-    let dump = format!("{config:?}");
-    assert!(!dump.contains("top-secret-token"), "{dump}");
 }
 
 #[test]
 fn new_collapses_duplicates_keeping_the_first() {
     let echo = worker();
-    let runner = MultiConnectorRunner::new(
-        vec![
-            reg("a", echo.clone()),
-            reg("b", echo.clone()),
-            reg("a", echo),
-        ],
+    let (_s, _m, runner) = support::runner(
+        vec![reg("a", &echo), reg("b", &echo), reg("a", &echo)],
         options(),
-        MemoryTransport::new(TestServer::new().memory_mux()),
     );
-    let keys: Vec<String> = runner
-        .registrations()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(keys, vec!["t.echo.a", "t.echo.b"]);
+    assert_eq!(runner.registrations(), vec![key("a"), key("b")]);
 }
 
 #[test]
 fn add_duplicate_is_rejected_naming_the_key() {
-    let (_s, _m, runner, echo) = setup(1);
-    let err = runner.add(reg("e0", echo)).expect_err("duplicate");
+    let (_s, _m, runner, echo) = setup_with(1, options());
+    let err = runner.add(reg("e0", &echo)).expect_err("duplicate");
     assert!(
         matches!(&err, ConnectorError::InvalidConfig(m) if m.contains("t.echo.e0")),
         "{err}"
@@ -197,9 +202,9 @@ fn add_duplicate_is_rejected_naming_the_key() {
 
 #[tokio::test(start_paused = true)]
 async fn empty_run_and_pre_signalled_shutdown_are_clean() {
-    let (_s, _m, empty, _) = setup(0);
+    let (_s, _m, empty, _) = setup_with(0, options());
     empty.run().await.expect("empty run is Ok");
-    let (server, _m, runner, _) = setup(3);
+    let (server, _m, runner, _) = setup_with(3, options());
     let stop = runner.shutdown_handle();
     assert!(!stop.is_shutdown());
     stop.shutdown();
@@ -210,67 +215,57 @@ async fn empty_run_and_pre_signalled_shutdown_are_clean() {
 
 #[tokio::test(start_paused = true)]
 async fn run_twice_and_add_after_finish_are_already_running() {
-    let (server, _m, runner, echo) = setup(2);
-    let r2 = runner.clone();
-    let first = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(2, WAIT).await.expect("active");
+    let Fixture { running, echo, .. } = active(2, options()).await;
+    let runner = running.runner().clone();
     let err = runner.run().await.expect_err("second run");
-    assert!(matches!(err, ConnectorError::AlreadyRunning(_)));
-    runner.shutdown_handle().shutdown();
-    first.await.expect("join").expect("run ok");
-    let err = runner.add(reg("late", echo)).expect_err("finished");
-    assert!(matches!(err, ConnectorError::AlreadyRunning(_)));
+    assert!(matches!(err, ConnectorError::AlreadyRunning(_)), "{err}");
+    running.stop().await.expect("run ok");
+    let err = runner.add(reg("late", &echo)).expect_err("finished");
+    assert!(matches!(err, ConnectorError::AlreadyRunning(_)), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn all_registrations_reach_active_and_answer() {
-    let (server, _m, runner, _) = setup(25);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(25, WAIT).await.expect("all active");
+    let Fixture {
+        server, running, ..
+    } = active(25, options()).await;
     for key in server.active_keys() {
-        let resp = server
-            .execute(&key, json_request(&format!("{key}-1"), "", r#"{"k":1}"#))
-            .await
-            .expect("response");
+        let resp = answer(&server, &key, &format!("{key}-1"), "", r#"{"k":1}"#).await;
         assert!(resp.success);
         assert_eq!(resp.payload, &br#"{"k":1}"#[..]);
     }
+    let runner = running.runner().clone();
     let summary = runner.summary();
     assert_eq!(summary.count("active"), 25);
     assert_eq!(summary.transport.open_connections(), 25);
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    running.stop().await.expect("ok");
     assert_eq!(server.stats().outstanding, 0);
     assert!(
         server.stats().protocol_errors.is_empty(),
         "{:?}",
         server.stats().protocol_errors
     );
-    for (_, m) in runner.metrics_snapshot() {
+    let snapshot = runner.metrics_snapshot();
+    assert_eq!(snapshot.len(), 25);
+    for (_, m) in snapshot {
         assert_eq!(m.state, RegistrationState::Stopped(StopReason::Shutdown));
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn concurrency_bound_is_respected_and_excess_waits() {
-    let (server, _m, runner, echo) = setup_with(
-        1,
-        options()
-            .to_builder()
-            .max_concurrent_requests(3)
-            .build()
-            .expect("valid"),
-    );
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(1, WAIT).await.expect("active");
+    let Fixture {
+        server,
+        running,
+        echo,
+        ..
+    } = active(1, tuned(|b| b.max_concurrent_requests(3))).await;
     let pending: Vec<_> = (0..10)
         .map(|i| {
             server
                 .send_execute(
-                    &"t.echo.e0".parse().expect("a key"),
-                    json_request(&format!("s{i}"), "sleep", r#"{"ms":100}"#),
+                    &key("e0"),
+                    json_execute(&format!("s{i}"), "sleep", r#"{"ms":100}"#),
                 )
                 .expect("sent")
         })
@@ -280,98 +275,99 @@ async fn concurrency_bound_is_respected_and_excess_waits() {
         assert!(r.success, "{r:?}");
     }
     assert_eq!(echo.peak(), 3);
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    running.stop().await.expect("ok");
+}
+
+/// Starts 2-3 registrations under `options`, breaks them with `fault`,
+/// waits until `e0`'s state passes `reached`, and checks that a shutdown
+/// ends `run()` within a second.
+async fn shutdown_is_prompt(
+    n: usize,
+    options: MultiTransportOptions,
+    fault: impl FnOnce(&MemoryMux),
+    reached: impl Fn(&RegistrationState) -> bool,
+) {
+    let (_server, mux, runner, _) = setup_with(n, options);
+    fault(&mux);
+    let running = Running::start(runner);
+    running
+        .runner()
+        .registration(&key("e0"))
+        .expect("hosted")
+        .wait_for(WAIT, reached)
+        .await
+        .expect("reached the state");
+    let started = tokio::time::Instant::now();
+    running.stop().await.expect("ok");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_during_backoff_exits_promptly() {
-    let (_server, mux, runner, _) = setup_with(
+    shutdown_is_prompt(
         2,
-        options()
-            .to_builder()
-            .reconnect_delay(Duration::from_secs(30))
-            .max_backoff(Duration::from_secs(60))
-            .build()
-            .expect("valid"),
-    );
-    mux.fail_next_opens(2);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    let key = runner.registrations()[0].clone();
-    let handle = runner.registration(&key).expect("hosted");
-    handle
-        .wait_for(WAIT, |s| matches!(s, RegistrationState::Backoff { .. }))
-        .await
-        .expect("backing off");
-    let started = tokio::time::Instant::now();
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(Duration::from_secs(1), run)
-        .await
-        .expect("prompt")
-        .expect("join")
-        .expect("ok");
-    assert!(started.elapsed() < Duration::from_secs(1));
+        tuned(|b| {
+            b.reconnect_delay(Duration::from_secs(30))
+                .max_backoff(Duration::from_secs(60))
+        }),
+        |mux| mux.fail_next_opens(2),
+        |s| matches!(s, RegistrationState::Backoff { .. }),
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_mid_register_with_a_black_hole_is_prompt() {
-    let (_server, mux, runner, _) = setup(3);
-    mux.set_black_hole(true);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    let key = runner.registrations()[0].clone();
-    runner
-        .registration(&key)
-        .expect("hosted")
-        .wait_for(WAIT, |s| *s == RegistrationState::Connecting)
-        .await
-        .expect("connecting");
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(Duration::from_secs(1), run)
-        .await
-        .expect("prompt")
-        .expect("join")
-        .expect("ok");
+    shutdown_is_prompt(
+        3,
+        options(),
+        |mux| mux.set_black_hole(true),
+        |s| *s == RegistrationState::Connecting,
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn rejected_registration_stops_others_carry_on() {
-    let (server, _m, runner, _) = setup(3);
-    server.set_policy_for(
-        &"t.echo.e1".parse().expect("a key"),
-        ApprovalPolicy::Reject(RejectReason::Denied),
-    );
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
+    let (server, _m, runner, _) = setup_with(3, options());
+    server.set_policy_for(&key("e1"), ApprovalPolicy::Reject(RejectReason::Denied));
+    let running = Running::start(runner);
     server.wait_for_active(2, WAIT).await.expect("two active");
-    let key = RegistrationKey::new("t", "echo", "e1").expect("valid");
-    let state = runner
-        .registration(&key)
+    let state = running
+        .runner()
+        .registration(&key("e1"))
         .expect("hosted")
         .wait_for(WAIT, RegistrationState::is_stopped)
         .await
         .expect("stopped");
-    assert!(matches!(
-        state,
-        RegistrationState::Stopped(StopReason::Rejected {
-            reason: RejectReason::Denied,
-            ..
-        })
-    ));
-    assert_eq!(server.active_keys().len(), 2);
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    assert!(
+        matches!(
+            state,
+            RegistrationState::Stopped(StopReason::Rejected {
+                reason: RejectReason::Denied,
+                ..
+            })
+        ),
+        "{state:?}"
+    );
+    assert_eq!(server.active_keys(), vec![key("e0"), key("e2")]);
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
 async fn add_racing_run_is_either_driven_or_rejected() {
     for round in 0..200 {
-        let (server, _m, runner, echo) = setup(1);
-        let r2 = runner.clone();
-        let run = tokio::spawn(async move { r2.run().await });
-        let added = runner.add(reg("raced", echo));
-        match &added {
+        let Fixture {
+            server,
+            running,
+            echo,
+            ..
+        } = start(1, options());
+        match running.runner().add(reg("raced", &echo)) {
             Ok(_) => {
                 server
                     .wait_for_active(2, WAIT)
@@ -381,47 +377,50 @@ async fn add_racing_run_is_either_driven_or_rejected() {
             Err(ConnectorError::AlreadyRunning(_)) => {}
             Err(e) => panic!("round {round}: {e}"),
         }
-        runner.shutdown_handle().shutdown();
-        run.await.expect("join").expect("ok");
+        running.stop().await.expect("ok");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn add_and_remove_while_running() {
-    let (server, _m, runner, echo) = setup(2);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(2, WAIT).await.expect("active");
-    let handle = runner.add(reg("new", echo)).expect("added while running");
+    let Fixture {
+        server,
+        running,
+        echo,
+        ..
+    } = active(2, options()).await;
+    let runner = running.runner();
+    let handle = runner.add(reg("new", &echo)).expect("added while running");
     server
         .wait_for_active(3, WAIT)
         .await
         .expect("new one active");
     assert_eq!(handle.state(), RegistrationState::Active);
-    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
-    runner.remove(&key).await.expect("removed");
+    runner.remove(&key("e0")).await.expect("removed");
     server
         .wait_until(WAIT, |s| s.active_keys().len() == 2)
         .await
         .expect("stream gone from the server");
-    assert!(runner.registration(&key).is_none());
-    assert!(matches!(
-        runner.remove(&key).await,
-        Err(ConnectorError::UnknownRegistration(_))
-    ));
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    assert!(runner.registration(&key("e0")).is_none());
+    let again = runner.remove(&key("e0")).await;
+    assert!(
+        matches!(again, Err(ConnectorError::UnknownRegistration(_))),
+        "{again:?}"
+    );
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
 async fn run_until_shutdown_outlives_an_empty_set() {
-    let (server, _m, runner, echo) = setup(1);
+    let (server, _m, runner, echo) = setup_with(1, options());
     let r2 = runner.clone();
     let run = tokio::spawn(async move { r2.run_until_shutdown().await });
     server.wait_for_active(1, WAIT).await.expect("active");
-    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
-    let mut gone = runner.registration(&key).expect("hosted").watch_state();
-    runner.remove(&key).await.expect("removed");
+    let mut gone = runner
+        .registration(&key("e0"))
+        .expect("hosted")
+        .watch_state();
+    runner.remove(&key("e0")).await.expect("removed");
     // The entry is forgotten once its driver has ended: the state channel closes.
     tokio::time::timeout(WAIT, async { while gone.changed().await.is_ok() {} })
         .await
@@ -437,37 +436,30 @@ async fn run_until_shutdown_outlives_an_empty_set() {
     );
     // The same key again, on the live runner.
     runner
-        .add(reg("e0", echo))
+        .add(reg("e0", &echo))
         .expect("added to an empty running runner");
     server.wait_for_active(1, WAIT).await.expect("active again");
     runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("stopped in time")
-        .expect("join")
-        .expect("ok");
+    support::joined(run).await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
 async fn graceful_shutdown_answers_in_flight_requests() {
-    let (server, _m, runner, echo) = setup(1);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(1, WAIT).await.expect("active");
+    let Fixture {
+        server,
+        running,
+        echo,
+        ..
+    } = active(1, options()).await;
     let pending = server
-        .send_execute(
-            &"t.echo.e0".parse().expect("a key"),
-            json_request("slow", "sleep", r#"{"ms":2000}"#),
-        )
+        .send_execute(&key("e0"), json_execute("slow", "sleep", r#"{"ms":2000}"#))
         .expect("sent");
     echo.wait_started(1, WAIT).await.expect("handler started");
-    runner.shutdown_handle().shutdown();
-    let r = pending
-        .wait(WAIT)
-        .await
-        .expect("answered before the stream closed");
-    assert!(r.success);
-    run.await.expect("join").expect("ok");
+    let stopped = running.stop();
+    let (r, stopped) = tokio::join!(pending.wait(WAIT), stopped);
+    let r = r.expect("answered before the stream closed");
+    assert!(r.success, "{r:?}");
+    stopped.expect("ok");
     assert_eq!(server.stats().outstanding, 0);
 }
 
@@ -475,59 +467,46 @@ async fn graceful_shutdown_answers_in_flight_requests() {
 async fn killed_stream_reconnects_and_redelivers() {
     // The backoff (5 s) outlasts the handler (1 s): the response is made
     // while no stream is up.
-    let (server, mux, runner, echo) = setup_with(
-        1,
-        options()
-            .to_builder()
-            .reconnect_delay(Duration::from_secs(5))
-            .build()
-            .expect("valid"),
-    );
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(1, WAIT).await.expect("active");
+    let Fixture {
+        server,
+        mux,
+        running,
+        echo,
+    } = active(1, tuned(|b| b.reconnect_delay(Duration::from_secs(5)))).await;
     let pending = server
-        .send_execute(
-            &"t.echo.e0".parse().expect("a key"),
-            json_request("x", "sleep", r#"{"ms":1000}"#),
-        )
+        .send_execute(&key("e0"), json_execute("x", "sleep", r#"{"ms":1000}"#))
         .expect("sent");
     // Let the request reach the handler, then kill the connection under it.
-    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
-    let handle = runner.registration(&key).expect("hosted");
+    let handle = running.runner().registration(&key("e0")).expect("hosted");
     echo.wait_started(1, WAIT).await.expect("handler started");
     assert_eq!(mux.kill_all_connections(), 1);
     let r = pending
         .wait(WAIT)
         .await
         .expect("delivered on the next stream");
-    assert!(r.success);
+    assert!(r.success, "{r:?}");
     let m = handle.metrics();
     assert_eq!(m.total_disconnects, 1);
     assert_eq!(m.successful_reconnects, 1);
     assert_eq!(m.responses_redelivered, 1);
     assert_eq!(server.stats().duplicate_responses, 0);
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
 async fn watchdog_reconnects_when_acks_stop() {
-    let (server, _m, runner, _) = setup_with(
+    let Fixture {
+        server, running, ..
+    } = active(
         1,
-        options()
-            .to_builder()
-            .heartbeat_interval(Duration::from_secs(1))
-            .heartbeat_timeout(Duration::from_secs(3))
-            .build()
-            .expect("valid"),
-    );
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(1, WAIT).await.expect("active");
+        tuned(|b| {
+            b.heartbeat_interval(Duration::from_secs(1))
+                .heartbeat_timeout(Duration::from_secs(3))
+        }),
+    )
+    .await;
     server.set_ack_heartbeats(false);
-    let key = RegistrationKey::new("t", "echo", "e0").expect("valid");
-    let handle = runner.registration(&key).expect("hosted");
+    let handle = running.runner().registration(&key("e0")).expect("hosted");
     server
         .wait_until(WAIT, |_| handle.metrics().total_disconnects >= 1)
         .await
@@ -537,8 +516,9 @@ async fn watchdog_reconnects_when_acks_stop() {
         .wait_until(WAIT, |_| handle.metrics().successful_reconnects >= 1)
         .await
         .expect("back");
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    let m = handle.metrics();
+    assert_eq!((m.total_disconnects, m.successful_reconnects), (1, 1));
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
@@ -558,40 +538,24 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     }
     let server = TestServer::new();
     let runner = ConnectorRunner::new(
-        ConnectorRegistration::new(
-            ConnectorConfig::builder("t", "picky", "p")
-                .build()
-                .expect("valid"),
-            Picky,
-        ),
+        support::registration("picky", "p", Arc::new(Picky)),
         options(),
         MemoryTransport::new(server.memory_mux()),
     );
     let r2 = runner.clone();
     let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(1, WAIT).await.expect("active");
-    let bad = server
-        .execute(
-            &"t.picky.p".parse().expect("a key"),
-            json_request("b", "echo", "{nope"),
-        )
-        .await
-        .expect("answered");
-    assert_eq!(bad.error_kind, ExecuteErrorKind::BadPayload as i32);
-    let unknown = server
-        .execute(
-            &"t.picky.p".parse().expect("a key"),
-            json_request("u", "other", "{}"),
-        )
-        .await
-        .expect("answered");
-    assert_eq!(
-        unknown.error_kind,
-        ExecuteErrorKind::UnknownCapability as i32
-    );
+    let picky = key_of("picky", "p");
+    for (id, capability, payload, kind) in [
+        ("b", "echo", "{nope", ExecuteErrorKind::BadPayload),
+        ("u", "other", "{}", ExecuteErrorKind::UnknownCapability),
+    ] {
+        let r = answer(&server, &picky, id, capability, payload).await;
+        assert_eq!(r.error_kind, kind as i32, "{id}: {r:?}");
+    }
     assert_eq!(runner.metrics().expect("metrics").requests_failed, 2);
     runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    support::joined(run).await.expect("ok");
 }
 
 /// Kills every stream of `n` active registrations and returns, per second
@@ -599,12 +563,14 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
 /// until all were Active again.
 async fn mass_reconnect(n: usize, options: MultiTransportOptions) -> (Vec<usize>, Duration) {
     use connector_testkit::ServerEvent;
-    let (server, mux, runner, _) = setup_with(n, options);
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(n, WAIT).await.expect("active");
+    let Fixture {
+        server,
+        mux,
+        running,
+        ..
+    } = active(n, options).await;
     let killed_at = tokio::time::Instant::now();
-    assert!(mux.kill_all_connections() > 0);
+    assert_eq!(mux.kill_all_connections(), n, "one connection per stream");
     server
         .wait_until(WAIT, |s| s.active_keys().is_empty())
         .await
@@ -627,8 +593,7 @@ async fn mass_reconnect(n: usize, options: MultiTransportOptions) -> (Vec<usize>
         }
     }
     assert_eq!(per_second.iter().sum::<usize>(), n, "one register each");
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    running.stop().await.expect("ok");
     (per_second, back)
 }
 
@@ -636,14 +601,12 @@ async fn mass_reconnect(n: usize, options: MultiTransportOptions) -> (Vec<usize>
 async fn mass_reconnect_is_paced_across_the_runner() {
     // 300 registrations, 100 reconnects/s after a burst of 20: no second
     // sees more than 120 of them, and all are back after ~2.8 s + backoff.
-    let paced = options()
-        .to_builder()
-        .reconnect_delay(Duration::from_millis(100))
-        .jitter(Duration::from_millis(100))
-        .reconnect_rate(100)
-        .reconnect_burst(20)
-        .build()
-        .expect("valid");
+    let paced = tuned(|b| {
+        b.reconnect_delay(Duration::from_millis(100))
+            .jitter(Duration::from_millis(100))
+            .reconnect_rate(100)
+            .reconnect_burst(20)
+    });
     let (per_second, back) = mass_reconnect(300, paced.clone()).await;
     assert!(
         per_second.iter().all(|&c| c <= 120),
@@ -666,20 +629,15 @@ async fn mass_reconnect_is_paced_across_the_runner() {
 async fn first_connects_are_not_paced() {
     // A rate of 1/s would take minutes to start 100 registrations if the
     // first connect were paced; they all come up at once.
-    let slow = options()
-        .to_builder()
-        .reconnect_rate(1)
-        .reconnect_burst(1)
-        .build()
-        .expect("valid");
-    let (server, _mux, runner, _) = setup_with(100, slow);
     let started = tokio::time::Instant::now();
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
-    server.wait_for_active(100, WAIT).await.expect("active");
-    assert!(started.elapsed() < Duration::from_secs(1));
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    let Fixture { running, .. } =
+        active(100, tuned(|b| b.reconnect_rate(1).reconnect_burst(1))).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test(start_paused = true)]
@@ -699,26 +657,13 @@ async fn a_panicking_handler_is_a_handler_error_whether_it_waited_or_not() {
             }
         }
     }
-    let server = TestServer::new();
-    let mux = server.memory_mux();
-    let reg = ConnectorRegistration::new(
-        ConnectorConfig::builder("t", "echo", "p")
-            .build()
-            .expect("valid config"),
-        Panicky,
+    let (server, _m, running) = support::start(
+        vec![support::registration("echo", "p", Arc::new(Panicky))],
+        options(),
     );
-    let runner = MultiConnectorRunner::new(vec![reg], options(), MemoryTransport::new(mux));
-    let r2 = runner.clone();
-    let run = tokio::spawn(async move { r2.run().await });
     server.wait_for_active(1, WAIT).await.expect("active");
     for (i, capability) in ["now", "later", "ok", "now", "ok"].iter().enumerate() {
-        let resp = server
-            .execute(
-                &"t.echo.p".parse().expect("a key"),
-                json_request(&format!("r{i}"), capability, "{}"),
-            )
-            .await
-            .expect("one response each");
+        let resp = answer(&server, &key("p"), &format!("r{i}"), capability, "{}").await;
         if *capability == "ok" {
             assert!(resp.success, "{resp:?}");
         } else {
@@ -727,14 +672,16 @@ async fn a_panicking_handler_is_a_handler_error_whether_it_waited_or_not() {
             assert!(resp.error.contains("panicked"), "{}", resp.error);
         }
     }
-    let key = RegistrationKey::new("t", "echo", "p").expect("valid");
-    let m = runner.registration(&key).expect("hosted").metrics();
+    let m = running
+        .runner()
+        .registration(&key("p"))
+        .expect("hosted")
+        .metrics();
     assert_eq!(m.requests_failed, 3);
     assert_eq!(m.requests_succeeded, 2);
     assert_eq!(
         m.total_disconnects, 0,
         "a handler panic never costs the stream"
     );
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("ok");
+    running.stop().await.expect("ok");
 }

@@ -74,51 +74,69 @@ impl std::fmt::Debug for Token<'_> {
     }
 }
 
-/// Every field but the credentials, which print as `<redacted>`.
-impl std::fmt::Debug for RegisterRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisterRequest")
-            .field("tenant_id", &self.tenant_id)
-            .field("connector_type", &self.connector_type)
-            .field("instance_id", &self.instance_id)
-            .field("version", &self.version)
-            .field("auth_token", &Token(&self.auth_token))
-            .field("session_token", &Token(&self.session_token))
-            .field("display_name", &self.display_name)
-            .field("tags", &self.tags)
-            .field("metadata", &self.metadata)
-            .field("behavior", &self.behavior)
-            .field("max_concurrent_requests", &self.max_concurrent_requests)
-            .field("capabilities", &self.capabilities)
-            .finish()
-    }
+/// `Debug` for a message: every field in the given order by name, a field
+/// marked `as Token` through [`Token`] (whether it is set, never its value).
+macro_rules! debug_with_tokens {
+    (@value $value:expr) => {
+        $value
+    };
+    (@value $value:expr, $wrap:ident) => {
+        $wrap($value)
+    };
+    ($(#[$doc:meta])* $ty:ident { $($field:ident $(as $wrap:ident)?),* $(,)? }) => {
+        $(#[$doc])*
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(
+                        stringify!($field),
+                        &debug_with_tokens!(@value &self.$field $(, $wrap)?),
+                    ))*
+                    .finish()
+            }
+        }
+    };
 }
 
-/// Every field but the session token, which prints as `<redacted>`.
-impl std::fmt::Debug for RegisterResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegisterResponse")
-            .field("status", &self.status)
-            .field("session_token", &Token(&self.session_token))
-            .field("address", &self.address)
-            .field("message", &self.message)
-            .field("reject_reason", &self.reject_reason)
-            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
-            .finish()
+debug_with_tokens!(
+    /// Every field but the credentials, which print as `<redacted>`.
+    RegisterRequest {
+        tenant_id,
+        connector_type,
+        instance_id,
+        version,
+        auth_token as Token,
+        session_token as Token,
+        display_name,
+        tags,
+        metadata,
+        behavior,
+        max_concurrent_requests,
+        capabilities,
     }
-}
+);
 
-/// Every field but the session token, which prints as `<redacted>`.
-impl std::fmt::Debug for ApprovalUpdate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApprovalUpdate")
-            .field("status", &self.status)
-            .field("session_token", &Token(&self.session_token))
-            .field("message", &self.message)
-            .field("reject_reason", &self.reject_reason)
-            .finish()
+debug_with_tokens!(
+    /// Every field but the session token, which prints as `<redacted>`.
+    RegisterResponse {
+        status,
+        session_token as Token,
+        address,
+        message,
+        reject_reason,
+        heartbeat_interval_ms,
     }
-}
+);
+
+debug_with_tokens!(
+    /// Every field but the session token, which prints as `<redacted>`.
+    ApprovalUpdate {
+        status,
+        session_token as Token,
+        message,
+        reject_reason,
+    }
+);
 
 #[cfg(test)]
 mod tests {
@@ -155,7 +173,10 @@ mod tests {
         }
         assert!(format!("{register:?}").contains("acme"));
         assert!(format!("{response:?}").contains("acme.echo.i1"));
-        assert!(format!("{update:?}").contains("approved by ops"));
+        assert_eq!(
+            format!("{update:?}"),
+            r#"ApprovalUpdate { status: 0, session_token: <redacted>, message: "approved by ops", reject_reason: 0 }"#
+        );
         let empty = RegisterRequest::default();
         assert!(format!("{empty:?}").contains("auth_token: <empty>"));
     }

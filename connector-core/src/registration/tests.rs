@@ -99,6 +99,11 @@ fn approval_update(status: RegistrationStatus, reject_reason: RejectReason) -> K
     }))
 }
 
+/// The `approval_update` that approves a pending registration.
+fn approved_later() -> Kind {
+    approval_update(RegistrationStatus::Approved, RejectReason::Unspecified)
+}
+
 fn drain(reason: &str, reconnect_after_ms: u32) -> Kind {
     Kind::Drain(Box::new(Drain {
         reason: reason.into(),
@@ -149,6 +154,31 @@ impl H {
         Self::build(config("i1"), &options)
     }
 
+    /// [`H::new`], approved ([`H::approve`]).
+    fn active() -> Self {
+        let mut h = Self::new();
+        h.approve();
+        h
+    }
+
+    /// [`H::new`], opened and answered `PENDING`.
+    fn pending() -> Self {
+        let mut h = Self::new();
+        h.open();
+        h.recv(pending());
+        assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+        h
+    }
+
+    /// [`H::tuned`], approved ([`H::approve`]).
+    fn active_tuned(
+        tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+    ) -> Self {
+        let mut h = Self::tuned(tune);
+        h.approve();
+        h
+    }
+
     /// [`options`] changed by `tune`.
     fn tuned(
         tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
@@ -168,12 +198,21 @@ impl H {
         }
     }
 
+    /// Collects actions, sent messages and events, as a driver does.
     fn pump(&mut self) {
+        self.collect(true);
+    }
+
+    /// Collects actions and events, and the sent messages only when
+    /// `read` (the server reads its stream).
+    fn collect(&mut self, read: bool) {
         while let Some(a) = self.sm.poll_action() {
             self.actions.push(a);
         }
-        while let Some(m) = self.sm.poll_transmit() {
-            self.sent.push(m);
+        if read {
+            while let Some(m) = self.sm.poll_transmit() {
+                self.sent.push(m);
+            }
         }
         while let Some(e) = self.sm.poll_event() {
             self.events.push(e);
@@ -197,9 +236,14 @@ impl H {
     }
 
     fn recv(&mut self, kind: Kind) {
+        self.deliver(kind, true);
+    }
+
+    /// The server sends `kind`; then [`H::collect`].
+    fn deliver(&mut self, kind: Kind, read: bool) {
         self.sm
             .handle_message(self.now, StreamMessage { kind: Some(kind) });
-        self.pump();
+        self.collect(read);
     }
 
     fn take_actions(&mut self) -> Vec<Action> {
@@ -226,6 +270,26 @@ impl H {
             Kind::ExecuteResponse(r) => Some(*r),
             _ => None,
         })
+    }
+
+    /// The one response sent since the last look (other messages dropped).
+    fn response(&mut self) -> ExecuteResponse {
+        let mut r = self.responses();
+        assert_eq!(r.len(), 1, "exactly one response: {r:?}");
+        r.remove(0)
+    }
+
+    /// The one response sent since the last look: the `kind` error answer
+    /// for `id`.
+    fn error_answer(&mut self, id: &str, kind: ExecuteErrorKind) -> ExecuteResponse {
+        let r = self.response();
+        assert_eq!(
+            (r.request_id.as_str(), r.error_kind),
+            (id, kind as i32),
+            "{r:?}"
+        );
+        assert!(!r.success, "{r:?}");
+        r
     }
 
     fn beats(&mut self) -> Vec<Heartbeat> {
@@ -378,8 +442,7 @@ fn start_opens_a_stream_with_register_first() {
 
 #[test]
 fn watchdog_fires_at_the_timeout_and_not_before() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.advance(WD - Duration::from_millis(1));
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     h.advance(Duration::from_millis(1));
@@ -390,8 +453,7 @@ fn watchdog_fires_at_the_timeout_and_not_before() {
 
 #[test]
 fn any_server_message_feeds_the_watchdog() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.advance(Duration::from_secs(40));
     h.echo("r1");
     h.advance(Duration::from_secs(40));
@@ -402,8 +464,7 @@ fn any_server_message_feeds_the_watchdog() {
 
 #[test]
 fn twenty_intervals_with_acks_never_disconnect() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     // The first beat is at this registration's phase within the interval.
     let first = h.sm.next_heartbeat_at().expect("heartbeat armed");
     assert!(first > h.now && first <= h.now + HB);
@@ -437,36 +498,25 @@ fn twenty_intervals_with_acks_never_disconnect() {
 
 #[test]
 fn heartbeats_start_when_the_stream_opens_even_while_pending() {
-    let mut h = H::new();
-    h.open();
-    h.recv(pending());
-    assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+    let mut h = H::pending();
     h.advance(HB);
     assert_eq!(h.beats().len(), 1);
 }
 
 #[test]
 fn pending_then_approved_then_execute() {
-    let mut h = H::new();
-    h.open();
-    h.recv(pending());
-    assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
+    let mut h = H::pending();
     // Pending may last longer than the connect timeout: no register timeout.
     h.advance(Duration::from_secs(20));
     assert_eq!(h.sm.state(), &RegistrationState::PendingApproval);
-    h.recv(approval_update(
-        RegistrationStatus::Approved,
-        RejectReason::Unspecified,
-    ));
+    h.recv(approved_later());
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     assert!(h.sm.has_session_token());
 }
 
 #[test]
 fn pending_then_rejected_stops_for_good() {
-    let mut h = H::new();
-    h.open();
-    h.recv(pending());
+    let mut h = H::pending();
     h.take_actions();
     h.recv(approval_update(
         RegistrationStatus::Rejected,
@@ -511,8 +561,7 @@ fn final_reject_reasons_stop_the_registration() {
 
 #[test]
 fn session_expired_drops_token_and_registers_again_at_once() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     // Lose the stream, come back with the token.
     h.sm.handle_stream_closed(h.now, None);
     h.advance(Duration::from_secs(2));
@@ -589,8 +638,7 @@ fn register_timeout_reconnects() {
 
 #[test]
 fn execute_success_bad_payload_and_unknown_capability() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.execute("ok", "echo", br#"{"a":1}"#, 0);
     h.execute("bad", "echo", b"{not json", 0);
     h.execute("unknown", "nope", b"{}", 0);
@@ -605,10 +653,9 @@ fn execute_success_bad_payload_and_unknown_capability() {
         ExecuteErrorKind::UnknownCapability as i32
     );
     h.done("ok", Ok(ExecuteOutput::json_bytes(&br#"{"a":1}"#[..])));
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert!(r[0].success);
-    assert_eq!(r[0].payload, &br#"{"a":1}"#[..]);
+    let r = h.response();
+    assert!(r.success);
+    assert_eq!(r.payload, &br#"{"a":1}"#[..]);
     let m = h.sm_metrics();
     assert_eq!(
         (m.requests_received, m.requests_succeeded, m.requests_failed),
@@ -618,16 +665,12 @@ fn execute_success_bad_payload_and_unknown_capability() {
 
 #[test]
 fn handler_error_is_reported_with_its_kind() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("f");
     h.take_actions();
     h.done("f", Err(ExecuteError::handler("boom")));
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Handler as i32);
-    assert_eq!(r[0].error, "boom");
-    assert!(!r[0].success);
+    let r = h.error_answer("f", ExecuteErrorKind::Handler);
+    assert_eq!(r.error, "boom");
 }
 
 #[test]
@@ -662,29 +705,22 @@ fn concurrency_bound_queues_excess_and_never_drops_it() {
 
 #[test]
 fn queue_limit_answers_overloaded() {
-    let mut h = H::tuned(|o| o.max_concurrent_requests(1).max_queued_requests(1));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.max_concurrent_requests(1).max_queued_requests(1));
     for id in ["a", "b", "c"] {
         h.echo(id);
     }
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].request_id, "c");
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+    h.error_answer("c", ExecuteErrorKind::Overloaded);
 }
 
 #[test]
 fn exactly_one_response_under_timeout() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.execute("slow", "sleep", b"{}", 100);
     assert_eq!(executes(&h.take_actions()), vec!["slow"]);
     h.advance(Duration::from_millis(99));
     assert!(h.responses().is_empty());
     h.advance(Duration::from_millis(1));
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Timeout as i32);
+    h.error_answer("slow", ExecuteErrorKind::Timeout);
     assert!(h
         .take_actions()
         .iter()
@@ -696,34 +732,30 @@ fn exactly_one_response_under_timeout() {
 
 #[test]
 fn exactly_one_response_under_cancel_and_unknown_cancel_is_ignored() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.execute("c1", "sleep", b"{}", 0);
     h.recv(cancel("c1"));
     h.recv(cancel("never-sent"));
     h.done("c1", Err(ExecuteError::handler("late")));
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Cancelled as i32);
+    h.error_answer("c1", ExecuteErrorKind::Cancelled);
     assert_eq!(h.sm_metrics().protocol_errors, 0);
 }
 
 #[test]
 fn duplicate_request_id_in_flight_is_counted_not_answered_twice() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("d");
     h.echo("d");
     assert_eq!(executes(&h.take_actions()), vec!["d"]);
     assert_eq!(h.sm_metrics().protocol_errors, 1);
     h.done_ok("d");
-    assert_eq!(h.responses().len(), 1);
+    let r = h.response();
+    assert!(r.success && r.request_id == "d", "{r:?}");
 }
 
 #[test]
 fn response_finished_while_down_is_redelivered_after_reregistering() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("x");
     h.take_actions();
     h.sm.handle_stream_closed(h.now, Some("connection reset"));
@@ -737,22 +769,20 @@ fn response_finished_while_down_is_redelivered_after_reregistering() {
         "not before the registration is approved"
     );
     h.recv(approved());
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].request_id, "x");
+    let r = h.response();
+    assert_eq!(r.request_id, "x");
     let m = h.sm_metrics();
     assert_eq!((m.responses_redelivered, m.successful_reconnects), (1, 1));
 }
 
 #[test]
 fn redelivery_respects_its_ttl() {
-    let mut h = H::tuned(|o| {
+    let mut h = H::active_tuned(|o| {
         o.redelivery_ttl(Duration::from_secs(1))
             .reconnect_delay(Duration::from_secs(5))
             .max_backoff(Duration::from_secs(5))
             .jitter(Duration::ZERO)
     });
-    h.approve();
     h.echo("x");
     h.sm.handle_stream_closed(h.now, None);
     h.done_ok("x");
@@ -764,18 +794,14 @@ fn redelivery_respects_its_ttl() {
 
 #[test]
 fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("a");
     h.take_actions();
     h.recv(drain("deploy", 3000));
     assert_eq!(h.sm.state(), &RegistrationState::Draining);
     // New work is refused while draining, with a response.
     h.echo("late");
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].request_id, "late");
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+    h.error_answer("late", ExecuteErrorKind::Overloaded);
     assert!(!h.closes());
     h.done_ok("a");
     // The response is queued before the close, so a graceful close sends it.
@@ -796,8 +822,7 @@ fn drain_finishes_in_flight_then_reconnects_after_the_delay() {
 
 #[test]
 fn should_reconnect_drains_like_drain() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     // A stream that stayed healthy (past backoff_reset_after).
     h.advance(Duration::from_secs(11));
     h.recv(reconnect_hint());
@@ -808,16 +833,13 @@ fn should_reconnect_drains_like_drain() {
 
 #[test]
 fn drain_timeout_cancels_what_is_left() {
-    let mut h = H::tuned(|o| o.drain_timeout(Duration::from_secs(5)));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.drain_timeout(Duration::from_secs(5)));
     h.execute("stuck", "sleep", b"{}", 0);
     h.take_actions();
     h.sm.handle_shutdown(h.now);
     assert_eq!(h.sm.state(), &RegistrationState::Draining);
     h.advance(Duration::from_secs(5));
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Cancelled as i32);
+    h.error_answer("stuck", ExecuteErrorKind::Cancelled);
     assert_eq!(
         h.sm.state(),
         &RegistrationState::Stopped(StopReason::Shutdown)
@@ -839,8 +861,7 @@ fn shutdown_during_backoff_stops_at_once() {
 
 #[test]
 fn no_reconnect_stops_when_the_stream_ends() {
-    let mut h = H::tuned(|o| o.reconnect(false));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.reconnect(false));
     h.sm.handle_stream_closed(h.now, None);
     assert!(matches!(
         h.sm.state(),
@@ -858,10 +879,7 @@ fn unexpected_messages_are_counted_and_ignored() {
         r.is_empty(),
         "not deliverable before approval; kept instead"
     );
-    h.recv(approval_update(
-        RegistrationStatus::Approved,
-        RejectReason::Unspecified,
-    ));
+    h.recv(approved_later());
     h.sm.handle_message(h.now, StreamMessage { kind: None });
     h.recv(Kind::Heartbeat(Default::default()));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);
@@ -872,9 +890,7 @@ fn unexpected_messages_are_counted_and_ignored() {
     // server, second register_response.
     assert_eq!(h.sm_metrics().protocol_errors, 5);
     // The early request got its one (OVERLOADED) answer once approved.
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+    h.error_answer("early", ExecuteErrorKind::Overloaded);
 }
 
 /// Opens and approves with the server's wish for a heartbeat interval.
@@ -898,8 +914,7 @@ fn server_heartbeat_interval_is_honoured() {
 
 #[test]
 fn debug_output_never_shows_tokens() {
-    let mut h = H::new();
-    h.approve();
+    let h = H::active();
     let dump = format!("{:?}", h.sm);
     assert!(!dump.contains("secret-auth"), "{dump}");
     assert!(!dump.contains("sess-1"), "{dump}");
@@ -907,7 +922,7 @@ fn debug_output_never_shows_tokens() {
 
 #[test]
 fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
-    let mut h = H::tuned(|o| {
+    let mut h = H::active_tuned(|o| {
         o.max_concurrent_requests(1).limits(
             crate::Limits::default()
                 .queued_requests(2)
@@ -915,7 +930,6 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
                 .outbox_messages(71),
         )
     });
-    h.approve();
     // The driver never pulls: the stream's queue is full. Requests keep
     // coming and are answered at once (bad payload), piling up.
     for i in 0..200 {
@@ -936,8 +950,7 @@ fn a_server_that_does_not_read_cannot_grow_the_outbox_without_bound() {
 
 #[test]
 fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("x");
     h.take_actions();
     h.done("x", Ok(ExecuteOutput::json_bytes(&b"{\"v\":1}"[..])));
@@ -951,9 +964,8 @@ fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
         executes(&h.take_actions()).is_empty(),
         "the handler does not run twice"
     );
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].payload, &b"{\"v\":1}"[..]);
+    let r = h.response();
+    assert_eq!(r.payload, &b"{\"v\":1}"[..]);
     // Asked a third time on the same stream: the answer is on its way.
     h.echo("x");
     assert!(h.responses().is_empty());
@@ -962,8 +974,7 @@ fn a_request_asked_again_after_a_reconnect_replays_the_unconfirmed_answer() {
 
 #[test]
 fn an_acknowledged_heartbeat_confirms_earlier_answers() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("x");
     h.take_actions();
     h.done_ok("x");
@@ -982,8 +993,7 @@ fn an_acknowledged_heartbeat_confirms_earlier_answers() {
 /// `n` echo requests, all running, answered with `output`; returns, in
 /// order, whether each message sent after the first answer is a heartbeat.
 fn answer_many(n: usize, output: impl Fn() -> ExecuteOutput) -> Vec<bool> {
-    let mut h = H::tuned(|o| o.max_concurrent_requests(1000));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.max_concurrent_requests(1000));
     let ids = ids("r", n);
     for id in &ids {
         h.echo(id);
@@ -1025,19 +1035,12 @@ impl H {
     /// Collects actions and events but, as a driver whose stream is not
     /// read, leaves the outbox alone.
     fn pump_unread(&mut self) {
-        while let Some(a) = self.sm.poll_action() {
-            self.actions.push(a);
-        }
-        while let Some(e) = self.sm.poll_event() {
-            self.events.push(e);
-        }
+        self.collect(false);
     }
 
     /// [`H::recv`] on a stream the server does not read.
     fn recv_unread(&mut self, kind: Kind) {
-        self.sm
-            .handle_message(self.now, StreamMessage { kind: Some(kind) });
-        self.pump_unread();
+        self.deliver(kind, false);
     }
 
     /// Plays a server that answers every `OpenStream` by opening it and
@@ -1118,8 +1121,7 @@ fn hostile_rejections_forever_escalate_the_backoff() {
 
 #[test]
 fn session_expired_gets_one_immediate_retry_then_backs_off() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.sm.handle_stream_closed(h.now, None);
     h.advance(Duration::from_secs(2));
     assert_eq!(h.registers().len(), 1);
@@ -1217,8 +1219,7 @@ fn hostile_reject_text_is_sanitized_before_events_and_stop_reasons() {
         .expect("rejected event");
     assert_eq!(&in_event, message);
     // A drain reason too.
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.recv(drain("bye\nFORGED", 0));
     assert!(h
         .events
@@ -1228,8 +1229,7 @@ fn hostile_reject_text_is_sanitized_before_events_and_stop_reasons() {
 
 #[test]
 fn hostile_request_timeout_is_clamped() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.execute("r", "echo", b"{}", u32::MAX);
     let at = h.sm.inflight.next_deadline().expect("deadline");
     assert_eq!(at, h.now + super::MAX_REQUEST_TIMEOUT);
@@ -1237,22 +1237,17 @@ fn hostile_request_timeout_is_clamped() {
 
 #[test]
 fn hostile_long_request_id_is_answered_and_never_stored() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     let id = "i".repeat(16 * 1024);
     h.echo(&id);
     assert!(
         executes(&h.take_actions()).is_empty(),
         "the handler does not run"
     );
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(
-        r[0].request_id, id,
-        "the answer carries the id to be matched"
-    );
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::BadPayload as i32);
-    assert!(r[0].error.len() < 200);
+    let r = h.response();
+    assert_eq!(r.request_id, id, "the answer carries the id to be matched");
+    assert_eq!(r.error_kind, ExecuteErrorKind::BadPayload as i32);
+    assert!(r.error.len() < 200);
     assert_eq!(h.sm.in_flight(), 0);
     assert_eq!(h.sm.held_bytes(), (0, 0, 0), "nothing kept");
 }
@@ -1301,26 +1296,22 @@ fn hostile_never_acking_server_with_long_ids_cannot_grow_memory() {
 
 #[test]
 fn hostile_megabyte_capability_id_gets_a_small_answer_without_debug_escapes() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     let cap: String = "\u{1}".repeat(1 << 20);
     h.execute("r1", &cap, b"{}", 0);
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::UnknownCapability as i32);
-    assert!(r[0].error.len() < 2048, "{} bytes", r[0].error.len());
+    let r = h.error_answer("r1", ExecuteErrorKind::UnknownCapability);
+    assert!(r.error.len() < 2048, "{} bytes", r.error.len());
     assert!(
-        r[0].error.contains("\\u{1}"),
+        r.error.contains("\\u{1}"),
         "sanitized, not Debug: {}",
-        &r[0].error[..80]
+        &r.error[..80]
     );
-    assert!(!r[0].error.contains('\u{1}'));
+    assert!(!r.error.contains('\u{1}'));
 }
 
 #[test]
 fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
-    let mut h = H::tuned(|o| o.max_message_size(64 * 1024));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.max_message_size(64 * 1024));
     h.echo("big");
     h.echo("loud");
     h.take_actions();
@@ -1342,8 +1333,7 @@ fn an_answer_over_max_message_size_is_replaced_by_one_that_fits() {
 
 #[test]
 fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.recv(drain("", 0));
     assert!(h.closes());
     // The driver lingers on the old stream and reads one more request.
@@ -1357,16 +1347,12 @@ fn a_request_read_while_the_stream_closes_is_answered_on_the_next_stream() {
     assert!(h.responses().is_empty(), "no stream to carry it now");
     assert_eq!(h.sm.undelivered(), 1);
     h.reconnect();
-    let r = h.responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(r[0].request_id, "late");
-    assert_eq!(r[0].error_kind, ExecuteErrorKind::Overloaded as i32);
+    h.error_answer("late", ExecuteErrorKind::Overloaded);
 }
 
 #[test]
 fn a_cancel_flood_on_queued_requests_answers_each_once() {
-    let mut h = H::tuned(|o| o.max_concurrent_requests(1));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.max_concurrent_requests(1));
     h.echo("busy");
     assert_eq!(executes(&h.take_actions()), vec!["busy"]);
     let queued = ids("q", 5000);
@@ -1390,11 +1376,10 @@ fn a_cancel_flood_on_queued_requests_answers_each_once() {
 
 #[test]
 fn queued_request_bytes_are_budgeted() {
-    let mut h = H::tuned(|o| {
+    let mut h = H::active_tuned(|o| {
         o.max_concurrent_requests(1)
             .limits(crate::Limits::default().queued_bytes(64 * 1024))
     });
-    h.approve();
     let payload = format!("\"{}\"", "p".repeat(10 * 1024));
     for id in ids("r", 20) {
         h.execute(&id, "echo", payload.as_bytes(), 0);
@@ -1411,8 +1396,7 @@ fn queued_request_bytes_are_budgeted() {
 
 #[test]
 fn the_outbox_byte_budget_drops_a_stream_that_is_not_read() {
-    let mut h = H::tuned(|o| o.limits(crate::Limits::default().outbox_bytes(256 * 1024)));
-    h.approve();
+    let mut h = H::active_tuned(|o| o.limits(crate::Limits::default().outbox_bytes(256 * 1024)));
     for id in ids("r", 100) {
         // The driver never pulls from the outbox.
         h.recv_unread(Kind::ExecuteRequest(Box::new(ExecuteRequest {
@@ -1442,8 +1426,7 @@ fn heartbeat_phase_is_seeded_per_registration_and_deterministic() {
 
 #[test]
 fn hostile_ack_for_a_heartbeat_never_sent_confirms_nothing() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.echo("x");
     h.take_actions();
     h.done_ok("x");
@@ -1465,8 +1448,7 @@ fn hostile_ack_for_a_heartbeat_never_sent_confirms_nothing() {
 
 #[test]
 fn transport_error_text_is_sanitized() {
-    let mut h = H::new();
-    h.approve();
+    let mut h = H::active();
     h.sm.handle_stream_closed(
         h.now,
         Some("status: Unavailable, message: \"x\nFORGED\x1b[2J\""),
