@@ -153,6 +153,27 @@ async fn plain_with(
     }
 }
 
+impl Plain {
+    /// A server, a mux, and `key(0)`'s approved stream.
+    async fn approved() -> (Self, RegistrationKey, MessageStream) {
+        let p = plain().await;
+        let k = key(0);
+        let s = open_approved(&*p.mux, &k).await;
+        (p, k, s)
+    }
+
+    /// Waits until the server saw the socket go while `held` is still
+    /// alive, then drops it and waits until the mux holds no socket either.
+    async fn closed_while_held<T>(&self, held: T) {
+        self.server
+            .wait_for_connection_count(0, WAIT)
+            .await
+            .unwrap();
+        drop(held);
+        wait_no_sockets(&*self.mux).await;
+    }
+}
+
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -212,15 +233,10 @@ async fn twenty_opens_twenty_sockets_each_registered() {
 
 #[tokio::test]
 async fn messages_flow_both_ways() {
-    let Plain {
-        engine,
-        mux,
-        server: _server,
-    } = plain().await;
-    let k = key(0);
-    let mut s = open_approved(&*mux, &k).await;
+    let (p, k, mut s) = Plain::approved().await;
 
-    let pending = engine
+    let pending = p
+        .engine
         .send_execute(
             &k,
             connector_core::proto::ExecuteRequest {
@@ -271,78 +287,49 @@ async fn bad_server_frames_are_protocol_errors_then_the_stream_ends() {
         ),
     ];
     for (name, fault, says) in cases {
-        let Plain {
-            engine,
-            server,
-            mux,
-        } = plain_with(|b| b.max_message_size(2048)).await;
+        let p = plain_with(|b| b.max_message_size(2048)).await;
         let k = key(0);
-        let mut s = open_approved(&*mux, &k).await;
+        let mut s = open_approved(&*p.mux, &k).await;
 
-        assert!(fault(&server, &k.to_string()), "{name}");
+        assert!(fault(&p.server, &k.to_string()), "{name}");
         let err = next(&mut s).await.expect("an error first").unwrap_err();
         assert_eq!(err.kind(), TransportErrorKind::Protocol, "{name}: {err}");
         assert!(err.message().contains(says), "{name}: {err}");
         expect_end(&mut s).await;
-        server.wait_for_connection_count(0, WAIT).await.unwrap();
-        drop(s);
-        wait_no_sockets(&*mux).await;
-        let errors = engine.stats().protocol_errors;
+        p.closed_while_held(s).await;
+        let errors = p.engine.stats().protocol_errors;
         assert!(errors.is_empty(), "{name}: {errors:?}");
     }
 }
 
+/// The server ends an approved stream: a close frame is a clean end; a
+/// socket dropped without one (`killed`) is a `Closed` error first, never
+/// a clean end of stream (`None` would read as "the server closed it").
+/// Either way the socket goes on both sides.
+async fn server_ends_the_stream(killed: bool) {
+    let (p, k, mut s) = Plain::approved().await;
+    if killed {
+        assert_eq!(p.server.kill_all_connections(), 1);
+        match next(&mut s).await {
+            Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
+            None => panic!("a killed connection ended the stream cleanly"),
+            Some(Ok(m)) => panic!("unexpected message {m:?}"),
+        }
+    } else {
+        p.engine.close_stream(&k).expect("close_stream");
+    }
+    expect_end(&mut s).await;
+    p.closed_while_held(s).await;
+}
+
 #[tokio::test]
 async fn server_close_ends_the_stream() {
-    let Plain {
-        engine,
-        server,
-        mux,
-    } = plain().await;
-    let k = key(0);
-    let mut s = open_approved(&*mux, &k).await;
-
-    engine.close_stream(&k).expect("close_stream");
-    expect_end(&mut s).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    drop(s);
-    wait_no_sockets(&*mux).await;
+    server_ends_the_stream(false).await;
 }
 
 #[tokio::test]
 async fn killed_connection_is_a_closed_error() {
-    let Plain { server, mux, .. } = plain().await;
-    let k = key(0);
-    let mut s = open_approved(&*mux, &k).await;
-
-    assert_eq!(server.kill_all_connections(), 1);
-    // A socket dropped without a close frame is an error, never a clean
-    // end of stream (`None` would read as "the server closed it").
-    match next(&mut s).await {
-        Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
-        None => panic!("a killed connection ended the stream cleanly"),
-        Some(Ok(m)) => panic!("unexpected message {m:?}"),
-    }
-    expect_end(&mut s).await;
-    drop(s);
-    wait_no_sockets(&*mux).await;
-}
-
-#[tokio::test]
-async fn dropping_the_stream_closes_the_socket_and_ends_the_writer() {
-    let Plain {
-        engine,
-        server,
-        mux,
-    } = plain().await;
-    let k = key(0);
-    let s = open_approved(&*mux, &k).await;
-    assert_eq!(mux.stats().open_connections(), 1);
-
-    drop(s);
-    wait_closed_by_client(&engine, &k).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    wait_no_sockets(&*mux).await;
+    server_ends_the_stream(true).await;
 }
 
 /// Reads `inbound` to its end (bounded); every item before it must be a
@@ -354,25 +341,38 @@ async fn drain_clean(inbound: &mut connector_core::InboundStream, what: &str) {
     assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
 }
 
+/// The client ends its approved stream: by dropping all of it, or only the
+/// sender half (inbound then ends cleanly after the close handshake). The
+/// server sees a close frame from the client, and the socket goes on both
+/// sides, the writer task with it.
+async fn client_ends_the_stream(whole: bool) {
+    let (p, k, s) = Plain::approved().await;
+    assert_eq!(p.mux.stats().open_connections(), 1);
+    let held = if whole {
+        drop(s);
+        None
+    } else {
+        let MessageStream {
+            outbound,
+            mut inbound,
+            ..
+        } = s;
+        drop(outbound);
+        drain_clean(&mut inbound, "inbound must end after the close handshake").await;
+        Some(inbound)
+    };
+    wait_closed_by_client(&p.engine, &k).await;
+    p.closed_while_held(held).await;
+}
+
+#[tokio::test]
+async fn dropping_the_stream_closes_the_socket_and_ends_the_writer() {
+    client_ends_the_stream(true).await;
+}
+
 #[tokio::test]
 async fn dropping_the_sender_half_closes_and_inbound_then_ends() {
-    let Plain {
-        engine,
-        server,
-        mux,
-    } = plain().await;
-    let k = key(0);
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = open_approved(&*mux, &k).await;
-    drop(outbound);
-    drain_clean(&mut inbound, "inbound must end after the close handshake").await;
-    wait_closed_by_client(&engine, &k).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    drop(inbound);
-    wait_no_sockets(&*mux).await;
+    client_ends_the_stream(false).await;
 }
 
 #[tokio::test]
