@@ -2,13 +2,15 @@
 //! listeners: a gRPC server, an HTTP/1.1-only one, and a closed port.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::time::Duration;
 
 use connector_core::MultiTransportOptions;
 use connector_grpc::{GrpcMux, Http2Refusal};
-use connector_testkit::{
-    GrpcServerOptions, GrpcTestServer, Http1OnlyServer, ServerEvent, TestServer,
-};
+use connector_testkit::harness::WAIT;
+use connector_testkit::{GrpcServerOptions, Http1OnlyServer, ServerEvent};
+use support::start;
 use tokio::net::TcpListener;
 
 fn mux(url: &str) -> GrpcMux {
@@ -21,14 +23,11 @@ fn mux(url: &str) -> GrpcMux {
 
 #[tokio::test]
 async fn probe_succeeds_on_grpc_and_registers_nothing() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (engine, server) = start(GrpcServerOptions::default()).await;
     mux(&server.url()).probe().await.unwrap();
     // The server saw a stream that carried no register, and it ended.
     engine
-        .wait_until(Duration::from_secs(10), |e| {
+        .wait_until(WAIT, |e| {
             e.events()
                 .iter()
                 .any(|ev| matches!(ev, ServerEvent::StreamClosed { key: None, .. }))
