@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::{
-    MessageStream, MultiTransportOptions, StreamMux, Transport, TransportErrorKind,
+    MessageStream, MultiTransportOptions, MultiTransportOptionsBuilder, StreamMux, Transport,
+    TransportErrorKind,
 };
 use connector_grpc::{GrpcError, GrpcMux, GrpcTransport};
 use connector_proto::{ExecuteRequest, ExecuteResponse, Kind, StreamMessage};
@@ -21,17 +22,26 @@ use support::{
 };
 use tokio::time::timeout;
 
+/// A testkit gRPC server (default options) and a `GrpcMux` on it, its
+/// client options `tune`d.
+async fn mux_on_default_server(
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> (TestServer, GrpcTestServer, Arc<GrpcMux>) {
+    let (engine, server) = start(GrpcServerOptions::default()).await;
+    let o = tune(options(&server.url())).build().expect("options");
+    (engine, server, Arc::new(GrpcMux::new(&o).expect("mux")))
+}
+
 /// `n` concurrent opens against a server that allows any number of streams,
 /// with the client's channel cap `cap` (default 80): the streams fill
 /// channels of `cap` one after another, each client channel one server
 /// connection, each dialled once, and every stream works both ways.
 async fn streams_fill_channels_of_the_cap(cap: Option<usize>, n: usize, per_channel: &[usize]) {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let mut o = options(&server.url());
-    if let Some(cap) = cap {
-        o = o.max_streams_per_channel(cap);
-    }
-    let mux = Arc::new(GrpcMux::new(&o.build().expect("options")).expect("mux"));
+    let (engine, server, mux) = mux_on_default_server(|o| match cap {
+        Some(cap) => o.max_streams_per_channel(cap),
+        None => o,
+    })
+    .await;
     let mut streams = open_many(&mux, 0..n).await;
 
     engine.wait_for_active(n, WAIT).await.expect("all active");
@@ -208,12 +218,7 @@ async fn expect_connection_lost(s: &mut MessageStream, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_streams_per_channel(10)
-        .build()
-        .expect("options");
-    let mux = Arc::new(GrpcMux::new(&o).expect("mux"));
+    let (engine, server, mux) = mux_on_default_server(|o| o.max_streams_per_channel(10)).await;
     let streams = open_many(&mux, 0..15).await;
     server
         .wait_for_connection_count(2, WAIT)
@@ -269,9 +274,7 @@ async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_restart_ends_streams_and_opens_work_again() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let mux =
-        Arc::new(GrpcMux::new(&options(&server.url()).build().expect("options")).expect("mux"));
+    let (engine, server, mux) = mux_on_default_server(|o| o).await;
     let streams = open_many(&mux, 0..5).await;
     server.restart().await.expect("restart");
     for mut s in streams {
@@ -357,12 +360,7 @@ async fn unreachable_server_is_a_connect_error_shared_by_waiters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_streams_per_channel(2)
-        .build()
-        .expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, server, mux) = mux_on_default_server(|o| o.max_streams_per_channel(2)).await;
     let a = open_registered(&mux, 0).await;
     let b = open_registered(&mux, 1).await;
     assert_eq!(streams_per_channel(&mux), vec![2]);
@@ -388,8 +386,7 @@ async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn close_drops_channels_and_refuses_new_opens() {
-    let (_engine, server) = start(GrpcServerOptions::default()).await;
-    let mux = GrpcMux::new(&options(&server.url()).build().expect("options")).expect("mux");
+    let (_engine, server, mux) = mux_on_default_server(|o| o).await;
     drop(open_registered(&mux, 0).await);
     server
         .wait_for_connection_count(1, WAIT)
@@ -407,12 +404,7 @@ async fn close_drops_channels_and_refuses_new_opens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_server_message_is_a_protocol_error() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_message_size(1024)
-        .build()
-        .expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, _server, mux) = mux_on_default_server(|o| o.max_message_size(1024)).await;
     let mut s = open_registered(&mux, 0).await;
     let big = StreamMessage {
         kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
@@ -619,9 +611,7 @@ async fn client_identity_files_are_validated() {
 /// the same stream (the buffers grow, and shrink back, as needed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url()).build().expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, _server, mux) = mux_on_default_server(|o| o).await;
     let mut s = open_registered(&mux, 0).await;
     for (n, size) in [300 * 1024usize, 17, 1025, 2 * 1024 * 1024]
         .into_iter()
