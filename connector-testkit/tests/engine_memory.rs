@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use connector_testkit::{
     ApprovalPolicy, CloseCause, MemoryMux, MemoryTransport, ServerEvent, TestServer, TestkitError,
 };
 use futures_util::StreamExt;
+use support::wait_no_registrations;
 
 const KEY: &str = "t1.echo.i1";
 
@@ -43,6 +45,35 @@ async fn expect_end(inbound: &mut InboundStream) {
 
 async fn open(mux: &MemoryMux, msg: StreamMessage) -> MessageStream {
     mux.open(&key(), msg).await.unwrap()
+}
+
+/// The client drops its sender half: the stream ends, and the server lets
+/// the registration go.
+async fn client_half_closes(engine: &TestServer, s: MessageStream) {
+    let MessageStream {
+        outbound,
+        mut inbound,
+        ..
+    } = s;
+    drop(outbound);
+    expect_end(&mut inbound).await;
+    wait_no_registrations(engine).await;
+}
+
+/// Whether the engine saw a stream close with a cause that `is`.
+fn saw_close(engine: &TestServer, is: impl Fn(&CloseCause) -> bool) -> bool {
+    engine
+        .events()
+        .iter()
+        .any(|e| matches!(e, ServerEvent::StreamClosed { cause, .. } if is(cause)))
+}
+
+/// Waits (bounded) until the in-memory mux holds no connection.
+async fn wait_no_connections(engine: &TestServer, mux: &MemoryMux) {
+    engine
+        .wait_until(T, |_| mux.stats().open_connections() == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", mux.stats()));
 }
 
 /// Opens a stream for `KEY` and returns it with its register response.
@@ -79,27 +110,13 @@ async fn approve_by_default_with_token_and_address() {
     assert_eq!(mux.stats().open_streams(), 1);
 
     // Client half-close ends the stream and releases the "connection".
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = s;
-    drop(outbound);
-    expect_end(&mut inbound).await;
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
-    let closed = engine.events().into_iter().any(|e| {
-        matches!(
-            e,
-            ServerEvent::StreamClosed {
-                cause: CloseCause::ClientClosed,
-                ..
-            }
-        )
-    });
-    assert!(closed, "{:?}", engine.events());
+    client_half_closes(&engine, s).await;
+    assert!(
+        saw_close(&engine, |c| matches!(c, CloseCause::ClientClosed)),
+        "{:?}",
+        engine.events()
+    );
+    wait_no_connections(&engine, &mux).await;
 }
 
 #[tokio::test]
@@ -354,17 +371,7 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
     ));
 
     // The first stream dies with the request in flight; it stays pending.
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = s1;
-    drop(outbound);
-    expect_end(&mut inbound).await;
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    client_half_closes(&engine, s1).await;
     assert_eq!(engine.stats().outstanding, 1);
 
     // The client reconnects and delivers the answer over the new stream.
@@ -436,10 +443,7 @@ async fn close_all_streams_counts() {
     let _ = next(&mut b.inbound).await;
     expect_end(&mut a.inbound).await;
     expect_end(&mut b.inbound).await;
-    engine
-        .wait_until(T, |_| mux.stats().open_connections() == 0)
-        .await
-        .unwrap();
+    wait_no_connections(&engine, &mux).await;
 }
 
 #[tokio::test]
@@ -552,24 +556,13 @@ async fn kill_connection_fails_both_sides() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::Closed);
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
-    let errored = engine.events().into_iter().any(|e| {
-        matches!(
-            e,
-            ServerEvent::StreamClosed {
-                cause: CloseCause::Error(_),
-                ..
-            }
-        )
-    });
-    assert!(errored);
-    engine
-        .wait_until(T, |_| mux.stats().open_connections() == 0)
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
+    assert!(
+        saw_close(&engine, |c| matches!(c, CloseCause::Error(_))),
+        "{:?}",
+        engine.events()
+    );
+    wait_no_connections(&engine, &mux).await;
     assert!(!mux.kill_connection(s.info.connection_id));
 }
 
