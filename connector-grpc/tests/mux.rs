@@ -17,8 +17,8 @@ use connector_proto::{ExecuteRequest, ExecuteResponse, Kind, StreamMessage};
 use connector_testkit::harness::{key, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
 use support::{
-    heartbeat, next, open_err, open_many, open_registered, options, register,
-    server_streams_per_connection, start, streams_per_channel, TempDir,
+    closed_port, connection_carrying, heartbeat, next, open_err, open_many, open_registered,
+    options, register, server_streams_per_connection, start, streams_per_channel, TempDir,
 };
 use tokio::time::timeout;
 
@@ -220,17 +220,8 @@ async fn expect_connection_lost(s: &mut MessageStream, what: &str) {
 async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
     let (engine, server, mux) = mux_on_default_server(|o| o.max_streams_per_channel(10)).await;
     let streams = open_many(&mux, 0..15).await;
-    server
-        .wait_for_connection_count(2, WAIT)
-        .await
-        .expect("2 connections");
-
-    let full = server
-        .connections()
-        .into_iter()
-        .find(|c| c.open_streams == 10)
-        .expect("a connection with 10 streams");
-    assert!(server.kill_connection(full.connection_id));
+    let full = connection_carrying(&server, 2, 10).await;
+    assert!(server.kill_connection(full));
 
     // The 10 streams of the killed connection fail; the other 5 live on.
     let mut by_channel = BTreeMap::new();
@@ -329,13 +320,9 @@ async fn transport_dials_the_first_channel_eagerly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_server_is_a_connect_error_shared_by_waiters() {
-    // A port nobody listens on: bind, read the port, close.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    let o = options(&format!("grpc://{addr}")).build().expect("options");
+    let o = options(&format!("grpc://{}", closed_port().await))
+        .build()
+        .expect("options");
     // mux() does not fail on network errors.
     let mux = GrpcTransport::new().mux(&o).await.expect("mux");
     let tasks: Vec<_> = (0..20)

@@ -10,8 +10,7 @@ use connector_core::MultiTransportOptions;
 use connector_grpc::{GrpcMux, Http2Refusal};
 use connector_testkit::harness::WAIT;
 use connector_testkit::{GrpcServerOptions, Http1OnlyServer, ServerEvent};
-use support::start;
-use tokio::net::TcpListener;
+use support::{closed_port, start};
 
 fn mux(url: &str) -> GrpcMux {
     let options = MultiTransportOptions::builder(url)
@@ -60,9 +59,9 @@ async fn probe_of_an_http1_server_is_a_suspect_refusal() {
 
 #[tokio::test]
 async fn probe_of_a_closed_port_is_no_refusal() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let err = mux(&format!("grpc://{addr}")).probe().await.unwrap_err();
+    let err = mux(&format!("grpc://{}", closed_port().await))
+        .probe()
+        .await
+        .unwrap_err();
     assert_eq!(err.http2_refusal(), None, "{err}");
 }

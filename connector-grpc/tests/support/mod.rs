@@ -168,3 +168,30 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A port nobody listens on: bind, read the port, close.
+pub(crate) async fn closed_port() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// The id of the server connection that carries exactly `n` open streams,
+/// once the server has `connections` connections.
+pub(crate) async fn connection_carrying(
+    server: &GrpcTestServer,
+    connections: usize,
+    n: usize,
+) -> u64 {
+    server
+        .wait_for_connection_count(connections, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{connections} connections: {e}"));
+    server
+        .connections()
+        .into_iter()
+        .find(|c| c.open_streams == n)
+        .unwrap_or_else(|| panic!("a connection with {n} streams: {:?}", server.connections()))
+        .connection_id
+}
