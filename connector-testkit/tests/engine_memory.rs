@@ -76,6 +76,23 @@ async fn wait_no_connections(engine: &TestServer, mux: &MemoryMux) {
         .unwrap_or_else(|e| panic!("{e}: {:?}", mux.stats()));
 }
 
+/// A fresh engine, `setup` on it, its in-memory mux, and a stream for `KEY`
+/// opened with its register response.
+async fn registered(
+    setup: impl FnOnce(&TestServer),
+) -> (
+    TestServer,
+    MemoryMux,
+    MessageStream,
+    connector_testkit::proto::RegisterResponse,
+) {
+    let engine = TestServer::new();
+    setup(&engine);
+    let mux = engine.memory_mux();
+    let (s, r) = open_registered(&mux).await;
+    (engine, mux, s, r)
+}
+
 /// Opens a stream for `KEY` and returns it with its register response.
 async fn open_registered(
     mux: &MemoryMux,
@@ -87,10 +104,10 @@ async fn open_registered(
 
 #[tokio::test]
 async fn approve_by_default_with_token_and_address() {
-    let engine = TestServer::new();
-    engine.set_heartbeat_interval_ms(1500);
-    let mux = engine.memory_mux();
-    let (s, r) = open_registered(&mux).await;
+    let (engine, mux, s, r) = registered(|engine| {
+        engine.set_heartbeat_interval_ms(1500);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Approved as i32);
     assert!(!r.session_token.is_empty());
     assert_eq!(r.address, KEY);
@@ -121,9 +138,7 @@ async fn approve_by_default_with_token_and_address() {
 
 #[tokio::test]
 async fn token_is_stable_per_key() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (s1, r1) = open_registered(&mux).await;
+    let (_engine, mux, s1, r1) = registered(|_| {}).await;
     drop(s1);
     let (_s2, r2) = open_registered(&mux).await;
     assert_eq!(r1.session_token, r2.session_token);
@@ -131,10 +146,10 @@ async fn token_is_stable_per_key() {
 
 #[tokio::test]
 async fn pending_then_approve() {
-    let engine = TestServer::new();
-    engine.set_policy(ApprovalPolicy::Pending);
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, _mux, mut s, r) = registered(|engine| {
+        engine.set_policy(ApprovalPolicy::Pending);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
     assert!(r.session_token.is_empty());
     assert!(engine.active_keys().is_empty());
@@ -162,10 +177,10 @@ async fn pending_then_approve() {
 
 #[tokio::test]
 async fn pending_then_reject_closes_the_stream() {
-    let engine = TestServer::new();
-    engine.set_policy_for(&key(), ApprovalPolicy::Pending);
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, _mux, mut s, r) = registered(|engine| {
+        engine.set_policy_for(&key(), ApprovalPolicy::Pending);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
     engine
         .reject(&key(), RejectReason::Denied, "no thanks")
@@ -186,10 +201,10 @@ async fn pending_then_reject_closes_the_stream() {
 
 #[tokio::test]
 async fn reject_policy_and_reject_once() {
-    let engine = TestServer::new();
-    engine.set_policy(ApprovalPolicy::Reject(RejectReason::InvalidCredentials));
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, mux, mut s, r) = registered(|engine| {
+        engine.set_policy(ApprovalPolicy::Reject(RejectReason::InvalidCredentials));
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Rejected as i32);
     assert_eq!(r.reject_reason, RejectReason::InvalidCredentials as i32);
     expect_end(&mut s.inbound).await;
@@ -212,9 +227,7 @@ async fn reject_policy_and_reject_once() {
 
 #[tokio::test]
 async fn issued_session_token_skips_pending() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (s, r) = open_registered(&mux).await;
+    let (engine, mux, s, r) = registered(|_| {}).await;
     let token = r.session_token;
     drop(s);
     engine.set_policy(ApprovalPolicy::Pending);
@@ -244,9 +257,7 @@ async fn invalid_identifier_is_rejected_as_invalid_request() {
 
 #[tokio::test]
 async fn heartbeats_are_acked_stalled_and_flagged() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     s.outbound.send(heartbeat(1, 1234)).await.unwrap();
     match next(&mut s.inbound).await.kind {
@@ -288,9 +299,7 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
 
 #[tokio::test]
 async fn execute_roundtrip_with_the_test_as_client() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     assert_eq!(pending.request_id(), "r1");
@@ -339,10 +348,10 @@ async fn execute_roundtrip_with_the_test_as_client() {
 
 #[tokio::test]
 async fn duplicate_and_unknown_responses_are_counted() {
-    let engine = TestServer::new();
-    engine.expect_protocol_errors();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|engine| {
+        engine.expect_protocol_errors();
+    })
+    .await;
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     let _ = next(&mut s.inbound).await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
@@ -361,9 +370,7 @@ async fn duplicate_and_unknown_responses_are_counted() {
 
 #[tokio::test]
 async fn late_response_on_a_later_stream_of_the_key_counts() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s1, r) = open_registered(&mux).await;
+    let (engine, mux, mut s1, r) = registered(|_| {}).await;
     let pending = engine.send_execute(&key(), exec_req("late")).unwrap();
     assert!(matches!(
         next(&mut s1.inbound).await.kind,
@@ -398,9 +405,7 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
 
 #[tokio::test]
 async fn server_actions_reach_the_client() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     engine.cancel(&key(), "r9").expect("cancel");
     assert!(
@@ -489,9 +494,7 @@ async fn protocol_errors_are_recorded_not_fatal_to_the_server() {
 
 #[tokio::test]
 async fn duplicate_active_streams_are_counted() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (_a, _) = open_registered(&mux).await;
+    let (engine, mux, _a, _) = registered(|_| {}).await;
     let (_b, _) = open_registered(&mux).await;
     assert_eq!(engine.stats().duplicate_active, 1);
     assert_eq!(engine.active_keys().len(), 1);
@@ -545,9 +548,7 @@ async fn mux_fault_knobs() {
 
 #[tokio::test]
 async fn kill_connection_fails_both_sides() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, mux, mut s, _) = registered(|_| {}).await;
     assert_eq!(mux.connection_ids(), vec![s.info.connection_id]);
     assert!(mux.kill_connection(s.info.connection_id));
     let err = tokio::time::timeout(T, s.inbound.next())
@@ -585,9 +586,7 @@ async fn memory_transport_hands_out_the_mux() {
 
 #[tokio::test]
 async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
     engine.verify().unwrap();
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     let _ = next(&mut s.inbound).await;
