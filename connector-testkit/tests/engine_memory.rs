@@ -93,6 +93,14 @@ async fn registered(
     (engine, mux, s, r)
 }
 
+/// Expects the next message to be the execute request `id`.
+async fn expect_execute(s: &mut MessageStream, id: &str) {
+    match next(&mut s.inbound).await.kind {
+        Some(Kind::ExecuteRequest(r)) => assert_eq!(r.request_id, id),
+        other => panic!("expected execute_request {id}, got {other:?}"),
+    }
+}
+
 /// Opens a stream for `KEY` and returns it with its register response.
 async fn open_registered(
     mux: &MemoryMux,
@@ -172,7 +180,10 @@ async fn pending_then_approve() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     assert_eq!(engine.active_keys(), vec![key()]);
-    assert!(engine.approve(&key()).is_err(), "nothing pending any more");
+    assert!(
+        matches!(engine.approve(&key()), Err(TestkitError::NotPending(k)) if k == KEY),
+        "nothing pending any more"
+    );
 }
 
 #[tokio::test]
@@ -194,9 +205,11 @@ async fn pending_then_reject_closes_the_stream() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     expect_end(&mut s.inbound).await;
-    assert!(engine
-        .reject(&key(), RejectReason::Denied, "again")
-        .is_err());
+    let again = engine.reject(&key(), RejectReason::Denied, "again");
+    assert!(
+        matches!(&again, Err(TestkitError::NotPending(k)) if k == KEY),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
@@ -292,9 +305,11 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         Some(Kind::HeartbeatAck(a)) => assert_eq!((a.sequence, a.should_reconnect), (4, false)),
         other => panic!("expected heartbeat_ack, got {other:?}"),
     }
-    assert!(engine
-        .ack_should_reconnect(&"t1.echo.nobody".parse().expect("a key"))
-        .is_err());
+    let nobody = engine.ack_should_reconnect(&"t1.echo.nobody".parse().expect("a key"));
+    assert!(
+        matches!(&nobody, Err(TestkitError::NoSuchRegistration(k)) if k == "t1.echo.nobody"),
+        "{nobody:?}"
+    );
 }
 
 #[tokio::test]
@@ -353,7 +368,7 @@ async fn duplicate_and_unknown_responses_are_counted() {
     })
     .await;
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
-    let _ = next(&mut s.inbound).await;
+    expect_execute(&mut s, "r1").await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("never-sent")).await.unwrap();
@@ -387,7 +402,8 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
         register_with_token("t1", "echo", "i1", &r.session_token),
     )
     .await;
-    let _ = next(&mut s2.inbound).await;
+    let r2 = expect_register_response(next(&mut s2.inbound).await);
+    assert_eq!(r2.status, RegistrationStatus::Approved as i32);
     s2.outbound.send(exec_resp("late")).await.unwrap();
     let resp = pending.wait(T).await.unwrap();
     assert_eq!(resp.request_id, "late");
@@ -430,10 +446,18 @@ async fn server_actions_reach_the_client() {
         engine.registrations().is_empty(),
         "closing streams are not live"
     );
-    assert!(engine.close_stream(&key()).is_err());
-    assert!(engine.cancel(&key(), "r9").is_err());
-    assert!(engine.drain(&key(), "x", 0).is_err());
-    assert!(engine.send_raw(&key(), raw).is_err());
+    // Nothing to steer any more: each call names the missing key.
+    for (call, result) in [
+        ("close_stream", engine.close_stream(&key())),
+        ("cancel", engine.cancel(&key(), "r9")),
+        ("drain", engine.drain(&key(), "x", 0)),
+        ("send_raw", engine.send_raw(&key(), raw)),
+    ] {
+        assert!(
+            matches!(&result, Err(TestkitError::NoSuchRegistration(k)) if k == KEY),
+            "{call}: {result:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -589,7 +613,7 @@ async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
     let (engine, _mux, mut s, _) = registered(|_| {}).await;
     engine.verify().unwrap();
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
-    let _ = next(&mut s.inbound).await;
+    expect_execute(&mut s, "r1").await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
     pending.wait(T).await.unwrap();
