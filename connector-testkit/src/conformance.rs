@@ -746,10 +746,7 @@ pub async fn unknown_reject_reason_is_retried(target: Target) {
     position(&seen[at..], "backoff before the retry", |e| {
         matches!(e, RegistrationEvent::BackingOff { .. })
     });
-    assert!(!matches!(
-        w.handle(0).state(),
-        RegistrationState::Stopped(_)
-    ));
+    assert!(!matches!(w.handle(0).state(), RegistrationState::Stopped(_)));
     assert_eq!(w.registers(0).len(), 2);
     w.engine.approve(&key(0)).expect("approve the retry");
     w.all_active(1).await;
@@ -937,10 +934,7 @@ pub async fn shutdown_answers_work_in_flight(target: Target) {
 /// and the handler ran at most once per id.
 pub async fn exactly_once_under_random_faults(target: Target) {
     const N: usize = 8;
-    let mut w = World::new(&target, N, Setup::default(), |o| {
-        o.max_streams_per_channel(4)
-    })
-    .await;
+    let mut w = World::new(&target, N, Setup::default(), |o| o.max_streams_per_channel(4)).await;
     w.start();
     w.all_active(N).await;
     let mut rng = JitterRng::new(2024);
@@ -1204,7 +1198,10 @@ pub async fn tls_and_mutual_tls(target: Target) {
     echo(&w.engine, &key(1), "tls").await;
     w.stop().await;
 
-    let mut w = World::new(&target, 1, Setup::mutual(cert.clone()), |o| o.ca_cert(&ca)).await;
+    let mut w = World::new(&target, 1, Setup::mutual(cert.clone()), |o| {
+        o.ca_cert(&ca)
+    })
+    .await;
     let mut events = w.events(0);
     w.start();
     for _ in 0..2 {
