@@ -2,157 +2,71 @@
 //! connection counts, the server stream limit, kills, restarts, TLS and
 //! configuration errors. Every wait is bounded; ports are always 0.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::{
-    MessageStream, MultiTransportOptions, RegistrationKey, StreamMux, Transport, TransportErrorKind,
+    MessageStream, MultiTransportOptions, MultiTransportOptionsBuilder, StreamMux, Transport,
+    TransportErrorKind,
 };
 use connector_grpc::{GrpcError, GrpcMux, GrpcTransport};
-use connector_proto::{
-    ExecuteRequest, ExecuteResponse, Heartbeat, Kind, RegisterRequest, RegistrationStatus,
-    StreamMessage,
-};
+use connector_proto::{ExecuteRequest, ExecuteResponse, Kind, StreamMessage};
+use connector_testkit::harness::{key, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
-use futures_util::StreamExt;
+use support::{
+    closed_port, connection_carrying, heartbeat, next, open_err, open_many, open_registered,
+    options, register, server_streams_per_connection, start, streams_per_channel, TempDir,
+};
 use tokio::time::timeout;
 
-/// Generous bound for anything that should take milliseconds.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn key(i: usize) -> RegistrationKey {
-    RegistrationKey::new("tenant", "echo", format!("i{i}")).expect("valid key")
-}
-
-fn register(i: usize) -> StreamMessage {
-    StreamMessage {
-        kind: Some(Kind::Register(Box::new(RegisterRequest {
-            tenant_id: "tenant".into(),
-            connector_type: "echo".into(),
-            instance_id: format!("i{i}"),
-            version: "1.0.0".into(),
-            auth_token: "secret-token".into(),
-            max_concurrent_requests: 1,
-            ..Default::default()
-        }))),
-    }
-}
-
-fn options(url: &str) -> connector_core::MultiTransportOptionsBuilder {
-    MultiTransportOptions::builder(url).connect_timeout(Duration::from_secs(5))
-}
-
-async fn start(opts: GrpcServerOptions) -> (TestServer, GrpcTestServer) {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), opts)
-        .await
-        .expect("server starts");
-    (engine, server)
-}
-
-/// Reads the next message, bounded.
-async fn next(
-    stream: &mut MessageStream,
-) -> Option<Result<StreamMessage, connector_core::TransportError>> {
-    timeout(WAIT, stream.inbound.next())
-        .await
-        .expect("a message or the end in time")
-}
-
-/// Opens registration `i` and checks the server approved it.
-async fn open_registered(mux: &dyn StreamMux, i: usize) -> MessageStream {
-    let mut stream = timeout(WAIT, mux.open(&key(i), register(i)))
-        .await
-        .expect("open in time")
-        .unwrap_or_else(|e| panic!("open {i}: {e}"));
-    match next(&mut stream).await {
-        Some(Ok(StreamMessage {
-            kind: Some(Kind::RegisterResponse(r)),
-        })) => assert_eq!(r.status, RegistrationStatus::Approved as i32, "{i}: {r:?}"),
-        other => panic!("{i}: expected a register_response, got {other:?}"),
-    }
-    stream
-}
-
-/// Opens `n` registrations at once, from `n` tasks.
-async fn open_many(mux: &Arc<GrpcMux>, range: std::ops::Range<usize>) -> Vec<MessageStream> {
-    let tasks: Vec<_> = range
-        .map(|i| {
-            let mux = Arc::clone(mux);
-            tokio::spawn(async move { open_registered(&*mux, i).await })
-        })
-        .collect();
-    let mut streams = Vec::new();
-    for t in tasks {
-        streams.push(t.await.expect("open task panicked"));
-    }
-    streams
-}
-
-/// A heartbeat round trip: proves the stream's outbound half works.
-async fn heartbeat(stream: &mut MessageStream, sequence: u64) {
-    stream
-        .outbound
-        .send(StreamMessage {
-            kind: Some(Kind::Heartbeat(Heartbeat {
-                sequence,
-                sent_at_unix_ms: 1,
-            })),
-        })
-        .await
-        .expect("outbound open");
-    loop {
-        match next(stream).await {
-            Some(Ok(StreamMessage {
-                kind: Some(Kind::HeartbeatAck(ack)),
-            })) if ack.sequence == sequence => return,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a heartbeat_ack, got {other:?}"),
-        }
-    }
-}
-
-/// Streams per client channel, largest first.
-fn streams_per_channel(mux: &GrpcMux) -> Vec<usize> {
-    let mut v: Vec<usize> = mux.channel_stats().iter().map(|c| c.streams).collect();
-    v.sort_unstable_by(|a, b| b.cmp(a));
-    v
-}
-
-/// Open streams per server-side connection, largest first.
-fn server_streams_per_connection(server: &GrpcTestServer) -> Vec<usize> {
-    let mut v: Vec<usize> = server
-        .connections()
-        .iter()
-        .map(|c| c.open_streams)
-        .collect();
-    v.sort_unstable_by(|a, b| b.cmp(a));
-    v
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hundred_streams_at_the_default_cap_use_three_connections() {
+/// A testkit gRPC server (default options) and a `GrpcMux` on it, its
+/// client options `tune`d.
+async fn mux_on_default_server(
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> (TestServer, GrpcTestServer, Arc<GrpcMux>) {
     let (engine, server) = start(GrpcServerOptions::default()).await;
-    let mux =
-        Arc::new(GrpcMux::new(&options(&server.url()).build().expect("options")).expect("mux"));
-    let mut streams = open_many(&mux, 0..200).await;
+    let o = tune(options(&server.url())).build().expect("options");
+    (engine, server, Arc::new(GrpcMux::new(&o).expect("mux")))
+}
 
-    engine.wait_for_active(200, WAIT).await.expect("200 active");
+/// `n` concurrent opens against a server that allows any number of streams,
+/// with the client's channel cap `cap` (default 80): the streams fill
+/// channels of `cap` one after another, each client channel one server
+/// connection, each dialled once, and every stream works both ways.
+async fn streams_fill_channels_of_the_cap(cap: Option<usize>, n: usize, per_channel: &[usize]) {
+    let (engine, server, mux) = mux_on_default_server(|o| match cap {
+        Some(cap) => o.max_streams_per_channel(cap),
+        None => o,
+    })
+    .await;
+    let mut streams = open_many(&mux, 0..n).await;
+
+    engine.wait_for_active(n, WAIT).await.expect("all active");
+    assert_eq!(engine.active_keys().len(), n);
     server
-        .wait_for_connection_count(3, WAIT)
+        .wait_for_connection_count(per_channel.len(), WAIT)
         .await
-        .expect("3 TCP connections");
-    assert_eq!(server.total_connections_accepted(), 3);
-    assert_eq!(streams_per_channel(&mux), vec![80, 80, 40]);
+        .expect("one TCP connection per channel");
+    assert_eq!(
+        server.total_connections_accepted(),
+        per_channel.len() as u64
+    );
+    assert_eq!(streams_per_channel(&*mux), per_channel);
+    assert_eq!(server_streams_per_connection(&server), per_channel);
     let stats = mux.stats();
-    assert_eq!(stats.open_streams(), 200);
+    assert_eq!(stats.open_streams(), n);
     assert_eq!(
         (stats.dials_succeeded, stats.dials_failed, stats.rebuilds),
-        (3, 0, 0)
+        (per_channel.len() as u64, 0, 0)
     );
     assert!(
-        stats.connections.iter().all(|c| c.capacity == 80),
+        stats
+            .connections
+            .iter()
+            .all(|c| c.capacity == cap.unwrap_or(80)),
         "{stats:?}"
     );
     // Every stream works both ways.
@@ -164,8 +78,7 @@ async fn two_hundred_streams_at_the_default_cap_use_three_connections() {
     for s in &streams {
         *by_channel.entry(s.info.connection_id).or_insert(0usize) += 1;
     }
-    assert_eq!(by_channel.len(), 3);
-    assert_eq!(server_streams_per_connection(&server), vec![80, 80, 40]);
+    assert_eq!(by_channel.len(), per_channel.len());
 
     drop(streams);
     // Every slot comes back once the streams are dropped.
@@ -173,23 +86,33 @@ async fn two_hundred_streams_at_the_default_cap_use_three_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_streams_at_the_default_cap_use_three_connections() {
+    streams_fill_channels_of_the_cap(None, 200, &[80, 80, 40]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cap_ten_with_thirty_five_streams_uses_four_connections() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
+    streams_fill_channels_of_the_cap(Some(10), 35, &[10, 10, 10, 5]).await;
+}
+
+/// A server that allows 5 streams per connection, and client options with
+/// the default cap (80) and a 1 s connect timeout (the stall bound).
+async fn limit_five() -> (TestServer, GrpcTestServer, MultiTransportOptions) {
+    let (engine, server) = start(GrpcServerOptions::default().max_concurrent_streams(5)).await;
     let o = options(&server.url())
-        .max_streams_per_channel(10)
+        .connect_timeout(Duration::from_secs(1))
         .build()
         .expect("options");
-    let mux = Arc::new(GrpcMux::new(&o).expect("mux"));
-    let streams = open_many(&mux, 0..35).await;
-    engine.wait_for_active(35, WAIT).await.expect("35 active");
+    (engine, server, o)
+}
+
+/// After 12 opens under [`limit_five`]: 12 active, over 3 connections.
+async fn twelve_over_three_connections(engine: &TestServer, server: &GrpcTestServer) {
+    engine.wait_for_active(12, WAIT).await.expect("12 active");
     server
-        .wait_for_connection_count(4, WAIT)
+        .wait_for_connection_count(3, WAIT)
         .await
-        .expect("4 connections");
-    assert_eq!(streams_per_channel(&mux), vec![10, 10, 10, 5]);
-    assert_eq!(server_streams_per_connection(&server), vec![10, 10, 10, 5]);
-    assert_eq!(mux.stats().dials_succeeded, 4);
-    drop(streams);
+        .expect("3 connections");
 }
 
 /// The server allows 5 streams per connection, the client's cap is 80:
@@ -197,22 +120,14 @@ async fn cap_ten_with_thirty_five_streams_uses_four_connections() {
 /// connections, in bounded time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_limit_below_the_cap_never_hangs_concurrent_opens() {
-    let (engine, server) = start(GrpcServerOptions::default().max_concurrent_streams(5)).await;
-    let o = options(&server.url())
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .expect("options");
+    let (engine, server, o) = limit_five().await;
     let mux = Arc::new(GrpcMux::new(&o).expect("mux"));
-    let streams = timeout(Duration::from_secs(15), open_many(&mux, 0..12))
+    let mut streams = timeout(Duration::from_secs(15), open_many(&mux, 0..12))
         .await
         .expect("12 opens finish in bounded time");
     assert_eq!(streams.len(), 12);
-    engine.wait_for_active(12, WAIT).await.expect("12 active");
-    server
-        .wait_for_connection_count(3, WAIT)
-        .await
-        .expect("3 connections");
-    assert_eq!(streams_per_channel(&mux), vec![5, 5, 2]);
+    twelve_over_three_connections(&engine, &server).await;
+    assert_eq!(streams_per_channel(&*mux), vec![5, 5, 2]);
     let stats = mux.stats();
     assert!(
         stats.connections.iter().all(|c| c.capacity == 5),
@@ -223,7 +138,6 @@ async fn server_limit_below_the_cap_never_hangs_concurrent_opens() {
     // The streams h2 had queued were cancelled, not left waiting: when a
     // slot frees on a full channel, the next open takes it (no stale queued
     // stream slips in first) and the server saw exactly one register each.
-    let mut streams = streams;
     let full = streams
         .iter()
         .position(|s| {
@@ -242,7 +156,7 @@ async fn server_limit_below_the_cap_never_hangs_concurrent_opens() {
     let server_stats = engine.stats();
     assert_eq!(server_stats.registers, 13, "{server_stats:?}");
     assert_eq!(server_stats.duplicate_active, 0, "{server_stats:?}");
-    assert_eq!(streams_per_channel(&mux), vec![5, 5, 2]);
+    assert_eq!(streams_per_channel(&*mux), vec![5, 5, 2]);
     drop((streams, again));
 }
 
@@ -251,49 +165,26 @@ async fn server_limit_below_the_cap_never_hangs_concurrent_opens() {
 /// (rather than the server refusing) and the stall detection does the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_limit_below_the_cap_after_an_eager_dial() {
-    let (engine, server) = start(GrpcServerOptions::default().max_concurrent_streams(5)).await;
-    let o = options(&server.url())
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .expect("options");
+    let (engine, server, o) = limit_five().await;
     let mux = GrpcTransport::new().mux(&o).await.expect("mux");
     server
         .wait_for_connection_count(1, WAIT)
         .await
         .expect("eager dial");
-    let tasks: Vec<_> = (0..12)
-        .map(|i| {
-            let mux = Arc::clone(&mux);
-            tokio::spawn(async move { open_registered(&*mux, i).await })
-        })
-        .collect();
-    let mut streams = Vec::new();
-    for t in tasks {
-        streams.push(
-            timeout(Duration::from_secs(15), t)
-                .await
-                .expect("bounded")
-                .expect("task"),
-        );
-    }
-    engine.wait_for_active(12, WAIT).await.expect("12 active");
-    server
-        .wait_for_connection_count(3, WAIT)
+    let streams = timeout(Duration::from_secs(15), open_many(&mux, 0..12))
         .await
-        .expect("3 connections");
+        .expect("12 opens finish in bounded time");
+    twelve_over_three_connections(&engine, &server).await;
     assert_eq!(mux.stats().open_streams(), 12);
     assert_eq!(engine.stats().registers, 12);
+    drop(streams);
 }
 
 /// Same limit, opens one after another: the 6th open stalls once, the
 /// learned limit then applies to the next channels without more stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_limit_below_the_cap_sequential_opens_learn_the_limit() {
-    let (engine, server) = start(GrpcServerOptions::default().max_concurrent_streams(5)).await;
-    let o = options(&server.url())
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .expect("options");
+    let (engine, server, o) = limit_five().await;
     let mux = GrpcMux::new(&o).expect("mux");
     let started = tokio::time::Instant::now();
     let mut streams = Vec::new();
@@ -306,37 +197,31 @@ async fn server_limit_below_the_cap_sequential_opens_learn_the_limit() {
         "took {:?}",
         started.elapsed()
     );
-    engine.wait_for_active(12, WAIT).await.expect("12 active");
-    server
-        .wait_for_connection_count(3, WAIT)
-        .await
-        .expect("3 connections");
+    twelve_over_three_connections(&engine, &server).await;
     assert_eq!(streams_per_channel(&mux), vec![5, 5, 2]);
     for (i, s) in streams.iter_mut().enumerate() {
         heartbeat(s, i as u64).await;
     }
 }
 
+/// Expects a stream whose connection died: a `Closed` error first (a dead
+/// connection is never a clean end, which would read as "the server closed
+/// it"), then the end.
+async fn expect_connection_lost(s: &mut MessageStream, what: &str) {
+    match next(s).await {
+        Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{what}: {e}"),
+        None => panic!("{what}: the stream ended cleanly"),
+        Some(Ok(m)) => panic!("{what}: unexpected message {m:?}"),
+    }
+    assert!(next(s).await.is_none(), "{what}: the stream is over");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_streams_per_channel(10)
-        .build()
-        .expect("options");
-    let mux = Arc::new(GrpcMux::new(&o).expect("mux"));
+    let (engine, server, mux) = mux_on_default_server(|o| o.max_streams_per_channel(10)).await;
     let streams = open_many(&mux, 0..15).await;
-    server
-        .wait_for_connection_count(2, WAIT)
-        .await
-        .expect("2 connections");
-
-    let full = server
-        .connections()
-        .into_iter()
-        .find(|c| c.open_streams == 10)
-        .expect("a connection with 10 streams");
-    assert!(server.kill_connection(full.connection_id));
+    let full = connection_carrying(&server, 2, 10).await;
+    assert!(server.kill_connection(full));
 
     // The 10 streams of the killed connection fail; the other 5 live on.
     let mut by_channel = BTreeMap::new();
@@ -348,30 +233,13 @@ async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
         .find(|(_, n)| **n == 10)
         .map(|(id, _)| *id)
         .expect("a client channel with 10 streams");
-    let mut survivors = Vec::new();
-    let mut failed = 0;
-    for mut s in streams {
-        if s.info.connection_id != dead_channel {
-            survivors.push(s);
-            continue;
-        }
-        match next(&mut s).await {
-            Some(Err(e)) => {
-                assert!(
-                    matches!(
-                        e.kind(),
-                        TransportErrorKind::Closed | TransportErrorKind::Protocol
-                    ),
-                    "{e}"
-                );
-                failed += 1;
-            }
-            None => failed += 1,
-            Some(Ok(m)) => panic!("unexpected message on a killed connection: {m:?}"),
-        }
+    let (mut dead, mut survivors): (Vec<_>, Vec<_>) = streams
+        .into_iter()
+        .partition(|s| s.info.connection_id == dead_channel);
+    assert_eq!((dead.len(), survivors.len()), (10, 5));
+    for s in &mut dead {
+        expect_connection_lost(s, "a stream of the killed connection").await;
     }
-    assert_eq!(failed, 10);
-    assert_eq!(survivors.len(), 5);
     for (i, s) in survivors.iter_mut().enumerate() {
         heartbeat(s, 100 + i as u64).await;
     }
@@ -390,22 +258,18 @@ async fn killed_connection_fails_its_streams_and_new_opens_succeed() {
         .wait_for_active(15, WAIT)
         .await
         .expect("15 active after the kill");
-    assert_eq!(streams_per_channel(&mux), vec![10, 5]);
+    assert_eq!(engine.active_keys().len(), 15);
+    assert_eq!(streams_per_channel(&*mux), vec![10, 5]);
     drop((fresh, survivors));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_restart_ends_streams_and_opens_work_again() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let mux =
-        Arc::new(GrpcMux::new(&options(&server.url()).build().expect("options")).expect("mux"));
+    let (engine, server, mux) = mux_on_default_server(|o| o).await;
     let streams = open_many(&mux, 0..5).await;
     server.restart().await.expect("restart");
     for mut s in streams {
-        match next(&mut s).await {
-            Some(Err(_)) | None => {}
-            Some(Ok(m)) => panic!("unexpected message after a restart: {m:?}"),
-        }
+        expect_connection_lost(&mut s, "a stream across a restart").await;
     }
     // The first opens after a restart may meet the dead connection; the
     // runner retries with backoff. Here: retry a bounded number of times.
@@ -427,6 +291,7 @@ async fn server_restart_ends_streams_and_opens_work_again() {
             panic!("open {i} kept failing after a restart: {e}");
         }
     }
+    assert_eq!(reopened.len(), 5);
     engine
         .wait_for_active(5, WAIT)
         .await
@@ -455,31 +320,24 @@ async fn transport_dials_the_first_channel_eagerly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_server_is_a_connect_error_shared_by_waiters() {
-    // A port nobody listens on: bind, read the port, close.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    let o = options(&format!("grpc://{addr}")).build().expect("options");
+    let o = options(&format!("grpc://{}", closed_port().await))
+        .build()
+        .expect("options");
     // mux() does not fail on network errors.
     let mux = GrpcTransport::new().mux(&o).await.expect("mux");
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let mux = Arc::clone(&mux);
-            tokio::spawn(async move { timeout(WAIT, mux.open(&key(i), register(i))).await })
+            tokio::spawn(async move { open_err(&*mux, i).await })
         })
         .collect();
     for t in tasks {
-        let err = t
-            .await
-            .expect("task")
-            .expect("open in time")
-            .expect_err("nobody listens");
+        let err = t.await.expect("task");
         assert_eq!(err.kind(), TransportErrorKind::Connect, "{err}");
     }
     let stats = mux.stats();
     assert_eq!(stats.open_connections(), 0);
+    // How many dials the 20 waiters shared depends on timing; at least one.
     assert!(stats.dials_failed >= 1);
     assert!(
         stats.dials_failed < 20,
@@ -489,12 +347,7 @@ async fn unreachable_server_is_a_connect_error_shared_by_waiters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_streams_per_channel(2)
-        .build()
-        .expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, server, mux) = mux_on_default_server(|o| o.max_streams_per_channel(2)).await;
     let a = open_registered(&mux, 0).await;
     let b = open_registered(&mux, 1).await;
     assert_eq!(streams_per_channel(&mux), vec![2]);
@@ -508,7 +361,7 @@ async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
     drop(a_in);
     assert_eq!(streams_per_channel(&mux), vec![1]);
     engine
-        .wait_until(WAIT, |e| e.active_keys() == ["tenant.echo.i1"])
+        .wait_until(WAIT, |e| e.active_keys() == [key(1)])
         .await
         .expect("the server saw stream 0 end");
     // The freed slot is reused: still one connection.
@@ -520,8 +373,7 @@ async fn dropping_inbound_frees_the_slot_and_ends_the_server_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn close_drops_channels_and_refuses_new_opens() {
-    let (_engine, server) = start(GrpcServerOptions::default()).await;
-    let mux = GrpcMux::new(&options(&server.url()).build().expect("options")).expect("mux");
+    let (_engine, server, mux) = mux_on_default_server(|o| o).await;
     drop(open_registered(&mux, 0).await);
     server
         .wait_for_connection_count(1, WAIT)
@@ -533,21 +385,13 @@ async fn close_drops_channels_and_refuses_new_opens() {
         .wait_for_connection_count(0, WAIT)
         .await
         .expect("the connection closes");
-    let err = mux
-        .open(&key(1), register(1))
-        .await
-        .expect_err("closed mux");
+    let err = open_err(&mux, 1).await;
     assert_eq!(err.kind(), TransportErrorKind::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_server_message_is_a_protocol_error() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url())
-        .max_message_size(1024)
-        .build()
-        .expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, _server, mux) = mux_on_default_server(|o| o.max_message_size(1024)).await;
     let mut s = open_registered(&mux, 0).await;
     let big = StreamMessage {
         kind: Some(Kind::ExecuteRequest(Box::new(ExecuteRequest {
@@ -556,9 +400,7 @@ async fn oversized_server_message_is_a_protocol_error() {
             ..Default::default()
         }))),
     };
-    engine
-        .send_raw(&"tenant.echo.i0".parse().expect("a key"), big)
-        .expect("send_raw");
+    engine.send_raw(&key(0), big).expect("send_raw");
     match next(&mut s).await {
         Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Protocol, "{e}"),
         other => panic!("expected a protocol error, got {other:?}"),
@@ -567,122 +409,125 @@ async fn oversized_server_message_is_a_protocol_error() {
     assert!(next(&mut s).await.is_none());
 }
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("connector-grpc-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A `grpcs://` testkit server signed by a fresh CA, the CA file that
+/// trusts it, and the CA file of another CA.
+struct Tls {
+    engine: TestServer,
+    server: GrpcTestServer,
+    /// Holds the CA files until the end.
+    _dir: TempDir,
+    ca: std::path::PathBuf,
+    other_ca: std::path::PathBuf,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tls_with_the_testkit_ca_works() {
+async fn tls_server() -> Tls {
     let cert = TestCertificate::generate().expect("cert");
-    let dir = temp_dir("tls-ok");
-    let ca = cert.write_ca_pem(&dir).expect("ca file");
+    let dir = TempDir::new("tls");
+    let ca = cert.write_ca_pem(&dir.0).expect("ca file");
+    let other_ca = dir.path("other-ca.pem");
+    let other = TestCertificate::generate().expect("other cert");
+    std::fs::write(&other_ca, other.ca_pem()).expect("other ca file");
     let (engine, server) = start(GrpcServerOptions::default().tls(cert)).await;
     assert!(server.url().starts_with("grpcs://localhost:"));
-    let o = options(&server.url())
-        .ca_cert(&ca)
-        .build()
-        .expect("options");
-    let mux = GrpcTransport::new().mux(&o).await.expect("mux");
-    let mut streams = Vec::new();
-    for i in 0..3 {
-        streams.push(open_registered(&*mux, i).await);
+    Tls {
+        engine,
+        server,
+        _dir: dir,
+        ca,
+        other_ca,
     }
-    for (i, s) in streams.iter_mut().enumerate() {
-        heartbeat(s, i as u64).await;
-    }
-    engine.wait_for_active(3, WAIT).await.expect("3 active");
-    assert_eq!(mux.stats().open_connections(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One trust rule (`connector_core::trust_anchors`) for every setting, as
+/// for WebSocket (`wss_trust_settings` in connector-ws's mux tests): the
+/// testkit CA (added to the roots, or the only root) is trusted, three
+/// streams share one connection and work both ways; another CA is a TLS
+/// error (a `GrpcError::Tls` source) that says to check `ca_cert`, for
+/// every open, with no connection and nothing registered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tls_with_a_wrong_ca_is_a_tls_error() {
-    let served = TestCertificate::generate().expect("cert");
-    let other = TestCertificate::generate().expect("other cert");
-    let dir = temp_dir("tls-wrong");
-    let wrong_ca = other.write_ca_pem(&dir).expect("ca file");
-    let (engine, server) = start(GrpcServerOptions::default().tls(served)).await;
-    let o = options(&server.url())
-        .ca_cert(&wrong_ca)
-        .build()
-        .expect("options");
-    let mux = GrpcTransport::new()
-        .mux(&o)
-        .await
-        .expect("a bad peer is not a config error");
-    for i in 0..3 {
-        let err = timeout(WAIT, mux.open(&key(i), register(i)))
+async fn grpcs_trust_settings() {
+    let tls = tls_server().await;
+    let url = tls.server.url();
+    let (ca, other_ca) = (&tls.ca, &tls.other_ca);
+    let cases = [
+        ("the testkit CA", options(&url).ca_cert(ca), true),
+        (
+            "only the testkit CA",
+            options(&url).trust_only_ca_cert(ca),
+            true,
+        ),
+        ("another CA", options(&url).ca_cert(other_ca), false),
+        (
+            "only another CA",
+            options(&url).trust_only_ca_cert(other_ca),
+            false,
+        ),
+    ];
+    for (case, (name, o, trusted)) in cases.into_iter().enumerate() {
+        let o = o.build().expect("options");
+        assert_eq!(o.tls.trust_only_ca, name.starts_with("only"), "{name}");
+        let mux = GrpcTransport::new()
+            .mux(&o)
             .await
-            .expect("in time")
-            .expect_err("untrusted server");
-        assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-        let grpc = std::error::Error::source(&err)
-            .and_then(|s| s.downcast_ref::<GrpcError>())
-            .expect("the GrpcError is the source");
-        assert!(matches!(grpc, GrpcError::Tls { .. }), "{grpc:?}");
+            .expect("a bad peer is not a config error");
+        let keys = case * 10..case * 10 + 3;
+        let registers_before = tls.engine.stats().registers;
+        if trusted {
+            let mut streams = Vec::new();
+            for i in keys.clone() {
+                streams.push(open_registered(&*mux, i).await);
+            }
+            for (i, s) in streams.iter_mut().enumerate() {
+                heartbeat(s, i as u64).await;
+            }
+            let want: Vec<_> = keys.map(key).collect();
+            tls.engine
+                .wait_until(WAIT, |e| {
+                    let mut active = e.active_keys();
+                    active.sort_by_key(ToString::to_string);
+                    active == want
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(mux.stats().open_connections(), 1, "{name}");
+            drop(streams);
+            tls.engine
+                .wait_until(WAIT, |e| e.active_keys().is_empty())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else {
+            for i in keys {
+                let err = open_err(&*mux, i).await;
+                assert_eq!(err.kind(), TransportErrorKind::Tls, "{name}: {err}");
+                let grpc = std::error::Error::source(&err)
+                    .and_then(|s| s.downcast_ref::<GrpcError>())
+                    .expect("the GrpcError is the source");
+                assert!(matches!(grpc, GrpcError::Tls { .. }), "{name}: {grpc:?}");
+                let text = err.to_string();
+                assert!(
+                    text.contains("ca_cert") && text.contains("invalid peer certificate"),
+                    "{name}: {text}"
+                );
+            }
+            assert_eq!(mux.stats().open_connections(), 0, "{name}");
+            // Every open dials anew and fails the handshake; the eager
+            // dial of `mux()` fails too, counted once it has.
+            let failed = mux.stats().dials_failed;
+            assert!((3..=4).contains(&failed), "{name}: {failed} failed dials");
+            assert_eq!(tls.engine.stats().registers, registers_before, "{name}");
+        }
     }
-    assert_eq!(mux.stats().open_connections(), 0);
-    assert!(mux.stats().dials_failed >= 1);
-    assert!(engine.registrations().is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `trust_only_ca_cert`: the testkit CA alone is enough (the system roots
-/// are not read), and a server signed by another CA is refused with a TLS
-/// error that says to check `ca_cert`. Mirrors the WebSocket test of the
-/// same name: one trust rule (`connector_core::trust_anchors`) for both.
+/// No CA at all: the system roots do not know the testkit CA (or the
+/// machine has none, which is a config error naming ca_cert).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn grpcs_trusting_only_the_given_ca() {
-    let served = TestCertificate::generate().expect("cert");
-    let other = TestCertificate::generate().expect("other cert");
-    let dir = temp_dir("only-ca");
-    let ca = served.write_ca_pem(&dir).expect("ca file");
-    let other_dir = temp_dir("only-other-ca");
-    let other_ca = other.write_ca_pem(&other_dir).expect("ca file");
-    let (engine, server) = start(GrpcServerOptions::default().tls(served)).await;
-
-    let o = options(&server.url())
-        .trust_only_ca_cert(&ca)
-        .build()
-        .expect("options");
-    assert!(o.tls.trust_only_ca);
-    let mux = GrpcTransport::new().mux(&o).await.expect("mux");
-    let mut s = open_registered(&*mux, 0).await;
-    heartbeat(&mut s, 1).await;
-    engine.wait_for_active(1, WAIT).await.expect("active");
-    drop(s);
-
-    let o = options(&server.url())
-        .trust_only_ca_cert(&other_ca)
-        .build()
-        .expect("options");
-    let mux = GrpcTransport::new()
-        .mux(&o)
-        .await
-        .expect("an untrusted peer is not a config error");
-    let err = timeout(WAIT, mux.open(&key(1), register(1)))
-        .await
-        .expect("in time")
-        .expect_err("untrusted server");
-    assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-    let text = err.to_string();
-    assert!(
-        text.contains("ca_cert") && text.contains("invalid peer certificate"),
-        "{text}"
-    );
-
-    // No CA at all: the system roots do not know the testkit CA (or the
-    // machine has none, which is a config error naming ca_cert).
-    let o = options(&server.url()).build().expect("options");
+async fn grpcs_without_a_ca_names_ca_cert() {
+    let tls = tls_server().await;
+    let o = options(&tls.server.url()).build().expect("options");
     match GrpcTransport::new().mux(&o).await {
         Ok(mux) => {
-            let err = timeout(WAIT, mux.open(&key(2), register(2)))
-                .await
-                .expect("in time")
-                .expect_err("untrusted server");
+            let err = open_err(&*mux, 0).await;
             assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
             assert!(err.to_string().contains("ca_cert"), "{err}");
         }
@@ -691,35 +536,32 @@ async fn grpcs_trusting_only_the_given_ca() {
             assert!(err.to_string().contains("ca_cert"), "{err}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&other_dir);
 }
 
+/// Settings `mux()` refuses up front, as config errors.
 #[tokio::test]
-async fn bad_ca_path_is_a_config_error_from_mux() {
-    let o = MultiTransportOptions::builder("grpcs://localhost:1")
-        .ca_cert("/definitely/not/here/ca.pem")
-        .build()
-        .expect("options");
-    let Err(err) = GrpcTransport::new().mux(&o).await else {
-        panic!("an unreadable CA file must fail mux()");
-    };
-    assert_eq!(err.kind(), TransportErrorKind::Config);
-    assert!(
-        err.to_string().contains("/definitely/not/here/ca.pem"),
-        "{err}"
-    );
-}
-
-#[tokio::test]
-async fn websocket_url_is_a_config_error_from_mux() {
-    let o = MultiTransportOptions::builder("ws://localhost:1")
-        .build()
-        .expect("options");
-    let Err(err) = GrpcTransport::new().mux(&o).await else {
-        panic!("a ws:// URL must fail the gRPC transport");
-    };
-    assert_eq!(err.kind(), TransportErrorKind::Config);
+async fn bad_settings_are_config_errors_from_mux() {
+    let cases = [
+        (
+            "unreadable CA",
+            MultiTransportOptions::builder("grpcs://localhost:1")
+                .ca_cert("/definitely/not/here/ca.pem"),
+            "/definitely/not/here/ca.pem",
+        ),
+        (
+            "WebSocket URL",
+            MultiTransportOptions::builder("ws://localhost:1"),
+            "",
+        ),
+    ];
+    for (name, o, says) in cases {
+        let o = o.build().expect("options");
+        let Err(err) = GrpcTransport::new().mux(&o).await else {
+            panic!("{name}: must fail mux()");
+        };
+        assert_eq!(err.kind(), TransportErrorKind::Config, "{name}: {err}");
+        assert!(err.to_string().contains(says), "{name}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -728,30 +570,27 @@ async fn client_identity_files_are_validated() {
     let (cert_pem, key_pem) = cert
         .generate_client_identity("client-1")
         .expect("client identity");
-    let dir = temp_dir("mtls");
-    let ca = cert.write_ca_pem(&dir).expect("ca");
-    let cert_path = dir.join("client.pem");
-    let key_path = dir.join("client.key");
+    let dir = TempDir::new("mtls");
+    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let (cert_path, key_path, bad_key) = (
+        dir.path("client.pem"),
+        dir.path("client.key"),
+        dir.path("bad.key"),
+    );
     std::fs::write(&cert_path, cert_pem).expect("write");
     std::fs::write(&key_path, key_pem).expect("write");
-    let good = MultiTransportOptions::builder("grpcs://localhost:1")
-        .ca_cert(&ca)
-        .client_identity(&cert_path, &key_path)
-        .build()
-        .expect("options");
-    GrpcMux::new(&good).expect("a valid identity is accepted");
-
-    let bad_key = dir.join("bad.key");
     std::fs::write(&bad_key, "not a key").expect("write");
-    let bad = MultiTransportOptions::builder("grpcs://localhost:1")
-        .ca_cert(&ca)
-        .client_identity(&cert_path, &bad_key)
-        .build()
-        .expect("options");
-    let err = GrpcMux::new(&bad).expect_err("bad key");
+    let with_key = |key: &std::path::Path| {
+        MultiTransportOptions::builder("grpcs://localhost:1")
+            .ca_cert(&ca)
+            .client_identity(&cert_path, key)
+            .build()
+            .expect("options")
+    };
+    GrpcMux::new(&with_key(&key_path)).expect("a valid identity is accepted");
+    let err = GrpcMux::new(&with_key(&bad_key)).expect_err("bad key");
     assert!(matches!(err, GrpcError::Config { .. }), "{err}");
     assert!(err.to_string().contains("bad.key"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The codec's buffers start at 1 KiB per stream: messages many times that
@@ -759,9 +598,7 @@ async fn client_identity_files_are_validated() {
 /// the same stream (the buffers grow, and shrink back, as needed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
-    let (engine, server) = start(GrpcServerOptions::default()).await;
-    let o = options(&server.url()).build().expect("options");
-    let mux = GrpcMux::new(&o).expect("mux");
+    let (engine, _server, mux) = mux_on_default_server(|o| o).await;
     let mut s = open_registered(&mux, 0).await;
     for (n, size) in [300 * 1024usize, 17, 1025, 2 * 1024 * 1024]
         .into_iter()
@@ -770,7 +607,7 @@ async fn messages_far_larger_than_the_codec_buffer_cross_both_ways() {
         let payload: Vec<u8> = (0..size).map(|i| (i * 31 + n) as u8).collect();
         let pending = engine
             .send_execute(
-                &"tenant.echo.i0".parse().expect("a key"),
+                &key(0),
                 ExecuteRequest {
                     request_id: format!("r{n}"),
                     payload: payload.clone().into(),

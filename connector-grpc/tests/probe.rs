@@ -2,14 +2,15 @@
 //! listeners: a gRPC server, an HTTP/1.1-only one, and a closed port.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::time::Duration;
 
 use connector_core::MultiTransportOptions;
 use connector_grpc::{GrpcMux, Http2Refusal};
-use connector_testkit::{
-    GrpcServerOptions, GrpcTestServer, Http1OnlyServer, ServerEvent, TestServer,
-};
-use tokio::net::TcpListener;
+use connector_testkit::harness::WAIT;
+use connector_testkit::{GrpcServerOptions, Http1OnlyServer, ServerEvent};
+use support::{closed_port, start};
 
 fn mux(url: &str) -> GrpcMux {
     let options = MultiTransportOptions::builder(url)
@@ -21,14 +22,11 @@ fn mux(url: &str) -> GrpcMux {
 
 #[tokio::test]
 async fn probe_succeeds_on_grpc_and_registers_nothing() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (engine, server) = start(GrpcServerOptions::default()).await;
     mux(&server.url()).probe().await.unwrap();
     // The server saw a stream that carried no register, and it ended.
     engine
-        .wait_until(Duration::from_secs(10), |e| {
+        .wait_until(WAIT, |e| {
             e.events()
                 .iter()
                 .any(|ev| matches!(ev, ServerEvent::StreamClosed { key: None, .. }))
@@ -61,9 +59,9 @@ async fn probe_of_an_http1_server_is_a_suspect_refusal() {
 
 #[tokio::test]
 async fn probe_of_a_closed_port_is_no_refusal() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let err = mux(&format!("grpc://{addr}")).probe().await.unwrap_err();
+    let err = mux(&format!("grpc://{}", closed_port().await))
+        .probe()
+        .await
+        .unwrap_err();
     assert_eq!(err.http2_refusal(), None, "{err}");
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use connector_testkit::{
     ApprovalPolicy, CloseCause, MemoryMux, MemoryTransport, ServerEvent, TestServer, TestkitError,
 };
 use futures_util::StreamExt;
+use support::wait_no_registrations;
 
 const KEY: &str = "t1.echo.i1";
 
@@ -45,6 +47,60 @@ async fn open(mux: &MemoryMux, msg: StreamMessage) -> MessageStream {
     mux.open(&key(), msg).await.unwrap()
 }
 
+/// The client drops its sender half: the stream ends, and the server lets
+/// the registration go.
+async fn client_half_closes(engine: &TestServer, s: MessageStream) {
+    let MessageStream {
+        outbound,
+        mut inbound,
+        ..
+    } = s;
+    drop(outbound);
+    expect_end(&mut inbound).await;
+    wait_no_registrations(engine).await;
+}
+
+/// Whether the engine saw a stream close with a cause that `is`.
+fn saw_close(engine: &TestServer, is: impl Fn(&CloseCause) -> bool) -> bool {
+    engine
+        .events()
+        .iter()
+        .any(|e| matches!(e, ServerEvent::StreamClosed { cause, .. } if is(cause)))
+}
+
+/// Waits (bounded) until the in-memory mux holds no connection.
+async fn wait_no_connections(engine: &TestServer, mux: &MemoryMux) {
+    engine
+        .wait_until(T, |_| mux.stats().open_connections() == 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", mux.stats()));
+}
+
+/// A fresh engine, `setup` on it, its in-memory mux, and a stream for `KEY`
+/// opened with its register response.
+async fn registered(
+    setup: impl FnOnce(&TestServer),
+) -> (
+    TestServer,
+    MemoryMux,
+    MessageStream,
+    connector_testkit::proto::RegisterResponse,
+) {
+    let engine = TestServer::new();
+    setup(&engine);
+    let mux = engine.memory_mux();
+    let (s, r) = open_registered(&mux).await;
+    (engine, mux, s, r)
+}
+
+/// Expects the next message to be the execute request `id`.
+async fn expect_execute(s: &mut MessageStream, id: &str) {
+    match next(&mut s.inbound).await.kind {
+        Some(Kind::ExecuteRequest(r)) => assert_eq!(r.request_id, id),
+        other => panic!("expected execute_request {id}, got {other:?}"),
+    }
+}
+
 /// Opens a stream for `KEY` and returns it with its register response.
 async fn open_registered(
     mux: &MemoryMux,
@@ -56,10 +112,10 @@ async fn open_registered(
 
 #[tokio::test]
 async fn approve_by_default_with_token_and_address() {
-    let engine = TestServer::new();
-    engine.set_heartbeat_interval_ms(1500);
-    let mux = engine.memory_mux();
-    let (s, r) = open_registered(&mux).await;
+    let (engine, mux, s, r) = registered(|engine| {
+        engine.set_heartbeat_interval_ms(1500);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Approved as i32);
     assert!(!r.session_token.is_empty());
     assert_eq!(r.address, KEY);
@@ -79,34 +135,18 @@ async fn approve_by_default_with_token_and_address() {
     assert_eq!(mux.stats().open_streams(), 1);
 
     // Client half-close ends the stream and releases the "connection".
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = s;
-    drop(outbound);
-    expect_end(&mut inbound).await;
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
-    let closed = engine.events().into_iter().any(|e| {
-        matches!(
-            e,
-            ServerEvent::StreamClosed {
-                cause: CloseCause::ClientClosed,
-                ..
-            }
-        )
-    });
-    assert!(closed, "{:?}", engine.events());
+    client_half_closes(&engine, s).await;
+    assert!(
+        saw_close(&engine, |c| matches!(c, CloseCause::ClientClosed)),
+        "{:?}",
+        engine.events()
+    );
+    wait_no_connections(&engine, &mux).await;
 }
 
 #[tokio::test]
 async fn token_is_stable_per_key() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (s1, r1) = open_registered(&mux).await;
+    let (_engine, mux, s1, r1) = registered(|_| {}).await;
     drop(s1);
     let (_s2, r2) = open_registered(&mux).await;
     assert_eq!(r1.session_token, r2.session_token);
@@ -114,10 +154,10 @@ async fn token_is_stable_per_key() {
 
 #[tokio::test]
 async fn pending_then_approve() {
-    let engine = TestServer::new();
-    engine.set_policy(ApprovalPolicy::Pending);
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, _mux, mut s, r) = registered(|engine| {
+        engine.set_policy(ApprovalPolicy::Pending);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
     assert!(r.session_token.is_empty());
     assert!(engine.active_keys().is_empty());
@@ -140,15 +180,18 @@ async fn pending_then_approve() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     assert_eq!(engine.active_keys(), vec![key()]);
-    assert!(engine.approve(&key()).is_err(), "nothing pending any more");
+    assert!(
+        matches!(engine.approve(&key()), Err(TestkitError::NotPending(k)) if k == KEY),
+        "nothing pending any more"
+    );
 }
 
 #[tokio::test]
 async fn pending_then_reject_closes_the_stream() {
-    let engine = TestServer::new();
-    engine.set_policy_for(&key(), ApprovalPolicy::Pending);
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, _mux, mut s, r) = registered(|engine| {
+        engine.set_policy_for(&key(), ApprovalPolicy::Pending);
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Pending as i32);
     engine
         .reject(&key(), RejectReason::Denied, "no thanks")
@@ -162,17 +205,19 @@ async fn pending_then_reject_closes_the_stream() {
         other => panic!("expected approval_update, got {other:?}"),
     }
     expect_end(&mut s.inbound).await;
-    assert!(engine
-        .reject(&key(), RejectReason::Denied, "again")
-        .is_err());
+    let again = engine.reject(&key(), RejectReason::Denied, "again");
+    assert!(
+        matches!(&again, Err(TestkitError::NotPending(k)) if k == KEY),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
 async fn reject_policy_and_reject_once() {
-    let engine = TestServer::new();
-    engine.set_policy(ApprovalPolicy::Reject(RejectReason::InvalidCredentials));
-    let mux = engine.memory_mux();
-    let (mut s, r) = open_registered(&mux).await;
+    let (engine, mux, mut s, r) = registered(|engine| {
+        engine.set_policy(ApprovalPolicy::Reject(RejectReason::InvalidCredentials));
+    })
+    .await;
     assert_eq!(r.status, RegistrationStatus::Rejected as i32);
     assert_eq!(r.reject_reason, RejectReason::InvalidCredentials as i32);
     expect_end(&mut s.inbound).await;
@@ -195,9 +240,7 @@ async fn reject_policy_and_reject_once() {
 
 #[tokio::test]
 async fn issued_session_token_skips_pending() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (s, r) = open_registered(&mux).await;
+    let (engine, mux, s, r) = registered(|_| {}).await;
     let token = r.session_token;
     drop(s);
     engine.set_policy(ApprovalPolicy::Pending);
@@ -227,9 +270,7 @@ async fn invalid_identifier_is_rejected_as_invalid_request() {
 
 #[tokio::test]
 async fn heartbeats_are_acked_stalled_and_flagged() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     s.outbound.send(heartbeat(1, 1234)).await.unwrap();
     match next(&mut s.inbound).await.kind {
@@ -264,16 +305,16 @@ async fn heartbeats_are_acked_stalled_and_flagged() {
         Some(Kind::HeartbeatAck(a)) => assert_eq!((a.sequence, a.should_reconnect), (4, false)),
         other => panic!("expected heartbeat_ack, got {other:?}"),
     }
-    assert!(engine
-        .ack_should_reconnect(&"t1.echo.nobody".parse().expect("a key"))
-        .is_err());
+    let nobody = engine.ack_should_reconnect(&"t1.echo.nobody".parse().expect("a key"));
+    assert!(
+        matches!(&nobody, Err(TestkitError::NoSuchRegistration(k)) if k == "t1.echo.nobody"),
+        "{nobody:?}"
+    );
 }
 
 #[tokio::test]
 async fn execute_roundtrip_with_the_test_as_client() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
     assert_eq!(pending.request_id(), "r1");
@@ -322,12 +363,12 @@ async fn execute_roundtrip_with_the_test_as_client() {
 
 #[tokio::test]
 async fn duplicate_and_unknown_responses_are_counted() {
-    let engine = TestServer::new();
-    engine.expect_protocol_errors();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|engine| {
+        engine.expect_protocol_errors();
+    })
+    .await;
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
-    let _ = next(&mut s.inbound).await;
+    expect_execute(&mut s, "r1").await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("never-sent")).await.unwrap();
@@ -344,9 +385,7 @@ async fn duplicate_and_unknown_responses_are_counted() {
 
 #[tokio::test]
 async fn late_response_on_a_later_stream_of_the_key_counts() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s1, r) = open_registered(&mux).await;
+    let (engine, mux, mut s1, r) = registered(|_| {}).await;
     let pending = engine.send_execute(&key(), exec_req("late")).unwrap();
     assert!(matches!(
         next(&mut s1.inbound).await.kind,
@@ -354,17 +393,7 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
     ));
 
     // The first stream dies with the request in flight; it stays pending.
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = s1;
-    drop(outbound);
-    expect_end(&mut inbound).await;
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    client_half_closes(&engine, s1).await;
     assert_eq!(engine.stats().outstanding, 1);
 
     // The client reconnects and delivers the answer over the new stream.
@@ -373,7 +402,8 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
         register_with_token("t1", "echo", "i1", &r.session_token),
     )
     .await;
-    let _ = next(&mut s2.inbound).await;
+    let r2 = expect_register_response(next(&mut s2.inbound).await);
+    assert_eq!(r2.status, RegistrationStatus::Approved as i32);
     s2.outbound.send(exec_resp("late")).await.unwrap();
     let resp = pending.wait(T).await.unwrap();
     assert_eq!(resp.request_id, "late");
@@ -391,9 +421,7 @@ async fn late_response_on_a_later_stream_of_the_key_counts() {
 
 #[tokio::test]
 async fn server_actions_reach_the_client() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
 
     engine.cancel(&key(), "r9").expect("cancel");
     assert!(
@@ -418,10 +446,18 @@ async fn server_actions_reach_the_client() {
         engine.registrations().is_empty(),
         "closing streams are not live"
     );
-    assert!(engine.close_stream(&key()).is_err());
-    assert!(engine.cancel(&key(), "r9").is_err());
-    assert!(engine.drain(&key(), "x", 0).is_err());
-    assert!(engine.send_raw(&key(), raw).is_err());
+    // Nothing to steer any more: each call names the missing key.
+    for (call, result) in [
+        ("close_stream", engine.close_stream(&key())),
+        ("cancel", engine.cancel(&key(), "r9")),
+        ("drain", engine.drain(&key(), "x", 0)),
+        ("send_raw", engine.send_raw(&key(), raw)),
+    ] {
+        assert!(
+            matches!(&result, Err(TestkitError::NoSuchRegistration(k)) if k == KEY),
+            "{call}: {result:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -436,10 +472,7 @@ async fn close_all_streams_counts() {
     let _ = next(&mut b.inbound).await;
     expect_end(&mut a.inbound).await;
     expect_end(&mut b.inbound).await;
-    engine
-        .wait_until(T, |_| mux.stats().open_connections() == 0)
-        .await
-        .unwrap();
+    wait_no_connections(&engine, &mux).await;
 }
 
 #[tokio::test]
@@ -485,9 +518,7 @@ async fn protocol_errors_are_recorded_not_fatal_to_the_server() {
 
 #[tokio::test]
 async fn duplicate_active_streams_are_counted() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (_a, _) = open_registered(&mux).await;
+    let (engine, mux, _a, _) = registered(|_| {}).await;
     let (_b, _) = open_registered(&mux).await;
     assert_eq!(engine.stats().duplicate_active, 1);
     assert_eq!(engine.active_keys().len(), 1);
@@ -541,9 +572,7 @@ async fn mux_fault_knobs() {
 
 #[tokio::test]
 async fn kill_connection_fails_both_sides() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, mux, mut s, _) = registered(|_| {}).await;
     assert_eq!(mux.connection_ids(), vec![s.info.connection_id]);
     assert!(mux.kill_connection(s.info.connection_id));
     let err = tokio::time::timeout(T, s.inbound.next())
@@ -552,24 +581,13 @@ async fn kill_connection_fails_both_sides() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::Closed);
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
-    let errored = engine.events().into_iter().any(|e| {
-        matches!(
-            e,
-            ServerEvent::StreamClosed {
-                cause: CloseCause::Error(_),
-                ..
-            }
-        )
-    });
-    assert!(errored);
-    engine
-        .wait_until(T, |_| mux.stats().open_connections() == 0)
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
+    assert!(
+        saw_close(&engine, |c| matches!(c, CloseCause::Error(_))),
+        "{:?}",
+        engine.events()
+    );
+    wait_no_connections(&engine, &mux).await;
     assert!(!mux.kill_connection(s.info.connection_id));
 }
 
@@ -592,12 +610,10 @@ async fn memory_transport_hands_out_the_mux() {
 
 #[tokio::test]
 async fn an_unexpected_client_protocol_error_fails_the_next_call_and_verify() {
-    let engine = TestServer::new();
-    let mux = engine.memory_mux();
-    let (mut s, _) = open_registered(&mux).await;
+    let (engine, _mux, mut s, _) = registered(|_| {}).await;
     engine.verify().unwrap();
     let pending = engine.send_execute(&key(), exec_req("r1")).unwrap();
-    let _ = next(&mut s.inbound).await;
+    expect_execute(&mut s, "r1").await;
     s.outbound.send(exec_resp("r1")).await.unwrap();
     s.outbound.send(exec_resp("r1")).await.unwrap();
     pending.wait(T).await.unwrap();

@@ -3,13 +3,13 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod support;
 
 use common::*;
 use connector_proto::connector_service_client::ConnectorServiceClient;
 use connector_testkit::proto::{Kind, RegistrationStatus, StreamMessage};
-use connector_testkit::{
-    GrpcServerOptions, GrpcTestServer, ServerEvent, TestCertificate, TestServer,
-};
+use connector_testkit::{GrpcServerOptions, GrpcTestServer, ServerEvent, TestCertificate};
+use support::{start_grpc, wait_no_registrations};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -59,10 +59,7 @@ async fn open_approved(ch: &Channel, instance: &str) -> Call {
 
 #[tokio::test]
 async fn three_streams_share_one_connection() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (engine, server) = start_grpc(GrpcServerOptions::default()).await;
     assert_eq!(server.url(), format!("grpc://{}", server.addr()));
     let ch = channel(&server).await;
     let _a = open_approved(&ch, "a").await;
@@ -86,10 +83,7 @@ async fn three_streams_share_one_connection() {
 
 #[tokio::test]
 async fn execute_and_server_close_over_grpc() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (engine, server) = start_grpc(GrpcServerOptions::default()).await;
     let ch = channel(&server).await;
     let mut call = open_approved(&ch, "i1").await;
 
@@ -114,10 +108,7 @@ async fn execute_and_server_close_over_grpc() {
 // Multi-threaded on purpose: the kill must wake IO parked on another worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_connection_breaks_the_client_and_it_can_reconnect() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (engine, server) = start_grpc(GrpcServerOptions::default()).await;
     let ch = channel(&server).await;
     let mut a = open_approved(&ch, "a").await;
     let mut b = open_approved(&ch, "b").await;
@@ -132,10 +123,7 @@ async fn kill_connection_breaks_the_client_and_it_can_reconnect() {
         );
     }
     server.wait_for_connection_count(0, T).await.unwrap();
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
     assert!(!server.kill_connection(id));
 
     // The server takes new connections after a kill. (A fresh channel: a
@@ -150,10 +138,7 @@ async fn kill_connection_breaks_the_client_and_it_can_reconnect() {
 
 #[tokio::test]
 async fn restart_serves_again_on_the_same_port() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .unwrap();
+    let (_engine, server) = start_grpc(GrpcServerOptions::default()).await;
     let addr = server.addr();
     let ch = channel(&server).await;
     let mut a = open_approved(&ch, "a").await;
@@ -173,44 +158,34 @@ async fn restart_serves_again_on_the_same_port() {
     server.wait_for_connection_count(0, T).await.unwrap();
 }
 
-#[tokio::test]
-async fn tls_server_accepts_a_client_trusting_the_ca() {
-    let cert = TestCertificate::generate().unwrap();
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(
-        engine.clone(),
-        GrpcServerOptions::default().tls(cert.clone()),
-    )
-    .await
-    .unwrap();
-    let port = server.addr().port();
-    assert_eq!(server.url(), format!("grpcs://localhost:{port}"));
-
+/// A channel to `https://localhost:{port}` trusting only `ca`'s CA.
+async fn tls_channel(port: u16, ca: &TestCertificate) -> Result<Channel, tonic::transport::Error> {
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cert.ca_pem()))
+        .ca_certificate(Certificate::from_pem(ca.ca_pem()))
         .domain_name("localhost");
-    let ch = Endpoint::from_shared(format!("https://localhost:{port}"))
+    Endpoint::from_shared(format!("https://localhost:{port}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .unwrap();
+}
+
+#[tokio::test]
+async fn tls_server_accepts_a_client_trusting_the_ca() {
+    let cert = TestCertificate::generate().unwrap();
+    let (_engine, server) = start_grpc(GrpcServerOptions::default().tls(cert.clone())).await;
+    let port = server.addr().port();
+    assert_eq!(server.url(), format!("grpcs://localhost:{port}"));
+
+    let ch = tls_channel(port, &cert).await.unwrap();
     let _a = open_approved(&ch, "a").await;
     assert_eq!(server.connection_count(), 1);
 
     // A client trusting some other CA is turned away at the handshake.
     let other = TestCertificate::generate().unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(other.ca_pem()))
-        .domain_name("localhost");
-    let r = Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await;
-    assert!(r.is_err());
+    let r = tls_channel(port, &other).await;
+    assert!(r.is_err(), "{r:?}");
     // Kill still works under TLS.
     server.kill_all_connections();
     server.wait_for_connection_count(0, T).await.unwrap();
@@ -218,13 +193,7 @@ async fn tls_server_accepts_a_client_trusting_the_ca() {
 
 #[tokio::test]
 async fn max_concurrent_streams_makes_the_next_call_wait_for_a_slot() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(
-        engine.clone(),
-        GrpcServerOptions::default().max_concurrent_streams(1),
-    )
-    .await
-    .unwrap();
+    let (engine, server) = start_grpc(GrpcServerOptions::default().max_concurrent_streams(1)).await;
     let ch = channel(&server).await;
     let mut a = open_approved(&ch, "a").await;
     let first = engine.registrations()[0].stream_id;

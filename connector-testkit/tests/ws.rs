@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
+mod support;
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use connector_testkit::proto::{Kind, RegistrationStatus, StreamMessage};
 use connector_testkit::{TestCertificate, TestServer, WsServerOptions, WsTestServer};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use support::{start_ws, wait_no_registrations};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -35,9 +37,7 @@ fn request(url: &str, subprotocol: Option<&str>) -> Request {
     req
 }
 
-async fn connect(
-    server: &WsTestServer,
-) -> WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+async fn connect(server: &WsTestServer) -> ClientWs {
     let url = format!("{}/v1/connect", server.url());
     let (ws, resp) = tokio::time::timeout(
         T,
@@ -90,20 +90,46 @@ async fn expect_close<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn start(engine: &TestServer) -> WsTestServer {
-    WsTestServer::start(engine.clone(), WsServerOptions::default())
-        .await
-        .unwrap()
+type ClientWs = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A testkit server (`opts`) and a client socket on it whose `register`
+/// for `KEY` was answered (the answer is returned too).
+async fn registered(
+    opts: WsServerOptions,
+) -> (
+    TestServer,
+    WsTestServer,
+    ClientWs,
+    connector_testkit::proto::RegisterResponse,
+) {
+    let (engine, server) = start_ws(opts).await;
+    let (ws, r) = connect_registered(&server).await;
+    (engine, server, ws, r)
+}
+
+/// A client socket on `server` whose `register` for `KEY` was answered.
+async fn connect_registered(
+    server: &WsTestServer,
+) -> (ClientWs, connector_testkit::proto::RegisterResponse) {
+    let mut ws = connect(server).await;
+    send(&mut ws, register("t1", "echo", "i1")).await;
+    let r = expect_register_response(next_msg(&mut ws).await);
+    (ws, r)
+}
+
+/// The next thing from a socket the server dropped without a close frame:
+/// an error, never a clean end or a frame.
+async fn expect_reset(ws: &mut ClientWs, what: &str) {
+    match tokio::time::timeout(T, ws.next()).await.unwrap() {
+        Some(Err(_)) => {}
+        other => panic!("{what}: expected the socket to die, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_and_gets_approved() {
-    let engine = TestServer::new();
-    let server = start(&engine).await;
+    let (engine, server, mut ws, r) = registered(WsServerOptions::default()).await;
     assert_eq!(server.url(), format!("ws://{}", server.addr()));
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let r = expect_register_response(next_msg(&mut ws).await);
     assert_eq!(r.status, RegistrationStatus::Approved as i32);
     assert_eq!(r.address, KEY);
 
@@ -128,17 +154,13 @@ async fn registers_and_gets_approved() {
 
     // Client close: the stream and the socket go away.
     ws.close(None).await.unwrap();
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
     server.wait_for_connection_count(0, T).await.unwrap();
 }
 
 #[tokio::test]
 async fn wrong_path_is_404_and_missing_subprotocol_is_400() {
-    let engine = TestServer::new();
-    let server = start(&engine).await;
+    let (engine, server) = start_ws(WsServerOptions::default()).await;
     let bad_path = format!("{}/v2/other", server.url());
     match tokio_tungstenite::connect_async(request(&bad_path, Some("connector.v1"))).await {
         Err(WsError::Http(resp)) => assert_eq!(resp.status(), 404),
@@ -152,47 +174,38 @@ async fn wrong_path_is_404_and_missing_subprotocol_is_400() {
     assert_eq!(engine.stats().streams_opened, 0);
 }
 
+/// A bad frame from the client: the server closes with the contract's
+/// code, records one protocol error saying what it was, and drops the
+/// registration.
 #[tokio::test]
-async fn text_frame_from_the_client_closes_1003() {
-    let engine = TestServer::new();
-    engine.expect_protocol_errors();
-    let server = start(&engine).await;
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
-    ws.send(Message::Text("hello".into())).await.unwrap();
-    expect_close(&mut ws, CloseCode::Unsupported).await;
-    let errs = engine.stats().protocol_errors;
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].contains("text frame"));
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn undecodable_binary_frame_closes_1007() {
-    let engine = TestServer::new();
-    engine.expect_protocol_errors();
-    let server = start(&engine).await;
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
-    ws.send(Message::Binary(vec![0xff; 11].into()))
-        .await
-        .unwrap();
-    expect_close(&mut ws, CloseCode::Invalid).await;
-    assert_eq!(engine.stats().protocol_errors.len(), 1);
+async fn bad_client_frames_close_with_the_contract_codes() {
+    let cases = [
+        (
+            Message::Text("hello".into()),
+            CloseCode::Unsupported,
+            "text frame",
+        ),
+        (
+            Message::Binary(vec![0xff; 11].into()),
+            CloseCode::Invalid,
+            "",
+        ),
+    ];
+    for (frame, code, says) in cases {
+        let (engine, _server, mut ws, _) = registered(WsServerOptions::default()).await;
+        engine.expect_protocol_errors();
+        ws.send(frame).await.unwrap();
+        expect_close(&mut ws, code).await;
+        let errs = engine.stats().protocol_errors;
+        assert_eq!(errs.len(), 1, "{code}: {errs:?}");
+        assert!(errs[0].contains(says), "{code}: {errs:?}");
+        wait_no_registrations(&engine).await;
+    }
 }
 
 #[tokio::test]
 async fn server_side_faults_reach_the_client() {
-    let engine = TestServer::new();
-    let server = start(&engine).await;
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
+    let (engine, server, mut ws, _) = registered(WsServerOptions::default()).await;
 
     assert!(server.send_text_frame(KEY));
     assert!(matches!(next_frame(&mut ws).await, Message::Text(_)));
@@ -215,40 +228,23 @@ async fn server_side_faults_reach_the_client() {
 
 #[tokio::test]
 async fn kill_connection_drops_the_socket_without_a_close_frame() {
-    let engine = TestServer::new();
-    let server = start(&engine).await;
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
+    let (engine, server, mut ws, _) = registered(WsServerOptions::default()).await;
     let id = server.connections()[0].connection_id;
     assert!(server.kill_connection(id));
-    let r = tokio::time::timeout(T, ws.next()).await.unwrap();
-    assert!(
-        matches!(r, None | Some(Err(_))),
-        "expected the socket to die, got {r:?}"
-    );
+    expect_reset(&mut ws, "a killed connection").await;
     server.wait_for_connection_count(0, T).await.unwrap();
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
 }
 
 #[tokio::test]
 async fn restart_and_stop() {
-    let engine = TestServer::new();
-    let server = start(&engine).await;
+    let (_engine, server, mut ws, _) = registered(WsServerOptions::default()).await;
     let addr = server.addr();
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
     server.restart().await.unwrap();
-    let r = tokio::time::timeout(T, ws.next()).await.unwrap();
-    assert!(matches!(r, None | Some(Err(_))), "{r:?}");
+    expect_reset(&mut ws, "a restart").await;
     assert_eq!(server.addr(), addr);
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
+    let (_ws, r) = connect_registered(&server).await;
+    assert_eq!(r.status, RegistrationStatus::Approved as i32);
     assert_eq!(server.total_connections_accepted(), 2);
     server.stop().await;
     assert!(TcpStream::connect(addr).await.is_err());
@@ -256,35 +252,21 @@ async fn restart_and_stop() {
 
 #[tokio::test]
 async fn max_message_size_is_enforced_on_client_frames() {
-    let engine = TestServer::new();
-    let server = WsTestServer::start(
-        engine.clone(),
-        WsServerOptions::default().max_message_size(1024),
-    )
-    .await
-    .unwrap();
-    let mut ws = connect(&server).await;
-    send(&mut ws, register("t1", "echo", "i1")).await;
-    let _ = next_msg(&mut ws).await;
+    let (engine, _server, mut ws, _) =
+        registered(WsServerOptions::default().max_message_size(1024)).await;
     let mut big = exec_resp("r1");
     if let Some(Kind::ExecuteResponse(r)) = &mut big.kind {
         r.payload = vec![1; 4096].into();
     }
     send(&mut ws, big).await;
-    engine
-        .wait_until(T, |e| e.registrations().is_empty())
-        .await
-        .unwrap();
+    wait_no_registrations(&engine).await;
     assert_eq!(engine.stats().responses_received, 0);
 }
 
 #[tokio::test]
 async fn wss_with_the_test_ca() {
     let cert = TestCertificate::generate().unwrap();
-    let engine = TestServer::new();
-    let server = WsTestServer::start(engine.clone(), WsServerOptions::default().tls(cert.clone()))
-        .await
-        .unwrap();
+    let (_engine, server) = start_ws(WsServerOptions::default().tls(cert.clone())).await;
     let port = server.addr().port();
     assert_eq!(server.url(), format!("wss://localhost:{port}"));
 

@@ -9,15 +9,19 @@
 //! lets you compare with tungstenite's 128 KiB default. Linux only.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring tool: panics are its error report
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use connector_core::proto::{Kind, RegisterRequest, StreamMessage};
+use connector_core::proto::Kind;
 use connector_core::{MultiTransportOptions, RegistrationKey, StreamMux};
 use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
 use connector_ws::{WsConfig, WsMux};
 use futures_util::StreamExt;
+use support::register;
 
 fn vm_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -26,17 +30,6 @@ fn vm_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS line")
-}
-
-fn register(key: &RegistrationKey) -> StreamMessage {
-    StreamMessage {
-        kind: Some(Kind::Register(Box::new(RegisterRequest {
-            tenant_id: key.tenant_id().into(),
-            connector_type: key.connector_type().into(),
-            instance_id: key.instance_id().into(),
-            ..Default::default()
-        }))),
-    }
 }
 
 async fn serve() {

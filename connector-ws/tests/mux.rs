@@ -3,26 +3,30 @@
 //! not do (no subprotocol, pings, custom close codes, silence).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{
-    Kind, RegisterRequest, RegistrationStatus, StreamMessage, WS_SUBPROTOCOL,
-};
+use connector_core::proto::{Kind, RegistrationStatus, StreamMessage, WS_SUBPROTOCOL};
 use connector_core::{
-    MessageStream, MultiTransportOptions, RegistrationKey, StreamMux, Transport, TransportError,
-    TransportErrorKind,
+    MessageStream, MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey, StreamMux,
+    Transport, TransportError, TransportErrorKind,
 };
+use connector_testkit::harness::{key, WAIT};
 use connector_testkit::{
     CloseCause, ServerEvent, TestCertificate, TestServer, WsServerOptions, WsTestServer,
 };
 use connector_ws::{WsConfig, WsError, WsMux, WsTransport};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use support::{register, TOKEN};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
@@ -31,31 +35,18 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-const WAIT: Duration = Duration::from_secs(10);
-
-fn key(i: usize) -> RegistrationKey {
-    RegistrationKey::new("acme", "echo", format!("i{i}")).unwrap()
-}
-
-fn register(key: &RegistrationKey) -> StreamMessage {
-    StreamMessage {
-        kind: Some(Kind::Register(Box::new(RegisterRequest {
-            tenant_id: key.tenant_id().into(),
-            connector_type: key.connector_type().into(),
-            instance_id: key.instance_id().into(),
-            version: "1.0.0".into(),
-            auth_token: "secret-token".into(),
-            max_concurrent_requests: 4,
-            ..Default::default()
-        }))),
-    }
+/// Client options for `url`: a 5 s connect timeout, then `tune`.
+fn options_with(
+    url: &str,
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> MultiTransportOptions {
+    tune(MultiTransportOptions::builder(url).connect_timeout(Duration::from_secs(5)))
+        .build()
+        .unwrap()
 }
 
 fn options(url: &str) -> MultiTransportOptions {
-    MultiTransportOptions::builder(url)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
+    options_with(url, |b| b)
 }
 
 async fn mux_for(options: &MultiTransportOptions) -> Arc<dyn StreamMux> {
@@ -68,13 +59,36 @@ async fn next(stream: &mut MessageStream) -> Option<Result<StreamMessage, Transp
         .expect("inbound stalled")
 }
 
-async fn expect_approved(stream: &mut MessageStream) {
-    let msg = next(stream).await.expect("stream ended").expect("error");
+/// Opens `k`'s stream (bounded) and checks its first message is an approval.
+async fn open_approved(mux: &dyn StreamMux, k: &RegistrationKey) -> MessageStream {
+    let mut s = timeout(WAIT, mux.open(k, register(k)))
+        .await
+        .expect("open in time")
+        .unwrap_or_else(|e| panic!("open {k}: {e}"));
+    let msg = next(&mut s).await.expect("stream ended").expect("error");
     match msg.kind {
         Some(Kind::RegisterResponse(r)) => {
             assert_eq!(r.status, RegistrationStatus::Approved as i32, "{r:?}")
         }
         other => panic!("expected register_response, got {other:?}"),
+    }
+    s
+}
+
+/// Opens `k`'s stream (bounded), expecting the open itself to fail.
+async fn open_err(mux: &dyn StreamMux, k: &RegistrationKey) -> TransportError {
+    timeout(WAIT, mux.open(k, register(k)))
+        .await
+        .expect("open in time")
+        .err()
+        .unwrap_or_else(|| panic!("open {k} must fail"))
+}
+
+/// Expects the stream to end cleanly now (`None`), not with an error.
+async fn expect_end(stream: &mut MessageStream) {
+    match next(stream).await {
+        None => {}
+        Some(other) => panic!("expected the end of the stream, got {other:?}"),
     }
 }
 
@@ -92,7 +106,7 @@ async fn wait_no_sockets(mux: &dyn StreamMux) {
 
 /// Waits until the server saw `key`'s stream end with a close frame from
 /// the client.
-async fn wait_closed_by_client(engine: &TestServer, key: &str) {
+async fn wait_closed_by_client(engine: &TestServer, key: &RegistrationKey) {
     let key = key.to_string();
     engine
         .wait_until(WAIT, |e| {
@@ -113,40 +127,89 @@ async fn wait_closed_by_client(engine: &TestServer, key: &str) {
         .unwrap_or_else(|_| panic!("server never saw {key} close: {:?}", engine.events()));
 }
 
-async fn ws_server() -> (TestServer, WsTestServer) {
+/// The testkit's WebSocket server (plain `ws://`) and a mux on it.
+struct Plain {
+    engine: TestServer,
+    server: WsTestServer,
+    mux: Arc<dyn StreamMux>,
+}
+
+async fn plain() -> Plain {
+    plain_with(|b| b).await
+}
+
+async fn plain_with(
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> Plain {
     let engine = TestServer::new();
     let server = WsTestServer::start(engine.clone(), WsServerOptions::default())
         .await
         .unwrap();
-    (engine, server)
+    let mux = mux_for(&options_with(&server.url(), tune)).await;
+    Plain {
+        engine,
+        server,
+        mux,
+    }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "connector-ws-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+impl Plain {
+    /// A server, a mux, and `key(0)`'s approved stream.
+    async fn approved() -> (Self, RegistrationKey, MessageStream) {
+        let p = plain().await;
+        let k = key(0);
+        let s = open_approved(&*p.mux, &k).await;
+        (p, k, s)
+    }
+
+    /// Waits until the server saw the socket go while `held` is still
+    /// alive, then drops it and waits until the mux holds no socket either.
+    async fn closed_while_held<T>(&self, held: T) {
+        self.server
+            .wait_for_connection_count(0, WAIT)
+            .await
+            .unwrap();
+        drop(held);
+        wait_no_sockets(&*self.mux).await;
+    }
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "connector-ws-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_opens_twenty_sockets_each_registered() {
-    let (engine, server) = ws_server().await;
-    let opts = options(&server.url());
-    let mux = mux_for(&opts).await;
+    let Plain {
+        engine,
+        server,
+        mux,
+    } = plain().await;
     let keys: Vec<_> = (0..20).map(key).collect();
-    let opens = keys.iter().map(|k| mux.open(k, register(k)));
-    let mut streams: Vec<MessageStream> = futures_util::future::join_all(opens)
-        .await
-        .into_iter()
-        .map(|r| r.expect("open"))
-        .collect();
-    for s in &mut streams {
-        expect_approved(s).await;
-    }
+    let streams: Vec<MessageStream> =
+        futures_util::future::join_all(keys.iter().map(|k| open_approved(&*mux, k))).await;
     let mut ids: Vec<u64> = streams.iter().map(|s| s.info.connection_id).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -160,7 +223,8 @@ async fn twenty_opens_twenty_sockets_each_registered() {
     server.wait_for_connection_count(20, WAIT).await.unwrap();
     engine.wait_for_active(20, WAIT).await.unwrap();
     let regs = engine.registrations();
-    assert!(regs.iter().all(|r| r.register.auth_token == "secret-token"));
+    assert_eq!(regs.len(), 20);
+    assert!(regs.iter().all(|r| r.register.auth_token == TOKEN));
 
     drop(streams);
     wait_no_sockets(&*mux).await;
@@ -169,13 +233,10 @@ async fn twenty_opens_twenty_sockets_each_registered() {
 
 #[tokio::test]
 async fn messages_flow_both_ways() {
-    let (engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
+    let (p, k, mut s) = Plain::approved().await;
 
-    let pending = engine
+    let pending = p
+        .engine
         .send_execute(
             &k,
             connector_core::proto::ExecuteRequest {
@@ -206,149 +267,120 @@ async fn messages_flow_both_ways() {
     assert!(resp.success);
 }
 
+/// A bad frame from the testkit server: a protocol error that says what
+/// was wrong, then the end of the stream; the client closes the socket
+/// (with a close code, so the server records no error of its own).
 #[tokio::test]
-async fn text_frame_is_a_protocol_error_then_the_stream_ends() {
-    let (engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
+async fn bad_server_frames_are_protocol_errors_then_the_stream_ends() {
+    type Fault = fn(&WsTestServer, &str) -> bool;
+    let cases: [(&str, Fault, &str); 3] = [
+        ("text", |s, k| s.send_text_frame(k), "text frame"),
+        (
+            "garbage",
+            |s, k| s.send_garbage_frame(k),
+            "not a StreamMessage",
+        ),
+        (
+            "oversized",
+            |s, k| s.send_oversized_frame(k, 64 * 1024),
+            "oversized",
+        ),
+    ];
+    for (name, fault, says) in cases {
+        let p = plain_with(|b| b.max_message_size(2048)).await;
+        let k = key(0);
+        let mut s = open_approved(&*p.mux, &k).await;
 
-    assert!(server.send_text_frame(&k.to_string()));
-    let err = next(&mut s).await.expect("an error first").unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Protocol, "{err}");
-    assert!(next(&mut s).await.is_none(), "then the stream ends");
-    // The client closed the socket (code 1003); the server sees it go.
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    drop(s);
-    wait_no_sockets(&*mux).await;
-    assert!(engine.stats().protocol_errors.is_empty());
+        assert!(fault(&p.server, &k.to_string()), "{name}");
+        let err = next(&mut s).await.expect("an error first").unwrap_err();
+        assert_eq!(err.kind(), TransportErrorKind::Protocol, "{name}: {err}");
+        assert!(err.message().contains(says), "{name}: {err}");
+        expect_end(&mut s).await;
+        p.closed_while_held(s).await;
+        let errors = p.engine.stats().protocol_errors;
+        assert!(errors.is_empty(), "{name}: {errors:?}");
+    }
 }
 
-#[tokio::test]
-async fn garbage_binary_frame_is_a_protocol_error() {
-    let (_engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-
-    assert!(server.send_garbage_frame(&k.to_string()));
-    let err = next(&mut s).await.expect("an error first").unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Protocol, "{err}");
-    assert!(err.message().contains("not a StreamMessage"), "{err}");
-    assert!(next(&mut s).await.is_none());
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-}
-
-#[tokio::test]
-async fn oversized_frame_is_a_protocol_error() {
-    let (_engine, server) = ws_server().await;
-    let opts = options(&server.url())
-        .to_builder()
-        .max_message_size(2048)
-        .build()
-        .unwrap();
-    let mux = mux_for(&opts).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-
-    assert!(server.send_oversized_frame(&k.to_string(), 64 * 1024));
-    let err = next(&mut s).await.expect("an error first").unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Protocol, "{err}");
-    assert!(err.message().contains("oversized"), "{err}");
-    assert!(next(&mut s).await.is_none());
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
+/// The server ends an approved stream: a close frame is a clean end; a
+/// socket dropped without one (`killed`) is a `Closed` error first, never
+/// a clean end of stream (`None` would read as "the server closed it").
+/// Either way the socket goes on both sides.
+async fn server_ends_the_stream(killed: bool) {
+    let (p, k, mut s) = Plain::approved().await;
+    if killed {
+        assert_eq!(p.server.kill_all_connections(), 1);
+        match next(&mut s).await {
+            Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
+            None => panic!("a killed connection ended the stream cleanly"),
+            Some(Ok(m)) => panic!("unexpected message {m:?}"),
+        }
+    } else {
+        p.engine.close_stream(&k).expect("close_stream");
+    }
+    expect_end(&mut s).await;
+    p.closed_while_held(s).await;
 }
 
 #[tokio::test]
 async fn server_close_ends_the_stream() {
-    let (engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-
-    engine.close_stream(&k).expect("close_stream");
-    assert!(
-        next(&mut s).await.is_none(),
-        "a server close ends the stream"
-    );
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    drop(s);
-    wait_no_sockets(&*mux).await;
+    server_ends_the_stream(false).await;
 }
 
 #[tokio::test]
 async fn killed_connection_is_a_closed_error() {
-    let (_engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
+    server_ends_the_stream(true).await;
+}
 
-    assert_eq!(server.kill_all_connections(), 1);
-    // A socket dropped without a close frame is an error, never a clean
-    // end of stream (`None` would read as "the server closed it").
-    match next(&mut s).await {
-        Some(Err(e)) => assert_eq!(e.kind(), TransportErrorKind::Closed, "{e}"),
-        None => panic!("a killed connection ended the stream cleanly"),
-        Some(Ok(m)) => panic!("unexpected message {m:?}"),
-    }
-    assert!(next(&mut s).await.is_none());
-    drop(s);
-    wait_no_sockets(&*mux).await;
+/// Reads `inbound` to its end (bounded); every item before it must be a
+/// message, not an error.
+async fn drain_clean(inbound: &mut connector_core::InboundStream, what: &str) {
+    let rest: Vec<_> = timeout(WAIT, inbound.by_ref().collect::<Vec<_>>())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
+}
+
+/// The client ends its approved stream: by dropping all of it, or only the
+/// sender half (inbound then ends cleanly after the close handshake). The
+/// server sees a close frame from the client, and the socket goes on both
+/// sides, the writer task with it.
+async fn client_ends_the_stream(whole: bool) {
+    let (p, k, s) = Plain::approved().await;
+    assert_eq!(p.mux.stats().open_connections(), 1);
+    let held = if whole {
+        drop(s);
+        None
+    } else {
+        let MessageStream {
+            outbound,
+            mut inbound,
+            ..
+        } = s;
+        drop(outbound);
+        drain_clean(&mut inbound, "inbound must end after the close handshake").await;
+        Some(inbound)
+    };
+    wait_closed_by_client(&p.engine, &k).await;
+    p.closed_while_held(held).await;
 }
 
 #[tokio::test]
 async fn dropping_the_stream_closes_the_socket_and_ends_the_writer() {
-    let (engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-    assert_eq!(mux.stats().open_connections(), 1);
-
-    drop(s);
-    wait_closed_by_client(&engine, &k.to_string()).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    wait_no_sockets(&*mux).await;
+    client_ends_the_stream(true).await;
 }
 
 #[tokio::test]
 async fn dropping_the_sender_half_closes_and_inbound_then_ends() {
-    let (engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-    let MessageStream {
-        outbound,
-        mut inbound,
-        ..
-    } = s;
-    drop(outbound);
-    let rest: Vec<_> = timeout(WAIT, inbound.by_ref().collect::<Vec<_>>())
-        .await
-        .expect("inbound must end after the close handshake");
-    assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
-    wait_closed_by_client(&engine, &k.to_string()).await;
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    drop(inbound);
-    wait_no_sockets(&*mux).await;
+    client_ends_the_stream(false).await;
 }
 
 #[tokio::test]
 async fn close_ends_everything_and_refuses_new_opens() {
-    let (_engine, server) = ws_server().await;
-    let mux = mux_for(&options(&server.url())).await;
+    let Plain { server, mux, .. } = plain().await;
     let mut streams = Vec::new();
     for i in 0..3 {
-        let k = key(i);
-        let mut s = mux.open(&k, register(&k)).await.unwrap();
-        expect_approved(&mut s).await;
-        streams.push(s);
+        streams.push(open_approved(&*mux, &key(i)).await);
     }
     // The runner drops its streams before closing the mux; keep one inbound
     // half alive here to check close() still ends every writer.
@@ -356,152 +388,128 @@ async fn close_ends_everything_and_refuses_new_opens() {
     drop(streams);
     timeout(WAIT, mux.close()).await.expect("close is bounded");
     let MessageStream { mut inbound, .. } = held;
-    let rest: Vec<_> = timeout(WAIT, inbound.by_ref().collect::<Vec<_>>())
-        .await
-        .expect("the held stream ends after close");
-    assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
+    drain_clean(&mut inbound, "the held stream ends after close").await;
     drop(inbound);
     wait_no_sockets(&*mux).await;
     server.wait_for_connection_count(0, WAIT).await.unwrap();
 
-    let k = key(9);
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
+    let err = open_err(&*mux, &key(9)).await;
     assert_eq!(err.kind(), TransportErrorKind::Closed, "{err}");
 }
 
-#[tokio::test]
-async fn wss_with_the_testkit_ca() {
+// ---- wss ----------------------------------------------------------------------
+
+/// A `wss://` testkit server signed by `cert`, the CA file that trusts it,
+/// and the CA file of another CA.
+struct Tls {
+    cert: TestCertificate,
+    engine: TestServer,
+    server: WsTestServer,
+    /// Holds the CA files (and any others a test writes) until the end.
+    dir: TempDir,
+    ca: PathBuf,
+    other_ca: PathBuf,
+}
+
+async fn tls_server() -> Tls {
     let cert = TestCertificate::generate().unwrap();
     let engine = TestServer::new();
     let server = WsTestServer::start(engine.clone(), WsServerOptions::default().tls(cert.clone()))
         .await
         .unwrap();
-    assert!(server.url().starts_with("wss://"));
-    let dir = temp_dir("ca");
-    let ca = cert.write_ca_pem(&dir).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .ca_cert(ca)
-        .build()
-        .unwrap();
-    let mux = mux_for(&opts).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-    engine.wait_for_active(1, WAIT).await.unwrap();
-    drop(s);
-    server.wait_for_connection_count(0, WAIT).await.unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    assert!(server.url().starts_with("wss://"), "{}", server.url());
+    let dir = TempDir::new("tls");
+    let ca = cert.write_ca_pem(&dir.0).unwrap();
+    let other_ca = dir.path("other-ca.pem");
+    std::fs::write(&other_ca, TestCertificate::generate().unwrap().ca_pem()).unwrap();
+    Tls {
+        cert,
+        engine,
+        server,
+        dir,
+        ca,
+        other_ca,
+    }
 }
 
+/// One trust rule (`connector_core::trust_anchors`) for every setting, as
+/// for gRPC (`grpcs_trust_settings` in connector-grpc's mux tests): the
+/// testkit CA (added to the roots, or the only root, with or without a
+/// client identity) is trusted; another CA is a TLS error that says to
+/// check `ca_cert`, and no socket stays open.
 #[tokio::test]
-async fn wss_with_mutual_tls_identity() {
-    let cert = TestCertificate::generate().unwrap();
-    let server = WsTestServer::start(
-        TestServer::new(),
-        WsServerOptions::default().tls(cert.clone()),
-    )
-    .await
-    .unwrap();
-    let dir = temp_dir("mtls");
-    let ca = cert.write_ca_pem(&dir).unwrap();
-    let (client_cert, client_key) = cert.generate_client_identity("client-1").unwrap();
-    std::fs::write(dir.join("client.pem"), client_cert).unwrap();
-    std::fs::write(dir.join("client.key"), client_key).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .ca_cert(ca)
-        .client_identity(dir.join("client.pem"), dir.join("client.key"))
-        .build()
-        .unwrap();
-    let mux = mux_for(&opts).await;
-    let k = key(0);
-    let mut s = mux.open(&k, register(&k)).await.unwrap();
-    expect_approved(&mut s).await;
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-#[tokio::test]
-async fn wss_with_the_wrong_ca_is_a_tls_error() {
-    let cert = TestCertificate::generate().unwrap();
-    let other = TestCertificate::generate().unwrap();
-    let server = WsTestServer::start(TestServer::new(), WsServerOptions::default().tls(cert))
-        .await
-        .unwrap();
-    let dir = temp_dir("wrong-ca");
-    let ca = other.write_ca_pem(&dir).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .ca_cert(ca)
-        .build()
-        .unwrap();
-    let mux = mux_for(&opts).await;
-    let k = key(0);
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-    assert_eq!(mux.stats().dials_failed, 1);
-    assert_eq!(mux.stats().open_connections(), 0);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-/// `trust_only_ca_cert`: the testkit CA alone is enough (the system roots
-/// are not read), and a server signed by another CA is refused with a TLS
-/// error that says to check `ca_cert`. Mirrors the gRPC test of the same
-/// name: one trust rule (`connector_core::trust_anchors`) for both.
-#[tokio::test]
-async fn wss_trusting_only_the_given_ca() {
-    let cert = TestCertificate::generate().unwrap();
-    let other = TestCertificate::generate().unwrap();
-    let engine = TestServer::new();
-    let server = WsTestServer::start(engine.clone(), WsServerOptions::default().tls(cert.clone()))
-        .await
-        .unwrap();
-    let dir = temp_dir("only-ca");
-    let ca = cert.write_ca_pem(&dir).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .trust_only_ca_cert(&ca)
-        .build()
-        .unwrap();
-    assert!(opts.tls.trust_only_ca);
-    let mux = mux_for(&opts).await;
-    let k = key(0);
-    let mut s = timeout(WAIT, mux.open(&k, register(&k)))
-        .await
-        .unwrap()
-        .unwrap();
-    expect_approved(&mut s).await;
-    drop(s);
-
-    let other_dir = temp_dir("only-other-ca");
-    let other_ca = other.write_ca_pem(&other_dir).unwrap();
-    let opts = options(&server.url())
-        .to_builder()
-        .trust_only_ca_cert(&other_ca)
-        .build()
-        .unwrap();
-    let mux = mux_for(&opts).await;
-    let err = timeout(WAIT, mux.open(&k, register(&k)))
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-    let text = err.to_string();
-    assert!(
-        text.contains("ca_cert") && text.contains("invalid peer certificate"),
-        "{text}"
-    );
-    assert_eq!(mux.stats().dials_failed, 1);
-
-    // No CA at all: the system roots do not know the testkit CA (or the
-    // machine has none, which is a config error naming ca_cert).
-    let opts = options(&server.url());
-    match WsTransport::new().mux(&opts).await {
-        Ok(mux) => {
-            let err = timeout(WAIT, mux.open(&k, register(&k)))
+async fn wss_trust_settings() {
+    let tls = tls_server().await;
+    let (client_cert, client_key) = tls.cert.generate_client_identity("client-1").unwrap();
+    std::fs::write(tls.dir.path("client.pem"), client_cert).unwrap();
+    std::fs::write(tls.dir.path("client.key"), client_key).unwrap();
+    let url = tls.server.url();
+    let (ca, other_ca) = (&tls.ca, &tls.other_ca);
+    let cases = [
+        (
+            "the testkit CA",
+            options_with(&url, |b| b.ca_cert(ca)),
+            true,
+        ),
+        (
+            "mutual TLS",
+            options_with(&url, |b| {
+                b.ca_cert(ca)
+                    .client_identity(tls.dir.path("client.pem"), tls.dir.path("client.key"))
+            }),
+            true,
+        ),
+        (
+            "only the testkit CA",
+            options_with(&url, |b| b.trust_only_ca_cert(ca)),
+            true,
+        ),
+        (
+            "another CA",
+            options_with(&url, |b| b.ca_cert(other_ca)),
+            false,
+        ),
+        (
+            "only another CA",
+            options_with(&url, |b| b.trust_only_ca_cert(other_ca)),
+            false,
+        ),
+    ];
+    for (i, (name, opts, trusted)) in cases.into_iter().enumerate() {
+        assert_eq!(opts.tls.trust_only_ca, name.starts_with("only"), "{name}");
+        let mux = mux_for(&opts).await;
+        let k = key(i);
+        if trusted {
+            let s = open_approved(&*mux, &k).await;
+            tls.engine
+                .wait_until(WAIT, |e| e.active_keys() == [k.clone()])
                 .await
-                .unwrap()
-                .unwrap_err();
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            drop(s);
+            tls.server.wait_for_connection_count(0, WAIT).await.unwrap();
+            wait_no_sockets(&*mux).await;
+        } else {
+            let err = open_err(&*mux, &k).await;
+            assert_eq!(err.kind(), TransportErrorKind::Tls, "{name}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("ca_cert") && text.contains("invalid peer certificate"),
+                "{name}: {text}"
+            );
+            assert_eq!(mux.stats().dials_failed, 1, "{name}");
+            assert_eq!(mux.stats().open_connections(), 0, "{name}");
+        }
+    }
+}
+
+/// No CA at all: the system roots do not know the testkit CA (or the
+/// machine has none, which is a config error naming ca_cert).
+#[tokio::test]
+async fn wss_without_a_ca_names_ca_cert() {
+    let tls = tls_server().await;
+    match WsTransport::new().mux(&options(&tls.server.url())).await {
+        Ok(mux) => {
+            let err = open_err(&*mux, &key(0)).await;
             assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
             assert!(err.to_string().contains("ca_cert"), "{err}");
         }
@@ -510,107 +518,138 @@ async fn wss_trusting_only_the_given_ca() {
             assert!(err.to_string().contains("ca_cert"), "{err}");
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(other_dir);
 }
 
+/// Settings `mux()` refuses up front, as config errors whose source is a
+/// config `WsError`.
 #[tokio::test]
-async fn bad_ca_path_is_a_config_error_from_mux() {
-    let opts = options("wss://localhost:1")
-        .to_builder()
-        .ca_cert("/nonexistent/connector-ws/ca.pem")
-        .build()
-        .unwrap();
-    let err = WsTransport::new()
-        .mux(&opts)
-        .await
-        .err()
-        .expect("must fail");
-    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
-    assert!(
-        err.message().contains("/nonexistent/connector-ws/ca.pem"),
-        "{err}"
-    );
-
-    let dir = temp_dir("not-pem");
-    std::fs::write(dir.join("ca.pem"), "not a certificate").unwrap();
-    let opts = opts
-        .to_builder()
-        .ca_cert(dir.join("ca.pem"))
-        .build()
-        .unwrap();
-    let err = WsTransport::new()
-        .mux(&opts)
-        .await
-        .err()
-        .expect("must fail");
-    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
-    let _ = std::fs::remove_dir_all(dir);
+async fn bad_settings_are_config_errors_from_mux() {
+    let dir = TempDir::new("not-pem");
+    std::fs::write(dir.path("ca.pem"), "not a certificate").unwrap();
+    let cases = [
+        (
+            "unreadable CA",
+            WsTransport::new(),
+            options_with("wss://localhost:1", |b| {
+                b.ca_cert("/nonexistent/connector-ws/ca.pem")
+            }),
+            "/nonexistent/connector-ws/ca.pem",
+        ),
+        (
+            "CA file that is not PEM",
+            WsTransport::new(),
+            options_with("wss://localhost:1", |b| b.ca_cert(dir.path("ca.pem"))),
+            "",
+        ),
+        (
+            "gRPC URL",
+            WsTransport::new(),
+            options("grpc://localhost:1"),
+            "",
+        ),
+        (
+            "no handshake permits",
+            WsTransport::with_config(WsConfig::default().max_concurrent_handshakes(0)),
+            options("ws://localhost:1"),
+            "",
+        ),
+    ];
+    for (name, transport, opts, says) in cases {
+        let err = transport
+            .mux(&opts)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: must fail"));
+        assert_eq!(err.kind(), TransportErrorKind::Config, "{name}: {err}");
+        assert!(err.message().contains(says), "{name}: {err}");
+        let source = std::error::Error::source(&err).expect("source");
+        assert!(
+            source
+                .downcast_ref::<WsError>()
+                .is_some_and(WsError::is_config),
+            "{name}: {source:?}"
+        );
+    }
 }
 
-#[tokio::test]
-async fn grpc_url_and_bad_config_are_config_errors() {
-    let err = WsTransport::new()
-        .mux(&options("grpc://localhost:1"))
-        .await
-        .err()
-        .expect("must fail");
-    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+/// A port nobody listens on: bind, read the port, close.
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    listener.local_addr().unwrap()
+}
 
-    let bad = WsTransport::with_config(WsConfig::default().max_concurrent_handshakes(0));
-    let err = bad
-        .mux(&options("ws://localhost:1"))
-        .await
-        .err()
-        .expect("must fail");
-    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
-    let source = std::error::Error::source(&err).expect("source");
-    assert!(source
-        .downcast_ref::<WsError>()
-        .is_some_and(WsError::is_config));
+/// A listener that accepts and holds every socket and never answers the
+/// upgrade; each accept is reported on the receiver.
+async fn silent_server() -> (SocketAddr, JoinHandle<()>, mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    (addr, hold, accepted_rx)
 }
 
 #[tokio::test]
 async fn refused_port_is_a_connect_error() {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let mux = mux_for(&options(&format!("ws://{addr}"))).await;
-    let k = key(0);
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
+    let mux = mux_for(&options(&format!("ws://{}", closed_port().await))).await;
+    let err = open_err(&*mux, &key(0)).await;
     assert_eq!(err.kind(), TransportErrorKind::Connect, "{err}");
     assert_eq!(mux.stats().dials_failed, 1);
 }
 
 #[tokio::test]
 async fn wrong_path_is_refused() {
-    let (_engine, server) = ws_server().await;
+    let Plain { server, .. } = plain().await;
     let mux = mux_for(&options(&format!("{}/elsewhere", server.url()))).await;
-    let k = key(0);
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
+    let err = open_err(&*mux, &key(0)).await;
     assert_eq!(err.kind(), TransportErrorKind::Refused, "{err}");
     assert!(err.message().contains("404"), "{err}");
 }
 
 #[tokio::test]
 async fn silent_server_is_a_timeout() {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    // Accepts and holds the socket, never answers the upgrade.
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
-        }
+    let (addr, hold, _accepted) = silent_server().await;
+    let opts = options_with(&format!("ws://{addr}"), |b| {
+        b.connect_timeout(Duration::from_millis(200))
     });
-    let opts = MultiTransportOptions::builder(format!("ws://{addr}"))
-        .connect_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
     let mux = mux_for(&opts).await;
-    let k = key(0);
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
+    let err = open_err(&*mux, &key(0)).await;
     assert_eq!(err.kind(), TransportErrorKind::Timeout, "{err}");
+    hold.abort();
+}
+
+#[tokio::test]
+async fn handshakes_are_paced() {
+    // Two handshakes at most; a silent server holds them until the timeout.
+    let (addr, hold, mut accepted_rx) = silent_server().await;
+    let opts = options_with(&format!("ws://{addr}"), |b| {
+        b.connect_timeout(Duration::from_millis(500))
+    });
+    let mux = WsMux::new(&opts, WsConfig::default().max_concurrent_handshakes(2)).unwrap();
+    let keys: Vec<_> = (0..5).map(key).collect();
+    let opens =
+        futures_util::future::join_all(keys.iter().map(|k| mux.open_socket(k, register(k))));
+    let watch = async {
+        // The first two dials arrive; the others wait for a permit.
+        for _ in 0..2 {
+            accepted_rx.recv().await.unwrap();
+        }
+        let early = accepted_rx.try_recv().is_ok();
+        assert!(
+            !early,
+            "a third handshake started while two were in progress"
+        );
+    };
+    let (results, ()) = tokio::join!(opens, watch);
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Err(WsError::Timeout { .. }))));
+    assert_eq!(mux.stats().dials_failed, 5);
     hold.abort();
 }
 
@@ -622,7 +661,7 @@ async fn scripted_server(
     select: bool,
 ) -> (
     SocketAddr,
-    tokio::task::JoinHandle<(WebSocketStream<TcpStream>, StreamMessage)>,
+    JoinHandle<(WebSocketStream<TcpStream>, StreamMessage)>,
 ) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -657,15 +696,44 @@ async fn scripted_server(
     (addr, task)
 }
 
+/// `key(0)`'s stream through a mux of `transport` on a scripted server that
+/// selects the subprotocol; with the server's end of the socket and the
+/// first frame it read.
+struct Scripted {
+    mux: Arc<dyn StreamMux>,
+    stream: MessageStream,
+    ws: WebSocketStream<TcpStream>,
+    first: StreamMessage,
+}
+
+async fn scripted(
+    transport: WsTransport,
+    tune: impl FnOnce(MultiTransportOptionsBuilder) -> MultiTransportOptionsBuilder,
+) -> Scripted {
+    let (addr, server) = scripted_server(true).await;
+    let mux = transport
+        .mux(&options_with(&format!("ws://{addr}"), tune))
+        .await
+        .unwrap();
+    let k = key(0);
+    let stream = timeout(WAIT, mux.open(&k, register(&k)))
+        .await
+        .expect("open in time")
+        .unwrap();
+    let (ws, first) = timeout(WAIT, server).await.unwrap().unwrap();
+    Scripted {
+        mux,
+        stream,
+        ws,
+        first,
+    }
+}
+
 #[tokio::test]
 async fn register_is_the_first_frame_and_no_subprotocol_is_a_protocol_error() {
     // Server selects the subprotocol: the first frame is `register`.
-    let (addr, server) = scripted_server(true).await;
-    let mux = mux_for(&options(&format!("ws://{addr}"))).await;
-    let k = key(0);
-    let _s = mux.open(&k, register(&k)).await.unwrap();
-    let (_ws, first) = timeout(WAIT, server).await.unwrap().unwrap();
-    assert_eq!(first, register(&k));
+    let Scripted { first, .. } = scripted(WsTransport::new(), |b| b).await;
+    assert_eq!(first, register(&key(0)));
 
     // Server selects nothing: the client must refuse the socket.
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -675,7 +743,7 @@ async fn register_is_the_first_frame_and_no_subprotocol_is_a_protocol_error() {
         let _ = tokio_tungstenite::accept_async(tcp).await;
     });
     let mux = mux_for(&options(&format!("ws://{addr}"))).await;
-    let err = mux.open(&k, register(&k)).await.unwrap_err();
+    let err = open_err(&*mux, &key(0)).await;
     assert_eq!(err.kind(), TransportErrorKind::Protocol, "{err}");
     assert!(err.message().contains("subprotocol"), "{err}");
     let _ = server.await;
@@ -683,22 +751,22 @@ async fn register_is_the_first_frame_and_no_subprotocol_is_a_protocol_error() {
 
 #[tokio::test]
 async fn client_pings_and_answers_pings() {
-    let (addr, server) = scripted_server(true).await;
-    let opts = options(&format!("ws://{addr}"));
     let transport = WsTransport::with_config(
         WsConfig::default().ping_interval(Some(Duration::from_millis(50))),
     );
-    let mux = transport.mux(&opts).await.unwrap();
-    let k = key(0);
-    let s = mux.open(&k, register(&k)).await.unwrap();
-    let MessageStream {
-        outbound,
-        mut inbound,
+    let Scripted {
+        mux,
+        stream:
+            MessageStream {
+                outbound,
+                mut inbound,
+                ..
+            },
+        mut ws,
         ..
-    } = s;
+    } = scripted(transport, |b| b).await;
     // The driver keeps reading; that is what flushes pong replies.
     let reader = tokio::spawn(async move { inbound.next().await.map(|r| r.map_err(|e| e.kind())) });
-    let (mut ws, _) = timeout(WAIT, server).await.unwrap().unwrap();
 
     ws.send(Message::Ping(b"are-you-there".to_vec().into()))
         .await
@@ -732,46 +800,6 @@ async fn client_pings_and_answers_pings() {
     wait_no_sockets(&*mux).await;
 }
 
-#[tokio::test]
-async fn handshakes_are_paced() {
-    // Two handshakes at most; a silent server holds them until the timeout.
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            held.push(s);
-            let _ = accepted_tx.send(());
-        }
-    });
-    let opts = MultiTransportOptions::builder(format!("ws://{addr}"))
-        .connect_timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let mux = WsMux::new(&opts, WsConfig::default().max_concurrent_handshakes(2)).unwrap();
-    let keys: Vec<_> = (0..5).map(key).collect();
-    let opens =
-        futures_util::future::join_all(keys.iter().map(|k| mux.open_socket(k, register(k))));
-    let watch = async {
-        // The first two dials arrive; the others wait for a permit.
-        for _ in 0..2 {
-            accepted_rx.recv().await.unwrap();
-        }
-        let early = accepted_rx.try_recv().is_ok();
-        assert!(
-            !early,
-            "a third handshake started while two were in progress"
-        );
-    };
-    let (results, ()) = tokio::join!(opens, watch);
-    assert!(results
-        .iter()
-        .all(|r| matches!(r, Err(WsError::Timeout { .. }))));
-    assert_eq!(mux.stats().dials_failed, 5);
-    hold.abort();
-}
-
 /// Reads frames until the client's close frame; returns its code.
 async fn client_close_code(ws: &mut WebSocketStream<TcpStream>) -> u16 {
     timeout(WAIT, async {
@@ -795,31 +823,27 @@ async fn bad_frames_close_the_socket_with_the_contract_codes() {
         (Message::Binary(vec![0u8; 8 * 1024].into()), 1009),
     ];
     for (frame, code) in cases {
-        let (addr, server) = scripted_server(true).await;
-        let opts = options(&format!("ws://{addr}"))
-            .to_builder()
-            .max_message_size(4096)
-            .build()
-            .unwrap();
-        let mux = mux_for(&opts).await;
-        let k = key(0);
-        let mut s = mux.open(&k, register(&k)).await.unwrap();
-        let (mut ws, _) = timeout(WAIT, server).await.unwrap().unwrap();
+        let Scripted {
+            stream: mut s,
+            mut ws,
+            ..
+        } = scripted(WsTransport::new(), |b| b.max_message_size(4096)).await;
         ws.send(frame).await.unwrap();
         let err = next(&mut s).await.expect("an error").unwrap_err();
         assert_eq!(err.kind(), TransportErrorKind::Protocol, "{err}");
-        assert!(next(&mut s).await.is_none());
+        expect_end(&mut s).await;
         assert_eq!(client_close_code(&mut ws).await, code);
     }
 }
 
 #[tokio::test]
 async fn messages_queued_before_the_drop_are_sent_before_the_close() {
-    let (addr, server) = scripted_server(true).await;
-    let mux = mux_for(&options(&format!("ws://{addr}"))).await;
-    let k = key(0);
-    let s = mux.open(&k, register(&k)).await.unwrap();
-    let (mut ws, _) = timeout(WAIT, server).await.unwrap().unwrap();
+    let Scripted {
+        mux,
+        stream: s,
+        mut ws,
+        ..
+    } = scripted(WsTransport::new(), |b| b).await;
     let heartbeat = |n: u64| StreamMessage {
         kind: Some(Kind::Heartbeat(connector_core::proto::Heartbeat {
             sequence: n,
