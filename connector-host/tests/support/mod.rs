@@ -11,7 +11,7 @@ use std::time::Duration;
 use connector_core::proto::{ExecuteRequest, ExecuteResponse};
 use connector_core::{RegistrationKey, Shard};
 use connector_testkit::harness::json_execute;
-use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
+use connector_testkit::{GrpcServerOptions, GrpcTestServer, ServerEvent, TestServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -333,6 +333,15 @@ pub async fn execute_ok(
     let r = execute(engine, key, req).await;
     assert!(r.success, "{key}: {:?}: {}", r.error_kind(), r.error);
     r
+}
+
+/// How many `register` messages the server has seen for `key`.
+pub fn registers(engine: &TestServer, key: &str) -> usize {
+    engine
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::Registered { key: k, .. } if k == key))
+        .count()
 }
 
 /// One execute answered per key. The host reads its approval before the
