@@ -187,6 +187,18 @@ fn assert_assignment(replicas: &[&Replica]) {
     }
 }
 
+/// The keys whose stream changed between two [`streams`] snapshots.
+fn moved_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeSet<String> {
+    after
+        .iter()
+        .filter(|(k, id)| before.get(*k) != Some(*id))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Replicas `r0`, `r1`, `r2`, started and joined.
 async fn three_joined(
     etcd: &Etcd,
@@ -270,11 +282,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
         .expect("the newcomer's share moves to it");
     let took = joined_at.elapsed();
     let after = wait_all_hosted(&engine, WAIT, "four replicas").await;
-    let moved: BTreeSet<String> = after
-        .iter()
-        .filter(|(k, id)| before.get(*k) != Some(*id))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let moved = moved_between(&before, &after);
     eprintln!(
         "FIGURE join of a 4th replica: {} of {COUNT} moved in {:.2} s (expected {}), {} new connections",
         moved.len(),
@@ -300,11 +308,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
     b.leave().await;
     let after = wait_all_hosted(&engine, Duration::from_secs(3), "after a leave").await;
     let took = left_at.elapsed();
-    let moved: BTreeSet<String> = after
-        .iter()
-        .filter(|(k, id)| before.get(*k) != Some(*id))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let moved = moved_between(&before, &after);
     eprintln!(
         "FIGURE leave of a replica (TTL {lease} s): {} moved in {:.2} s",
         moved.len(),

@@ -94,6 +94,15 @@ async fn settle(engine: &TestServer, keys: &[RegistrationKey], ids: &[&str], lim
     }
 }
 
+/// `h0`, `h1`, `h2` hosting 60 registrations (`demo.echo.echo-N`).
+async fn three(etcd: &Etcd, prefix: &str, server: &GrpcTestServer, lease: u64) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for id in ["h0", "h1", "h2"] {
+        replicas.push(Replica::start(etcd, prefix, id, server, 60, lease).await);
+    }
+    replicas
+}
+
 /// A `connector-host --fleet` process with `--count N` flag registrations.
 struct Replica {
     id: &'static str,
@@ -203,10 +212,7 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     // can only come from the leaver deleting its keys and revoking.
     let lease = 10;
     let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = Vec::new();
-    for id in ["h0", "h1", "h2"] {
-        replicas.push(Replica::start(&etcd, "term", id, &server, 60, lease).await);
-    }
+    let mut replicas = three(&etcd, "term", &server, lease).await;
     let ids = ["h0", "h1", "h2"];
     settle(&engine, &keys, &ids, WAIT).await;
     // Afterwards every key is Active on its host's side too.
@@ -283,10 +289,7 @@ async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
     };
     let lease = 2;
     let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = Vec::new();
-    for id in ["h0", "h1", "h2"] {
-        replicas.push(Replica::start(&etcd, "kill9", id, &server, 60, lease).await);
-    }
+    let mut replicas = three(&etcd, "kill9", &server, lease).await;
     settle(&engine, &keys, &["h0", "h1", "h2"], WAIT).await;
     let victim = replicas.remove(1);
     let moving = expected(&keys, &["h0", "h1", "h2"])
