@@ -10,7 +10,8 @@ use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
 
 mod support;
 use support::{
-    assert_exit, assert_one_line_config_error, execute, execute_ok, grpc_server, Host, FLAGS, WAIT,
+    addresses, assert_exit, assert_one_line_config_error, assert_rows, execute, execute_ok,
+    grpc_server, Host, FLAGS, WAIT,
 };
 
 async fn run(args: &[&str]) -> (i32, String, String) {
@@ -21,24 +22,11 @@ async fn run_ok(args: &[&str]) -> String {
     support::run_ok(args, &[]).await.0
 }
 
-/// Rows of the summary table for `prefix0..prefix{n-1}` in `state`.
-fn assert_rows(stdout: &str, addresses: &[impl ToString], state: &str) {
-    for address in addresses {
-        let address = address.to_string();
-        let row = stdout
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(address.as_str()))
-            .unwrap_or_else(|| panic!("no row for {address} in:\n{stdout}"));
-        assert_eq!(
-            row.split_whitespace().nth(1),
-            Some(state),
-            "row {row:?} in:\n{stdout}"
-        );
-    }
-}
-
-fn addresses(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}{i}")).collect()
+/// `--url URL --count COUNT --log warn`, then `extra`.
+fn quiet(url: &str, count: &str, extra: &[&str]) -> Host {
+    let mut args = vec!["--url", url, "--count", count, "--log", "warn"];
+    args.extend_from_slice(extra);
+    Host::spawn(&args, &[])
 }
 
 #[tokio::test]
@@ -190,7 +178,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
     let server = grpc_server().await;
     let engine = server.engine().clone();
     let url = server.url();
-    let host = Host::spawn(&["--url", &url, "--count", "5", "--log", "warn"], &[]);
+    let host = quiet(&url, "5", &[]);
     engine.wait_for_active(5, WAIT).await.expect("5 active");
     let keys = engine.active_keys();
     assert_eq!(keys, addresses("demo.echo.echo-", 5));
@@ -250,19 +238,7 @@ async fn duration_secs_stops_a_websocket_host_by_itself() {
         .expect("server starts");
     let engine = server.engine().clone();
     let url = server.url();
-    let host = Host::spawn(
-        &[
-            "--url",
-            &url,
-            "--count",
-            "3",
-            "--duration-secs",
-            "2",
-            "--log",
-            "warn",
-        ],
-        &[],
-    );
+    let host = quiet(&url, "3", &["--duration-secs", "2"]);
     engine.wait_for_active(3, WAIT).await.expect("3 active");
     execute_ok(
         &engine,
@@ -281,18 +257,7 @@ async fn duration_secs_stops_a_websocket_host_by_itself() {
 async fn no_reconnect_host_exits_1_when_every_stream_has_ended() {
     let server = grpc_server().await;
     let engine = server.engine().clone();
-    let host = Host::spawn(
-        &[
-            "--url",
-            &server.url(),
-            "--count",
-            "2",
-            "--no-reconnect",
-            "--log",
-            "warn",
-        ],
-        &[],
-    );
+    let host = quiet(&server.url(), "2", &["--no-reconnect"]);
     engine.wait_for_active(2, WAIT).await.expect("2 active");
     assert_eq!(engine.close_all_streams(), 2);
     let (code, stdout, stderr) = host.finish().await;
@@ -309,10 +274,7 @@ async fn no_reconnect_host_exits_1_when_every_stream_has_ended() {
 async fn two_hundred_registrations_share_three_grpc_connections() {
     let server = grpc_server().await;
     let engine = server.engine().clone();
-    let host = Host::spawn(
-        &["--url", &server.url(), "--count", "200", "--log", "warn"],
-        &[],
-    );
+    let host = quiet(&server.url(), "200", &[]);
     engine.wait_for_active(200, WAIT).await.expect("200 active");
     // 80 streams per connection by default: 80 + 80 + 40.
     assert_eq!(server.connection_count(), 3);

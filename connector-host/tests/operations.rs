@@ -161,11 +161,7 @@ async fn ready_is_503_while_a_registration_is_rejected() {
     );
 
     let (stdout, _) = host.stop_ok().await;
-    let row = stdout
-        .lines()
-        .find(|l| l.starts_with(rejected))
-        .unwrap_or_else(|| panic!("no row for {rejected}:\n{stdout}"));
-    assert_eq!(row.split_whitespace().nth(1), Some("stopped"), "{stdout}");
+    assert_rows(&stdout, &[rejected], "stopped");
     assert!(
         stdout.contains("DENIED"),
         "the stop reason is printed: {stdout}"

@@ -283,6 +283,27 @@ pub fn has_line(body: &str, line: &str) -> bool {
     body.lines().any(|l| l == line)
 }
 
+/// The summary table has a row for each of `addresses`, in `state`.
+pub fn assert_rows(stdout: &str, addresses: &[impl ToString], state: &str) {
+    for address in addresses {
+        let address = address.to_string();
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(address.as_str()))
+            .unwrap_or_else(|| panic!("no row for {address} in:\n{stdout}"));
+        assert_eq!(
+            row.split_whitespace().nth(1),
+            Some(state),
+            "row {row:?} in:\n{stdout}"
+        );
+    }
+}
+
+/// `prefix0` … `prefix{n-1}`.
+pub fn addresses(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
 /// Every one of `lines` is a whole line of `body` (a metrics scrape).
 pub fn assert_lines(body: &str, lines: &[impl AsRef<str>]) {
     for line in lines {
