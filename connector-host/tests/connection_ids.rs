@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use connector_core::proto::RegistrationStatus;
-use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
+use connector_testkit::TestServer;
 
 mod support;
 use support::*;
@@ -109,9 +109,7 @@ async fn grpc_registrations_on_two_connections_have_two_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_registrations_have_a_socket_each() {
-    let server = WsTestServer::start(TestServer::new(), WsServerOptions::default())
-        .await
-        .expect("server starts");
+    let server = ws_server().await;
     let (ids, host, _) = ids(server.engine(), &server.url(), 3, &[]).await;
     assert_eq!(distinct(&ids).len(), 3, "one socket each: {ids:?}");
     assert_eq!(server.connection_count(), 3);

@@ -6,12 +6,11 @@
 use std::time::Duration;
 
 use connector_testkit::harness::json_execute;
-use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
 
 mod support;
 use support::{
     addresses, assert_exit, assert_one_line_config_error, assert_rows, execute, execute_ok,
-    grpc_server, Host, FLAGS, WAIT,
+    grpc_server, ws_server, Host, FLAGS, WAIT,
 };
 
 async fn run(args: &[&str]) -> (i32, String, String) {
@@ -233,9 +232,7 @@ async fn sigterm_answers_in_flight_requests_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duration_secs_stops_a_websocket_host_by_itself() {
-    let server = WsTestServer::start(TestServer::new(), WsServerOptions::default())
-        .await
-        .expect("server starts");
+    let server = ws_server().await;
     let engine = server.engine().clone();
     let url = server.url();
     let host = quiet(&url, "3", &["--duration-secs", "2"]);

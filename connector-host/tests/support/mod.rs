@@ -11,7 +11,9 @@ use std::time::Duration;
 use connector_core::proto::{ExecuteRequest, ExecuteResponse};
 use connector_core::{RegistrationKey, Shard};
 use connector_testkit::harness::json_execute;
-use connector_testkit::{GrpcServerOptions, GrpcTestServer, ServerEvent, TestServer};
+use connector_testkit::{
+    GrpcServerOptions, GrpcTestServer, ServerEvent, TestServer, WsServerOptions, WsTestServer,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -403,6 +405,12 @@ pub fn assert_one_line_config_error(what: &str, code: i32, stderr: &str, needle:
 
 pub async fn grpc_server() -> GrpcTestServer {
     GrpcTestServer::start(TestServer::new(), GrpcServerOptions::default())
+        .await
+        .expect("server starts")
+}
+
+pub async fn ws_server() -> WsTestServer {
+    WsTestServer::start(TestServer::new(), WsServerOptions::default())
         .await
         .expect("server starts")
 }
