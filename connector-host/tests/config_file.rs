@@ -7,9 +7,9 @@
 //! Every wait is on an event (a log line, the server's state) and bounded;
 //! every port is 0.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use connector_testkit::{GrpcTestServer, ServerEvent};
+use connector_testkit::GrpcTestServer;
 use tokio::net::TcpStream;
 
 mod support;
@@ -17,30 +17,26 @@ use support::*;
 
 /// A directory of its own per test.
 fn dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ch-config-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    temp_dir("ch-config", name)
 }
 
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).expect("write the file");
-}
-
+/// The active keys, sorted.
 fn registrations(engine_server: &GrpcTestServer) -> Vec<connector_core::RegistrationKey> {
-    let mut keys = engine_server.engine().active_keys();
-    keys.sort();
-    keys
+    engine_server.engine().active_keys()
 }
 
-/// How many `register` messages the server has seen for `key`.
-fn registers(server: &GrpcTestServer, key: &str) -> usize {
-    server
-        .engine()
-        .events()
-        .iter()
-        .filter(|e| matches!(e, ServerEvent::Registered { key: k, .. } if k == key))
-        .count()
+/// `--config PATH --log LOG`.
+fn spawn_config(config: &std::path::Path, env: &[(&str, &str)]) -> Host {
+    let config_arg = config.to_string_lossy().into_owned();
+    Host::spawn(&["--config", &config_arg, "--log", LOG], env)
+}
+
+/// Writes `text` to `config`, sends SIGHUP and waits for the log line
+/// that starts with `outcome`.
+async fn reload(host: &mut Host, config: &std::path::Path, text: &str, outcome: &str) -> String {
+    write(config, text);
+    host.signal("HUP");
+    host.line_with(outcome).await
 }
 
 fn stream_id(server: &GrpcTestServer, key: &str) -> u64 {
@@ -112,11 +108,7 @@ paused = true
             token = token.display()
         ),
     );
-    let config_arg = config.to_string_lossy().into_owned();
-    let mut host = Host::spawn(
-        &["--config", &config_arg, "--log", LOG],
-        &[("ACME_TOKEN", "acme-secret")],
-    );
+    let mut host = spawn_config(&config, &[("ACME_TOKEN", "acme-secret")]);
     let addr = host.metrics_addr().await;
     server
         .engine()
@@ -177,17 +169,14 @@ paused = true
     let live = get(addr, "/livez").await;
     assert_eq!(live.status, 200, "{live:?}");
     let metrics = get(addr, "/metrics").await;
-    for line in [
-        r#"connector_host_registrations{state="paused"} 1"#,
-        r#"connector_host_registrations{state="active"} 4"#,
-        "connector_host_ready 1",
-    ] {
-        assert!(
-            has_line(&metrics.body, line),
-            "{line} in:\n{}",
-            metrics.body
-        );
-    }
+    assert_lines(
+        &metrics.body,
+        &[
+            r#"connector_host_registrations{state="paused"} 1"#,
+            r#"connector_host_registrations{state="active"} 4"#,
+            "connector_host_ready 1",
+        ],
+    );
 
     // The token file is read again when a registration is re-registered.
     write(&token, "rotated-secret");
@@ -195,10 +184,13 @@ paused = true
         r#"metadata = { region = "eu" }"#,
         r#"metadata = { region = "us" }"#,
     );
-    write(&config, &changed);
-    host.signal("HUP");
-    host.line_with("config reloaded: 0 added, 0 removed, 1 changed, 4 unchanged")
-        .await;
+    reload(
+        &mut host,
+        &config,
+        &changed,
+        "config reloaded: 0 added, 0 removed, 1 changed, 4 unchanged",
+    )
+    .await;
     server
         .engine()
         .wait_until(WAIT, |s| {
@@ -209,19 +201,19 @@ paused = true
         .await
         .expect("re-registered with the rotated token");
 
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let (_, stderr) = host.stop_ok().await;
     assert!(!stderr.contains("secret"), "{stderr}");
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn reload_file(url: &str, body: &str) -> String {
+/// A file of `t.echo.INSTANCE` registrations, each with its extra lines.
+fn reload_file(url: &str, registrations: &[(&str, &str)]) -> String {
+    let body: String = registrations
+        .iter()
+        .map(|(instance, extra)| format!("[[registration]]\ninstance = \"{instance}\"\n{extra}\n"))
+        .collect();
     format!("url = \"{url}\"\nmetrics_addr = \"127.0.0.1:0\"\n[defaults]\ntenant = \"t\"\nconnector_type = \"echo\"\n{body}")
-}
-
-fn reg(instance: &str, extra: &str) -> String {
-    format!("[[registration]]\ninstance = \"{instance}\"\n{extra}\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,15 +223,13 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
     let dir = dir("reload");
     let config = dir.join("host.toml");
     let first = [
-        reg("a0", ""),
-        reg("a1", "display_name = \"one\""),
-        reg("a2", ""),
-        reg("p0", "paused = true"),
-    ]
-    .concat();
+        ("a0", ""),
+        ("a1", "display_name = \"one\""),
+        ("a2", ""),
+        ("p0", "paused = true"),
+    ];
     write(&config, &reload_file(&url, &first));
-    let config_arg = config.to_string_lossy().into_owned();
-    let mut host = Host::spawn(&["--config", &config_arg, "--log", LOG], &[]);
+    let mut host = spawn_config(&config, &[]);
     let addr = host.metrics_addr().await;
     server
         .engine()
@@ -254,22 +244,22 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
 
     // Gone, changed, new, unpaused; a0 unchanged.
     let second = [
-        reg("a0", ""),
-        reg("a1", "display_name = \"two\""),
-        reg("a3", ""),
-        reg("p0", "paused = false"),
-    ]
-    .concat();
-    write(&config, &reload_file(&url, &second));
-    host.signal("HUP");
-    host.line_with("config reloaded: 1 added, 1 removed, 2 changed, 1 unchanged")
-        .await;
+        ("a0", ""),
+        ("a1", "display_name = \"two\""),
+        ("a3", ""),
+        ("p0", "paused = false"),
+    ];
+    reload(
+        &mut host,
+        &config,
+        &reload_file(&url, &second),
+        "config reloaded: 1 added, 1 removed, 2 changed, 1 unchanged",
+    )
+    .await;
     server
         .engine()
         .wait_until(WAIT, |s| {
-            let mut keys = s.active_keys();
-            keys.sort();
-            keys == ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]
+            s.active_keys() == ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]
                 && s.registrations()
                     .iter()
                     .any(|r| r.key == "t.echo.a1" && r.register.display_name == "two")
@@ -281,35 +271,36 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
         a0_stream,
         "a0's stream untouched"
     );
-    assert_eq!(registers(&server, "t.echo.a0"), 1, "no new register for a0");
-    assert_eq!(registers(&server, "t.echo.a1"), 2, "a1 re-registered");
-    assert_eq!(registers(&server, "t.echo.a2"), 1);
+    // a0: no new register; a1 re-registered; a2 registered once, removed.
+    for (key, count) in [("t.echo.a0", 1), ("t.echo.a1", 2), ("t.echo.a2", 1)] {
+        assert_eq!(registers(server.engine(), key), count, "{key}'s registers");
+    }
 
     // An invalid file: one error line, the running set kept.
-    write(
+    let line = reload(
+        &mut host,
         &config,
         &format!("{}colour = \"red\"\n", reload_file(&url, &second)),
-    );
-    host.signal("HUP");
-    let line = host.line_with("reload failed, running set kept").await;
+        "reload failed, running set kept",
+    )
+    .await;
     assert!(line.contains("colour"), "{line}");
-    let mut keys = registrations(&server);
-    keys.sort();
-    assert_eq!(keys, ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]);
+    assert_eq!(
+        registrations(&server),
+        ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]
+    );
     assert_eq!(stream_id(&server, "t.echo.a0"), a0_stream);
 
     // Pausing closes the stream and keeps it out of /ready.
-    let third = [
-        reg("a0", "paused = true"),
-        reg("a1", "display_name = \"two\""),
-        reg("a3", ""),
-        reg("p0", "paused = false"),
-    ]
-    .concat();
-    write(&config, &reload_file(&url, &third));
-    host.signal("HUP");
-    host.line_with("config reloaded: 0 added, 0 removed, 1 changed, 3 unchanged")
-        .await;
+    let mut third = second;
+    third[0] = ("a0", "paused = true");
+    reload(
+        &mut host,
+        &config,
+        &reload_file(&url, &third),
+        "config reloaded: 0 added, 0 removed, 1 changed, 3 unchanged",
+    )
+    .await;
     server
         .engine()
         .wait_until(WAIT, |s| !s.active_keys().iter().any(|k| k == "t.echo.a0"))
@@ -331,19 +322,15 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
     let ready = get(addr, "/ready").await;
     assert_eq!(ready.status, 200, "{ready:?}");
     let metrics = get(addr, "/metrics").await;
-    for line in [
-        r#"connector_host_config_reloads_total{outcome="ok"} 2"#,
-        r#"connector_host_config_reloads_total{outcome="failed"} 1"#,
-    ] {
-        assert!(
-            has_line(&metrics.body, line),
-            "{line} in:\n{}",
-            metrics.body
-        );
-    }
+    assert_lines(
+        &metrics.body,
+        &[
+            r#"connector_host_config_reloads_total{outcome="ok"} 2"#,
+            r#"connector_host_config_reloads_total{outcome="failed"} 1"#,
+        ],
+    );
 
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let (_, stderr) = host.stop_ok().await;
     let errors = stderr.lines().filter(|l| l.contains("ERROR")).count();
     assert_eq!(errors, 1, "one error line for the invalid file:\n{stderr}");
     server.stop().await;
@@ -388,29 +375,37 @@ async fn every_kind_of_bad_file_is_one_line_and_exit_2() {
         ),
         ("no url", one.to_string(), "url"),
     ];
+    let path = dir.join("bad.toml");
+    let p = path.to_string_lossy().into_owned();
     for (what, text, needle) in cases {
-        let path = dir.join("bad.toml");
         write(&path, &text);
-        let (code, _stdout, stderr) = run(&["--config", &path.to_string_lossy()], &[]).await;
+        let (code, _stdout, stderr) = run(&["--config", &p], &[]).await;
         assert_one_line_config_error(what, code, &stderr, needle);
     }
-    let path = dir.join("ok.toml");
+    // A good file, bad company.
     write(&path, &format!("{head}{one}"));
-    let p = path.to_string_lossy().into_owned();
-    let (code, _, stderr) = run(&["--config", &p, "--count", "2"], &[]).await;
-    assert_one_line_config_error("--count with --config", code, &stderr, "--count");
-    let (code, _, stderr) = run(&["--config", "/nonexistent/host.toml"], &[]).await;
-    assert_one_line_config_error("missing file", code, &stderr, "/nonexistent/host.toml");
-    #[cfg(not(feature = "etcd"))]
-    {
-        let (code, _, stderr) =
-            run(&["--config", &p, "--fleet", "etcd://127.0.0.1:2379/c"], &[]).await;
-        assert_one_line_config_error(
+    let mut cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "--count with --config",
+            vec!["--config", &p, "--count", "2"],
+            "--count",
+        ),
+        (
+            "missing file",
+            vec!["--config", "/nonexistent/host.toml"],
+            "/nonexistent/host.toml",
+        ),
+    ];
+    if cfg!(not(feature = "etcd")) {
+        cases.push((
             "--fleet without etcd",
-            code,
-            &stderr,
+            vec!["--config", &p, "--fleet", "etcd://127.0.0.1:2379/c"],
             "cargo build --release -p connector-host --features etcd",
-        );
+        ));
+    }
+    for (what, args, needle) in cases {
+        let (code, _, stderr) = run(&args, &[]).await;
+        assert_one_line_config_error(what, code, &stderr, needle);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -418,20 +413,7 @@ async fn every_kind_of_bad_file_is_one_line_and_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_starve_ready() {
     let server = grpc_server().await;
-    let url = server.url();
-    let mut host = Host::spawn(
-        &[
-            "--url",
-            &url,
-            "--count",
-            "1",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            LOG,
-        ],
-        &[],
-    );
+    let mut host = Host::with_metrics(&server.url(), "1", &[]);
     let addr = host.metrics_addr().await;
     server
         .engine()
@@ -455,16 +437,13 @@ async fn idle_connections_cannot_starve_ready() {
     // Bounded below the 5 s header read timeout: an endpoint with a small
     // slot limit would answer only once an idle client timed out.
     let bound = std::time::Duration::from_secs(3);
-    let ready = tokio::time::timeout(bound, get(addr, "/ready"))
-        .await
-        .expect("/ready answered while 110 clients sit idle");
-    assert_eq!(ready.status, 200, "{ready:?}");
-    let live = tokio::time::timeout(bound, get(addr, "/livez"))
-        .await
-        .expect("/livez answered while 110 clients sit idle");
-    assert_eq!(live.status, 200, "{live:?}");
+    for path in ["/ready", "/livez"] {
+        let r = tokio::time::timeout(bound, get(addr, path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} answered while 110 clients sit idle"));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
     drop(idle);
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    host.stop_ok().await;
     server.stop().await;
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use connector_core::proto::RegistrationStatus;
-use connector_testkit::{TestServer, WsServerOptions, WsTestServer};
+use connector_testkit::TestServer;
 
 mod support;
 use support::*;
@@ -23,19 +23,7 @@ async fn ids(
     count: u32,
     extra: &[&str],
 ) -> (Vec<Option<u64>>, Host, SocketAddr) {
-    let count_text = count.to_string();
-    let mut args = vec![
-        "--url",
-        url,
-        "--count",
-        &count_text,
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--log",
-        LOG,
-    ];
-    args.extend_from_slice(extra);
-    let mut host = Host::spawn(&args, &[]);
+    let mut host = Host::with_metrics(url, &count.to_string(), extra);
     let addr = host.metrics_addr().await;
     engine
         .wait_for_active(count as usize, WAIT)
@@ -74,8 +62,7 @@ async fn grpc_registrations_share_an_id_when_they_share_a_connection() {
     let (ids, host, _) = ids(server.engine(), &server.url(), 2, &[]).await;
     assert_eq!(distinct(&ids).len(), 1, "one HTTP/2 connection: {ids:?}");
     assert_eq!(server.connection_count(), 1);
-    let (code, _, stderr) = host.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    host.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,18 +104,14 @@ async fn grpc_registrations_on_two_connections_have_two_ids() {
     let after = distinct(&registrations(addr).await);
     assert_eq!(after.len(), 2, "{after:?}");
     assert_eq!(server.connection_count(), 2);
-    let (code, _, stderr) = host.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    host.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_registrations_have_a_socket_each() {
-    let server = WsTestServer::start(TestServer::new(), WsServerOptions::default())
-        .await
-        .expect("server starts");
+    let server = ws_server().await;
     let (ids, host, _) = ids(server.engine(), &server.url(), 3, &[]).await;
     assert_eq!(distinct(&ids).len(), 3, "one socket each: {ids:?}");
     assert_eq!(server.connection_count(), 3);
-    let (code, _, stderr) = host.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    host.stop_ok().await;
 }

@@ -20,11 +20,11 @@ use connector_core::{
 use connector_grpc::GrpcTransport;
 use connector_host::fleet::{Fleet, FleetOptions, FleetRunner, FleetState};
 use connector_testkit::connectors::Echo;
-use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
+use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use fleet_support::{Etcd, Monitor};
+use fleet_support::{setup, Etcd};
 
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
@@ -187,18 +187,31 @@ fn assert_assignment(replicas: &[&Replica]) {
     }
 }
 
-async fn setup(name: &str) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor)> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let etcd = Etcd::start(name).await?;
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .expect("server starts");
-    let monitor = Monitor::start(&engine);
-    Some((etcd, engine, server, monitor))
+/// The keys whose stream changed between two [`streams`] snapshots.
+fn moved_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeSet<String> {
+    after
+        .iter()
+        .filter(|(k, id)| before.get(*k) != Some(*id))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Replicas `r0`, `r1`, `r2`, started and joined.
+async fn three_joined(
+    etcd: &Etcd,
+    prefix: &str,
+    server: &GrpcTestServer,
+    lease: u32,
+) -> [Replica; 3] {
+    let replicas: [Replica; 3] =
+        std::array::from_fn(|i| Replica::start(etcd, prefix, &format!("r{i}"), server, lease));
+    for r in &replicas {
+        r.wait_state(FleetState::Joined, WAIT).await;
+    }
+    replicas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,12 +220,7 @@ async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
         return;
     };
     let lease = 2;
-    let a = Replica::start(&etcd, "kill", "r0", &server, lease);
-    let b = Replica::start(&etcd, "kill", "r1", &server, lease);
-    let c = Replica::start(&etcd, "kill", "r2", &server, lease);
-    for r in [&a, &b, &c] {
-        r.wait_state(FleetState::Joined, WAIT).await;
-    }
+    let [a, b, c] = three_joined(&etcd, "kill", &server, lease).await;
     settle(&engine, &[&a, &b, &c]).await;
     for r in [&a, &b, &c] {
         let n = r.hosted().len();
@@ -253,12 +261,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
         return;
     };
     let lease = 2;
-    let a = Replica::start(&etcd, "join", "r0", &server, lease);
-    let b = Replica::start(&etcd, "join", "r1", &server, lease);
-    let c = Replica::start(&etcd, "join", "r2", &server, lease);
-    for r in [&a, &b, &c] {
-        r.wait_state(FleetState::Joined, WAIT).await;
-    }
+    let [a, b, c] = three_joined(&etcd, "join", &server, lease).await;
     let before = settle(&engine, &[&a, &b, &c]).await;
     let conns_before = server.total_connections_accepted();
 
@@ -279,11 +282,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
         .expect("the newcomer's share moves to it");
     let took = joined_at.elapsed();
     let after = wait_all_hosted(&engine, WAIT, "four replicas").await;
-    let moved: BTreeSet<String> = after
-        .iter()
-        .filter(|(k, id)| before.get(*k) != Some(*id))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let moved = moved_between(&before, &after);
     eprintln!(
         "FIGURE join of a 4th replica: {} of {COUNT} moved in {:.2} s (expected {}), {} new connections",
         moved.len(),
@@ -309,11 +308,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
     b.leave().await;
     let after = wait_all_hosted(&engine, Duration::from_secs(3), "after a leave").await;
     let took = left_at.elapsed();
-    let moved: BTreeSet<String> = after
-        .iter()
-        .filter(|(k, id)| before.get(*k) != Some(*id))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let moved = moved_between(&before, &after);
     eprintln!(
         "FIGURE leave of a replica (TTL {lease} s): {} moved in {:.2} s",
         moved.len(),
@@ -340,12 +335,7 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
     };
     // A longer lease so "still hosting while the lease lasts" has room.
     let lease = 3;
-    let replicas: Vec<Replica> = (0..3)
-        .map(|i| Replica::start(&etcd, "outage", &format!("r{i}"), &server, lease))
-        .collect();
-    for r in &replicas {
-        r.wait_state(FleetState::Joined, WAIT).await;
-    }
+    let replicas = three_joined(&etcd, "outage", &server, lease).await;
     let refs: Vec<&Replica> = replicas.iter().collect();
     let before = settle(&engine, &refs).await;
 

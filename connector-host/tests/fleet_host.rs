@@ -11,26 +11,23 @@ mod fleet_support;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use connector_core::{owner_of, RegistrationKey};
 use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::time::Instant;
 
-use fleet_support::{streams, Etcd, Monitor};
-use support::{get, grpc_server, has_line, one_execute_each, Host, LOG, WAIT};
+use fleet_support::{setup, streams, Etcd, Monitor};
+use support::{get, grpc_server, has_line, one_execute_each, temp_dir, write, Host, LOG, WAIT};
 
-/// Flags every replica gets: fast reconnects, the host's own info lines.
-const FAST: [&str; 8] = [
+/// Flags every replica started by flags gets: fast reconnects.
+const FAST: [&str; 6] = [
     "--reconnect-delay-ms",
     "20",
     "--jitter-ms",
     "20",
     "--max-backoff-ms",
     "200",
-    "--log",
-    LOG,
 ];
 
 /// `tenant.type.instance` of `count` registrations `tenant.echo.{prefix}N`.
@@ -97,6 +94,15 @@ async fn settle(engine: &TestServer, keys: &[RegistrationKey], ids: &[&str], lim
     }
 }
 
+/// `h0`, `h1`, `h2` hosting 60 registrations (`demo.echo.echo-N`).
+async fn three(etcd: &Etcd, prefix: &str, server: &GrpcTestServer, lease: u64) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for id in ["h0", "h1", "h2"] {
+        replicas.push(Replica::start(etcd, prefix, id, server, 60, lease).await);
+    }
+    replicas
+}
+
 /// A `connector-host --fleet` process with `--count N` flag registrations.
 struct Replica {
     id: &'static str,
@@ -131,16 +137,29 @@ impl Replica {
             &lease,
             "--auth-token",
             &token,
-            "--metrics-addr",
-            "127.0.0.1:0",
         ];
         args.extend(FAST);
-        let mut process = Host::spawn(&args, &[]);
+        Self::spawn(id, &args, &[]).await
+    }
+
+    /// `args` plus `--metrics-addr 127.0.0.1:0 --log LOG`, once it listens.
+    async fn spawn(id: &'static str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args = args.to_vec();
+        args.extend(["--metrics-addr", "127.0.0.1:0", "--log", LOG]);
+        let mut process = Host::spawn(&args, env);
         let metrics = process.metrics_addr().await;
         Replica {
             id,
             process,
             metrics,
+        }
+    }
+
+    /// Every one of `lines` is a line of its `/metrics`.
+    async fn assert_metrics(&self, lines: &[&str]) {
+        let text = self.metrics_text().await;
+        for line in lines {
+            assert!(has_line(&text, line), "{}: no {line:?} in\n{text}", self.id);
         }
     }
 
@@ -184,14 +203,6 @@ impl Replica {
     }
 }
 
-async fn setup(name: &str) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor)> {
-    let etcd = Etcd::start(name).await?;
-    let server = grpc_server().await;
-    let engine = server.engine().clone();
-    let monitor = Monitor::start(&engine);
-    Some((etcd, engine, server, monitor))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     let Some((etcd, engine, server, monitor)) = setup("term").await else {
@@ -201,10 +212,7 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     // can only come from the leaver deleting its keys and revoking.
     let lease = 10;
     let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = Vec::new();
-    for id in ["h0", "h1", "h2"] {
-        replicas.push(Replica::start(&etcd, "term", id, &server, 60, lease).await);
-    }
+    let mut replicas = three(&etcd, "term", &server, lease).await;
     let ids = ["h0", "h1", "h2"];
     settle(&engine, &keys, &ids, WAIT).await;
     // Afterwards every key is Active on its host's side too.
@@ -221,21 +229,16 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
             ready.body
         );
         assert_eq!(r.listed().await, share, "{}'s /registrations", r.id);
+        let owned = format!("connector_host_fleet_owned {}", share.len());
+        r.assert_metrics(&[
+            "connector_host_fleet_members 3",
+            &owned,
+            "connector_host_ready 1",
+        ])
+        .await;
         let text = r.metrics_text().await;
         assert!(
-            has_line(&text, "connector_host_fleet_members 3"),
-            "{}:\n{text}",
-            r.id
-        );
-        let owned = format!("connector_host_fleet_owned {}", share.len());
-        assert!(has_line(&text, &owned), "{}: no {owned:?} in\n{text}", r.id);
-        assert!(
             text.contains("connector_host_fleet_moves_total{direction=\"acquired\"}"),
-            "{}:\n{text}",
-            r.id
-        );
-        assert!(
-            has_line(&text, "connector_host_ready 1"),
             "{}:\n{text}",
             r.id
         );
@@ -265,12 +268,7 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
         "a SIGTERM'd replica hands over at once, not after its {lease} s lease: {moved:?}"
     );
     for r in &replicas {
-        let text = r.metrics_text().await;
-        assert!(
-            has_line(&text, "connector_host_fleet_members 2"),
-            "{}:\n{text}",
-            r.id
-        );
+        r.assert_metrics(&["connector_host_fleet_members 2"]).await;
     }
     monitor.assert_clean(&engine);
     for r in replicas {
@@ -291,10 +289,7 @@ async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
     };
     let lease = 2;
     let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = Vec::new();
-    for id in ["h0", "h1", "h2"] {
-        replicas.push(Replica::start(&etcd, "kill9", id, &server, 60, lease).await);
-    }
+    let mut replicas = three(&etcd, "kill9", &server, lease).await;
     settle(&engine, &keys, &["h0", "h1", "h2"], WAIT).await;
     let victim = replicas.remove(1);
     let moving = expected(&keys, &["h0", "h1", "h2"])
@@ -323,13 +318,6 @@ async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
     drop(etcd);
 }
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fleet-host-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
 fn config(url: &str, fleet: &str, registrations: &str) -> String {
     format!(
         "url = \"{url}\"\nfleet = \"{fleet}\"\nfleet_lease_secs = 5\n\
@@ -339,16 +327,12 @@ fn config(url: &str, fleet: &str, registrations: &str) -> String {
     )
 }
 
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).expect("write the config file");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_fleet_s_list_and_leaves_the_rest_untouched() {
     let Some((etcd, engine, server, monitor)) = setup("reload").await else {
         return;
     };
-    let d = dir("reload");
+    let d = temp_dir("fleet-host", "reload");
     let file = d.join("host.toml");
     let fleet = etcd.url("reload");
     write(
@@ -364,26 +348,11 @@ async fn a_reload_changes_the_fleet_s_list_and_leaves_the_rest_untouched() {
     let mut replicas = Vec::new();
     for id in ["h0", "h1"] {
         let token = format!("tok-{id}");
-        let mut process = Host::spawn(
-            &[
-                "--config",
-                path,
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--log",
-                LOG,
-            ],
-            &[
-                ("CONNECTOR_HOST_FLEET_MEMBER", id),
-                ("FLEET_TOKEN", token.as_str()),
-            ],
-        );
-        let metrics = process.metrics_addr().await;
-        replicas.push(Replica {
-            id,
-            process,
-            metrics,
-        });
+        let env = [
+            ("CONNECTOR_HOST_FLEET_MEMBER", id),
+            ("FLEET_TOKEN", token.as_str()),
+        ];
+        replicas.push(Replica::spawn(id, &["--config", path], &env).await);
     }
     let ids = ["h0", "h1"];
     let first = keys_of("acme", "a-", 30);
@@ -416,15 +385,8 @@ async fn a_reload_changes_the_fleet_s_list_and_leaves_the_rest_untouched() {
         );
     }
     for r in &replicas {
-        let text = r.metrics_text().await;
-        assert!(
-            has_line(
-                &text,
-                "connector_host_config_reloads_total{outcome=\"ok\"} 1"
-            ),
-            "{}:\n{text}",
-            r.id
-        );
+        r.assert_metrics(&["connector_host_config_reloads_total{outcome=\"ok\"} 1"])
+            .await;
         let share = expected(&second, &ids)
             .get(r.id)
             .cloned()
@@ -462,12 +424,13 @@ async fn not_ready_and_hosting_nothing_until_etcd_answers() {
         "2",
         "--auth-token",
         "tok-h0",
-        "--metrics-addr",
-        "127.0.0.1:0",
     ];
     args.extend(FAST);
-    let mut process = Host::spawn(&args, &[("CONNECTOR_HOST_FLEET", fleet.as_str())]);
-    let metrics = process.metrics_addr().await;
+    let Replica {
+        mut process,
+        metrics,
+        ..
+    } = Replica::spawn("h0", &args, &[("CONNECTOR_HOST_FLEET", fleet.as_str())]).await;
     // etcd is not there: the join fails (logged), nothing is hosted.
     process.line_with("fleet: cannot join; retrying").await;
     let ready = get(metrics, "/ready").await;
@@ -478,8 +441,10 @@ async fn not_ready_and_hosting_nothing_until_etcd_answers() {
         ready.body
     );
     let text = get(metrics, "/metrics").await.body;
-    assert!(has_line(&text, "connector_host_fleet_members 0"), "{text}");
-    assert!(has_line(&text, "connector_host_ready 0"), "{text}");
+    support::assert_lines(
+        &text,
+        &["connector_host_fleet_members 0", "connector_host_ready 0"],
+    );
     let list = get(metrics, "/registrations").await.body;
     assert_eq!(list, "[]", "nothing hosted before joining");
     assert!(engine.registrations().is_empty(), "nothing registered");
@@ -495,7 +460,6 @@ async fn not_ready_and_hosting_nothing_until_etcd_answers() {
         "{}",
         ready.body
     );
-    let (code, stdout, stderr) = process.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    process.stop_ok().await;
     monitor.assert_clean(&engine);
 }

@@ -21,30 +21,13 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     let server = grpc_server().await;
     let engine = server.engine().clone();
     let url = server.url();
-    let mut host = Host::spawn(
-        &[
-            "--url",
-            &url,
-            "--count",
-            "5",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            LOG,
-        ],
-        &[],
-    );
+    let mut host = Host::with_metrics(&url, "5", &[]);
     let addr = host.metrics_addr().await;
     engine.wait_for_active(5, WAIT).await.expect("5 active");
     let keys = engine.active_keys();
     assert_eq!(keys, self::keys(5, None));
     one_execute_each(&engine, &keys).await;
-    let failed = engine
-        .send_execute(&keys[0], json_execute("f", "fail", "{}"))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
+    let failed = execute(&engine, &keys[0], json_execute("f", "fail", "{}")).await;
     assert!(!failed.success);
 
     let metrics = get(addr, "/metrics").await;
@@ -61,32 +44,34 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     for (i, key) in keys.iter().enumerate() {
         // The first key also answered the `fail`.
         let answered = if i == 0 { 2 } else { 1 };
-        for line in [
-            format!(r#"connector_client_executes{{registration="{key}",outcome="success"}} 1"#),
-            format!(r#"connector_client_active{{registration="{key}"}} 1"#),
-            format!(
-                r#"connector_client_connection_attempts{{registration="{key}",outcome="succeeded"}} 1"#
-            ),
-            format!(
-                r#"connector_client_execute_duration_count{{registration="{key}"}} {answered}"#
-            ),
-        ] {
-            assert!(has_line(body, &line), "{line} missing from:\n{body}");
-        }
+        assert_lines(
+            body,
+            &[
+                format!(r#"connector_client_executes{{registration="{key}",outcome="success"}} 1"#),
+                format!(r#"connector_client_active{{registration="{key}"}} 1"#),
+                format!(
+                    r#"connector_client_connection_attempts{{registration="{key}",outcome="succeeded"}} 1"#
+                ),
+                format!(
+                    r#"connector_client_execute_duration_count{{registration="{key}"}} {answered}"#
+                ),
+            ],
+        );
     }
-    for line in [
-        r#"connector_client_executes{registration="demo.echo.echo-0",outcome="handler"} 1"#,
-        r#"connector_host_registrations{state="active"} 5"#,
-        r#"connector_host_registrations{state="stopped"} 0"#,
-        r#"connector_host_registrations{state="backoff"} 0"#,
-        "connector_host_connections 1",
-        "connector_host_streams 5",
-        "connector_host_ready 1",
-        "# TYPE connector_client_execute_duration histogram",
-        "# TYPE connector_host_registrations gauge",
-    ] {
-        assert!(has_line(body, line), "{line} missing from:\n{body}");
-    }
+    assert_lines(
+        body,
+        &[
+            r#"connector_client_executes{registration="demo.echo.echo-0",outcome="handler"} 1"#,
+            r#"connector_host_registrations{state="active"} 5"#,
+            r#"connector_host_registrations{state="stopped"} 0"#,
+            r#"connector_host_registrations{state="backoff"} 0"#,
+            "connector_host_connections 1",
+            "connector_host_streams 5",
+            "connector_host_ready 1",
+            "# TYPE connector_client_execute_duration histogram",
+            "# TYPE connector_host_registrations gauge",
+        ],
+    );
     assert!(
         body.contains("# HELP connector_client_executes "),
         "descriptions are rendered:\n{body}"
@@ -131,8 +116,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     let ready = get(addr, "/ready?after=abuse").await;
     assert_eq!(ready.status, 200, "{ready:?}");
 
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let (stdout, stderr) = host.stop_ok().await;
     assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     server.stop().await;
@@ -147,19 +131,7 @@ async fn ready_is_503_while_a_registration_is_rejected() {
         &rejected.parse().expect("a key"),
         ApprovalPolicy::Reject(RejectReason::Denied),
     );
-    let mut host = Host::spawn(
-        &[
-            "--url",
-            &server.url(),
-            "--count",
-            "5",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            LOG,
-        ],
-        &[],
-    );
+    let mut host = Host::with_metrics(&server.url(), "5", &[]);
     let addr = host.metrics_addr().await;
     engine.wait_for_active(4, WAIT).await.expect("4 active");
     let active = engine.active_keys();
@@ -180,24 +152,16 @@ async fn ready_is_503_while_a_registration_is_rejected() {
     let head = http(addr, b"HEAD /ready HTTP/1.1\r\n\r\n", false).await;
     assert_eq!((head.status, head.body.as_str()), (503, ""), "{head:?}");
     let metrics = get(addr, "/metrics").await;
-    for line in [
-        r#"connector_host_registrations{state="active"} 4"#,
-        "connector_host_ready 0",
-    ] {
-        assert!(
-            has_line(&metrics.body, line),
-            "{line} in:\n{}",
-            metrics.body
-        );
-    }
+    assert_lines(
+        &metrics.body,
+        &[
+            r#"connector_host_registrations{state="active"} 4"#,
+            "connector_host_ready 0",
+        ],
+    );
 
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let row = stdout
-        .lines()
-        .find(|l| l.starts_with(rejected))
-        .unwrap_or_else(|| panic!("no row for {rejected}:\n{stdout}"));
-    assert_eq!(row.split_whitespace().nth(1), Some("stopped"), "{stdout}");
+    let (stdout, _) = host.stop_ok().await;
+    assert_rows(&stdout, &[rejected], "stopped");
     assert!(
         stdout.contains("DENIED"),
         "the stop reason is printed: {stdout}"
@@ -256,18 +220,20 @@ async fn three_shards_cover_thirty_registrations_exactly_once() {
         );
     }
     for host in hosts {
-        let (code, stdout, stderr) = host.stop().await;
-        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        host.stop_ok().await;
     }
     server.stop().await;
 }
 
 #[tokio::test]
-async fn bad_shard_settings_are_one_line_and_exit_2() {
+async fn bad_shard_and_metrics_settings_are_one_line_and_exit_2() {
     let url = ["--url", "grpc://127.0.0.1:1"];
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let in_use = [url[0], url[1], "--metrics-addr", &taken];
     /// What is wrong, the arguments, the environment, what the error names.
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 9] = [
+    let cases: [Case<'_>; 10] = [
         ("--shard 3/3", &["--shard", "3/3"], &[], "3/3"),
         ("--shard 1/0", &["--shard", "1/0"], &[], "1/0"),
         ("--shard x", &["--shard", "x"], &[], "expected I/N"),
@@ -307,24 +273,13 @@ async fn bad_shard_settings_are_one_line_and_exit_2() {
             &[],
             "HOST:PORT",
         ),
+        ("a metrics address in use", &in_use, &[], "cannot listen"),
     ];
     for (what, args, env, needle) in cases {
         let (code, stdout, stderr) = run(args, env).await;
         assert!(stdout.is_empty(), "{what}: nothing started: {stdout}");
         assert_one_line_config_error(what, code, &stderr, needle);
     }
-}
-
-#[tokio::test]
-async fn a_metrics_address_in_use_is_one_line_and_exit_2() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = taken.local_addr().expect("addr").to_string();
-    let (code, _, stderr) = run(
-        &["--url", "grpc://127.0.0.1:1", "--metrics-addr", &addr],
-        &[],
-    )
-    .await;
-    assert_one_line_config_error("address in use", code, &stderr, "cannot listen");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,8 +326,7 @@ async fn statefulset_ordinal_hosts_the_same_keys_as_the_explicit_shard() {
             .await
             .expect("the shard's keys active");
         seen.push(engine.active_keys());
-        let (code, stdout, stderr) = host.stop().await;
-        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        let (stdout, _) = host.stop_ok().await;
         assert!(
             stdout.contains(&format!("total ({})", expected.len())),
             "{stdout}"
@@ -393,41 +347,23 @@ async fn a_shard_that_owns_nothing_idles_ready_until_sigterm() {
         .expect("one shard owns nothing");
     let server = grpc_server().await;
     let shard = idle.to_string();
-    let mut host = Host::spawn(
-        &[
-            "--url",
-            &server.url(),
-            "--count",
-            "1",
-            "--shard",
-            &shard,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log",
-            LOG,
-        ],
-        &[],
-    );
+    let mut host = Host::with_metrics(&server.url(), "1", &["--shard", &shard]);
     let addr = host.metrics_addr().await;
     host.line_with("owns none of the 1 registrations").await;
     let ready = get(addr, "/ready").await;
     assert_eq!(ready.status, 200, "{ready:?}");
     assert!(ready.body.starts_with("ready"), "{ready:?}");
     let metrics = get(addr, "/metrics").await;
-    for line in [
-        r#"connector_host_registrations{state="active"} 0"#,
-        "connector_host_connections 0",
-        "connector_host_ready 1",
-    ] {
-        assert!(
-            has_line(&metrics.body, line),
-            "{line} in:\n{}",
-            metrics.body
-        );
-    }
+    assert_lines(
+        &metrics.body,
+        &[
+            r#"connector_host_registrations{state="active"} 0"#,
+            "connector_host_connections 0",
+            "connector_host_ready 1",
+        ],
+    );
     assert_eq!(server.total_connections_accepted(), 0);
-    let (code, stdout, stderr) = host.stop().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let (stdout, _) = host.stop_ok().await;
     assert!(stdout.contains("total (0)"), "{stdout}");
     assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
     server.stop().await;
@@ -447,45 +383,20 @@ async fn the_demo_serves_metrics_too() {
         &[],
     );
     host.metrics_addr().await;
-    let (code, stdout, stderr) = host.finish().await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let (stdout, _) = host.finish_ok().await;
     assert!(stdout.contains("2 active"), "{stdout}");
 }
 
 #[tokio::test]
 async fn every_flag_can_come_from_the_environment() {
-    let (code, stdout, _) = run(&["--help"], &[]).await;
-    assert_eq!(code, 0);
-    for var in [
-        "CONNECTOR_HOST_URL",
-        "CONNECTOR_HOST_COUNT",
-        "CONNECTOR_HOST_TENANT",
-        "CONNECTOR_HOST_CONNECTOR_TYPE",
-        "CONNECTOR_HOST_INSTANCE_PREFIX",
-        "CONNECTOR_HOST_AUTH_TOKEN",
-        "CONNECTOR_HOST_MAX_STREAMS_PER_CHANNEL",
-        "CONNECTOR_HOST_MAX_CONCURRENT_REQUESTS",
-        "CONNECTOR_HOST_HEARTBEAT_INTERVAL_MS",
-        "CONNECTOR_HOST_HEARTBEAT_TIMEOUT_MS",
-        "CONNECTOR_HOST_RECONNECT_DELAY_MS",
-        "CONNECTOR_HOST_MAX_BACKOFF_MS",
-        "CONNECTOR_HOST_JITTER_MS",
-        "CONNECTOR_HOST_NO_RECONNECT",
-        "CONNECTOR_HOST_DURATION_SECS",
-        "CONNECTOR_HOST_CA_CERT",
-        "CONNECTOR_HOST_LOG",
-        "CONNECTOR_HOST_TRANSPORT",
-        "CONNECTOR_HOST_PROXY",
-        "CONNECTOR_HOST_METRICS_ADDR",
-        "CONNECTOR_HOST_SHARD",
-        "CONNECTOR_HOST_SHARDS",
-    ] {
-        assert!(stdout.contains(var), "{var} missing from --help:\n{stdout}");
+    let (help, _) = run_ok(&["--help"], &[]).await;
+    for var in FLAGS.map(env_var) {
+        assert!(help.contains(&var), "{var} missing from --help:\n{help}");
     }
 
     // The demo configured by variables alone; a bad variable is exit 2,
     // named like its flag.
-    let (code, stdout, stderr) = run(
+    let (stdout, _) = run_ok(
         &[],
         &[
             ("CONNECTOR_HOST_COUNT", "2"),
@@ -495,18 +406,16 @@ async fn every_flag_can_come_from_the_environment() {
         ],
     )
     .await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("envt.echo.echo-1"), "{stdout}");
     assert!(stdout.contains("TCP connections used: 2"), "{stdout}");
     let (code, _, stderr) = run(&[], &[("CONNECTOR_HOST_COUNT", "lots")]).await;
     assert_one_line_config_error("bad CONNECTOR_HOST_COUNT", code, &stderr, "--count");
     // A flag on the command line wins over its variable.
-    let (code, stdout, stderr) = run(
+    let (stdout, _) = run_ok(
         &["--count", "1", "--log", "warn"],
         &[("CONNECTOR_HOST_COUNT", "lots")],
     )
     .await;
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("total (1)"), "{stdout}");
 }
 
@@ -517,8 +426,7 @@ async fn the_statefulset_manifest_uses_real_variables_and_routes() {
         "/deploy/statefulset.yaml"
     ))
     .expect("read deploy/statefulset.yaml");
-    let (code, help, _) = run(&["--help"], &[]).await;
-    assert_eq!(code, 0);
+    let (help, _) = run_ok(&["--help"], &[]).await;
     let vars: BTreeSet<&str> = manifest
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("CONNECTOR_HOST_"))

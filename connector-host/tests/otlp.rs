@@ -8,7 +8,8 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_core::proto::ExecuteRequest;
+use connector_testkit::harness::json_execute;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -18,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 mod support;
-use support::{grpc_server, Host, LOG, WAIT};
+use support::{execute_ok, grpc_server, Host, LOG, WAIT};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
@@ -106,10 +107,6 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
     let key = "demo.echo.echo-0";
     let reg_key = &key.parse().expect("a key");
     let traced = ExecuteRequest {
-        request_id: "traced-1".into(),
-        payload: b"{\"x\":1}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: "echo".into(),
         context: [(
             "traceparent".to_string(),
             format!("00-{TRACE_ID}-{PARENT_ID}-01"),
@@ -117,30 +114,15 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
         .into_iter()
         .collect(),
         timeout_ms: 0,
+        ..json_execute("traced-1", "echo", r#"{"x":1}"#)
     };
-    let r = server
-        .engine()
-        .send_execute(reg_key, traced)
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert!(r.success, "{r:?}");
     let plain = ExecuteRequest {
-        request_id: "plain-1".into(),
-        payload: b"{}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: "echo".into(),
-        ..Default::default()
+        timeout_ms: 0,
+        ..json_execute("plain-1", "echo", "{}")
     };
-    let r = server
-        .engine()
-        .send_execute(reg_key, plain)
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert!(r.success, "{r:?}");
+    for request in [traced, plain] {
+        execute_ok(server.engine(), reg_key, request).await;
+    }
     // A graceful stop flushes the batch.
     let (code, _, stderr) = host.stop().await;
     assert_eq!(code, 0, "{stderr}");
@@ -163,6 +145,8 @@ async fn execute_spans_are_exported_as_children_of_the_servers_trace() {
             collector.spans.lock().expect("lock")
         )
     });
+    let executes = spans.iter().filter(|s| s.name == "execute").count();
+    assert_eq!(executes, 2, "one execute span per request: {spans:?}");
     let by_id = |id: &str| {
         spans
             .iter()

@@ -22,10 +22,11 @@ use connector_core::{
 };
 use connector_grpc::GrpcTransport;
 use connector_host::EchoConnector;
-use connector_testkit::{ApprovalPolicy, GrpcTestServer, ServerEvent};
+use connector_testkit::harness::Running;
+use connector_testkit::{ApprovalPolicy, GrpcTestServer, TestServer};
 
 mod support;
-use support::{grpc_server, Host, LOG, WAIT};
+use support::{grpc_server, registers, temp_dir, Host, LOG, WAIT};
 
 const KEY: &str = "rot.echo.i0";
 
@@ -78,11 +79,25 @@ fn assert_no_token_logged(tokens: &[&str]) {
     }
 }
 
-fn dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ch-token-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// `token` in a directory of the test's own (`name`): its path.
+fn token_file(name: &str, token: Option<&str>) -> PathBuf {
+    let file = temp_dir("ch-token", name).join("token");
+    if let Some(token) = token {
+        rewrite(&file, token);
+    }
+    file
+}
+
+/// The server holds an approved stream for [`KEY`] whose register carried
+/// `token`.
+fn approved_with(token: &str) -> impl Fn(&TestServer) -> bool + '_ {
+    move |s| {
+        s.registrations().iter().any(|r| {
+            r.key == KEY
+                && r.status == RegistrationStatus::Approved
+                && r.register.auth_token == token
+        })
+    }
 }
 
 /// Rewrites atomically (write + rename), as Kubernetes and most rotators do.
@@ -94,8 +109,7 @@ fn rewrite(path: &Path, token: &str) {
 
 struct Run {
     server: GrpcTestServer,
-    runner: MultiConnectorRunner,
-    task: tokio::task::JoinHandle<Result<(), connector_core::ConnectorError>>,
+    running: Running,
 }
 
 impl Run {
@@ -118,20 +132,24 @@ impl Run {
             options,
             GrpcTransport::new(),
         );
-        let task = tokio::spawn({
-            let runner = runner.clone();
-            async move { runner.run().await }
-        });
         Self {
             server,
-            runner,
-            task,
+            running: Running::start(runner),
         }
+    }
+
+    /// Started with a file holding `token`, under a server that holds the
+    /// register pending (and does by the time this returns).
+    async fn pending_with(name: &str, token: &str) -> (Self, PathBuf) {
+        let file = token_file(name, Some(token));
+        let run = Self::start(&file, ApprovalPolicy::Pending).await;
+        run.wait_pending().await;
+        (run, file)
     }
 
     fn handle(&self) -> connector_core::RegistrationHandle {
         let key: RegistrationKey = RegistrationKey::new("rot", "echo", "i0").expect("key");
-        self.runner.registration(&key).expect("hosted")
+        self.running.runner().registration(&key).expect("hosted")
     }
 
     /// Waits for an approved stream whose register carried `token`.
@@ -139,13 +157,7 @@ impl Run {
         let ok = self
             .server
             .engine()
-            .wait_until(WAIT, |s| {
-                s.registrations().iter().any(|r| {
-                    r.key == KEY
-                        && r.status == RegistrationStatus::Approved
-                        && r.register.auth_token == token
-                })
-            })
+            .wait_until(WAIT, approved_with(token))
             .await;
         assert!(
             ok.is_ok(),
@@ -172,31 +184,17 @@ impl Run {
     }
 
     fn registers(&self) -> usize {
-        self.server
-            .engine()
-            .events()
-            .iter()
-            .filter(|e| matches!(e, ServerEvent::Registered { key, .. } if key == KEY))
-            .count()
+        registers(self.server.engine(), KEY)
     }
 
     async fn stop(self) {
-        self.runner.shutdown_handle().shutdown();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("stops in time")
-            .expect("no panic")
-            .expect("clean stop");
+        self.running.stop().await.expect("clean stop");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill() {
-    let dir = dir("rewrite");
-    let file = dir.join("token");
-    rewrite(&file, "rot-token-one");
-    let run = Run::start(&file, ApprovalPolicy::Pending).await;
-    run.wait_pending().await;
+    let (run, file) = Run::pending_with("rewrite", "rot-token-one").await;
     assert_eq!(live_token(&run), "rot-token-one");
 
     // Rotated while the server holds the register; then the session
@@ -234,7 +232,11 @@ async fn a_rewritten_token_file_is_sent_after_session_expired_and_after_a_kill()
     // Rotated again; the connection dies: the reconnect reads it, beside
     // the session token the server issued.
     rewrite(&file, "rot-token-three");
-    assert!(run.server.kill_all_connections() > 0);
+    assert_eq!(
+        run.server.kill_all_connections(),
+        1,
+        "one registration, one connection"
+    );
     run.wait_approved_with("rot-token-three").await;
     assert!(run
         .server
@@ -258,11 +260,7 @@ fn live_token(run: &Run) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_credentials_is_retried_once_with_the_newer_token() {
-    let dir = dir("invalid");
-    let file = dir.join("token");
-    rewrite(&file, "inv-token-old");
-    let run = Run::start(&file, ApprovalPolicy::Pending).await;
-    run.wait_pending().await;
+    let (run, file) = Run::pending_with("invalid", "inv-token-old").await;
     // The token rotates while the server is checking the old one.
     rewrite(&file, "inv-token-new");
     run.server
@@ -281,7 +279,11 @@ async fn invalid_credentials_is_retried_once_with_the_newer_token() {
         &key(),
         ApprovalPolicy::Reject(RejectReason::InvalidCredentials),
     );
-    assert!(run.server.kill_all_connections() > 0);
+    assert_eq!(
+        run.server.kill_all_connections(),
+        1,
+        "one registration, one connection"
+    );
     let state = run
         .handle()
         .wait_for(WAIT, |s| s.is_stopped())
@@ -304,8 +306,7 @@ async fn invalid_credentials_is_retried_once_with_the_newer_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_token_source_backs_off_with_a_clear_error_then_recovers() {
-    let dir = dir("missing");
-    let file = dir.join("token");
+    let file = token_file("missing", None);
     let run = Run::start(&file, ApprovalPolicy::Approve).await;
     let handle = run.handle();
     let mut events = handle.events();
@@ -347,10 +348,8 @@ async fn a_failing_token_source_backs_off_with_a_clear_error_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connector_host_rereads_auth_token_file_before_every_register() {
     let server = grpc_server().await;
-    let dir = dir("host");
-    let token = dir.join("token");
-    rewrite(&token, "host-token-one");
-    let config = dir.join("host.toml");
+    let token = token_file("host", Some("host-token-one"));
+    let config = token.with_file_name("host.toml");
     std::fs::write(
         &config,
         format!(
@@ -373,28 +372,22 @@ auth_token_file = "{token}"
     .expect("config");
     let config_arg = config.to_string_lossy().into_owned();
     let host = Host::spawn(&["--config", &config_arg, "--log", LOG], &[]);
-    let with = |t: &'static str| {
-        move |s: &connector_testkit::TestServer| {
-            s.registrations().iter().any(|r| {
-                r.key == KEY
-                    && r.status == RegistrationStatus::Approved
-                    && r.register.auth_token == t
-            })
-        }
-    };
     server
         .engine()
-        .wait_until(WAIT, with("host-token-one"))
+        .wait_until(WAIT, approved_with("host-token-one"))
         .await
         .expect("registered with the first token");
     rewrite(&token, "host-token-two");
-    assert!(server.kill_all_connections() > 0);
+    assert_eq!(
+        server.kill_all_connections(),
+        1,
+        "one registration, one connection"
+    );
     server
         .engine()
-        .wait_until(WAIT, with("host-token-two"))
+        .wait_until(WAIT, approved_with("host-token-two"))
         .await
         .expect("the reconnect carries the rewritten token, no SIGHUP");
-    let (code, _, stderr) = host.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    let (_, stderr) = host.stop_ok().await;
     assert!(!stderr.contains("host-token-"), "{stderr}");
 }

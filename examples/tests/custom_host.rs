@@ -2,9 +2,7 @@
 //! library's entry point with the same flags as `connector-host`, hosting
 //! the example's `kv` type over gRPC and WebSocket.
 
-use std::time::Duration;
-
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_testkit::harness::{json_execute, WAIT};
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
@@ -17,34 +15,23 @@ use connector_testkit::{
 #[path = "../examples/custom_host.rs"]
 mod custom_host;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn request(id: &str, capability: &str, payload: serde_json::Value) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: payload.to_string().into_bytes().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        timeout_ms: 10_000,
-        ..Default::default()
-    }
-}
-
-async fn call(
+/// Sends `cap` with `payload` to `key` and waits for the answer.
+async fn send(
     engine: &TestServer,
     key: &str,
     id: &str,
     cap: &str,
     payload: serde_json::Value,
-) -> serde_json::Value {
-    let r = engine
-        .send_execute(&key.parse().expect("a key"), request(id, cap, payload))
+) -> connector_core::proto::ExecuteResponse {
+    engine
+        .send_execute(
+            &key.parse().expect("a key"),
+            json_execute(id, cap, &payload.to_string()),
+        )
         .expect("sent")
         .wait(WAIT)
         .await
-        .expect("answered");
-    assert!(r.success, "{key} {cap}: {}", r.error);
-    serde_json::from_slice(&r.payload).expect("JSON result")
+        .expect("answered")
 }
 
 /// Runs the example's host against `url` and checks `put`/`get`.
@@ -77,44 +64,51 @@ async fn kv_story(engine: &TestServer, url: String) {
         .wait_for_active(2, WAIT)
         .await
         .expect("both kv registrations active");
-    let put = call(
+    // The key, request id, capability, payload, and the JSON result.
+    for (key, id, cap, payload, result) in [
+        (
+            "acme.kv.kv-0",
+            "p",
+            "put",
+            serde_json::json!({"key": "k", "value": [1, "two"]}),
+            serde_json::json!({}),
+        ),
+        (
+            "acme.kv.kv-0",
+            "g",
+            "get",
+            serde_json::json!({"key": "k"}),
+            serde_json::json!({"value": [1, "two"]}),
+        ),
+        // Each registration has its own store.
+        (
+            "acme.kv.kv-1",
+            "g1",
+            "get",
+            serde_json::json!({"key": "k"}),
+            serde_json::json!({"value": null}),
+        ),
+    ] {
+        let r = send(engine, key, id, cap, payload).await;
+        assert!(r.success, "{key} {cap}: {}", r.error);
+        let got: serde_json::Value = serde_json::from_slice(&r.payload).expect("JSON result");
+        assert_eq!(got, result, "{key} {cap}");
+    }
+    let unknown = send(
         engine,
         "acme.kv.kv-0",
-        "p",
-        "put",
-        serde_json::json!({"key": "k", "value": [1, "two"]}),
-    )
-    .await;
-    assert_eq!(put, serde_json::json!({}));
-    let got = call(
-        engine,
-        "acme.kv.kv-0",
-        "g",
-        "get",
+        "u",
+        "delete",
         serde_json::json!({"key": "k"}),
     )
     .await;
-    assert_eq!(got, serde_json::json!({"value": [1, "two"]}));
-    // Each registration has its own store.
-    let other = call(
-        engine,
-        "acme.kv.kv-1",
-        "g1",
-        "get",
-        serde_json::json!({"key": "k"}),
-    )
-    .await;
-    assert_eq!(other, serde_json::json!({"value": null}));
-    let unknown = engine
-        .send_execute(
-            &"acme.kv.kv-0".parse().expect("a key"),
-            request("u", "delete", serde_json::json!({"key": "k"})),
-        )
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
     assert!(!unknown.success);
+    assert_eq!(
+        unknown.error_kind(),
+        connector_core::proto::ExecuteErrorKind::UnknownCapability,
+        "{}",
+        unknown.error
+    );
     stop_tx.send(()).expect("host still running");
     let code = tokio::time::timeout(WAIT, host)
         .await

@@ -7,22 +7,19 @@
 //! server binds `127.0.0.1:0`, so such tests run in parallel safely.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use connector_core::proto::{
-    Capability, ExecuteErrorKind, ExecuteRequest, ExecuteResponse, PayloadEncoding,
-};
+use connector_core::proto::{Capability, ExecuteErrorKind, ExecuteResponse};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
-    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationState,
+    ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, RegistrationState,
 };
 use connector_grpc::GrpcTransport;
+// `WAIT` bounds every wait: generous, because CI machines are slow, and
+// only reached when something is broken. `Running` is a runner running on
+// a task that stops cleanly; `json_execute` builds a JSON execute request.
+use connector_testkit::harness::{json_execute, Running, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
-
-/// The bound on every wait: generous, because CI machines are slow, and
-/// only reached when something is broken.
-const WAIT: Duration = Duration::from_secs(20);
 
 /// The user's connector: stock levels by SKU.
 struct Inventory {
@@ -60,15 +57,21 @@ impl BaseConnector for Inventory {
     }
 }
 
-fn request(id: &str, capability: &str, payload: &str) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability.into(),
-        timeout_ms: 5_000,
-        ..Default::default()
-    }
+/// Sends a JSON execute to `key` as the control plane would, and waits for
+/// the answer.
+async fn execute(
+    engine: &TestServer,
+    key: &RegistrationKey,
+    id: &str,
+    capability: &str,
+    payload: &str,
+) -> ExecuteResponse {
+    engine
+        .send_execute(key, json_execute(id, capability, payload))
+        .expect("sent")
+        .wait(WAIT)
+        .await
+        .expect("answered")
 }
 
 fn json(response: &ExecuteResponse) -> serde_json::Value {
@@ -96,10 +99,7 @@ async fn my_connector_answers_over_real_grpc() {
         options,
         GrpcTransport::new(),
     );
-    let run = tokio::spawn({
-        let runner = runner.clone();
-        async move { runner.run().await }
-    });
+    let running = Running::start(runner);
 
     // 3. Wait for the registration to be approved (the testkit approves by
     //    default; `set_policy` tests pending or rejected flows).
@@ -111,51 +111,45 @@ async fn my_connector_answers_over_real_grpc() {
     assert_eq!(registered[0].register.capabilities[0].id, "stock");
 
     // 4. Executes, as the control plane would send them.
-    let ok = engine
-        .send_execute(&key, request("r1", "stock", r#"{"sku": "A-1"}"#))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
+    let ok = execute(&engine, &key, "r1", "stock", r#"{"sku": "A-1"}"#).await;
     assert!(ok.success, "{}", ok.error);
     assert_eq!(json(&ok), serde_json::json!({"sku": "A-1", "count": 3}));
 
-    let unknown_sku = engine
-        .send_execute(&key, request("r2", "stock", r#"{"sku": "Z-9"}"#))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert!(!unknown_sku.success);
-    assert_eq!(unknown_sku.error_kind(), ExecuteErrorKind::Handler);
-    assert!(unknown_sku.error.contains("Z-9"), "{}", unknown_sku.error);
-
-    let wrong_shape = engine
-        .send_execute(&key, request("r3", "stock", r#"{"id": 1}"#))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert_eq!(wrong_shape.error_kind(), ExecuteErrorKind::BadPayload);
-
-    // The SDK answers these without calling the connector.
-    let not_json = engine
-        .send_execute(&key, request("r4", "stock", "{sku"))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert_eq!(not_json.error_kind(), ExecuteErrorKind::BadPayload);
-    let unknown = engine
-        .send_execute(&key, request("r5", "restock", "{}"))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert_eq!(unknown.error_kind(), ExecuteErrorKind::UnknownCapability);
+    // Failures: the request id, capability and payload, the kind of error
+    // and what its message names.
+    for (id, capability, payload, kind, names) in [
+        (
+            "r2",
+            "stock",
+            r#"{"sku": "Z-9"}"#,
+            ExecuteErrorKind::Handler,
+            "Z-9",
+        ),
+        (
+            "r3",
+            "stock",
+            r#"{"id": 1}"#,
+            ExecuteErrorKind::BadPayload,
+            "",
+        ),
+        // The SDK answers these two without calling the connector.
+        ("r4", "stock", "{sku", ExecuteErrorKind::BadPayload, ""),
+        (
+            "r5",
+            "restock",
+            "{}",
+            ExecuteErrorKind::UnknownCapability,
+            "",
+        ),
+    ] {
+        let failed = execute(&engine, &key, id, capability, payload).await;
+        assert!(!failed.success, "{id}");
+        assert_eq!(failed.error_kind(), kind, "{id}: {}", failed.error);
+        assert!(failed.error.contains(names), "{id}: {}", failed.error);
+    }
 
     // 5. The host's own view agrees.
-    let handle = runner.registration(&key).expect("hosted");
+    let handle = running.runner().registration(&key).expect("hosted");
     assert_eq!(handle.state(), RegistrationState::Active);
     let metrics = handle.metrics();
     assert_eq!(metrics.requests_succeeded, 1);
@@ -168,11 +162,6 @@ async fn my_connector_answers_over_real_grpc() {
     );
 
     // 6. Graceful shutdown: `run` returns Ok.
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("run returns after shutdown")
-        .expect("the run task did not panic")
-        .expect("a clean stop");
+    running.stop().await.expect("a clean stop");
     server.stop().await;
 }

@@ -334,14 +334,7 @@ impl Engine {
                 Err(e) => Err(FleetError::Etcd(e.to_string())),
             });
         }
-        self.status_tx.send_replace(FleetStatus {
-            state: FleetState::Left,
-            members: 0,
-            owned: 0,
-            last_error: self.last_error.clone(),
-        });
-        metrics::gauge!(METRIC_FLEET_MEMBERS).set(0.0);
-        metrics::gauge!(METRIC_FLEET_OWNED).set(0.0);
+        self.publish_empty(FleetState::Left);
     }
 
     async fn revoke(&mut self, lease: i64) -> Result<(), FleetError> {
@@ -955,15 +948,21 @@ impl Engine {
             host: BTreeSet::new(),
             release: self.closing.keys().cloned().collect(),
         });
+        self.publish_empty(FleetState::Suspended);
+        SessionEnd::Lost
+    }
+
+    /// Publishes `state` with no members and nothing owned (left, or the
+    /// session lost), whatever was published before.
+    fn publish_empty(&self, state: FleetState) {
         self.status_tx.send_replace(FleetStatus {
-            state: FleetState::Suspended,
+            state,
             members: 0,
             owned: 0,
             last_error: self.last_error.clone(),
         });
         metrics::gauge!(METRIC_FLEET_MEMBERS).set(0.0);
         metrics::gauge!(METRIC_FLEET_OWNED).set(0.0);
-        SessionEnd::Lost
     }
 
     /// Publishes the hosted set and the status (without a session: not

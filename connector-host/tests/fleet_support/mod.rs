@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use connector_testkit::TestServer;
+use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
@@ -142,6 +142,23 @@ async fn healthy(port: u16) -> bool {
         timeout(Duration::from_millis(500), probe).await,
         Ok(Some(true))
     )
+}
+
+/// A started etcd, a testkit gRPC server (and its engine) and a monitor on
+/// it; None when etcd is not installed. Test logs go to the test writer
+/// (`RUST_LOG`).
+pub async fn setup(name: &str) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor)> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let etcd = Etcd::start(name).await?;
+    let engine = TestServer::new();
+    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
+        .await
+        .expect("server starts");
+    let monitor = Monitor::start(&engine);
+    Some((etcd, engine, server, monitor))
 }
 
 /// Samples live streams per key on every server change; remembers the

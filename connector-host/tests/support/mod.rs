@@ -4,12 +4,16 @@
 #![allow(unreachable_pub, reason = "a test helper module")]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use connector_core::proto::{ExecuteRequest, ExecuteResponse};
 use connector_core::{RegistrationKey, Shard};
 use connector_testkit::harness::json_execute;
-use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
+use connector_testkit::{
+    GrpcServerOptions, GrpcTestServer, ServerEvent, TestServer, WsServerOptions, WsTestServer,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -75,6 +79,23 @@ impl Host {
         }
     }
 
+    /// `--url URL --count COUNT --metrics-addr 127.0.0.1:0 --log LOG`, then
+    /// `extra`.
+    pub fn with_metrics(url: &str, count: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--url",
+            url,
+            "--count",
+            count,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            LOG,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, &[])
+    }
+
     /// The first stderr line (from now on) that contains `needle`.
     pub async fn line_with(&mut self, needle: &str) -> String {
         let Self { stderr, seen, .. } = self;
@@ -127,6 +148,20 @@ impl Host {
         self.finish().await
     }
 
+    /// [`Host::stop`], asserting exit code 0: stdout and stderr.
+    pub async fn stop_ok(self) -> (String, String) {
+        let (code, stdout, stderr) = self.stop().await;
+        assert_exit(code, 0, &stdout, &stderr);
+        (stdout, stderr)
+    }
+
+    /// [`Host::finish`], asserting exit code 0: stdout and stderr.
+    pub async fn finish_ok(self) -> (String, String) {
+        let (code, stdout, stderr) = self.finish().await;
+        assert_exit(code, 0, &stdout, &stderr);
+        (stdout, stderr)
+    }
+
     /// Waits (at most [`WAIT`]) for the exit: code, stdout, all of stderr.
     pub async fn finish(self) -> (i32, String, String) {
         self.finish_within(WAIT).await
@@ -161,6 +196,44 @@ impl Host {
 /// Runs to completion (configuration errors).
 pub async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     Host::spawn(args, env).finish().await
+}
+
+/// [`run`], asserting exit code 0: stdout and stderr.
+pub async fn run_ok(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
+    Host::spawn(args, env).finish_ok().await
+}
+
+/// Every flag of the contract; each can also come from its variable
+/// ([`env_var`]).
+pub const FLAGS: [&str; 22] = [
+    "--url",
+    "--count",
+    "--tenant",
+    "--connector-type",
+    "--instance-prefix",
+    "--auth-token",
+    "--max-streams-per-channel",
+    "--max-concurrent-requests",
+    "--heartbeat-interval-ms",
+    "--heartbeat-timeout-ms",
+    "--reconnect-delay-ms",
+    "--max-backoff-ms",
+    "--jitter-ms",
+    "--no-reconnect",
+    "--duration-secs",
+    "--ca-cert",
+    "--log",
+    "--transport",
+    "--proxy",
+    "--metrics-addr",
+    "--shard",
+    "--shards",
+];
+
+/// `--max-backoff-ms` → `CONNECTOR_HOST_MAX_BACKOFF_MS`.
+pub fn env_var(flag: &str) -> String {
+    let name = flag.trim_start_matches("--").replace('-', "_");
+    format!("CONNECTOR_HOST_{}", name.to_ascii_uppercase())
 }
 
 #[derive(Debug)]
@@ -212,18 +285,94 @@ pub fn has_line(body: &str, line: &str) -> bool {
     body.lines().any(|l| l == line)
 }
 
+/// The summary table has a row for each of `addresses`, in `state`.
+pub fn assert_rows(stdout: &str, addresses: &[impl ToString], state: &str) {
+    for address in addresses {
+        let address = address.to_string();
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(address.as_str()))
+            .unwrap_or_else(|| panic!("no row for {address} in:\n{stdout}"));
+        assert_eq!(
+            row.split_whitespace().nth(1),
+            Some(state),
+            "row {row:?} in:\n{stdout}"
+        );
+    }
+}
+
+/// `prefix0` … `prefix{n-1}`.
+pub fn addresses(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// Every one of `lines` is a whole line of `body` (a metrics scrape).
+pub fn assert_lines(body: &str, lines: &[impl AsRef<str>]) {
+    for line in lines {
+        let line = line.as_ref();
+        assert!(has_line(body, line), "{line} missing from:\n{body}");
+    }
+}
+
+/// The exit code is `want`; the message shows both streams.
+pub fn assert_exit(code: i32, want: i32, stdout: &str, stderr: &str) {
+    assert_eq!(code, want, "stdout:\n{stdout}\nstderr:\n{stderr}");
+}
+
+/// A directory of its own per test, `{prefix}-{pid}-{name}` in the temp
+/// dir, empty.
+pub fn temp_dir(prefix: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write the file");
+}
+
+/// Sends `req` on `key`'s stream and waits (at most [`WAIT`]) for the
+/// answer, whatever it is.
+pub async fn execute(
+    engine: &TestServer,
+    key: &RegistrationKey,
+    req: ExecuteRequest,
+) -> ExecuteResponse {
+    engine
+        .send_execute(key, req)
+        .expect("sent")
+        .wait(WAIT)
+        .await
+        .expect("answered")
+}
+
+/// [`execute`], asserting the answer is a success.
+pub async fn execute_ok(
+    engine: &TestServer,
+    key: &RegistrationKey,
+    req: ExecuteRequest,
+) -> ExecuteResponse {
+    let r = execute(engine, key, req).await;
+    assert!(r.success, "{key}: {:?}: {}", r.error_kind(), r.error);
+    r
+}
+
+/// How many `register` messages the server has seen for `key`.
+pub fn registers(engine: &TestServer, key: &str) -> usize {
+    engine
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::Registered { key: k, .. } if k == key))
+        .count()
+}
+
 /// One execute answered per key. The host reads its approval before the
 /// execute on the same stream, so afterwards every key is Active on the
 /// host's side too, not only on the server's.
 pub async fn one_execute_each(engine: &TestServer, keys: &[connector_core::RegistrationKey]) {
     for (i, key) in keys.iter().enumerate() {
-        let r = engine
-            .send_execute(key, json_execute(&format!("e{i}"), "echo", "{}"))
-            .expect("sent")
-            .wait(WAIT)
-            .await
-            .expect("answered");
-        assert!(r.success, "{key}: {}", r.error);
+        execute_ok(engine, key, json_execute(&format!("e{i}"), "echo", "{}")).await;
     }
 }
 
@@ -256,6 +405,12 @@ pub fn assert_one_line_config_error(what: &str, code: i32, stderr: &str, needle:
 
 pub async fn grpc_server() -> GrpcTestServer {
     GrpcTestServer::start(TestServer::new(), GrpcServerOptions::default())
+        .await
+        .expect("server starts")
+}
+
+pub async fn ws_server() -> WsTestServer {
+    WsTestServer::start(TestServer::new(), WsServerOptions::default())
         .await
         .expect("server starts")
 }
