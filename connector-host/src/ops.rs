@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use connector_core::metric_names;
+use connector_core::{metric_names, RegistrationState};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -51,20 +51,6 @@ pub(crate) mod names {
     /// Counter: config reloads, label `outcome` = `ok` / `failed`.
     pub(crate) const CONFIG_RELOADS: &str = "connector.host.config_reloads_total";
 }
-
-/// The state names the registrations gauge always reports, so a state that
-/// empties drops to 0 instead of keeping its last value.
-const STATES: [&str; 9] = [
-    "idle",
-    "connecting",
-    "registering",
-    "pending",
-    "active",
-    "draining",
-    "backoff",
-    "paused",
-    "stopped",
-];
 
 /// How long a client may take to send a request head.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +156,9 @@ pub(crate) fn count_reload(ok: bool) {
 
 /// Sets the host-level gauges from the host's counts.
 fn record_host_gauges(host: &Host, counts: &Counts, gate_ok: bool) {
-    for state in STATES {
+    // Every state name, always, so a state that empties drops to 0 instead
+    // of keeping its last value: the core's, plus the host's own "paused".
+    for state in RegistrationState::NAMES.into_iter().chain(["paused"]) {
         metrics::gauge!(names::REGISTRATIONS, "state" => state).set(counts.count(state) as f64);
     }
     let transport = host.runner().summary().transport;
