@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::conn::{ConnRegistry, ConnectionInfo, ServerConnInfo, ServerIo};
 use crate::engine::{ConnectionMeta, TestServer};
 use crate::error::TestkitError;
-use crate::socket_server::{socket_front_end, Listen, Serve, Serving, SocketServer};
+use crate::socket_server::{
+    listen_option_setters, socket_front_end, Listen, Serve, Serving, SocketServer,
+};
 use crate::tls::TestCertificate;
 
 /// Options of a [`GrpcTestServer`].
@@ -37,28 +39,12 @@ pub struct GrpcServerOptions {
     pub bind: Option<SocketAddr>,
 }
 
+listen_option_setters!(GrpcServerOptions);
+
 impl GrpcServerOptions {
     /// Sets [`GrpcServerOptions::max_concurrent_streams`].
     pub fn max_concurrent_streams(mut self, n: u32) -> Self {
         self.max_concurrent_streams = Some(n);
-        self
-    }
-
-    /// Sets [`GrpcServerOptions::tls`].
-    pub fn tls(mut self, cert: TestCertificate) -> Self {
-        self.tls = Some(cert);
-        self
-    }
-
-    /// Sets [`GrpcServerOptions::require_client_cert`].
-    pub fn require_client_cert(mut self, on: bool) -> Self {
-        self.require_client_cert = on;
-        self
-    }
-
-    /// Sets [`GrpcServerOptions::bind`].
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.bind = Some(addr);
         self
     }
 }

@@ -301,3 +301,30 @@ macro_rules! socket_front_end {
     };
 }
 pub(crate) use socket_front_end;
+
+/// The option setters both front-ends' options (structs with `tls`,
+/// `require_client_cert` and `bind` fields) have, written once.
+macro_rules! listen_option_setters {
+    ($ty:ident) => {
+        impl $ty {
+            #[doc = concat!("Sets [`", stringify!($ty), "::tls`].")]
+            pub fn tls(mut self, cert: $crate::TestCertificate) -> Self {
+                self.tls = Some(cert);
+                self
+            }
+
+            #[doc = concat!("Sets [`", stringify!($ty), "::require_client_cert`].")]
+            pub fn require_client_cert(mut self, on: bool) -> Self {
+                self.require_client_cert = on;
+                self
+            }
+
+            #[doc = concat!("Sets [`", stringify!($ty), "::bind`].")]
+            pub fn bind(mut self, addr: ::std::net::SocketAddr) -> Self {
+                self.bind = Some(addr);
+                self
+            }
+        }
+    };
+}
+pub(crate) use listen_option_setters;

@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::conn::{ConnRegistry, ConnectionInfo, ServerIo};
 use crate::engine::{ConnectionMeta, TestServer};
 use crate::error::TestkitError;
-use crate::socket_server::{socket_front_end, Listen, Serve, Serving, SocketServer};
+use crate::socket_server::{
+    listen_option_setters, socket_front_end, Listen, Serve, Serving, SocketServer,
+};
 use crate::tls::TestCertificate;
 
 /// Deadline for a client's HTTP upgrade request, and for its close reply
@@ -51,25 +53,9 @@ pub struct WsServerOptions {
     pub bind: Option<SocketAddr>,
 }
 
+listen_option_setters!(WsServerOptions);
+
 impl WsServerOptions {
-    /// Sets [`WsServerOptions::tls`].
-    pub fn tls(mut self, cert: TestCertificate) -> Self {
-        self.tls = Some(cert);
-        self
-    }
-
-    /// Sets [`WsServerOptions::require_client_cert`].
-    pub fn require_client_cert(mut self, on: bool) -> Self {
-        self.require_client_cert = on;
-        self
-    }
-
-    /// Sets [`WsServerOptions::bind`].
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.bind = Some(addr);
-        self
-    }
-
     /// Sets [`WsServerOptions::max_message_size`].
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
