@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use connector_core::proto::RejectReason;
 use connector_core::{
-    MultiConnectorRunner, ProxySetting, RegistrationState, StopReason, Transport,
+    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, StopReason,
+    Transport,
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
@@ -180,7 +181,7 @@ impl Status {
 
 /// `count` echo registrations `key(0)..` pointed at `url`, running.
 fn start_runner(url: &str, count: usize, transport: impl Transport) -> Running {
-    let options = connector_core::MultiTransportOptions::builder(url)
+    let options = MultiTransportOptions::builder(url)
         .proxy(ProxySetting::Disabled)
         .build()
         .expect("options");
