@@ -14,7 +14,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::conn::{ConnRegistry, ConnectionInfo, ServerConnInfo, ServerIo};
+use crate::conn::{ConnRegistry, ServerConnInfo, ServerIo};
 use crate::engine::{ConnectionMeta, TestServer};
 use crate::error::TestkitError;
 use crate::socket_server::{
@@ -58,7 +58,21 @@ pub struct GrpcTestServer {
     core: Arc<SocketServer>,
 }
 
-socket_front_end!(GrpcTestServer);
+socket_front_end! {
+    GrpcTestServer;
+    /// `grpc://127.0.0.1:PORT`, or `grpcs://localhost:PORT` with TLS (the
+    /// name the test certificate is issued for).
+    url;
+    /// Live TCP connections with their open `Connect` streams.
+    connections;
+    /// Abruptly breaks connection `connection_id`: its socket is reset, so
+    /// the client sees the connection die and every stream on it fail.
+    /// False if no such live connection.
+    kill_connection;
+    /// Stops accepting (the port is released) and kills every connection.
+    /// Returns once tonic has wound down.
+    stop;
+}
 
 impl GrpcTestServer {
     /// Binds `127.0.0.1:0` (or the options' `bind` address) and serves
@@ -81,30 +95,6 @@ impl GrpcTestServer {
         });
         let core = SocketServer::start(engine, listen, serve).await?;
         Ok(GrpcTestServer { core })
-    }
-
-    /// `grpc://127.0.0.1:PORT`, or `grpcs://localhost:PORT` with TLS (the
-    /// name the test certificate is issued for).
-    pub fn url(&self) -> String {
-        self.core.url()
-    }
-
-    /// Live TCP connections with their open `Connect` streams.
-    pub fn connections(&self) -> Vec<ConnectionInfo> {
-        self.core.connections()
-    }
-
-    /// Abruptly breaks connection `connection_id`: its socket is reset, so
-    /// the client sees the connection die and every stream on it fail.
-    /// False if no such live connection.
-    pub fn kill_connection(&self, connection_id: u64) -> bool {
-        self.core.kill_connection(connection_id)
-    }
-
-    /// Stops accepting (the port is released) and kills every connection.
-    /// Returns once tonic has wound down.
-    pub async fn stop(&self) {
-        self.core.stop().await;
     }
 }
 

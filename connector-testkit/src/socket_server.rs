@@ -238,14 +238,20 @@ impl SocketServer {
 }
 
 /// The public methods a front-end (a struct with a `core: Arc<SocketServer>`
-/// field) shares with the other, written once: `addr`, `engine`,
-/// `connection_count`, `total_connections_accepted`,
-/// `wait_for_connection_count`, `kill_all_connections`, `restart`, and a
-/// `Debug` that shows the URL and the live connection count. Each
-/// front-end writes the methods whose docs differ (`url`, `connections`,
-/// `kill_connection`, `stop`) itself.
+/// field) shares with the other, written once: `addr`, `engine`, `url`,
+/// `connections`, `connection_count`, `total_connections_accepted`,
+/// `wait_for_connection_count`, `kill_connection`, `kill_all_connections`,
+/// `stop`, `restart`, and a `Debug` that shows the URL and the live
+/// connection count. The front-end gives the docs of the four whose
+/// meaning differs between the protocols, each above its name.
 macro_rules! socket_front_end {
-    ($ty:ident) => {
+    (
+        $ty:ident;
+        $(#[$url:meta])* url;
+        $(#[$connections:meta])* connections;
+        $(#[$kill:meta])* kill_connection;
+        $(#[$stop:meta])* stop;
+    ) => {
         impl ::std::fmt::Debug for $ty {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.debug_struct(stringify!($ty))
@@ -264,6 +270,26 @@ macro_rules! socket_front_end {
             /// The engine behind the server.
             pub fn engine(&self) -> &$crate::TestServer {
                 self.core.engine()
+            }
+
+            $(#[$url])*
+            pub fn url(&self) -> String {
+                self.core.url()
+            }
+
+            $(#[$connections])*
+            pub fn connections(&self) -> Vec<$crate::ConnectionInfo> {
+                self.core.connections()
+            }
+
+            $(#[$kill])*
+            pub fn kill_connection(&self, connection_id: u64) -> bool {
+                self.core.kill_connection(connection_id)
+            }
+
+            $(#[$stop])*
+            pub async fn stop(&self) {
+                self.core.stop().await;
             }
 
             /// Number of live TCP connections.

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::conn::{ConnRegistry, ConnectionInfo, ServerIo};
+use crate::conn::{ConnRegistry, ServerIo};
 use crate::engine::{ConnectionMeta, TestServer};
 use crate::error::TestkitError;
 use crate::socket_server::{
@@ -89,7 +89,19 @@ pub struct WsTestServer {
     sides: Sides,
 }
 
-socket_front_end!(WsTestServer);
+socket_front_end! {
+    WsTestServer;
+    /// `ws://127.0.0.1:PORT` or, with TLS, `wss://localhost:PORT`; the
+    /// `/v1/connect` path is implied (clients add it).
+    url;
+    /// Live TCP connections (each carries at most one stream).
+    connections;
+    /// Abruptly breaks connection `connection_id` (socket reset, no close
+    /// frame). False if no such live connection.
+    kill_connection;
+    /// Stops accepting (the port is released) and kills every connection.
+    stop;
+}
 
 impl WsTestServer {
     /// Binds `127.0.0.1:0` (or the options' `bind` address) and serves
@@ -131,28 +143,6 @@ impl WsTestServer {
         });
         let core = SocketServer::start(engine, listen, serve).await?;
         Ok(WsTestServer { core, sides })
-    }
-
-    /// `ws://127.0.0.1:PORT` or, with TLS, `wss://localhost:PORT`; the
-    /// `/v1/connect` path is implied (clients add it).
-    pub fn url(&self) -> String {
-        self.core.url()
-    }
-
-    /// Live TCP connections (each carries at most one stream).
-    pub fn connections(&self) -> Vec<ConnectionInfo> {
-        self.core.connections()
-    }
-
-    /// Abruptly breaks connection `connection_id` (socket reset, no close
-    /// frame). False if no such live connection.
-    pub fn kill_connection(&self, connection_id: u64) -> bool {
-        self.core.kill_connection(connection_id)
-    }
-
-    /// Stops accepting (the port is released) and kills every connection.
-    pub async fn stop(&self) {
-        self.core.stop().await;
     }
 
     /// Sends a text frame on the socket of `key`'s newest live stream (a
