@@ -91,13 +91,7 @@ impl ConnRegistry {
                 },
             )
         });
-        (
-            ConnGuard {
-                registry: Arc::clone(self),
-                id,
-            },
-            kill,
-        )
+        (self.guard(id, |m, id| drop(m.remove(&id))), kill)
     }
 
     pub(crate) fn kill(&self, id: u64) -> bool {
@@ -142,9 +136,18 @@ impl ConnRegistry {
                 e.open_streams += 1;
             }
         });
-        StreamGuard {
+        self.guard(id, |m, id| {
+            if let Some(e) = m.get_mut(&id) {
+                e.open_streams = e.open_streams.saturating_sub(1);
+            }
+        })
+    }
+
+    fn guard(self: &Arc<Self>, id: u64, release: fn(&mut BTreeMap<u64, Entry>, u64)) -> Guard {
+        Guard {
             registry: Arc::clone(self),
             id,
+            release,
         }
     }
 
@@ -179,35 +182,26 @@ impl ConnRegistry {
     }
 }
 
-/// Removes its connection from the registry when the socket is dropped.
-pub(crate) struct ConnGuard {
+/// Undoes one registry change of connection `id` when dropped (and
+/// notifies the waiters).
+pub(crate) struct Guard {
     registry: Arc<ConnRegistry>,
     id: u64,
+    release: fn(&mut BTreeMap<u64, Entry>, u64),
 }
 
-impl Drop for ConnGuard {
+impl Drop for Guard {
     fn drop(&mut self) {
-        let id = self.id;
-        self.registry.update(|m| m.remove(&id));
+        let (id, release) = (self.id, self.release);
+        self.registry.update(|m| release(m, id));
     }
 }
+
+/// Removes its connection from the registry when the socket is dropped.
+pub(crate) type ConnGuard = Guard;
 
 /// Uncounts a stream when dropped.
-pub(crate) struct StreamGuard {
-    registry: Arc<ConnRegistry>,
-    id: u64,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let id = self.id;
-        self.registry.update(|m| {
-            if let Some(e) = m.get_mut(&id) {
-                e.open_streams = e.open_streams.saturating_sub(1);
-            }
-        });
-    }
-}
+pub(crate) type StreamGuard = Guard;
 
 /// Identity of an accepted connection, also handed to tonic as its
 /// connect info so the `Connect` handler can read it from the request's
@@ -280,20 +274,38 @@ fn killed_err() -> io::Error {
     )
 }
 
+/// What both socket kinds are.
+trait Io: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+
+impl ServerIo {
+    /// `op` on the socket, or the kill error once killed (`write`: which
+    /// side's kill wait to poll).
+    fn poll_io<R>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        write: bool,
+        op: impl FnOnce(Pin<&mut dyn Io>, &mut Context<'_>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let this = self.get_mut();
+        if this.poll_killed(cx, write) {
+            return Poll::Ready(Err(killed_err()));
+        }
+        let io: &mut dyn Io = match &mut this.io {
+            IoKind::Plain(s) => s,
+            IoKind::Tls(s) => s.as_mut(),
+        };
+        op(Pin::new(io), cx)
+    }
+}
+
 impl AsyncRead for ServerIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.poll_killed(cx, false) {
-            return Poll::Ready(Err(killed_err()));
-        }
-        match &mut this.io {
-            IoKind::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            IoKind::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        self.poll_io(cx, false, |io, cx| io.poll_read(cx, buf))
     }
 }
 
@@ -303,36 +315,15 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.poll_killed(cx, true) {
-            return Poll::Ready(Err(killed_err()));
-        }
-        match &mut this.io {
-            IoKind::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            IoKind::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        self.poll_io(cx, true, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.poll_killed(cx, true) {
-            return Poll::Ready(Err(killed_err()));
-        }
-        match &mut this.io {
-            IoKind::Plain(s) => Pin::new(s).poll_flush(cx),
-            IoKind::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        self.poll_io(cx, true, |io, cx| io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.poll_killed(cx, true) {
-            return Poll::Ready(Err(killed_err()));
-        }
-        match &mut this.io {
-            IoKind::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            IoKind::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        self.poll_io(cx, true, |io, cx| io.poll_shutdown(cx))
     }
 }
 

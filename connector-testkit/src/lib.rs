@@ -60,6 +60,8 @@ pub mod harness;
 mod http1_only;
 mod memory;
 mod proxy;
+#[cfg(any(feature = "grpc", feature = "ws"))]
+mod socket_server;
 mod tls;
 #[cfg(feature = "ws")]
 mod ws_server;

@@ -7,30 +7,28 @@
 //! socket and injects them below the engine.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use connector_proto::{StreamMessage, WS_PATH, WS_SUBPROTOCOL};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
-use crate::conn::{accept_loop, bind_retry, ConnRegistry, ConnectionInfo, ServerIo};
+use crate::conn::{ConnRegistry, ServerIo};
 use crate::engine::{ConnectionMeta, TestServer};
 use crate::error::TestkitError;
+use crate::socket_server::{
+    listen_option_setters, socket_front_end, Listen, Serve, Serving, SocketServer,
+};
 use crate::tls::TestCertificate;
 
 /// Deadline for a client's HTTP upgrade request, and for its close reply
@@ -55,25 +53,9 @@ pub struct WsServerOptions {
     pub bind: Option<SocketAddr>,
 }
 
+listen_option_setters!(WsServerOptions);
+
 impl WsServerOptions {
-    /// Sets [`WsServerOptions::tls`].
-    pub fn tls(mut self, cert: TestCertificate) -> Self {
-        self.tls = Some(cert);
-        self
-    }
-
-    /// Sets [`WsServerOptions::require_client_cert`].
-    pub fn require_client_cert(mut self, on: bool) -> Self {
-        self.require_client_cert = on;
-        self
-    }
-
-    /// Sets [`WsServerOptions::bind`].
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.bind = Some(addr);
-        self
-    }
-
     /// Sets [`WsServerOptions::max_message_size`].
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
@@ -103,46 +85,22 @@ fn lock_sides(sides: &Sides) -> MutexGuard<'_, HashMap<u64, mpsc::UnboundedSende
 /// connection.
 #[derive(Clone)]
 pub struct WsTestServer {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    engine: TestServer,
-    opts: WsServerOptions,
-    addr: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    registry: Arc<ConnRegistry>,
+    core: Arc<SocketServer>,
     sides: Sides,
-    running: Mutex<Option<Running>>,
-    lifecycle: tokio::sync::Mutex<()>,
 }
 
-struct Running {
-    shutdown: CancellationToken,
-    accept: JoinHandle<()>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let running = self
-            .running
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(r) = running {
-            r.shutdown.cancel();
-        }
-        self.registry.kill_all();
-    }
-}
-
-impl fmt::Debug for WsTestServer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WsTestServer")
-            .field("url", &self.url())
-            .field("connections", &self.connection_count())
-            .finish_non_exhaustive()
-    }
+socket_front_end! {
+    WsTestServer;
+    /// `ws://127.0.0.1:PORT` or, with TLS, `wss://localhost:PORT`; the
+    /// `/v1/connect` path is implied (clients add it).
+    url;
+    /// Live TCP connections (each carries at most one stream).
+    connections;
+    /// Abruptly breaks connection `connection_id` (socket reset, no close
+    /// frame). False if no such live connection.
+    kill_connection;
+    /// Stops accepting (the port is released) and kills every connection.
+    stop;
 }
 
 impl WsTestServer {
@@ -152,125 +110,39 @@ impl WsTestServer {
         engine: TestServer,
         opts: WsServerOptions,
     ) -> Result<WsTestServer, TestkitError> {
-        let tls = match &opts.tls {
-            Some(cert) => Some(TlsAcceptor::from(
-                cert.server_config(&[b"http/1.1"], opts.require_client_cert)?,
-            )),
-            None => None,
+        let listen = Listen {
+            bind: opts.bind,
+            tls: opts.tls.as_ref(),
+            alpn: &[b"http/1.1"],
+            require_client_cert: opts.require_client_cert,
+            schemes: ("ws", "wss"),
+            protocol: "WebSocket",
         };
-        let bind = opts
-            .bind
-            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        let listener = TcpListener::bind(bind).await?;
-        let addr = listener.local_addr()?;
-        let server = WsTestServer {
-            inner: Arc::new(Inner {
-                engine,
-                opts,
-                addr,
-                tls,
-                registry: ConnRegistry::new(),
-                sides: Arc::new(Mutex::new(HashMap::new())),
-                running: Mutex::new(None),
-                lifecycle: tokio::sync::Mutex::new(()),
-            }),
-        };
-        server.run(listener);
-        Ok(server)
-    }
-
-    fn run(&self, listener: TcpListener) {
-        let inner = &self.inner;
-        let shutdown = CancellationToken::new();
         let mut config = WebSocketConfig::default();
-        if let Some(max) = inner.opts.max_message_size {
+        if let Some(max) = opts.max_message_size {
             config = config.max_message_size(Some(max)).max_frame_size(Some(max));
         }
-        let engine = inner.engine.clone();
-        let registry = Arc::clone(&inner.registry);
-        let sides = Arc::clone(&inner.sides);
-        let on_conn: Arc<dyn Fn(ServerIo) + Send + Sync> = Arc::new(move |io| {
-            tokio::spawn(serve_socket(
-                io,
-                engine.clone(),
-                Arc::clone(&registry),
-                Arc::clone(&sides),
-                config,
-            ));
+        let sides: Sides = Arc::new(Mutex::new(HashMap::new()));
+        let run_sides = Arc::clone(&sides);
+        let serve: Serve = Box::new(move |engine, registry, _shutdown| {
+            let engine = engine.clone();
+            let registry = Arc::clone(registry);
+            let sides = Arc::clone(&run_sides);
+            Serving {
+                on_conn: Arc::new(move |io| {
+                    tokio::spawn(serve_socket(
+                        io,
+                        engine.clone(),
+                        Arc::clone(&registry),
+                        Arc::clone(&sides),
+                        config,
+                    ));
+                }),
+                task: None,
+            }
         });
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            inner.engine.clone(),
-            Arc::clone(&inner.registry),
-            inner.tls.clone(),
-            shutdown.clone(),
-            on_conn,
-        ));
-        *inner
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Running { shutdown, accept });
-    }
-
-    /// The bound address (the same across restarts).
-    pub fn addr(&self) -> SocketAddr {
-        self.inner.addr
-    }
-
-    /// `ws://127.0.0.1:PORT` or, with TLS, `wss://localhost:PORT`; the
-    /// `/v1/connect` path is implied (clients add it).
-    pub fn url(&self) -> String {
-        match self.inner.tls {
-            Some(_) => format!("wss://localhost:{}", self.inner.addr.port()),
-            None => format!("ws://{}", self.inner.addr),
-        }
-    }
-
-    /// The engine behind the server.
-    pub fn engine(&self) -> &TestServer {
-        &self.inner.engine
-    }
-
-    /// Live TCP connections (each carries at most one stream).
-    pub fn connections(&self) -> Vec<ConnectionInfo> {
-        self.inner.registry.list()
-    }
-
-    /// Number of live TCP connections.
-    pub fn connection_count(&self) -> usize {
-        self.inner.registry.count()
-    }
-
-    /// TCP connections accepted since start (across restarts).
-    pub fn total_connections_accepted(&self) -> u64 {
-        self.inner.registry.accepted()
-    }
-
-    /// Waits until exactly `n` TCP connections are live.
-    pub async fn wait_for_connection_count(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<(), TestkitError> {
-        self.inner
-            .registry
-            .wait_until(
-                timeout,
-                || format!("{n} live WebSocket connections"),
-                |c| c.len() == n,
-            )
-            .await
-    }
-
-    /// Abruptly breaks connection `connection_id` (socket reset, no close
-    /// frame). False if no such live connection.
-    pub fn kill_connection(&self, connection_id: u64) -> bool {
-        self.inner.registry.kill(connection_id)
-    }
-
-    /// Breaks every live connection; returns how many.
-    pub fn kill_all_connections(&self) -> usize {
-        self.inner.registry.kill_all()
+        let core = SocketServer::start(engine, listen, serve).await?;
+        Ok(WsTestServer { core, sides })
     }
 
     /// Sends a text frame on the socket of `key`'s newest live stream (a
@@ -291,42 +163,12 @@ impl WsTestServer {
     }
 
     fn send_side(&self, key: &str, frame: RawFrame) -> bool {
-        let Some(conn) = self.inner.engine.connection_of(key) else {
+        let Some(conn) = self.core.engine().connection_of(key) else {
             return false;
         };
-        lock_sides(&self.inner.sides)
+        lock_sides(&self.sides)
             .get(&conn)
             .is_some_and(|tx| tx.send(frame).is_ok())
-    }
-
-    /// Stops accepting (the port is released) and kills every connection.
-    pub async fn stop(&self) {
-        let _lifecycle = self.inner.lifecycle.lock().await;
-        self.stop_locked().await;
-    }
-
-    async fn stop_locked(&self) {
-        let running = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(r) = running {
-            r.shutdown.cancel();
-            let _ = r.accept.await;
-        }
-        self.inner.registry.kill_all();
-    }
-
-    /// Stops, then serves again on the same port. The engine and its state
-    /// survive.
-    pub async fn restart(&self) -> Result<(), TestkitError> {
-        let _lifecycle = self.inner.lifecycle.lock().await;
-        self.stop_locked().await;
-        let listener = bind_retry(self.inner.addr).await?;
-        self.run(listener);
-        Ok(())
     }
 }
 

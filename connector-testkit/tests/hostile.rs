@@ -5,20 +5,18 @@
 
 mod sdk;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
-use connector_core::proto::{Capability, ExecuteErrorKind, ExecuteRequest, PayloadEncoding};
+use connector_core::proto::{Capability, ExecuteErrorKind};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
     ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
 };
+use connector_testkit::harness::{json_execute, Running, WAIT};
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
 use sdk::AnyServer;
 
-const WAIT: Duration = Duration::from_secs(30);
 const LIMIT: usize = 4 * 1024 * 1024;
 
 /// `echo` echoes; `huge` answers 5 MiB; `loud` fails with 5 MiB of text.
@@ -44,19 +42,25 @@ impl BaseConnector for Hostile {
     }
 }
 
-fn request(id: &str, capability: String) -> ExecuteRequest {
-    ExecuteRequest {
-        request_id: id.into(),
-        payload: b"{}".to_vec().into(),
-        encoding: PayloadEncoding::Json as i32,
-        capability_id: capability,
-        ..Default::default()
-    }
-}
-
-async fn answers_that_would_exceed_the_limit(engine: TestServer, server: AnyServer) {
+/// The story on one transport, against a server of its own.
+async fn answers_that_would_exceed_the_limit(transport: &str) {
+    let engine = TestServer::new();
+    let server = match transport {
+        "grpc" => AnyServer::Grpc(
+            GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
+                .await
+                .expect("server"),
+        ),
+        "ws" => AnyServer::Ws(
+            WsTestServer::start(engine.clone(), WsServerOptions::default())
+                .await
+                .expect("server"),
+        ),
+        other => unreachable!("no {other} transport"),
+    };
+    let key = RegistrationKey::new("acme", "echo", "w0").expect("a key");
     let reg = ConnectorRegistration::new(
-        ConnectorConfig::builder("acme", "echo", "w0")
+        ConnectorConfig::builder(key.tenant_id(), key.connector_type(), key.instance_id())
             .build()
             .expect("valid"),
         Hostile,
@@ -66,33 +70,27 @@ async fn answers_that_would_exceed_the_limit(engine: TestServer, server: AnyServ
         .jitter_seed(Some(5))
         .build()
         .expect("valid");
-    let runner = MultiConnectorRunner::new(vec![reg], options, server.transport());
-    let r = runner.clone();
-    let run = tokio::spawn(async move { r.run().await });
+    let running = Running::start(MultiConnectorRunner::new(
+        vec![reg],
+        options,
+        server.transport(),
+    ));
     engine.wait_for_active(1, WAIT).await.expect("active");
-    let key = &connector_core::RegistrationKey::new("acme", "echo", "w0").expect("a key");
+    let answer = |id: &str, capability: &str| {
+        let sent = engine.send_execute(&key, json_execute(id, capability, "{}"));
+        async move { sent.expect("sent").wait(WAIT).await.expect("answered") }
+    };
 
     // A 1 MB capability id of control characters: Debug-escaped it made a
     // ~6 MB error text that no transport would carry.
-    let cap = "\u{1}".repeat(1 << 20);
-    let a = engine
-        .send_execute(key, request("cap", cap))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
+    let a = answer("cap", &"\u{1}".repeat(1 << 20)).await;
     assert_eq!(a.error_kind, ExecuteErrorKind::UnknownCapability as i32);
     assert!(a.error.len() < 4096, "{} bytes", a.error.len());
     assert!(!a.error.contains('\u{1}'));
 
     // Results over the limit: replaced by a HANDLER error answer that fits.
     for cap in ["huge", "loud"] {
-        let a = engine
-            .send_execute(key, request(cap, cap.into()))
-            .expect("sent")
-            .wait(WAIT)
-            .await
-            .expect("answered");
+        let a = answer(cap, cap).await;
         assert!(!a.success, "{cap}");
         assert!(a.payload.is_empty(), "{cap}");
         assert_eq!(a.error_kind, ExecuteErrorKind::Handler as i32, "{cap}");
@@ -104,43 +102,25 @@ async fn answers_that_would_exceed_the_limit(engine: TestServer, server: AnyServ
         assert!(a.error.len() <= 4096, "{cap}: {} bytes", a.error.len());
     }
     // The registration carried on.
-    let a = engine
-        .send_execute(key, request("after", "echo".into()))
-        .expect("sent")
-        .wait(WAIT)
-        .await
-        .expect("answered");
-    assert!(a.success);
+    assert!(answer("after", "echo").await.success);
 
-    let handle = runner
-        .registration(&RegistrationKey::new("acme", "echo", "w0").expect("valid"))
-        .expect("hosted");
-    let m = handle.metrics();
+    let m = running
+        .runner()
+        .registration(&key)
+        .expect("hosted")
+        .metrics();
     assert_eq!(m.answers_oversized, 2);
     assert_eq!(m.total_disconnects, 0, "no stream was lost to it");
     assert_eq!(engine.stats().duplicate_responses, 0);
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("prompt shutdown")
-        .expect("join")
-        .expect("ok");
+    running.stop().await.expect("ok");
 }
 
 #[tokio::test]
 async fn grpc_answer_that_would_exceed_4_mib_is_replaced_by_one_that_fits() {
-    let engine = TestServer::new();
-    let server = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .expect("server");
-    answers_that_would_exceed_the_limit(engine, AnyServer::Grpc(server)).await;
+    answers_that_would_exceed_the_limit("grpc").await;
 }
 
 #[tokio::test]
 async fn ws_answer_that_would_exceed_4_mib_is_replaced_by_one_that_fits() {
-    let engine = TestServer::new();
-    let server = WsTestServer::start(engine.clone(), WsServerOptions::default())
-        .await
-        .expect("server");
-    answers_that_would_exceed_the_limit(engine, AnyServer::Ws(server)).await;
+    answers_that_would_exceed_the_limit("ws").await;
 }

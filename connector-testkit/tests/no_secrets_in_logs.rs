@@ -2,24 +2,25 @@
 //! at `trace`: neither the auth token nor a session token may appear in a
 //! log line, an error, a `Debug` output or an event.
 
+mod sdk;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding, RejectReason};
+use connector_core::proto::RejectReason;
 use connector_core::{
     ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
-    RegistrationKey, Transport,
+    RegistrationKey,
 };
-use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
+use connector_testkit::harness::{json_execute, Running, WAIT};
 use connector_testkit::{
     ApprovalPolicy, GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
-use connector_ws::WsTransport;
+use sdk::AnyServer;
 
 const AUTH: &str = "AUTH-SECRET-7f3a9c";
-const WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -36,12 +37,10 @@ impl Write for Captured {
     }
 }
 
-async fn exercise(
-    engine: &TestServer,
-    url: String,
-    transport: impl Transport,
-    kill: impl Fn(),
-) -> String {
+/// Three registrations over `server` (one rejected), a reconnect with the
+/// session token after every connection is killed, an execute; returns the
+/// `Debug` output of the runner and of the events of one registration.
+async fn exercise(engine: &TestServer, server: AnyServer) -> String {
     let regs = (0..3)
         .map(|i| {
             ConnectorRegistration::new(
@@ -57,22 +56,21 @@ async fn exercise(
         &"t.echo.e2".parse().expect("a key"),
         ApprovalPolicy::Reject(RejectReason::InvalidCredentials),
     );
-    let options = MultiTransportOptions::builder(url)
+    let options = MultiTransportOptions::builder(server.url())
         .reconnect_delay(Duration::from_millis(10))
         .jitter(Duration::from_millis(10))
         .max_backoff(Duration::from_millis(100))
         .build()
         .expect("valid");
-    let runner = MultiConnectorRunner::new(regs, options, transport);
+    let runner = MultiConnectorRunner::new(regs, options, server.transport());
     let mut events = runner
         .registration(&RegistrationKey::new("t", "echo", "e0").expect("valid"))
         .expect("hosted")
         .events();
-    let r = runner.clone();
-    let run = tokio::spawn(async move { r.run().await });
+    let running = Running::start(runner.clone());
     engine.wait_for_active(2, WAIT).await.expect("active");
     // Reconnect with the session token.
-    kill();
+    server.kill_all();
     engine
         .wait_until(WAIT, |s| s.stats().registers >= 5)
         .await
@@ -81,12 +79,7 @@ async fn exercise(
     let resp = engine
         .execute(
             &"t.echo.e0".parse().expect("a key"),
-            ExecuteRequest {
-                request_id: "x".into(),
-                payload: b"{}".to_vec().into(),
-                encoding: PayloadEncoding::Json as i32,
-                ..Default::default()
-            },
+            json_execute("x", "", "{}"),
         )
         .await
         .expect("answered");
@@ -100,8 +93,7 @@ async fn exercise(
     while let Ok(e) = events.try_recv() {
         dump.push_str(&format!("{e:?}\n"));
     }
-    runner.shutdown_handle().shutdown();
-    run.await.expect("join").expect("clean");
+    running.stop().await.expect("clean");
     dump
 }
 
@@ -118,27 +110,24 @@ async fn tokens_never_reach_logs_errors_or_debug_output() {
         .finish();
     tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
 
-    let engine = TestServer::new();
-    let grpc = GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
-        .await
-        .expect("grpc server");
-    let g = grpc.clone();
-    let mut dump = exercise(&engine, grpc.url(), GrpcTransport::new(), move || {
-        g.kill_all_connections();
-    })
-    .await;
-
-    let engine = TestServer::new();
-    let ws = WsTestServer::start(engine.clone(), WsServerOptions::default())
-        .await
-        .expect("ws server");
-    let w = ws.clone();
-    dump.push_str(
-        &exercise(&engine, ws.url(), WsTransport::new(), move || {
-            w.kill_all_connections();
-        })
-        .await,
-    );
+    let mut dump = String::new();
+    for grpc in [true, false] {
+        let engine = TestServer::new();
+        let server = if grpc {
+            AnyServer::Grpc(
+                GrpcTestServer::start(engine.clone(), GrpcServerOptions::default())
+                    .await
+                    .expect("grpc server"),
+            )
+        } else {
+            AnyServer::Ws(
+                WsTestServer::start(engine.clone(), WsServerOptions::default())
+                    .await
+                    .expect("ws server"),
+            )
+        };
+        dump.push_str(&exercise(&engine, server).await);
+    }
 
     let logs = String::from_utf8_lossy(&captured.0.lock().expect("lock")).to_string();
     assert!(

@@ -9,15 +9,17 @@
 #![cfg(all(feature = "grpc", feature = "ws"))]
 
 use std::collections::HashMap;
-use std::process::Stdio;
-use std::time::Duration;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
 
 use connector_core::proto::RejectReason;
 use connector_core::{
-    ConnectorConfig, ConnectorRegistration, MultiConnectorRunner, MultiTransportOptions,
-    ProxySetting, RegistrationKey, RegistrationState, StopReason, Transport,
+    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, StopReason,
+    Transport,
 };
 use connector_grpc::GrpcTransport;
+use connector_testkit::connectors::Echo;
+use connector_testkit::harness::{key, registrations, Running, WAIT};
 use connector_ws::WsTransport;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -32,8 +34,6 @@ use tokio::sync::mpsc;
 mod custom_host;
 
 const BIN: &str = env!("CARGO_BIN_EXE_testkit-server");
-/// Bound for any one wait: generous, only reached when something is broken.
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A running `testkit-server`, its stdout read line by line as it comes.
 struct Server {
@@ -93,16 +93,7 @@ impl Server {
     }
 
     async fn next_line(&mut self) -> String {
-        match tokio::time::timeout(WAIT, self.lines.recv()).await {
-            Ok(Some(line)) => {
-                self.seen.push(line.clone());
-                line
-            }
-            _ => panic!(
-                "testkit-server printed no further line; so far:\n{}",
-                self.seen.join("\n")
-            ),
-        }
+        self.line_where(|_| true).await
     }
 
     /// The first line from now on that `pred` accepts, within [`WAIT`]
@@ -188,21 +179,17 @@ impl Status {
     }
 }
 
-fn runner(url: &str, count: usize, transport: impl Transport) -> MultiConnectorRunner {
-    let registrations = (0..count)
-        .map(|i| {
-            let config = ConnectorConfig::builder("acme", "echo", format!("e-{i}"))
-                .auth_token("t")
-                .build()
-                .expect("config");
-            ConnectorRegistration::new(config, connector_testkit::connectors::Echo)
-        })
-        .collect();
+/// `count` echo registrations `key(0)..` pointed at `url`, running.
+fn start_runner(url: &str, count: usize, transport: impl Transport) -> Running {
     let options = MultiTransportOptions::builder(url)
         .proxy(ProxySetting::Disabled)
         .build()
         .expect("options");
-    MultiConnectorRunner::new(registrations, options, transport)
+    Running::start(MultiConnectorRunner::new(
+        registrations(count, Arc::new(Echo)),
+        options,
+        transport,
+    ))
 }
 
 async fn wait_all(runner: &MultiConnectorRunner, pred: impl Fn(&RegistrationState) -> bool) {
@@ -224,12 +211,9 @@ fn received(runner: &MultiConnectorRunner) -> u64 {
 /// The story on one transport: two registrations approved, the workload's
 /// answers counted by the server as the host answered them, none failed.
 async fn workload_story(server: &mut Server, url: &str, transport: impl Transport) {
-    let runner = runner(url, 2, transport);
-    let run = {
-        let runner = runner.clone();
-        tokio::spawn(async move { runner.run().await })
-    };
-    wait_all(&runner, |s| *s == RegistrationState::Active).await;
+    let running = start_runner(url, 2, transport);
+    let runner = running.runner();
+    wait_all(runner, |s| *s == RegistrationState::Active).await;
     let mut unseen: Vec<String> = runner
         .registrations()
         .iter()
@@ -260,13 +244,8 @@ async fn workload_story(server: &mut Server, url: &str, transport: impl Transpor
         "about 10 a second for 4 s: {answered}; lines:\n{}",
         server.seen.join("\n")
     );
-    assert!(received(&runner) >= answered);
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("runner stopped in time")
-        .expect("join")
-        .expect("clean stop");
+    assert!(received(runner) >= answered);
+    running.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,14 +273,13 @@ async fn grpc_and_websocket_hosts_get_approved_and_answer_the_workload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_rejects_every_registration_for_good() {
     let mut server = Server::start(&["--grpc", "127.0.0.1:0", "--approve", "deny"]).await;
-    let runner = runner(&server.url("grpc"), 1, GrpcTransport::new());
-    let run = {
-        let runner = runner.clone();
-        tokio::spawn(async move { runner.run().await })
-    };
-    wait_all(&runner, RegistrationState::is_stopped).await;
-    let key = RegistrationKey::new("acme", "echo", "e-0").expect("key");
-    let state = runner.registration(&key).expect("hosted").state();
+    let running = start_runner(&server.url("grpc"), 1, GrpcTransport::new());
+    wait_all(running.runner(), RegistrationState::is_stopped).await;
+    let state = running
+        .runner()
+        .registration(&key(0))
+        .expect("hosted")
+        .state();
     assert!(
         matches!(
             &state,
@@ -312,15 +290,10 @@ async fn deny_rejects_every_registration_for_good() {
         ),
         "{state}"
     );
-    server
-        .line_where(|l| l == "rejected acme.echo.e-0: DENIED")
-        .await;
+    let rejected = format!("rejected {}: DENIED", key(0));
+    server.line_where(|l| l == rejected).await;
     // Every registration stopped: the runner ends by itself.
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("runner ended")
-        .expect("join")
-        .expect("ended cleanly");
+    running.join().await.expect("ended cleanly");
     let (code, _) = server.stop().await;
     assert_eq!(code, 0);
 }
@@ -328,18 +301,14 @@ async fn deny_rejects_every_registration_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_waits_for_approve_typed_on_stdin() {
     let mut server = Server::start(&["--ws", "127.0.0.1:0", "--approve", "pending"]).await;
-    let runner = runner(&server.url("ws"), 2, WsTransport::new());
-    let run = {
-        let runner = runner.clone();
-        tokio::spawn(async move { runner.run().await })
-    };
-    wait_all(&runner, |s| *s == RegistrationState::PendingApproval).await;
+    let running = start_runner(&server.url("ws"), 2, WsTransport::new());
+    let runner = running.runner();
+    wait_all(runner, |s| *s == RegistrationState::PendingApproval).await;
     server
         .status_where(|s| s.get("pending") == 2 && s.get("active") == 0)
         .await;
-    server.type_line("approve acme.echo.e-1").await;
-    let e1 = RegistrationKey::new("acme", "echo", "e-1").expect("key");
-    let handle = runner.registration(&e1).expect("hosted");
+    server.type_line(&format!("approve {}", key(1))).await;
+    let handle = runner.registration(&key(1)).expect("hosted");
     assert!(handle
         .wait_for(WAIT, |s| *s == RegistrationState::Active)
         .await
@@ -348,27 +317,30 @@ async fn pending_waits_for_approve_typed_on_stdin() {
         .status_where(|s| s.get("pending") == 1 && s.get("active") == 1)
         .await;
     server.type_line("approve all").await;
-    wait_all(&runner, |s| *s == RegistrationState::Active).await;
+    wait_all(runner, |s| *s == RegistrationState::Active).await;
     server.status_where(|s| s.get("active") == 2).await;
-    runner.shutdown_handle().shutdown();
-    tokio::time::timeout(WAIT, run)
-        .await
-        .expect("runner stopped in time")
-        .expect("join")
-        .expect("clean stop");
+    running.stop().await.expect("clean stop");
     let (code, _) = server.stop().await;
     assert_eq!(code, 0);
 }
 
 /// The `connector-host` library (the binary's code, its `echo` type) and the
-/// custom host example (its `kv` type) pointed at the binary with flags.
+/// custom host example (its `kv` type) pointed at a `testkit-server
+/// --workload 4` started with `server_args`: `count` registrations answer,
+/// all of them successfully or (`all_fail`) none; the host stops with
+/// success and the server sees the registrations go.
 async fn host_story(
-    server: &mut Server,
+    server_args: &[&str],
     types: connector_host::ConnectorTypes,
     connector_type: &str,
+    count: u64,
     at_least: u64,
+    all_fail: bool,
 ) {
+    let mut server =
+        Server::start(&[&["--grpc", "127.0.0.1:0", "--workload", "4"], server_args].concat()).await;
     let url = server.url("grpc");
+    let count_arg = count.to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let args = [
         "host",
@@ -379,7 +351,7 @@ async fn host_story(
         "--tenant",
         "acme",
         "--count",
-        "2",
+        &count_arg,
         "--log",
         "error",
     ]
@@ -388,9 +360,10 @@ async fn host_story(
         let _ = stop_rx.await;
     }));
     let status = server
-        .status_where(|s| s.get("active") == 2 && s.get("answers/s") >= at_least)
+        .status_where(|s| s.get("active") == count && s.get("answers/s") >= at_least)
         .await;
-    assert_eq!(status.get("failed/s"), 0, "{status:?}");
+    let failed = if all_fail { status.get("answers/s") } else { 0 };
+    assert_eq!(status.get("failed/s"), failed, "{status:?}");
     stop_tx.send(()).expect("host still running");
     let code = tokio::time::timeout(WAIT, host)
         .await
@@ -402,78 +375,43 @@ async fn host_story(
     );
     // The server sees the registrations go.
     server.status_where(|s| s.get("active") == 0).await;
+    let (code, _) = server.stop().await;
+    assert_eq!(code, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connector_host_and_the_custom_host_example_run_against_it() {
-    let mut echo = Server::start(&["--grpc", "127.0.0.1:0", "--workload", "4"]).await;
-    host_story(&mut echo, connector_host::ConnectorTypes::echo(), "echo", 6).await;
-    let (code, _) = echo.stop().await;
-    assert_eq!(code, 0);
-
-    // `get` of a key never put answers `{"value": null}`: a success.
-    let mut kv = Server::start(&[
-        "--grpc",
-        "127.0.0.1:0",
-        "--workload",
-        "4",
-        "--capability",
-        "get",
-        "--payload",
-        r#"{"key":"k"}"#,
-    ])
+    host_story(
+        &[],
+        connector_host::ConnectorTypes::echo(),
+        "echo",
+        2,
+        6,
+        false,
+    )
     .await;
-    host_story(&mut kv, custom_host::types(), "kv", 6).await;
-    let (code, _) = kv.stop().await;
-    assert_eq!(code, 0);
-
+    // `get` of a key never put answers `{"value": null}`: a success.
+    let get = ["--capability", "get", "--payload", r#"{"key":"k"}"#];
+    host_story(&get, custom_host::types(), "kv", 2, 6, false).await;
     // The same server asking `kv` for something it cannot do: every answer
     // is a failure, and the line says so.
-    let mut wrong = Server::start(&[
-        "--grpc",
-        "127.0.0.1:0",
-        "--workload",
-        "4",
-        "--capability",
-        "delete",
-    ])
-    .await;
-    let url = wrong.url("grpc");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let args = [
-        "host",
-        "--url",
-        &url,
-        "--connector-type",
-        "kv",
-        "--count",
-        "1",
-        "--log",
-        "error",
-    ]
-    .map(String::from);
-    let host = tokio::spawn(connector_host::run_until(
-        custom_host::types(),
-        args,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let status = wrong
-        .status_where(|s| s.get("active") == 1 && s.get("answers/s") >= 3)
-        .await;
-    assert_eq!(
-        status.get("failed/s"),
-        status.get("answers/s"),
-        "{status:?}"
-    );
-    stop_tx.send(()).expect("host still running");
-    tokio::time::timeout(WAIT, host)
-        .await
-        .expect("host stopped in time")
-        .expect("join");
-    let (code, _) = wrong.stop().await;
-    assert_eq!(code, 0);
+    let delete = ["--capability", "delete"];
+    host_story(&delete, custom_host::types(), "kv", 1, 3, true).await;
+}
+
+/// Runs the binary with `args` to its exit (stdin closed).
+async fn run_to_exit(args: &[&str]) -> Output {
+    tokio::time::timeout(
+        WAIT,
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("exited in time")
+    .expect("ran")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,17 +424,7 @@ async fn bad_flags_exit_2_with_one_line() {
         &["--grpc", "127.0.0.1:0", "--workload", "many"],
         &[],
     ] {
-        let out = tokio::time::timeout(
-            WAIT,
-            Command::new(BIN)
-                .args(args)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("exited in time")
-        .expect("ran");
+        let out = run_to_exit(args).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
@@ -506,7 +434,7 @@ async fn bad_flags_exit_2_with_one_line() {
         );
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
-    let help = Command::new(BIN).arg("--help").output().await.expect("ran");
+    let help = run_to_exit(&["--help"]).await;
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).starts_with("usage: testkit-server"));
 }
@@ -515,17 +443,7 @@ async fn bad_flags_exit_2_with_one_line() {
 async fn a_busy_port_is_a_runtime_error() {
     let server = Server::start(&["--grpc", "127.0.0.1:0"]).await;
     let taken = server.url("grpc").replace("grpc://", "");
-    let out = tokio::time::timeout(
-        WAIT,
-        Command::new(BIN)
-            .args(["--grpc", &taken])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("exited in time")
-    .expect("ran");
+    let out = run_to_exit(&["--grpc", &taken]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot serve gRPC on"), "{stderr}");
