@@ -273,22 +273,10 @@ impl Orchestrator {
         Ok((child, ready))
     }
 
+    /// Starts a client child and waits for its `ready`; `extra` are more
+    /// `child-client` arguments (`--reconnect-rate 0`).
     #[allow(clippy::too_many_arguments)] // a private helper with named call sites
     fn client(
-        &self,
-        name: &str,
-        kind: Client,
-        url: &str,
-        n: usize,
-        k: usize,
-        ca: Option<&str>,
-        timeout_secs: f64,
-    ) -> Result<ChildProc> {
-        self.client_with(name, kind, url, n, k, ca, timeout_secs, &[])
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn client_with(
         &self,
         name: &str,
         kind: Client,
@@ -337,7 +325,7 @@ impl Orchestrator {
         per_reg_timeout: f64,
     ) -> Result<Idle> {
         let timeout = active_timeout(n, per_reg_timeout);
-        let mut client = self.client(name, kind, url, n, k, ca, timeout)?;
+        let mut client = self.client(name, kind, url, n, k, ca, timeout, &[])?;
         let rss_before_kib = client.rss_kib()?;
         client.send("go")?;
         let active = client.expect("active", Duration::from_secs_f64(timeout + 10.0))?;
@@ -570,6 +558,7 @@ impl Orchestrator {
             STREAMS_PER_CHANNEL,
             None,
             timeout,
+            &[],
         )?;
         client.send("go")?;
         client.expect("active", Duration::from_secs_f64(timeout + 10.0))?;
@@ -819,7 +808,7 @@ impl Orchestrator {
         let (mut server, ready) = self.server("server-storm", &["--kind", "testkit-grpc"])?;
         let url = url_of(&ready)?;
         let timeout = active_timeout(n, 0.02);
-        let mut client = self.client_with(
+        let mut client = self.client(
             "client-storm",
             Client::Sdk,
             &url,
