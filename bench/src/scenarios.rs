@@ -432,7 +432,6 @@ impl Orchestrator {
                 };
                 let rps = |v: &Value| f(v, "rps");
                 let (sdk_rps, raw_rps) = (col(&sdks, &rps), col(&raws, &rps));
-                let rps_ratio = Spread::of_pairs(&sdk_rps, &raw_rps);
                 // The issue's goals are set for 64 B at N = 80 and 1000;
                 // elsewhere the earlier ≥ 0.8 stays as the bar.
                 let issue_size = payload == 64 && (n == 80 || n == 1000);
@@ -441,36 +440,26 @@ impl Orchestrator {
                 } else {
                     (0.8, None)
                 };
+                let (rps_row, rps_ratio) =
+                    spread_row(format!("responses/s, N={n}"), &sdk_rps, &raw_rps, si, false);
                 section.rows.push(
-                    Row::new(
-                        format!("responses/s, N={n}"),
-                        si(median(&sdk_rps)),
-                        si(median(&raw_rps)),
-                    )
-                    .spread(&rps_ratio)
-                    .target(format!("SDK/raw ≥ {rps_min}"), rps_ratio.median >= rps_min),
+                    rps_row.target(format!("SDK/raw ≥ {rps_min}"), rps_ratio.median >= rps_min),
                 );
                 for (label, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
                     let g = |v: &Value| f(v, key);
                     let (a, b) = (col(&sdks, &g), col(&raws, &g));
-                    section.rows.push(
-                        Row::new(
-                            format!("{label} latency, N={n}"),
-                            us(median(&a)),
-                            us(median(&b)),
-                        )
-                        .spread(&Spread::of_pairs(&a, &b)),
-                    );
+                    let (row, _) = spread_row(format!("{label} latency, N={n}"), &a, &b, us, false);
+                    section.rows.push(row);
                 }
                 let (sdk_cpu, raw_cpu) =
                     (col(&sdks, &cpu_per_response), col(&raws, &cpu_per_response));
-                let cpu_ratio = Spread::of_pairs(&sdk_cpu, &raw_cpu);
-                let mut cpu_row = Row::new(
+                let (mut cpu_row, cpu_ratio) = spread_row(
                     format!("client CPU per response, N={n} (µs)"),
-                    format!("{:.2}", median(&sdk_cpu)),
-                    format!("{:.2}", median(&raw_cpu)),
-                )
-                .spread(&cpu_ratio);
+                    &sdk_cpu,
+                    &raw_cpu,
+                    |v| format!("{v:.2}"),
+                    false,
+                );
                 if let Some(max) = cpu_max {
                     cpu_row = cpu_row.target(format!("SDK/raw ≤ {max}"), cpu_ratio.median <= max);
                 }
@@ -488,13 +477,13 @@ impl Orchestrator {
                     cores(&raws),
                 ));
                 let (sdk_mib, raw_mib) = (col(&sdks, &mib), col(&raws, &mib));
-                let mib_ratio = Spread::of_pairs(&sdk_mib, &raw_mib);
-                let mut mem_row = Row::new(
+                let (mut mem_row, mib_ratio) = spread_row(
                     format!("client RSS after, N={n} (MiB)"),
-                    format!("{:.0}", median(&sdk_mib)),
-                    format!("{:.0}", median(&raw_mib)),
-                )
-                .spread(&mib_ratio);
+                    &sdk_mib,
+                    &raw_mib,
+                    |v| format!("{v:.0}"),
+                    false,
+                );
                 if payload == 4096 && n == 1000 {
                     mem_row = mem_row.target("SDK/raw ≤ 1.5", mib_ratio.median <= 1.5);
                 }
@@ -979,9 +968,8 @@ fn column(pairs: &[(Idle, Idle)], side: Side, g: impl Fn(&Idle) -> f64) -> Vec<f
     pairs.iter().map(|p| g(side(p))).collect()
 }
 
-/// A row of figure `g`: the median of each side with `decimals`, and the
-/// spread of the per-pair ratios, first / second (second / first when
-/// `inverse`). The caller adds the target.
+/// [`spread_row`] of figure `g` of both sides of `pairs`, the medians
+/// with `decimals`.
 fn pair_row(
     figure: &str,
     pairs: &[(Idle, Idle)],
@@ -990,17 +978,25 @@ fn pair_row(
     inverse: bool,
 ) -> (Row, Spread) {
     let (a, b) = (column(pairs, first, g), column(pairs, second, g));
+    spread_row(figure, &a, &b, |v| format!("{v:.decimals$}"), inverse)
+}
+
+/// A row of one figure over interleaved pairs, `a` and `b` its two sides:
+/// each side's median as `cell` writes it, and the spread of the per-pair
+/// ratios a / b (b / a when `inverse`). The caller adds the target.
+fn spread_row(
+    figure: impl Into<String>,
+    a: &[f64],
+    b: &[f64],
+    cell: impl Fn(f64) -> String,
+    inverse: bool,
+) -> (Row, Spread) {
     let ratio = if inverse {
-        Spread::of_pairs(&b, &a)
+        Spread::of_pairs(b, a)
     } else {
-        Spread::of_pairs(&a, &b)
+        Spread::of_pairs(a, b)
     };
-    let row = Row::new(
-        figure,
-        format!("{:.*}", decimals, median(&a)),
-        format!("{:.*}", decimals, median(&b)),
-    )
-    .spread(&ratio);
+    let row = Row::new(figure, cell(median(a)), cell(median(b))).spread(&ratio);
     (row, ratio)
 }
 
