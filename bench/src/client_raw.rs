@@ -21,8 +21,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::sys::unix_us;
-use crate::wire::{commands, echo, emit, next_command, register, Result};
+use crate::wire::{
+    echo, emit, emit_active, next_command, ready_then_go, register, unknown_command, Result,
+};
 use crate::ClientArgs;
 
 /// The SDK's HTTP/2 stream window (connector-grpc `channel.rs`), mirrored
@@ -87,11 +88,7 @@ impl Progress {
 
 /// Runs the raw tonic client: `ceil(N/K)` channels, K streams on each.
 pub(crate) async fn run_grpc(args: &ClientArgs) -> Result<()> {
-    let mut cmds = commands();
-    emit("ready", json!({ "pid": std::process::id() }));
-    while next_command(&mut cmds).await != "go" {}
-    let started = Instant::now();
-    let started_unix = unix_us();
+    let (mut cmds, started, started_unix) = ready_then_go().await;
 
     let uri = args.url.replacen("grpc://", "http://", 1);
     let k = args.streams_per_channel.max(1);
@@ -141,11 +138,7 @@ pub(crate) async fn run_grpc(args: &ClientArgs) -> Result<()> {
 
 /// Runs the raw tokio-tungstenite client: one socket per registration.
 pub(crate) async fn run_ws(args: &ClientArgs) -> Result<()> {
-    let mut cmds = commands();
-    emit("ready", json!({ "pid": std::process::id() }));
-    while next_command(&mut cmds).await != "go" {}
-    let started = Instant::now();
-    let started_unix = unix_us();
+    let (mut cmds, started, started_unix) = ready_then_go().await;
 
     let progress = Arc::new(Progress::default());
     let handshakes = Arc::new(Semaphore::new(WS_HANDSHAKES));
@@ -237,15 +230,11 @@ async fn wait_and_serve(
         )
         .await;
     }
-    emit(
-        "active",
-        json!({
-            "n": args.n,
-            "secs": started.elapsed().as_secs_f64(),
-            "start_unix_us": started_unix,
-            "active_unix_us": unix_us(),
-            "connections": connections,
-        }),
+    emit_active(
+        args.n,
+        started.elapsed().as_secs_f64(),
+        started_unix,
+        connections,
     );
     loop {
         let cmd = next_command(cmds).await;
@@ -260,10 +249,7 @@ async fn wait_and_serve(
                 }),
             ),
             "exit" => std::process::exit(0),
-            other => emit(
-                "error",
-                json!({ "message": format!("unknown command {other:?}") }),
-            ),
+            other => unknown_command(other),
         }
     }
 }

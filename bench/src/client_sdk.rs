@@ -14,7 +14,9 @@ use connector_ws::WsTransport;
 use serde_json::json;
 
 use crate::sys::unix_us;
-use crate::wire::{commands, emit, instance_id, next_command, Result};
+use crate::wire::{
+    emit, emit_active, instance_id, next_command, ready_then_go, unknown_command, Result,
+};
 use crate::ClientArgs;
 
 /// The shortest pause between two checks of a condition over all
@@ -32,22 +34,23 @@ fn pause_after(check: Duration) -> Duration {
     (check * 20).max(POLL)
 }
 
-/// Runs the SDK client (see the crate docs for the command protocol).
-pub(crate) async fn run(args: &ClientArgs) -> Result<()> {
-    let mut cmds = commands();
-    emit("ready", json!({ "pid": std::process::id() }));
-    while next_command(&mut cmds).await != "go" {}
-
-    let started = Instant::now();
-    let started_unix = unix_us();
+/// `n` registrations `bench.echo.i<i>`, all served by one [`Echo`].
+pub(crate) fn echo_registrations(n: usize) -> Result<Vec<ConnectorRegistration>> {
     let echo: Arc<dyn BaseConnector> = Arc::new(Echo);
-    let registrations = (0..args.n)
+    let registrations = (0..n)
         .map(|i| {
             ConnectorConfig::builder("bench", "echo", instance_id(i))
                 .build()
                 .map(|c| ConnectorRegistration::from_arc(c, Arc::clone(&echo)))
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(registrations)
+}
+
+/// Runs the SDK client (see the crate docs for the command protocol).
+pub(crate) async fn run(args: &ClientArgs) -> Result<()> {
+    let (mut cmds, started, started_unix) = ready_then_go().await;
+    let registrations = echo_registrations(args.n)?;
     let mut options =
         MultiTransportOptions::builder(&args.url).max_streams_per_channel(args.streams_per_channel);
     if let Some(ca) = &args.ca {
@@ -92,15 +95,11 @@ pub(crate) async fn run(args: &ClientArgs) -> Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     let summary = runner.summary();
-    emit(
-        "active",
-        json!({
-            "n": args.n,
-            "secs": secs,
-            "start_unix_us": started_unix,
-            "active_unix_us": unix_us(),
-            "connections": summary.transport.open_connections(),
-        }),
+    emit_active(
+        args.n,
+        secs,
+        started_unix,
+        summary.transport.open_connections(),
     );
 
     loop {
@@ -120,10 +119,7 @@ pub(crate) async fn run(args: &ClientArgs) -> Result<()> {
                 );
             }
             "exit" => std::process::exit(0),
-            other => emit(
-                "error",
-                json!({ "message": format!("unknown command {other:?}") }),
-            ),
+            other => unknown_command(other),
         }
     }
 }

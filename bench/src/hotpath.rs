@@ -28,16 +28,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use connector_core::{
-    BaseConnector, ConnectorConfig, ConnectorRegistration, MessageStream, MultiConnectorRunner,
-    MultiTransportOptions, RegistrationKey, StreamInfo, StreamMux, Transport, TransportError,
+    MessageStream, MultiConnectorRunner, MultiTransportOptions, RegistrationKey, StreamInfo,
+    StreamMux, Transport, TransportError,
 };
 use connector_proto::{ExecuteRequest, Kind, PayloadEncoding, StreamMessage};
-use connector_testkit::connectors::Echo;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::wire::{approved, heartbeat_ack, instance_id, json_payload, msg, Result};
+use crate::client_sdk::echo_registrations;
+use crate::wire::{approved, heartbeat_ack, json_payload, msg, Result};
 
 /// An `execute_request` with id `id` whose payload shares `payload`.
 fn execute(id: u64, payload: &Bytes) -> StreamMessage {
@@ -166,14 +166,7 @@ pub(crate) fn run(args: &HotpathArgs) -> Result<()> {
             remaining: AtomicI64::new(args.responses),
             done: Notify::new(),
         });
-        let echo: Arc<dyn BaseConnector> = Arc::new(Echo);
-        let registrations = (0..args.n)
-            .map(|i| {
-                ConnectorConfig::builder("bench", "echo", instance_id(i))
-                    .build()
-                    .map(|c| ConnectorRegistration::from_arc(c, Arc::clone(&echo)))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let registrations = echo_registrations(args.n)?;
         let options = MultiTransportOptions::builder("grpc://127.0.0.1:1").build()?;
         let runner =
             MultiConnectorRunner::new(registrations, options, LoopTransport(Arc::clone(&shared)));

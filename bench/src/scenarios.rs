@@ -163,6 +163,17 @@ struct IdleSpec<'a> {
     k: usize,
 }
 
+impl<'a> IdleSpec<'a> {
+    fn new(name: &'a str, server_args: &'a [&'a str], kind: Client, k: usize) -> Self {
+        Self {
+            name,
+            server_args,
+            kind,
+            k,
+        }
+    }
+}
+
 /// What an idle-scale run measured.
 #[derive(Debug, Clone)]
 struct Idle {
@@ -192,6 +203,11 @@ impl Idle {
             "server": self.server,
         })
     }
+}
+
+/// The `url` of a server's `ready` event.
+fn url_of(ready: &Value) -> Result<String> {
+    Ok(ready["url"].as_str().ok_or("server url")?.to_string())
 }
 
 fn f(v: &Value, key: &str) -> f64 {
@@ -257,22 +273,10 @@ impl Orchestrator {
         Ok((child, ready))
     }
 
+    /// Starts a client child and waits for its `ready`; `extra` are more
+    /// `child-client` arguments (`--reconnect-rate 0`).
     #[allow(clippy::too_many_arguments)] // a private helper with named call sites
     fn client(
-        &self,
-        name: &str,
-        kind: Client,
-        url: &str,
-        n: usize,
-        k: usize,
-        ca: Option<&str>,
-        timeout_secs: f64,
-    ) -> Result<ChildProc> {
-        self.client_with(name, kind, url, n, k, ca, timeout_secs, &[])
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn client_with(
         &self,
         name: &str,
         kind: Client,
@@ -321,7 +325,7 @@ impl Orchestrator {
         per_reg_timeout: f64,
     ) -> Result<Idle> {
         let timeout = active_timeout(n, per_reg_timeout);
-        let mut client = self.client(name, kind, url, n, k, ca, timeout)?;
+        let mut client = self.client(name, kind, url, n, k, ca, timeout, &[])?;
         let rss_before_kib = client.rss_kib()?;
         client.send("go")?;
         let active = client.expect("active", Duration::from_secs_f64(timeout + 10.0))?;
@@ -343,7 +347,7 @@ impl Orchestrator {
     fn idle_once(&self, spec: &IdleSpec<'_>, n: usize, per_reg_timeout: f64) -> Result<Idle> {
         let (mut server, ready) =
             self.server(&format!("server-{}", spec.name), spec.server_args)?;
-        let url = ready["url"].as_str().ok_or("server url")?.to_string();
+        let url = url_of(&ready)?;
         let ca = ready["ca"].as_str().map(str::to_string);
         self.idle_run(
             &format!("client-{}", spec.name),
@@ -428,7 +432,6 @@ impl Orchestrator {
                 };
                 let rps = |v: &Value| f(v, "rps");
                 let (sdk_rps, raw_rps) = (col(&sdks, &rps), col(&raws, &rps));
-                let rps_ratio = Spread::of_pairs(&sdk_rps, &raw_rps);
                 // The issue's goals are set for 64 B at N = 80 and 1000;
                 // elsewhere the earlier ≥ 0.8 stays as the bar.
                 let issue_size = payload == 64 && (n == 80 || n == 1000);
@@ -437,36 +440,26 @@ impl Orchestrator {
                 } else {
                     (0.8, None)
                 };
+                let (rps_row, rps_ratio) =
+                    spread_row(format!("responses/s, N={n}"), &sdk_rps, &raw_rps, si, false);
                 section.rows.push(
-                    Row::new(
-                        format!("responses/s, N={n}"),
-                        si(median(&sdk_rps)),
-                        si(median(&raw_rps)),
-                    )
-                    .spread(&rps_ratio)
-                    .target(format!("SDK/raw ≥ {rps_min}"), rps_ratio.median >= rps_min),
+                    rps_row.target(format!("SDK/raw ≥ {rps_min}"), rps_ratio.median >= rps_min),
                 );
                 for (label, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
                     let g = |v: &Value| f(v, key);
                     let (a, b) = (col(&sdks, &g), col(&raws, &g));
-                    section.rows.push(
-                        Row::new(
-                            format!("{label} latency, N={n}"),
-                            us(median(&a)),
-                            us(median(&b)),
-                        )
-                        .spread(&Spread::of_pairs(&a, &b)),
-                    );
+                    let (row, _) = spread_row(format!("{label} latency, N={n}"), &a, &b, us, false);
+                    section.rows.push(row);
                 }
                 let (sdk_cpu, raw_cpu) =
                     (col(&sdks, &cpu_per_response), col(&raws, &cpu_per_response));
-                let cpu_ratio = Spread::of_pairs(&sdk_cpu, &raw_cpu);
-                let mut cpu_row = Row::new(
+                let (mut cpu_row, cpu_ratio) = spread_row(
                     format!("client CPU per response, N={n} (µs)"),
-                    format!("{:.2}", median(&sdk_cpu)),
-                    format!("{:.2}", median(&raw_cpu)),
-                )
-                .spread(&cpu_ratio);
+                    &sdk_cpu,
+                    &raw_cpu,
+                    |v| format!("{v:.2}"),
+                    false,
+                );
                 if let Some(max) = cpu_max {
                     cpu_row = cpu_row.target(format!("SDK/raw ≤ {max}"), cpu_ratio.median <= max);
                 }
@@ -484,13 +477,13 @@ impl Orchestrator {
                     cores(&raws),
                 ));
                 let (sdk_mib, raw_mib) = (col(&sdks, &mib), col(&raws, &mib));
-                let mib_ratio = Spread::of_pairs(&sdk_mib, &raw_mib);
-                let mut mem_row = Row::new(
+                let (mut mem_row, mib_ratio) = spread_row(
                     format!("client RSS after, N={n} (MiB)"),
-                    format!("{:.0}", median(&sdk_mib)),
-                    format!("{:.0}", median(&raw_mib)),
-                )
-                .spread(&mib_ratio);
+                    &sdk_mib,
+                    &raw_mib,
+                    |v| format!("{v:.0}"),
+                    false,
+                );
                 if payload == 4096 && n == 1000 {
                     mem_row = mem_row.target("SDK/raw ≤ 1.5", mib_ratio.median <= 1.5);
                 }
@@ -544,7 +537,7 @@ impl Orchestrator {
                 &payload.to_string(),
             ],
         )?;
-        let url = ready["url"].as_str().ok_or("server url")?.to_string();
+        let url = url_of(&ready)?;
         let timeout = active_timeout(n, 0.02);
         let mut client = self.client(
             &format!("client-throughput-{}", kind.arg()),
@@ -554,6 +547,7 @@ impl Orchestrator {
             STREAMS_PER_CHANNEL,
             None,
             timeout,
+            &[],
         )?;
         client.send("go")?;
         client.expect("active", Duration::from_secs_f64(timeout + 10.0))?;
@@ -636,18 +630,8 @@ impl Orchestrator {
 
     fn idle_grpc_at(&self, n: usize, label: &str) -> Result<Section> {
         let args = ["--kind", "bench-grpc"];
-        let sdk = IdleSpec {
-            name: "idle-grpc-sdk",
-            server_args: &args,
-            kind: Client::Sdk,
-            k: STREAMS_PER_CHANNEL,
-        };
-        let raw = IdleSpec {
-            name: "idle-grpc-raw",
-            server_args: &args,
-            kind: Client::RawGrpc,
-            k: STREAMS_PER_CHANNEL,
-        };
+        let sdk = IdleSpec::new("idle-grpc-sdk", &args, Client::Sdk, STREAMS_PER_CHANNEL);
+        let raw = IdleSpec::new("idle-grpc-raw", &args, Client::RawGrpc, STREAMS_PER_CHANNEL);
         let pairs = self.idle_pairs(label, &sdk, &raw, n, 0.02)?;
         let mut s = Section::new(format!(
             "{label}: N = {n}, {STREAMS_PER_CHANNEL} streams/connection, plaintext, {} interleaved pairs",
@@ -660,14 +644,10 @@ impl Orchestrator {
             (1.0, "SDK/raw ≤ 1.0 (moonshot 0.6)"),
         );
         let want = n.div_ceil(STREAMS_PER_CHANNEL) as u64;
-        let conns = |side: fn(&(Idle, Idle)) -> &Idle| {
-            pairs
-                .iter()
-                .map(|p| side(p).server_connections)
-                .max()
-                .unwrap_or(0)
-        };
-        let (sdk_conns, raw_conns) = (conns(|p| &p.0), conns(|p| &p.1));
+        let (sdk_conns, raw_conns) = (
+            most_connections(&pairs, first),
+            most_connections(&pairs, second),
+        );
         s.rows.push(
             Row::new(
                 "TCP connections (server side, most in a run)",
@@ -676,35 +656,26 @@ impl Orchestrator {
             )
             .target(format!("= {want}"), sdk_conns == want),
         );
-        let before_after = |side: fn(&(Idle, Idle)) -> &Idle| {
-            let b: Vec<f64> = pairs
-                .iter()
-                .map(|p| side(p).rss_before_kib as f64)
-                .collect();
-            let a: Vec<f64> = pairs.iter().map(|p| side(p).rss_after_kib as f64).collect();
+        let before_after = |side: Side| {
+            let b = column(&pairs, side, |i| i.rss_before_kib as f64);
+            let a = column(&pairs, side, |i| i.rss_after_kib as f64);
             format!("{:.1} → {:.1}", median(&b) / 1024.0, median(&a) / 1024.0)
         };
         s.rows.push(Row::new(
             "client RSS before → after (MiB)",
-            before_after(|p| &p.0),
-            before_after(|p| &p.1),
+            before_after(first),
+            before_after(second),
         ));
-        let span = |side: fn(&(Idle, Idle)) -> &Idle| {
-            let v: Vec<f64> = pairs
-                .iter()
-                .map(|p| f(&side(p).server, "register_span_secs"))
-                .collect();
+        let span = |side: Side| {
+            let v = column(&pairs, side, |i| f(&i.server, "register_span_secs"));
             format!("{:.3}", median(&v))
         };
         s.rows.push(Row::new(
             "server: first register → last approval (s)",
-            span(|p| &p.0),
-            span(|p| &p.1),
+            span(first),
+            span(second),
         ));
-        s.data = json!({
-            "n": n,
-            "pairs": pairs.iter().map(|(a, b)| json!({ "sdk": a.json(), "raw": b.json() })).collect::<Vec<_>>(),
-        });
+        s.data = pairs_json(n, &pairs, ["sdk", "raw"]);
         Ok(s)
     }
 
@@ -718,12 +689,7 @@ impl Orchestrator {
         const LIMIT: usize = 5;
         const N: usize = 12;
         let args = ["--kind", "bench-grpc", "--max-streams", "5"];
-        let spec = IdleSpec {
-            name: "server-limit-sdk",
-            server_args: &args,
-            kind: Client::Sdk,
-            k: STREAMS_PER_CHANNEL,
-        };
+        let spec = IdleSpec::new("server-limit-sdk", &args, Client::Sdk, STREAMS_PER_CHANNEL);
         let mut runs = Vec::new();
         for run in 1..=self.plan.pairs.max(1) {
             let r = self.idle_once(&spec, N, 1.0)?;
@@ -766,18 +732,8 @@ impl Orchestrator {
         for &n in &self.plan.shared_vs_single {
             let args = ["--kind", "testkit-grpc", "--tls", "--ca-dir", &tls_dir];
             let shared_name = format!("svs-{STREAMS_PER_CHANNEL}");
-            let shared = IdleSpec {
-                name: &shared_name,
-                server_args: &args,
-                kind: Client::Sdk,
-                k: STREAMS_PER_CHANNEL,
-            };
-            let single = IdleSpec {
-                name: "svs-1",
-                server_args: &args,
-                kind: Client::Sdk,
-                k: 1,
-            };
+            let shared = IdleSpec::new(&shared_name, &args, Client::Sdk, STREAMS_PER_CHANNEL);
+            let single = IdleSpec::new("svs-1", &args, Client::Sdk, 1);
             let pairs = self.idle_pairs("shared-vs-single", &shared, &single, n, 0.05)?;
             let mut s = Section::new(format!(
                 "shared-vs-single: N = {n}, TLS (testkit CA), SDK with {STREAMS_PER_CHANNEL} vs 1 streams/connection, {} pairs",
@@ -787,49 +743,17 @@ impl Orchestrator {
                 format!("shared ({STREAMS_PER_CHANNEL})"),
                 "single (1)".into(),
             ];
-            let col = |g: fn(&Idle) -> f64, side: fn(&(Idle, Idle)) -> &Idle| -> Vec<f64> {
-                pairs.iter().map(|p| g(side(p))).collect()
-            };
-            let secs = |i: &Idle| i.secs;
-            let kib = |i: &Idle| i.per_reg_kib();
-            let time_ratio = Spread::of_pairs(&col(secs, |p| &p.1), &col(secs, |p| &p.0));
-            let mem_ratio = Spread::of_pairs(&col(kib, |p| &p.1), &col(kib, |p| &p.0));
-            s.rows.push(
-                Row::new(
-                    "time to all Active (s)",
-                    format!("{:.3}", median(&col(secs, |p| &p.0))),
-                    format!("{:.3}", median(&col(secs, |p| &p.1))),
-                )
-                .spread(&time_ratio)
-                .target("single/shared ≥ 5", time_ratio.median >= 5.0),
-            );
-            s.rows.push(
-                Row::new(
-                    "client RSS per registration (KiB)",
-                    format!("{:.1}", median(&col(kib, |p| &p.0))),
-                    format!("{:.1}", median(&col(kib, |p| &p.1))),
-                )
-                .spread(&mem_ratio)
-                .target("single/shared ≥ 3", mem_ratio.median >= 3.0),
-            );
-            let conns = |side: fn(&(Idle, Idle)) -> &Idle| {
-                pairs
-                    .iter()
-                    .map(|p| side(p).server_connections)
-                    .max()
-                    .unwrap_or(0)
-                    .to_string()
-            };
-            s.rows.push(Row::new(
-                "TCP connections (server side)",
-                conns(|p| &p.0),
-                conns(|p| &p.1),
-            ));
+            // The ratio is single / shared: how much sharing saves.
+            let (time, time_ratio) = pair_row("time to all Active (s)", &pairs, secs, 3, true);
+            s.rows
+                .push(time.target("single/shared ≥ 5", time_ratio.median >= 5.0));
+            let (mem, mem_ratio) =
+                pair_row("client RSS per registration (KiB)", &pairs, kib, 1, true);
+            s.rows
+                .push(mem.target("single/shared ≥ 3", mem_ratio.median >= 3.0));
+            connections_row(&mut s, "TCP connections (server side)", &pairs);
             s.notes.push("ratio column: single / shared".into());
-            s.data = json!({
-                "n": n,
-                "pairs": pairs.iter().map(|(a, b)| json!({ "shared": a.json(), "single": b.json() })).collect::<Vec<_>>(),
-            });
+            s.data = pairs_json(n, &pairs, ["shared", "single"]);
             sections.push(s);
         }
         Ok(sections)
@@ -841,41 +765,16 @@ impl Orchestrator {
         let mut sections = Vec::new();
         for &n in &self.plan.idle_ws {
             let args = ["--kind", "bench-ws"];
-            let sdk = IdleSpec {
-                name: "idle-ws-sdk",
-                server_args: &args,
-                kind: Client::Sdk,
-                k: 1,
-            };
-            let raw = IdleSpec {
-                name: "idle-ws-raw",
-                server_args: &args,
-                kind: Client::RawWs,
-                k: 1,
-            };
+            let sdk = IdleSpec::new("idle-ws-sdk", &args, Client::Sdk, 1);
+            let raw = IdleSpec::new("idle-ws-raw", &args, Client::RawWs, 1);
             let pairs = self.idle_pairs("idle-ws", &sdk, &raw, n, 0.02)?;
             let mut s = Section::new(format!(
                 "idle-ws: N = {n} sockets, 4 KiB read buffer, 64 handshakes at once (both), {} pairs",
                 pairs.len()
             ));
             idle_rows(&mut s, &pairs, None, (1.3, "SDK/raw ≤ 1.3"));
-            let conns = |side: fn(&(Idle, Idle)) -> &Idle| {
-                pairs
-                    .iter()
-                    .map(|p| side(p).server_connections)
-                    .max()
-                    .unwrap_or(0)
-                    .to_string()
-            };
-            s.rows.push(Row::new(
-                "sockets (server side)",
-                conns(|p| &p.0),
-                conns(|p| &p.1),
-            ));
-            s.data = json!({
-                "n": n,
-                "pairs": pairs.iter().map(|(a, b)| json!({ "sdk": a.json(), "raw": b.json() })).collect::<Vec<_>>(),
-            });
+            connections_row(&mut s, "sockets (server side)", &pairs);
+            s.data = pairs_json(n, &pairs, ["sdk", "raw"]);
             sections.push(s);
         }
         Ok(sections)
@@ -896,9 +795,9 @@ impl Orchestrator {
     fn storm_run(&self, paced: bool) -> Result<Section> {
         let n = self.plan.storm;
         let (mut server, ready) = self.server("server-storm", &["--kind", "testkit-grpc"])?;
-        let url = ready["url"].as_str().ok_or("server url")?.to_string();
+        let url = url_of(&ready)?;
         let timeout = active_timeout(n, 0.02);
-        let mut client = self.client_with(
+        let mut client = self.client(
             "client-storm",
             Client::Sdk,
             &url,
@@ -1035,32 +934,100 @@ fn idle_rows(
     time_target: Option<f64>,
     rss_target: (f64, &str),
 ) {
-    let col = |g: fn(&Idle) -> f64, side: fn(&(Idle, Idle)) -> &Idle| -> Vec<f64> {
-        pairs.iter().map(|p| g(side(p))).collect()
-    };
-    let secs = |i: &Idle| i.secs;
-    let kib = |i: &Idle| i.per_reg_kib();
-    let (sdk_secs, raw_secs) = (col(secs, |p| &p.0), col(secs, |p| &p.1));
-    let time_ratio = Spread::of_pairs(&sdk_secs, &raw_secs);
-    let mut time = Row::new(
-        "time to all Active (s)",
-        format!("{:.3}", median(&sdk_secs)),
-        format!("{:.3}", median(&raw_secs)),
-    )
-    .spread(&time_ratio);
+    let (mut time, time_ratio) = pair_row("time to all Active (s)", pairs, secs, 3, false);
     if let Some(max) = time_target {
         time = time.target(format!("SDK/raw ≤ {max}"), time_ratio.median <= max);
     }
     s.rows.push(time);
-    let (sdk_kib, raw_kib) = (col(kib, |p| &p.0), col(kib, |p| &p.1));
-    let mem_ratio = Spread::of_pairs(&sdk_kib, &raw_kib);
-    s.rows.push(
-        Row::new(
-            "client RSS per registration (KiB)",
-            format!("{:.2}", median(&sdk_kib)),
-            format!("{:.2}", median(&raw_kib)),
-        )
-        .spread(&mem_ratio)
-        .target(rss_target.1, mem_ratio.median <= rss_target.0),
-    );
+    let (mem, mem_ratio) = pair_row("client RSS per registration (KiB)", pairs, kib, 2, false);
+    s.rows
+        .push(mem.target(rss_target.1, mem_ratio.median <= rss_target.0));
+}
+
+/// Picks one side of an interleaved pair.
+type Side = fn(&(Idle, Idle)) -> &Idle;
+
+fn first(p: &(Idle, Idle)) -> &Idle {
+    &p.0
+}
+
+fn second(p: &(Idle, Idle)) -> &Idle {
+    &p.1
+}
+
+fn secs(i: &Idle) -> f64 {
+    i.secs
+}
+
+fn kib(i: &Idle) -> f64 {
+    i.per_reg_kib()
+}
+
+/// Figure `g` of one side of every pair.
+fn column(pairs: &[(Idle, Idle)], side: Side, g: impl Fn(&Idle) -> f64) -> Vec<f64> {
+    pairs.iter().map(|p| g(side(p))).collect()
+}
+
+/// [`spread_row`] of figure `g` of both sides of `pairs`, the medians
+/// with `decimals`.
+fn pair_row(
+    figure: &str,
+    pairs: &[(Idle, Idle)],
+    g: fn(&Idle) -> f64,
+    decimals: usize,
+    inverse: bool,
+) -> (Row, Spread) {
+    let (a, b) = (column(pairs, first, g), column(pairs, second, g));
+    spread_row(figure, &a, &b, |v| format!("{v:.decimals$}"), inverse)
+}
+
+/// A row of one figure over interleaved pairs, `a` and `b` its two sides:
+/// each side's median as `cell` writes it, and the spread of the per-pair
+/// ratios a / b (b / a when `inverse`). The caller adds the target.
+fn spread_row(
+    figure: impl Into<String>,
+    a: &[f64],
+    b: &[f64],
+    cell: impl Fn(f64) -> String,
+    inverse: bool,
+) -> (Row, Spread) {
+    let ratio = if inverse {
+        Spread::of_pairs(b, a)
+    } else {
+        Spread::of_pairs(a, b)
+    };
+    let row = Row::new(figure, cell(median(a)), cell(median(b))).spread(&ratio);
+    (row, ratio)
+}
+
+/// The most connections the server saw in one run of `side`.
+fn most_connections(pairs: &[(Idle, Idle)], side: Side) -> u64 {
+    pairs
+        .iter()
+        .map(|p| side(p).server_connections)
+        .max()
+        .unwrap_or(0)
+}
+
+/// An informational row: the most server-side connections of each side.
+fn connections_row(s: &mut Section, figure: &str, pairs: &[(Idle, Idle)]) {
+    s.rows.push(Row::new(
+        figure,
+        most_connections(pairs, first).to_string(),
+        most_connections(pairs, second).to_string(),
+    ));
+}
+
+/// The `data` of an idle section: N and every pair, its sides named.
+fn pairs_json(n: usize, pairs: &[(Idle, Idle)], names: [&str; 2]) -> Value {
+    let pairs: Vec<Value> = pairs
+        .iter()
+        .map(|(a, b)| {
+            let mut pair = serde_json::Map::new();
+            pair.insert(names[0].into(), a.json());
+            pair.insert(names[1].into(), b.json());
+            Value::Object(pair)
+        })
+        .collect();
+    json!({ "n": n, "pairs": pairs })
 }

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::server_core::{ConnGuard, ServerShared};
-use crate::wire::{commands, emit, next_command, Result};
+use crate::wire::{commands, emit, next_command, unknown_command, Result};
 
 /// A listener on `127.0.0.1:0` with a deep accept queue: thousands of
 /// clients may dial at once, and a full queue turns into 1 s SYN retries
@@ -177,10 +177,7 @@ pub(crate) async fn command_loop(shared: &ServerShared) -> Result<()> {
                 emit("throughput", shared.measure(secs).await);
             }
             Some("exit") => std::process::exit(0),
-            _ => emit(
-                "error",
-                json!({ "message": format!("unknown command {cmd:?}") }),
-            ),
+            _ => unknown_command(&cmd),
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::sys::unix_us;
-use crate::wire::{commands, emit, next_command, Result};
+use crate::wire::{commands, emit, next_command, unknown_command, Result};
 
 /// Width of one bucket of the reconnect histogram.
 const BUCKET: Duration = Duration::from_millis(100);
@@ -73,10 +73,7 @@ pub(crate) async fn run(tls: bool, ca_dir: Option<PathBuf>) -> Result<()> {
                 emit("storm", storm_report(&engine, t0));
             }
             "exit" => std::process::exit(0),
-            _ => emit(
-                "error",
-                json!({ "message": format!("unknown command {cmd:?}") }),
-            ),
+            _ => unknown_command(&cmd),
         }
     }
 }

@@ -8,13 +8,16 @@
 //! crashed or interrupted run.
 
 use std::io::BufRead;
+use std::time::Instant;
 
 use connector_proto::{
     ExecuteRequest, ExecuteResponse, Heartbeat, HeartbeatAck, Kind, PayloadEncoding,
     RegisterRequest, RegisterResponse, RegistrationStatus, StreamMessage,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+use crate::sys::unix_us;
 
 /// Boxed error: this is a measuring tool, errors are reported, not matched.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,7 +34,7 @@ pub(crate) fn emit(event: &str, mut fields: Value) {
 
 /// Reports a fatal error to the orchestrator and exits the child.
 pub(crate) fn fail(err: &dyn std::fmt::Display) -> ! {
-    emit("error", serde_json::json!({ "message": err.to_string() }));
+    emit("error", json!({ "message": err.to_string() }));
     std::process::exit(1);
 }
 
@@ -56,6 +59,39 @@ pub(crate) async fn next_command(rx: &mut mpsc::UnboundedReceiver<String>) -> St
         Some(cmd) => cmd,
         None => std::process::exit(0),
     }
+}
+
+/// Answers a command the child does not know with an `error` event.
+pub(crate) fn unknown_command(cmd: &str) {
+    emit(
+        "error",
+        json!({ "message": format!("unknown command {cmd:?}") }),
+    );
+}
+
+/// How every client starts: says `ready` (with its pid) and waits for
+/// `go`. Returns the commands that follow and when `go` came, as an
+/// instant and in Unix microseconds.
+pub(crate) async fn ready_then_go() -> (mpsc::UnboundedReceiver<String>, Instant, u64) {
+    let mut cmds = commands();
+    emit("ready", json!({ "pid": std::process::id() }));
+    while next_command(&mut cmds).await != "go" {}
+    (cmds, Instant::now(), unix_us())
+}
+
+/// A client's `active` event: all `n` registrations became active `secs`
+/// after `go` (at `started_unix`), over `connections` connections.
+pub(crate) fn emit_active(n: usize, secs: f64, started_unix: u64, connections: usize) {
+    emit(
+        "active",
+        json!({
+            "n": n,
+            "secs": secs,
+            "start_unix_us": started_unix,
+            "active_unix_us": unix_us(),
+            "connections": connections,
+        }),
+    );
 }
 
 /// Wraps a message kind.

@@ -222,16 +222,36 @@ impl GrpcError {
     }
 }
 
-/// The strongest [`Http2Refusal`] found in a source chain.
+/// Every error of a source chain, in order. `io::Error::source` skips the
+/// error a custom io error wraps, so that one is looked into with `get_ref`
+/// as well: its own chain follows the io error. At most 32 links are
+/// followed on each level, against a chain that never ends.
+fn chain_links<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    fn walk<'a>(err: &'a (dyn StdError + 'static), out: &mut Vec<&'a (dyn StdError + 'static)>) {
+        let mut next = Some(err);
+        let mut depth = 0;
+        while let Some(e) = next {
+            depth += 1;
+            if depth > 32 {
+                break;
+            }
+            out.push(e);
+            if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+                walk(inner, out);
+            }
+            next = e.source();
+        }
+    }
+    let mut out = Vec::new();
+    walk(err, &mut out);
+    out
+}
+
+/// The strongest [`Http2Refusal`] found in a source chain: the first
+/// definite one, else the first of any kind.
 fn refusal_in_chain(err: &(dyn StdError + 'static)) -> Option<Http2Refusal> {
     let mut found = None;
-    let mut next = Some(err);
-    let mut depth = 0;
-    while let Some(e) = next {
-        depth += 1;
-        if depth > 32 {
-            break;
-        }
+    for e in chain_links(err) {
         let here = if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             match tls {
                 rustls::Error::NoApplicationProtocol
@@ -249,8 +269,6 @@ fn refusal_in_chain(err: &(dyn StdError + 'static)) -> Option<Http2Refusal> {
                 }
                 _ => None,
             }
-        } else if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
-            refusal_in_chain(inner)
         } else {
             None
         };
@@ -259,7 +277,6 @@ fn refusal_in_chain(err: &(dyn StdError + 'static)) -> Option<Http2Refusal> {
             (None, b) => b,
             (a, _) => a,
         };
-        next = e.source();
     }
     found
 }
@@ -279,17 +296,10 @@ struct ChainFacts {
     refused_stream: bool,
 }
 
-/// Walks a source chain. `io::Error::source` skips the error it wraps, so
-/// custom io errors are looked into with `get_ref` as well.
+/// What the links of a source chain ([`chain_links`]) say.
 fn chain_facts(err: &(dyn StdError + 'static)) -> ChainFacts {
     let mut facts = ChainFacts::default();
-    let mut next = Some(err);
-    let mut depth = 0;
-    while let Some(e) = next {
-        depth += 1;
-        if depth > 32 {
-            break;
-        }
+    for e in chain_links(err) {
         if e.downcast_ref::<rustls::Error>().is_some() {
             facts.tls = true;
         }
@@ -307,15 +317,7 @@ fn chain_facts(err: &(dyn StdError + 'static)) -> ChainFacts {
                 | io::ErrorKind::AddrNotAvailable => facts.refused = true,
                 _ => {}
             }
-            if let Some(inner) = io.get_ref() {
-                let inner_facts = chain_facts(inner);
-                facts.tls |= inner_facts.tls;
-                facts.timed_out |= inner_facts.timed_out;
-                facts.refused |= inner_facts.refused;
-                facts.refused_stream |= inner_facts.refused_stream;
-            }
         }
-        next = e.source();
     }
     facts
 }
@@ -348,24 +350,9 @@ fn raw_chain_message(err: &(dyn StdError + 'static)) -> String {
 
 /// A [`GrpcError`] our own connector returned, found in tonic's chain.
 fn own_error(err: &(dyn StdError + 'static)) -> Option<GrpcError> {
-    let mut next = Some(err);
-    let mut depth = 0;
-    while let Some(e) = next {
-        depth += 1;
-        if depth > 32 {
-            break;
-        }
-        if let Some(own) = e.downcast_ref::<GrpcError>() {
-            return Some(own.clone());
-        }
-        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
-            if let Some(own) = own_error(inner) {
-                return Some(own);
-            }
-        }
-        next = e.source();
-    }
-    None
+    chain_links(err)
+        .into_iter()
+        .find_map(|e| e.downcast_ref::<GrpcError>().cloned())
 }
 
 /// Sorts a failed dial (`Endpoint::connect`, or `connect_with_connector`

@@ -412,6 +412,30 @@ mod tests {
         Arc::new(Mutex::new(Pool::new(max)))
     }
 
+    /// Adds a channel whose server settings are not known yet.
+    fn open(pool: &mut Pool<()>) -> u64 {
+        pool.add_channel((), PeerSettings::new())
+            .expect("open pool")
+    }
+
+    /// Settings as the server's first SETTINGS frame gave them.
+    fn settings(max_concurrent_streams: Option<u32>) -> Arc<PeerSettings> {
+        let settings = PeerSettings::new();
+        settings.apply(max_concurrent_streams);
+        settings
+    }
+
+    /// Makes `n` reservations, each of which must land on channel `on`.
+    fn reserve_on(pool: &mut Pool<()>, on: u64, n: usize) {
+        for i in 0..n {
+            assert_eq!(
+                pool.try_reserve().map(|r| r.channel_id),
+                Some(on),
+                "reservation {i}"
+            );
+        }
+    }
+
     fn streams(pool: &Pool<()>) -> Vec<(u64, usize, usize)> {
         pool.channel_stats()
             .iter()
@@ -429,12 +453,8 @@ mod tests {
     #[test]
     fn reserve_fills_channels_in_order_and_never_overshoots() {
         let mut pool = Pool::new(3);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
-        for _ in 0..3 {
-            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
-        }
+        let a = open(&mut pool);
+        reserve_on(&mut pool, a, 3);
         assert!(pool.try_reserve().is_none(), "channel a is full");
         let b = pool
             .add_channel_and_reserve((), PeerSettings::new())
@@ -443,35 +463,27 @@ mod tests {
         assert_eq!(streams(&pool), vec![(a, 3, 3), (b.channel_id, 1, 3)]);
         // A freed slot on the older channel is reused first.
         pool.release(a, false);
-        assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
+        reserve_on(&mut pool, a, 1);
         assert_eq!(pool.stats().dials_succeeded, 2);
     }
 
     #[test]
     fn new_channel_is_limited_to_hyper_initial_streams_until_a_response() {
         let mut pool = Pool::new(250);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
-        for _ in 0..INITIAL_MAX_SEND_STREAMS {
-            assert!(pool.try_reserve().is_some());
-        }
+        let a = open(&mut pool);
+        reserve_on(&mut pool, a, INITIAL_MAX_SEND_STREAMS);
         assert!(pool.try_reserve().is_none(), "100 before SETTINGS");
         assert_eq!(streams(&pool), vec![(a, 100, 100)]);
         pool.mark_established(a);
         assert_eq!(streams(&pool), vec![(a, 100, 250)]);
-        assert!(pool.try_reserve().is_some());
+        reserve_on(&mut pool, a, 1);
     }
 
     #[test]
     fn stall_lowers_cap_to_established_and_new_channels_inherit_it() {
         let mut pool = Pool::new(80);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
-        for _ in 0..12 {
-            assert!(pool.try_reserve().is_some());
-        }
+        let a = open(&mut pool);
+        reserve_on(&mut pool, a, 12);
         for _ in 0..5 {
             pool.mark_established(a);
         }
@@ -485,36 +497,28 @@ mod tests {
         }
         assert_eq!(streams(&pool), vec![(a, 5, 5)]);
         assert!(pool.try_reserve().is_none(), "a is at its learned limit");
-        let b = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let b = open(&mut pool);
         assert_eq!(streams(&pool)[1], (b, 0, 5));
         // A stream ending on `a` makes room for exactly one more.
         pool.release(a, true);
-        assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
-        assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(b));
+        reserve_on(&mut pool, a, 1);
+        reserve_on(&mut pool, b, 1);
     }
 
     #[test]
     fn the_servers_settings_set_the_cap_and_late_ones_push_the_excess_out() {
         let mut pool = Pool::new(80);
         // Read before the channel is added (the dial waits for them).
-        let known = PeerSettings::new();
-        known.apply(Some(5));
-        let a = pool.add_channel((), known).expect("open pool");
+        let a = pool.add_channel((), settings(Some(5))).expect("open pool");
         assert_eq!(streams(&pool), vec![(a, 0, 5)]);
-        for _ in 0..5 {
-            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
-        }
+        reserve_on(&mut pool, a, 5);
         assert!(pool.try_reserve().is_none(), "5 is the server's limit");
         assert!(!pool.over_cap(a));
 
         // Arriving after 12 reservations: the 7 over the limit give back.
         let late = PeerSettings::new();
         let b = pool.add_channel((), Arc::clone(&late)).expect("open pool");
-        for _ in 0..12 {
-            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(b));
-        }
+        reserve_on(&mut pool, b, 12);
         late.apply(Some(5));
         let mut gave_back = 0;
         for _ in 0..12 {
@@ -527,14 +531,10 @@ mod tests {
         assert_eq!(streams(&pool)[1], (b, 5, 5));
 
         // No parameter in the first SETTINGS: only our own cap applies.
-        let unlimited = PeerSettings::new();
-        unlimited.apply(None);
-        let c = pool.add_channel((), unlimited).expect("open pool");
+        let c = pool.add_channel((), settings(None)).expect("open pool");
         assert_eq!(streams(&pool)[2], (c, 0, 80));
         // A limit of 0 still leaves one slot (a queued open times out).
-        let zero = PeerSettings::new();
-        zero.apply(Some(0));
-        let d = pool.add_channel((), zero).expect("open pool");
+        let d = pool.add_channel((), settings(Some(0))).expect("open pool");
         assert_eq!(streams(&pool)[3], (d, 0, 1));
         assert_eq!(pool.learned_limit(), None, "settings are not stalls");
     }
@@ -542,10 +542,8 @@ mod tests {
     #[test]
     fn stall_without_established_streams_is_not_a_limit() {
         let mut pool = Pool::new(80);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
-        assert!(pool.try_reserve().is_some());
+        let a = open(&mut pool);
+        reserve_on(&mut pool, a, 1);
         assert_eq!(pool.stalled(a), None);
         assert_eq!(pool.learned_limit(), None);
         assert_eq!(streams(&pool), vec![(a, 1, 80)]);
@@ -554,13 +552,11 @@ mod tests {
     #[test]
     fn refused_stream_marks_settings_seen_but_keeps_the_cap() {
         let mut pool = Pool::new(250);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let a = open(&mut pool);
         assert_eq!(streams(&pool), vec![(a, 0, 100)]);
         pool.refused(a);
         assert_eq!(streams(&pool), vec![(a, 0, 250)]);
-        pool.try_reserve();
+        reserve_on(&mut pool, a, 1);
         pool.mark_established(a);
         pool.refused(a);
         assert_eq!(streams(&pool), vec![(a, 1, 250)], "a refusal is no measure");
@@ -570,14 +566,10 @@ mod tests {
     #[test]
     fn stall_never_raises_a_cap_and_the_latest_measurement_is_learned() {
         let mut pool = Pool::new(80);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
-        let z = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let a = open(&mut pool);
+        let z = open(&mut pool);
         for _ in 0..10 {
-            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(a));
+            reserve_on(&mut pool, a, 1);
             pool.mark_established(a);
         }
         assert_eq!(pool.stalled(a), Some(10));
@@ -585,7 +577,7 @@ mod tests {
             pool.release(a, true);
         }
         for _ in 0..3 {
-            pool.try_reserve();
+            reserve_on(&mut pool, a, 1);
             pool.mark_established(a);
         }
         assert_eq!(pool.stalled(a), Some(3));
@@ -593,14 +585,12 @@ mod tests {
         // `z` was dialled before anything was learned and measures 5: new
         // channels take 5, `a` keeps its own 3.
         for _ in 0..5 {
-            assert_eq!(pool.try_reserve().map(|r| r.channel_id), Some(z));
+            reserve_on(&mut pool, z, 1);
             pool.mark_established(z);
         }
         assert_eq!(pool.stalled(z), Some(5));
         assert_eq!(pool.learned_limit(), Some(5));
-        let b = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let b = open(&mut pool);
         let caps: Vec<_> = pool
             .channel_stats()
             .iter()
@@ -612,9 +602,7 @@ mod tests {
     #[test]
     fn failures_drop_the_channel_at_the_threshold_and_success_resets_them() {
         let mut pool = Pool::new(10);
-        let a = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let a = open(&mut pool);
         assert_eq!(pool.record_failure(a), FailureOutcome::Counted(1));
         assert_eq!(pool.record_failure(a), FailureOutcome::Counted(2));
         pool.mark_established(a);
@@ -627,17 +615,14 @@ mod tests {
         // Releasing a slot of a dropped channel is harmless.
         pool.release(a, true);
         // The next channel gets a fresh id.
-        let b = pool
-            .add_channel((), PeerSettings::new())
-            .expect("open pool");
+        let b = open(&mut pool);
         assert_ne!(a, b);
     }
 
     #[test]
     fn closed_pool_refuses_everything() {
         let mut pool = Pool::new(10);
-        pool.add_channel((), PeerSettings::new())
-            .expect("open pool");
+        open(&mut pool);
         pool.dial_failed();
         assert_eq!(pool.close().len(), 1);
         assert!(pool.is_closed());
