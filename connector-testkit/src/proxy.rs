@@ -130,7 +130,10 @@ impl ConnectProxy {
     /// From now on, CONNECT requests without `Proxy-Authorization: Basic`
     /// of exactly `user:password` are answered `407`.
     pub fn require_auth(&self, user: &str, password: &str) {
-        let value = format!("Basic {}", base64(format!("{user}:{password}").as_bytes()));
+        let value = format!(
+            "Basic {}",
+            base64_std(format!("{user}:{password}").as_bytes())
+        );
         *lock(&self.inner.state.auth) = Some(value);
     }
 
@@ -319,25 +322,10 @@ fn parse_request(head: &[u8]) -> Request {
     }
 }
 
-/// Standard base64 with padding (RFC 4648), for the expected
-/// `Proxy-Authorization` value; written out so the clients' encoder is
-/// checked against an independent one.
-fn base64(input: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let mut b = [0u8; 3];
-        b[..chunk.len()].copy_from_slice(chunk);
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(TABLE[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// Standard base64 with padding (RFC 4648), as `Basic` credentials use.
+fn base64_std(input: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(input)
 }
 
 #[cfg(test)]
@@ -399,19 +387,6 @@ mod tests {
             b"\r\n\r\n",
         ] {
             assert_eq!(parse_request(bad), Request::Reject(400, "Bad Request"));
-        }
-    }
-
-    #[test]
-    fn base64_matches_the_rfc_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("user:pa55", "dXNlcjpwYTU1"),
-        ] {
-            assert_eq!(base64(i.as_bytes()), o);
         }
     }
 
