@@ -56,25 +56,29 @@ async def hosted(ctx, n, *extra, transport="grpc", cp=None, active=False):
         await host.stop(); await front.stop()
 
 
-async def sc_session_expired_forever(ctx):
-    """every register is rejected SESSION_EXPIRED: one immediate retry, then escalating backoff (no hot loop)."""
+async def rejected_forever(ctx, reason, want, why):
+    """every register is rejected with `reason`; count the registers of one
+    registration in 5 s: `want` is the (low, high) range the backoff allows."""
     cp = h.ControlPlane()
-    cp.default_policy = ("reject", h.pb.REJECT_REASON_SESSION_EXPIRED)
+    cp.default_policy = ("reject", reason)
     async with hosted(ctx, 1, *h.FAST, cp=cp) as (cp, host):
         await asyncio.sleep(5)
         n = len(cp.registers)
         alive = host.proc.poll() is None
-        return 2 <= n <= 20 and alive, f"registers in 5 s from one registration: {n} (want 2..20: one immediate retry, then backoff to the 2 s cap); host alive {alive}"
+        lo, hi = want
+        return lo <= n <= hi and alive, f"registers in 5 s from one registration: {n} (want {lo}..{hi}: {why}); host alive {alive}"
+
+
+async def sc_session_expired_forever(ctx):
+    """every register is rejected SESSION_EXPIRED: one immediate retry, then escalating backoff (no hot loop)."""
+    return await rejected_forever(ctx, h.pb.REJECT_REASON_SESSION_EXPIRED, (2, 20),
+                                  "one immediate retry, then backoff to the 2 s cap")
 
 
 async def sc_duplicate_forever(ctx):
     """every register is rejected DUPLICATE: backoff escalates to the cap."""
-    cp = h.ControlPlane()
-    cp.default_policy = ("reject", h.pb.REJECT_REASON_DUPLICATE)
-    async with hosted(ctx, 1, *h.FAST, cp=cp) as (cp, host):
-        await asyncio.sleep(5)
-        n = len(cp.registers)
-        return 1 <= n <= 15, f"registers in 5 s: {n} (want <= 15)"
+    return await rejected_forever(ctx, h.pb.REJECT_REASON_DUPLICATE, (1, 15),
+                                  "backoff to the 2 s cap")
 
 
 async def sc_drain_forever(ctx):
