@@ -519,25 +519,6 @@ async fn grpcs_trust_settings() {
     }
 }
 
-/// No CA at all: the system roots do not know the testkit CA (or the
-/// machine has none, which is a config error naming ca_cert).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn grpcs_without_a_ca_names_ca_cert() {
-    let tls = tls_server().await;
-    let o = options(&tls.server.url()).build().expect("options");
-    match GrpcTransport::new().mux(&o).await {
-        Ok(mux) => {
-            let err = open_err(&*mux, 0).await;
-            assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-            assert!(err.to_string().contains("ca_cert"), "{err}");
-        }
-        Err(err) => {
-            assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
-            assert!(err.to_string().contains("ca_cert"), "{err}");
-        }
-    }
-}
-
 /// Settings `mux()` refuses up front, as config errors.
 #[tokio::test]
 async fn bad_settings_are_config_errors_from_mux() {

@@ -1388,6 +1388,41 @@ pub async fn unreadable_ca_file_is_a_config_error(target: Target) {
     w.engine.verify().expect("no protocol error");
 }
 
+/// TLS with no CA given: the system roots do not know the testkit CA, so
+/// every open fails with a TLS error that says to set `ca_cert` (or, on a
+/// machine with no system roots at all, `run` fails at once with a config
+/// error naming `ca_cert`); nothing registers.
+pub async fn tls_without_a_ca_names_ca_cert(target: Target) {
+    let setup = Setup::tls(TestCertificate::generate().expect("cert"));
+    let w = World::new(&target, 1, setup, |o| o).await;
+    let mut events = w.events(0);
+    let runner = w.runner.clone();
+    let mut run = tokio::spawn(async move { runner.run().await });
+    let failed = tokio::select! {
+        msg = wait_event(&mut events, "a failed open", open_failure) => Some(msg),
+        ended = &mut run => {
+            let err = ended.expect("no panic").expect_err("run cannot succeed");
+            assert!(err.is_config(), "{err}");
+            assert!(err.to_string().contains("ca_cert"), "{err}");
+            None
+        }
+    };
+    if let Some(msg) = failed {
+        assert_kind(&msg, TransportErrorKind::Tls);
+        assert!(msg.contains("ca_cert"), "{msg}");
+        assert!(msg.contains("invalid peer certificate"), "{msg}");
+        w.runner.shutdown_handle().shutdown();
+        timeout(WAIT, run)
+            .await
+            .expect("run() returns after shutdown")
+            .expect("no panic")
+            .expect("clean stop");
+    }
+    assert_eq!(w.engine.stats().registers, 0, "nothing registers");
+    assert_eq!(w.engine.stats().streams_opened, 0);
+    w.engine.verify().expect("no protocol error");
+}
+
 /// Expands to one `#[tokio::test]` per conformance story for a
 /// [`conformance::Target`](crate::conformance::Target) expression.
 ///
@@ -1421,6 +1456,7 @@ macro_rules! conformance_suite {
             tls_and_mutual_tls,
             wrong_ca_is_a_tls_error_retried_with_backoff,
             unreadable_ca_file_is_a_config_error,
+            tls_without_a_ca_names_ca_cert,
         );
     };
     (@each $target:expr; $($story:ident),* $(,)?) => {

@@ -502,24 +502,6 @@ async fn wss_trust_settings() {
     }
 }
 
-/// No CA at all: the system roots do not know the testkit CA (or the
-/// machine has none, which is a config error naming ca_cert).
-#[tokio::test]
-async fn wss_without_a_ca_names_ca_cert() {
-    let tls = tls_server().await;
-    match WsTransport::new().mux(&options(&tls.server.url())).await {
-        Ok(mux) => {
-            let err = open_err(&*mux, &key(0)).await;
-            assert_eq!(err.kind(), TransportErrorKind::Tls, "{err}");
-            assert!(err.to_string().contains("ca_cert"), "{err}");
-        }
-        Err(err) => {
-            assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
-            assert!(err.to_string().contains("ca_cert"), "{err}");
-        }
-    }
-}
-
 /// Settings `mux()` refuses up front, as config errors whose source is a
 /// config `WsError`.
 #[tokio::test]
