@@ -39,6 +39,25 @@ async fn reload(host: &mut Host, config: &std::path::Path, text: &str, outcome: 
     host.line_with(outcome).await
 }
 
+/// [`reload`], then waits (at most [`WAIT`]) until the server's state is
+/// `done` (`what` names it when it is not).
+async fn reload_until(
+    host: &mut Host,
+    config: &std::path::Path,
+    text: &str,
+    outcome: &str,
+    server: &GrpcTestServer,
+    what: &str,
+    done: impl FnMut(&connector_testkit::TestServer) -> bool,
+) {
+    reload(host, config, text, outcome).await;
+    server
+        .engine()
+        .wait_until(WAIT, done)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+}
+
 fn stream_id(server: &GrpcTestServer, key: &str) -> u64 {
     server
         .engine()
@@ -50,8 +69,7 @@ fn stream_id(server: &GrpcTestServer, key: &str) -> u64 {
 }
 
 async fn json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    let r = get(addr, path).await;
-    assert_eq!(r.status, 200, "{r:?}");
+    let r = get_status(addr, path, 200).await;
     assert!(
         r.head.to_ascii_lowercase().contains("application/json"),
         "{r:?}"
@@ -164,19 +182,17 @@ paused = true
     assert!(!list.to_string().contains("secret"), "no token in {list}");
 
     // /ready leaves the paused one out; /livez; /metrics counts it.
-    let ready = get(addr, "/ready").await;
-    assert_eq!(ready.status, 200, "{ready:?}");
-    let live = get(addr, "/livez").await;
-    assert_eq!(live.status, 200, "{live:?}");
-    let metrics = get(addr, "/metrics").await;
-    assert_lines(
-        &metrics.body,
+    get_status(addr, "/ready", 200).await;
+    get_status(addr, "/livez", 200).await;
+    assert_metrics(
+        addr,
         &[
             r#"connector_host_registrations{state="paused"} 1"#,
             r#"connector_host_registrations{state="active"} 4"#,
             "connector_host_ready 1",
         ],
-    );
+    )
+    .await;
 
     // The token file is read again when a registration is re-registered.
     write(&token, "rotated-secret");
@@ -184,22 +200,20 @@ paused = true
         r#"metadata = { region = "eu" }"#,
         r#"metadata = { region = "us" }"#,
     );
-    reload(
+    reload_until(
         &mut host,
         &config,
         &changed,
         "config reloaded: 0 added, 0 removed, 1 changed, 4 unchanged",
-    )
-    .await;
-    server
-        .engine()
-        .wait_until(WAIT, |s| {
+        &server,
+        "re-registered with the rotated token",
+        |s| {
             s.registrations()
                 .iter()
                 .any(|r| r.key == "beta.echo.b0" && r.register.auth_token == "rotated-secret")
-        })
-        .await
-        .expect("re-registered with the rotated token");
+        },
+    )
+    .await;
 
     let (_, stderr) = host.stop_ok().await;
     assert!(!stderr.contains("secret"), "{stderr}");
@@ -249,23 +263,21 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
         ("a3", ""),
         ("p0", "paused = false"),
     ];
-    reload(
+    reload_until(
         &mut host,
         &config,
         &reload_file(&url, &second),
         "config reloaded: 1 added, 1 removed, 2 changed, 1 unchanged",
-    )
-    .await;
-    server
-        .engine()
-        .wait_until(WAIT, |s| {
+        &server,
+        "the new set is active, a1 with its new name",
+        |s| {
             s.active_keys() == ["t.echo.a0", "t.echo.a1", "t.echo.a3", "t.echo.p0"]
                 && s.registrations()
                     .iter()
                     .any(|r| r.key == "t.echo.a1" && r.register.display_name == "two")
-        })
-        .await
-        .expect("the new set is active, a1 with its new name");
+        },
+    )
+    .await;
     assert_eq!(
         stream_id(&server, "t.echo.a0"),
         a0_stream,
@@ -294,18 +306,16 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
     // Pausing closes the stream and keeps it out of /ready.
     let mut third = second;
     third[0] = ("a0", "paused = true");
-    reload(
+    reload_until(
         &mut host,
         &config,
         &reload_file(&url, &third),
         "config reloaded: 0 added, 0 removed, 1 changed, 3 unchanged",
+        &server,
+        "a0's stream closed",
+        |s| !s.active_keys().iter().any(|k| k == "t.echo.a0"),
     )
     .await;
-    server
-        .engine()
-        .wait_until(WAIT, |s| !s.active_keys().iter().any(|k| k == "t.echo.a0"))
-        .await
-        .expect("a0's stream closed");
     one_execute_each(
         server.engine(),
         &["t.echo.a1", "t.echo.a3", "t.echo.p0"].map(|k| k.parse().expect("a key")),
@@ -319,16 +329,15 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
         .expect("array")
         .iter()
         .all(|o| o["key"] != "t.echo.a2"));
-    let ready = get(addr, "/ready").await;
-    assert_eq!(ready.status, 200, "{ready:?}");
-    let metrics = get(addr, "/metrics").await;
-    assert_lines(
-        &metrics.body,
+    get_status(addr, "/ready", 200).await;
+    assert_metrics(
+        addr,
         &[
             r#"connector_host_config_reloads_total{outcome="ok"} 2"#,
             r#"connector_host_config_reloads_total{outcome="failed"} 1"#,
         ],
-    );
+    )
+    .await;
 
     let (_, stderr) = host.stop_ok().await;
     let errors = stderr.lines().filter(|l| l.contains("ERROR")).count();

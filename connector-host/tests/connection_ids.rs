@@ -36,8 +36,7 @@ async fn ids(
 }
 
 async fn registrations(addr: SocketAddr) -> Vec<Option<u64>> {
-    let response = get(addr, "/registrations").await;
-    assert_eq!(response.status, 200, "{response:?}");
+    let response = get_status(addr, "/registrations", 200).await;
     let list: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
     let list = list.as_array().expect("an array");
     list.iter()
