@@ -24,7 +24,7 @@ use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use fleet_support::{setup, Etcd};
+use fleet_support::{setup, Etcd, TestFleet};
 
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
@@ -199,28 +199,37 @@ fn moved_between(
         .collect()
 }
 
-/// Replicas `r0`, `r1`, `r2`, started and joined.
-async fn three_joined(
-    etcd: &Etcd,
-    prefix: &str,
-    server: &GrpcTestServer,
-    lease: u32,
-) -> [Replica; 3] {
+/// [`setup`] under `prefix`, then replicas `r0`, `r1`, `r2` with `lease`,
+/// started and joined; None when etcd is not installed.
+async fn setup_three(prefix: &str, lease: u32) -> Option<TestFleet<[Replica; 3]>> {
+    let (etcd, engine, server, monitor) = setup(prefix).await?;
     let replicas: [Replica; 3] =
-        std::array::from_fn(|i| Replica::start(etcd, prefix, &format!("r{i}"), server, lease));
+        std::array::from_fn(|i| Replica::start(&etcd, prefix, &format!("r{i}"), &server, lease));
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    replicas
+    Some(TestFleet {
+        etcd,
+        engine,
+        server,
+        monitor,
+        replicas,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
-    let Some((etcd, engine, server, monitor)) = setup("kill").await else {
+    let lease = 2;
+    let Some(TestFleet {
+        etcd,
+        engine,
+        server: _server, // up until the end of the test
+        monitor,
+        replicas: [a, b, c],
+    }) = setup_three("kill", lease).await
+    else {
         return;
     };
-    let lease = 2;
-    let [a, b, c] = three_joined(&etcd, "kill", &server, lease).await;
     settle(&engine, &[&a, &b, &c]).await;
     for r in [&a, &b, &c] {
         let n = r.hosted().len();
@@ -247,21 +256,24 @@ async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
         victim.len()
     );
     assert_assignment(&[&a, &b]);
-    monitor.assert_clean(&engine);
-    a.leave().await;
-    b.leave().await;
+    monitor.stop_all(&engine, [a, b], Replica::leave).await;
     assert_eq!(engine.registrations().len(), 0, "all closed after leave");
-    monitor.assert_clean(&engine);
     drop(etcd);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
-    let Some((etcd, engine, server, monitor)) = setup("join").await else {
+    let lease = 2;
+    let Some(TestFleet {
+        etcd,
+        engine,
+        server,
+        monitor,
+        replicas: [a, b, c],
+    }) = setup_three("join", lease).await
+    else {
         return;
     };
-    let lease = 2;
-    let [a, b, c] = three_joined(&etcd, "join", &server, lease).await;
     let before = settle(&engine, &[&a, &b, &c]).await;
     let conns_before = server.total_connections_accepted();
 
@@ -320,22 +332,24 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
         "a leave does not wait for the TTL: {took:?}"
     );
     assert_assignment(&[&a, &c, &d]);
-    monitor.assert_clean(&engine);
-    for r in [a, c, d] {
-        r.leave().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor.stop_all(&engine, [a, c, d], Replica::leave).await;
     drop(etcd);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without_doubles() {
-    let Some((mut etcd, engine, server, monitor)) = setup("outage").await else {
-        return;
-    };
     // A longer lease so "still hosting while the lease lasts" has room.
     let lease = 3;
-    let replicas = three_joined(&etcd, "outage", &server, lease).await;
+    let Some(TestFleet {
+        mut etcd,
+        engine,
+        server: _server, // up until the end of the test
+        monitor,
+        replicas,
+    }) = setup_three("outage", lease).await
+    else {
+        return;
+    };
     let refs: Vec<&Replica> = replicas.iter().collect();
     let before = settle(&engine, &refs).await;
 
@@ -404,9 +418,5 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    monitor.assert_clean(&engine);
-    for r in replicas {
-        r.leave().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor.stop_all(&engine, replicas, Replica::leave).await;
 }

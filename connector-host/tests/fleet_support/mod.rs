@@ -8,6 +8,7 @@
 #![allow(unreachable_pub, reason = "a test helper module")]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -161,6 +162,16 @@ pub async fn setup(name: &str) -> Option<(Etcd, TestServer, GrpcTestServer, Moni
     Some((etcd, engine, server, monitor))
 }
 
+/// What a fleet test runs on: [`setup`]'s etcd, engine, server and monitor,
+/// and the replicas it started on them.
+pub struct TestFleet<R> {
+    pub etcd: Etcd,
+    pub engine: TestServer,
+    pub server: GrpcTestServer,
+    pub monitor: Monitor,
+    pub replicas: R,
+}
+
 /// Samples live streams per key on every server change; remembers the
 /// worst moment.
 pub struct Monitor {
@@ -201,6 +212,23 @@ impl Monitor {
             "{:?}",
             stats.protocol_errors
         );
+    }
+}
+
+impl Monitor {
+    /// Clean now; each of `replicas` stopped by `stop`, one after another;
+    /// clean again after the last.
+    pub async fn stop_all<R, F: Future>(
+        &self,
+        engine: &TestServer,
+        replicas: impl IntoIterator<Item = R>,
+        mut stop: impl FnMut(R) -> F,
+    ) {
+        self.assert_clean(engine);
+        for r in replicas {
+            stop(r).await;
+        }
+        self.assert_clean(engine);
     }
 }
 
