@@ -31,6 +31,26 @@ fn spawn_config(config: &std::path::Path, env: &[(&str, &str)]) -> Host {
     Host::spawn(&["--config", &config_arg, "--log", LOG], env)
 }
 
+/// [`spawn_config`], waited for until its metrics address is known and
+/// exactly `active` (sorted) are active on `server`: the host and that
+/// address.
+async fn spawn_active(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+    server: &GrpcTestServer,
+    active: &[&str],
+) -> (Host, std::net::SocketAddr) {
+    let mut host = spawn_config(config, env);
+    let addr = host.metrics_addr().await;
+    server
+        .engine()
+        .wait_for_active(active.len(), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{} active: {e:?}", active.len()));
+    assert_eq!(registrations(server), active);
+    (host, addr)
+}
+
 /// Writes `text` to `config`, sends SIGHUP and waits for the log line
 /// that starts with `outcome`.
 async fn reload(host: &mut Host, config: &std::path::Path, text: &str, outcome: &str) -> String {
@@ -126,22 +146,18 @@ paused = true
             token = token.display()
         ),
     );
-    let mut host = spawn_config(&config, &[("ACME_TOKEN", "acme-secret")]);
-    let addr = host.metrics_addr().await;
-    server
-        .engine()
-        .wait_for_active(4, WAIT)
-        .await
-        .expect("4 active");
-    assert_eq!(
-        registrations(&server),
-        [
+    let (mut host, addr) = spawn_active(
+        &config,
+        &[("ACME_TOKEN", "acme-secret")],
+        &server,
+        &[
             "acme.echo.e-0",
             "acme.echo.e-1",
             "acme.echo.e-2",
-            "beta.echo.b0"
-        ]
-    );
+            "beta.echo.b0",
+        ],
+    )
+    .await;
     for info in server.engine().registrations() {
         let r = &info.register;
         if info.key.starts_with("acme.") {
@@ -243,17 +259,13 @@ async fn sighup_adds_removes_changes_and_leaves_the_rest_untouched() {
         ("p0", "paused = true"),
     ];
     write(&config, &reload_file(&url, &first));
-    let mut host = spawn_config(&config, &[]);
-    let addr = host.metrics_addr().await;
-    server
-        .engine()
-        .wait_for_active(3, WAIT)
-        .await
-        .expect("3 active");
-    assert_eq!(
-        registrations(&server),
-        ["t.echo.a0", "t.echo.a1", "t.echo.a2"]
-    );
+    let (mut host, addr) = spawn_active(
+        &config,
+        &[],
+        &server,
+        &["t.echo.a0", "t.echo.a1", "t.echo.a2"],
+    )
+    .await;
     let a0_stream = stream_id(&server, "t.echo.a0");
 
     // Gone, changed, new, unpaused; a0 unchanged.

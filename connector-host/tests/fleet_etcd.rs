@@ -24,7 +24,7 @@ use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use fleet_support::{setup, Etcd, TestFleet};
+use fleet_support::{setup, Etcd, Monitor};
 
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
@@ -201,33 +201,23 @@ fn moved_between(
 
 /// [`setup`] under `prefix`, then replicas `r0`, `r1`, `r2` with `lease`,
 /// started and joined; None when etcd is not installed.
-async fn setup_three(prefix: &str, lease: u32) -> Option<TestFleet<[Replica; 3]>> {
+async fn setup_three(
+    prefix: &str,
+    lease: u32,
+) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor, [Replica; 3])> {
     let (etcd, engine, server, monitor) = setup(prefix).await?;
     let replicas: [Replica; 3] =
         std::array::from_fn(|i| Replica::start(&etcd, prefix, &format!("r{i}"), &server, lease));
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    Some(TestFleet {
-        etcd,
-        engine,
-        server,
-        monitor,
-        replicas,
-    })
+    Some((etcd, engine, server, monitor, replicas))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
     let lease = 2;
-    let Some(TestFleet {
-        etcd,
-        engine,
-        server: _server, // up until the end of the test
-        monitor,
-        replicas: [a, b, c],
-    }) = setup_three("kill", lease).await
-    else {
+    let Some((etcd, engine, _server, monitor, [a, b, c])) = setup_three("kill", lease).await else {
         return;
     };
     settle(&engine, &[&a, &b, &c]).await;
@@ -264,14 +254,7 @@ async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
     let lease = 2;
-    let Some(TestFleet {
-        etcd,
-        engine,
-        server,
-        monitor,
-        replicas: [a, b, c],
-    }) = setup_three("join", lease).await
-    else {
+    let Some((etcd, engine, server, monitor, [a, b, c])) = setup_three("join", lease).await else {
         return;
     };
     let before = settle(&engine, &[&a, &b, &c]).await;
@@ -340,13 +323,7 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
 async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without_doubles() {
     // A longer lease so "still hosting while the lease lasts" has room.
     let lease = 3;
-    let Some(TestFleet {
-        mut etcd,
-        engine,
-        server: _server, // up until the end of the test
-        monitor,
-        replicas,
-    }) = setup_three("outage", lease).await
+    let Some((mut etcd, engine, _server, monitor, replicas)) = setup_three("outage", lease).await
     else {
         return;
     };

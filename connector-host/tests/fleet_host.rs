@@ -17,7 +17,7 @@ use connector_core::{owner_of, RegistrationKey};
 use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::time::Instant;
 
-use fleet_support::{setup, streams, Etcd, Monitor, TestFleet};
+use fleet_support::{setup, streams, Etcd, Monitor};
 use support::{get, grpc_server, has_line, one_execute_each, temp_dir, write, Host, LOG, WAIT};
 
 /// Flags every replica started by flags gets: fast reconnects.
@@ -96,19 +96,16 @@ async fn settle(engine: &TestServer, keys: &[RegistrationKey], ids: &[&str], lim
 
 /// [`setup`] under `prefix`, then `h0`, `h1`, `h2` with `lease`, hosting 60
 /// registrations (`demo.echo.echo-N`); None when etcd is not installed.
-async fn setup_three(prefix: &str, lease: u64) -> Option<TestFleet<Vec<Replica>>> {
+async fn setup_three(
+    prefix: &str,
+    lease: u64,
+) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor, Vec<Replica>)> {
     let (etcd, engine, server, monitor) = setup(prefix).await?;
     let mut replicas = Vec::new();
     for id in ["h0", "h1", "h2"] {
         replicas.push(Replica::start(&etcd, prefix, id, &server, 60, lease).await);
     }
-    Some(TestFleet {
-        etcd,
-        engine,
-        server,
-        monitor,
-        replicas,
-    })
+    Some((etcd, engine, server, monitor, replicas))
 }
 
 /// A `connector-host --fleet` process with `--count N` flag registrations.
@@ -216,13 +213,7 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     // The default-sized lease (10 s): a hand-over much faster than that
     // can only come from the leaver deleting its keys and revoking.
     let lease = 10;
-    let Some(TestFleet {
-        etcd,
-        engine,
-        server: _server, // up until the end of the test
-        monitor,
-        mut replicas,
-    }) = setup_three("term", lease).await
+    let Some((etcd, engine, _server, monitor, mut replicas)) = setup_three("term", lease).await
     else {
         return;
     };
@@ -298,13 +289,7 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
     let lease = 2;
-    let Some(TestFleet {
-        etcd,
-        engine,
-        server: _server, // up until the end of the test
-        monitor,
-        mut replicas,
-    }) = setup_three("kill9", lease).await
+    let Some((etcd, engine, _server, monitor, mut replicas)) = setup_three("kill9", lease).await
     else {
         return;
     };

@@ -162,16 +162,6 @@ pub async fn setup(name: &str) -> Option<(Etcd, TestServer, GrpcTestServer, Moni
     Some((etcd, engine, server, monitor))
 }
 
-/// What a fleet test runs on: [`setup`]'s etcd, engine, server and monitor,
-/// and the replicas it started on them.
-pub struct TestFleet<R> {
-    pub etcd: Etcd,
-    pub engine: TestServer,
-    pub server: GrpcTestServer,
-    pub monitor: Monitor,
-    pub replicas: R,
-}
-
 /// Samples live streams per key on every server change; remembers the
 /// worst moment.
 pub struct Monitor {
