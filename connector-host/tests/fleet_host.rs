@@ -94,8 +94,14 @@ async fn settle(engine: &TestServer, keys: &[RegistrationKey], ids: &[&str], lim
     }
 }
 
+/// The keys of `--count 60`.
+fn sixty() -> Vec<RegistrationKey> {
+    keys_of("demo", "echo-", 60)
+}
+
 /// [`setup`] under `prefix`, then `h0`, `h1`, `h2` with `lease`, hosting 60
-/// registrations (`demo.echo.echo-N`); None when etcd is not installed.
+/// registrations (`demo.echo.echo-N`, [`sixty`]) once each among them
+/// ([`settle`]); None when etcd is not installed.
 async fn setup_three(
     prefix: &str,
     lease: u64,
@@ -105,6 +111,7 @@ async fn setup_three(
     for id in ["h0", "h1", "h2"] {
         replicas.push(Replica::start(&etcd, prefix, id, &server, 60, lease).await);
     }
+    settle(&engine, &sixty(), &["h0", "h1", "h2"], WAIT).await;
     Some((etcd, engine, server, monitor, replicas))
 }
 
@@ -217,9 +224,8 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     else {
         return;
     };
-    let keys = keys_of("demo", "echo-", 60);
+    let keys = sixty();
     let ids = ["h0", "h1", "h2"];
-    settle(&engine, &keys, &ids, WAIT).await;
     // Afterwards every key is Active on its host's side too.
     one_execute_each(&engine, &keys).await;
     let shares = expected(&keys, &ids);
@@ -293,8 +299,7 @@ async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
     else {
         return;
     };
-    let keys = keys_of("demo", "echo-", 60);
-    settle(&engine, &keys, &["h0", "h1", "h2"], WAIT).await;
+    let keys = sixty();
     let victim = replicas.remove(1);
     let moving = expected(&keys, &["h0", "h1", "h2"])
         .get("h1")
