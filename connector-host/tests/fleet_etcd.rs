@@ -143,16 +143,23 @@ async fn wait_all_hosted(
     streams(engine).expect("just checked")
 }
 
-/// Each replica holds exactly its rendezvous share of `replicas`.
-fn settled(replicas: &[&Replica]) -> bool {
+/// Each replica's rendezvous share of the live members `replicas`.
+fn shares<'a>(
+    replicas: &'a [&'a Replica],
+) -> impl Iterator<Item = (&'a Replica, BTreeSet<RegistrationKey>)> + 'a {
     let ids: Vec<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
-    replicas.iter().all(|r| {
-        let expected: BTreeSet<RegistrationKey> = keys()
+    replicas.iter().map(move |r| {
+        let share = keys()
             .into_iter()
             .filter(|k| owner_of(k, ids.iter().copied()) == Some(r.id.as_str()))
             .collect();
-        r.hosted() == expected
+        (*r, share)
     })
+}
+
+/// Each replica holds exactly its rendezvous share of `replicas`.
+fn settled(replicas: &[&Replica]) -> bool {
+    shares(replicas).all(|(r, share)| r.hosted() == share)
 }
 
 /// Waits until the fleet has settled on `replicas` and every key has one
@@ -177,13 +184,8 @@ async fn settle(engine: &TestServer, replicas: &[&Replica]) -> BTreeMap<String, 
 
 /// Each replica hosts exactly its rendezvous share of the live members.
 fn assert_assignment(replicas: &[&Replica]) {
-    let ids: Vec<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
-    for r in replicas {
-        let expected: BTreeSet<RegistrationKey> = keys()
-            .into_iter()
-            .filter(|k| owner_of(k, ids.iter().copied()) == Some(r.id.as_str()))
-            .collect();
-        assert_eq!(r.hosted(), expected, "{}'s share", r.id);
+    for (r, share) in shares(replicas) {
+        assert_eq!(r.hosted(), share, "{}'s share", r.id);
     }
 }
 
