@@ -36,8 +36,7 @@ async fn ids(
 }
 
 async fn registrations(addr: SocketAddr) -> Vec<Option<u64>> {
-    let response = get(addr, "/registrations").await;
-    assert_eq!(response.status, 200, "{response:?}");
+    let response = get_status(addr, "/registrations", 200).await;
     let list: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
     let list = list.as_array().expect("an array");
     list.iter()
@@ -56,27 +55,38 @@ fn distinct(ids: &[Option<u64>]) -> BTreeSet<u64> {
     ids.iter().flatten().copied().collect()
 }
 
+/// [`ids`], then: exactly `want` distinct ids, and exactly `want`
+/// connections open on the server (`connection_count`).
+async fn assert_ids(
+    engine: &TestServer,
+    url: &str,
+    count: u32,
+    extra: &[&str],
+    want: usize,
+    connection_count: impl Fn() -> usize,
+) -> (Host, SocketAddr) {
+    let (ids, host, addr) = ids(engine, url, count, extra).await;
+    assert_eq!(distinct(&ids).len(), want, "{want} connection(s): {ids:?}");
+    assert_eq!(connection_count(), want);
+    (host, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_registrations_share_an_id_when_they_share_a_connection() {
     let server = grpc_server().await;
-    let (ids, host, _) = ids(server.engine(), &server.url(), 2, &[]).await;
-    assert_eq!(distinct(&ids).len(), 1, "one HTTP/2 connection: {ids:?}");
-    assert_eq!(server.connection_count(), 1);
+    let count = || server.connection_count();
+    // One HTTP/2 connection.
+    let (host, _) = assert_ids(server.engine(), &server.url(), 2, &[], 1, count).await;
     host.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_registrations_on_two_connections_have_two_ids() {
     let server = grpc_server().await;
-    let (ids, host, addr) = ids(
-        server.engine(),
-        &server.url(),
-        2,
-        &["--max-streams-per-channel", "1"],
-    )
-    .await;
-    assert_eq!(distinct(&ids).len(), 2, "two HTTP/2 connections: {ids:?}");
-    assert_eq!(server.connection_count(), 2);
+    let count = || server.connection_count();
+    // Two HTTP/2 connections.
+    let extra = ["--max-streams-per-channel", "1"];
+    let (host, addr) = assert_ids(server.engine(), &server.url(), 2, &extra, 2, count).await;
 
     // After the server kills both connections, each registration comes
     // back, still one per connection. (A gRPC channel reconnects in place
@@ -110,8 +120,8 @@ async fn grpc_registrations_on_two_connections_have_two_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_registrations_have_a_socket_each() {
     let server = ws_server().await;
-    let (ids, host, _) = ids(server.engine(), &server.url(), 3, &[]).await;
-    assert_eq!(distinct(&ids).len(), 3, "one socket each: {ids:?}");
-    assert_eq!(server.connection_count(), 3);
+    let count = || server.connection_count();
+    // One socket each.
+    let (host, _) = assert_ids(server.engine(), &server.url(), 3, &[], 3, count).await;
     host.stop_ok().await;
 }

@@ -115,7 +115,7 @@ async fn sleep_waits_then_reports_the_time() {
         let started = tokio::time::Instant::now();
         let r = call(&server, "sleep", br#"{"ms": 250}"#, PayloadEncoding::Json).await;
         assert_eq!(json(&r), serde_json::json!({"slept_ms": 250}));
-        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
         for bad in [&br#"{}"#[..], br#"{"ms": -1}"#, br#"{"ms": "x"}"#, b"[]"] {
             let r = call(&server, "sleep", bad, PayloadEncoding::Json).await;
             assert_eq!(r.error_kind(), ExecuteErrorKind::BadPayload, "{bad:?}");

@@ -24,7 +24,7 @@ use connector_testkit::{GrpcTestServer, TestServer};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
-use fleet_support::{setup, Etcd};
+use fleet_support::{setup, Etcd, Monitor};
 
 const COUNT: usize = 60;
 const WAIT: Duration = Duration::from_secs(20);
@@ -143,16 +143,23 @@ async fn wait_all_hosted(
     streams(engine).expect("just checked")
 }
 
-/// Each replica holds exactly its rendezvous share of `replicas`.
-fn settled(replicas: &[&Replica]) -> bool {
+/// Each replica's rendezvous share of the live members `replicas`.
+fn shares<'a>(
+    replicas: &'a [&'a Replica],
+) -> impl Iterator<Item = (&'a Replica, BTreeSet<RegistrationKey>)> + 'a {
     let ids: Vec<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
-    replicas.iter().all(|r| {
-        let expected: BTreeSet<RegistrationKey> = keys()
+    replicas.iter().map(move |r| {
+        let share = keys()
             .into_iter()
             .filter(|k| owner_of(k, ids.iter().copied()) == Some(r.id.as_str()))
             .collect();
-        r.hosted() == expected
+        (*r, share)
     })
+}
+
+/// Each replica holds exactly its rendezvous share of `replicas`.
+fn settled(replicas: &[&Replica]) -> bool {
+    shares(replicas).all(|(r, share)| r.hosted() == share)
 }
 
 /// Waits until the fleet has settled on `replicas` and every key has one
@@ -177,13 +184,8 @@ async fn settle(engine: &TestServer, replicas: &[&Replica]) -> BTreeMap<String, 
 
 /// Each replica hosts exactly its rendezvous share of the live members.
 fn assert_assignment(replicas: &[&Replica]) {
-    let ids: Vec<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
-    for r in replicas {
-        let expected: BTreeSet<RegistrationKey> = keys()
-            .into_iter()
-            .filter(|k| owner_of(k, ids.iter().copied()) == Some(r.id.as_str()))
-            .collect();
-        assert_eq!(r.hosted(), expected, "{}'s share", r.id);
+    for (r, share) in shares(replicas) {
+        assert_eq!(r.hosted(), share, "{}'s share", r.id);
     }
 }
 
@@ -199,28 +201,27 @@ fn moved_between(
         .collect()
 }
 
-/// Replicas `r0`, `r1`, `r2`, started and joined.
-async fn three_joined(
-    etcd: &Etcd,
+/// [`setup`] under `prefix`, then replicas `r0`, `r1`, `r2` with `lease`,
+/// started and joined; None when etcd is not installed.
+async fn setup_three(
     prefix: &str,
-    server: &GrpcTestServer,
     lease: u32,
-) -> [Replica; 3] {
+) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor, [Replica; 3])> {
+    let (etcd, engine, server, monitor) = setup(prefix).await?;
     let replicas: [Replica; 3] =
-        std::array::from_fn(|i| Replica::start(etcd, prefix, &format!("r{i}"), server, lease));
+        std::array::from_fn(|i| Replica::start(&etcd, prefix, &format!("r{i}"), &server, lease));
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    replicas
+    Some((etcd, engine, server, monitor, replicas))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
-    let Some((etcd, engine, server, monitor)) = setup("kill").await else {
+    let lease = 2;
+    let Some((etcd, engine, _server, monitor, [a, b, c])) = setup_three("kill", lease).await else {
         return;
     };
-    let lease = 2;
-    let [a, b, c] = three_joined(&etcd, "kill", &server, lease).await;
     settle(&engine, &[&a, &b, &c]).await;
     for r in [&a, &b, &c] {
         let n = r.hosted().len();
@@ -247,21 +248,17 @@ async fn three_replicas_host_sixty_once_and_take_over_from_a_killed_one() {
         victim.len()
     );
     assert_assignment(&[&a, &b]);
-    monitor.assert_clean(&engine);
-    a.leave().await;
-    b.leave().await;
+    monitor.stop_all(&engine, [a, b], Replica::leave).await;
     assert_eq!(engine.registrations().len(), 0, "all closed after leave");
-    monitor.assert_clean(&engine);
     drop(etcd);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
-    let Some((etcd, engine, server, monitor)) = setup("join").await else {
+    let lease = 2;
+    let Some((etcd, engine, server, monitor, [a, b, c])) = setup_three("join", lease).await else {
         return;
     };
-    let lease = 2;
-    let [a, b, c] = three_joined(&etcd, "join", &server, lease).await;
     let before = settle(&engine, &[&a, &b, &c]).await;
     let conns_before = server.total_connections_accepted();
 
@@ -320,22 +317,18 @@ async fn a_fourth_replica_takes_a_quarter_and_a_leaver_hands_over_at_once() {
         "a leave does not wait for the TTL: {took:?}"
     );
     assert_assignment(&[&a, &c, &d]);
-    monitor.assert_clean(&engine);
-    for r in [a, c, d] {
-        r.leave().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor.stop_all(&engine, [a, c, d], Replica::leave).await;
     drop(etcd);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without_doubles() {
-    let Some((mut etcd, engine, server, monitor)) = setup("outage").await else {
-        return;
-    };
     // A longer lease so "still hosting while the lease lasts" has room.
     let lease = 3;
-    let replicas = three_joined(&etcd, "outage", &server, lease).await;
+    let Some((mut etcd, engine, _server, monitor, replicas)) = setup_three("outage", lease).await
+    else {
+        return;
+    };
     let refs: Vec<&Replica> = replicas.iter().collect();
     let before = settle(&engine, &refs).await;
 
@@ -404,9 +397,5 @@ async fn etcd_outage_keeps_hosting_while_the_lease_lasts_then_hands_back_without
     for r in &replicas {
         r.wait_state(FleetState::Joined, WAIT).await;
     }
-    monitor.assert_clean(&engine);
-    for r in replicas {
-        r.leave().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor.stop_all(&engine, replicas, Replica::leave).await;
 }

@@ -94,13 +94,25 @@ async fn settle(engine: &TestServer, keys: &[RegistrationKey], ids: &[&str], lim
     }
 }
 
-/// `h0`, `h1`, `h2` hosting 60 registrations (`demo.echo.echo-N`).
-async fn three(etcd: &Etcd, prefix: &str, server: &GrpcTestServer, lease: u64) -> Vec<Replica> {
+/// The keys of `--count 60`.
+fn sixty() -> Vec<RegistrationKey> {
+    keys_of("demo", "echo-", 60)
+}
+
+/// [`setup`] under `prefix`, then `h0`, `h1`, `h2` with `lease`, hosting 60
+/// registrations (`demo.echo.echo-N`, [`sixty`]) once each among them
+/// ([`settle`]); None when etcd is not installed.
+async fn setup_three(
+    prefix: &str,
+    lease: u64,
+) -> Option<(Etcd, TestServer, GrpcTestServer, Monitor, Vec<Replica>)> {
+    let (etcd, engine, server, monitor) = setup(prefix).await?;
     let mut replicas = Vec::new();
     for id in ["h0", "h1", "h2"] {
-        replicas.push(Replica::start(etcd, prefix, id, server, 60, lease).await);
+        replicas.push(Replica::start(&etcd, prefix, id, &server, 60, lease).await);
     }
-    replicas
+    settle(&engine, &sixty(), &["h0", "h1", "h2"], WAIT).await;
+    Some((etcd, engine, server, monitor, replicas))
 }
 
 /// A `connector-host --fleet` process with `--count N` flag registrations.
@@ -205,16 +217,15 @@ impl Replica {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
-    let Some((etcd, engine, server, monitor)) = setup("term").await else {
-        return;
-    };
     // The default-sized lease (10 s): a hand-over much faster than that
     // can only come from the leaver deleting its keys and revoking.
     let lease = 10;
-    let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = three(&etcd, "term", &server, lease).await;
+    let Some((etcd, engine, _server, monitor, mut replicas)) = setup_three("term", lease).await
+    else {
+        return;
+    };
+    let keys = sixty();
     let ids = ["h0", "h1", "h2"];
-    settle(&engine, &keys, &ids, WAIT).await;
     // Afterwards every key is Active on its host's side too.
     one_execute_each(&engine, &keys).await;
     let shares = expected(&keys, &ids);
@@ -270,10 +281,9 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
     for r in &replicas {
         r.assert_metrics(&["connector_host_fleet_members 2"]).await;
     }
-    monitor.assert_clean(&engine);
-    for r in replicas {
-        r.terminate().await;
-    }
+    monitor
+        .stop_all(&engine, replicas, Replica::terminate)
+        .await;
     engine
         .wait_until(WAIT, |s| s.registrations().is_empty())
         .await
@@ -284,13 +294,12 @@ async fn three_processes_host_sixty_once_and_a_sigterm_hands_over_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
-    let Some((etcd, engine, server, monitor)) = setup("kill9").await else {
+    let lease = 2;
+    let Some((etcd, engine, _server, monitor, mut replicas)) = setup_three("kill9", lease).await
+    else {
         return;
     };
-    let lease = 2;
-    let keys = keys_of("demo", "echo-", 60);
-    let mut replicas = three(&etcd, "kill9", &server, lease).await;
-    settle(&engine, &keys, &["h0", "h1", "h2"], WAIT).await;
+    let keys = sixty();
     let victim = replicas.remove(1);
     let moving = expected(&keys, &["h0", "h1", "h2"])
         .get("h1")
@@ -310,11 +319,9 @@ async fn a_killed_process_s_share_is_hosted_again_within_the_lease() {
         killed.elapsed().as_secs_f64()
     );
     drop(victim);
-    monitor.assert_clean(&engine);
-    for r in replicas {
-        r.terminate().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor
+        .stop_all(&engine, replicas, Replica::terminate)
+        .await;
     drop(etcd);
 }
 
@@ -393,11 +400,9 @@ async fn a_reload_changes_the_fleet_s_list_and_leaves_the_rest_untouched() {
             .unwrap_or_default();
         assert_eq!(r.listed().await, share, "{}'s /registrations", r.id);
     }
-    monitor.assert_clean(&engine);
-    for r in replicas {
-        r.terminate().await;
-    }
-    monitor.assert_clean(&engine);
+    monitor
+        .stop_all(&engine, replicas, Replica::terminate)
+        .await;
     let _ = std::fs::remove_dir_all(&d);
     drop(etcd);
 }

@@ -30,8 +30,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     let failed = execute(&engine, &keys[0], json_execute("f", "fail", "{}")).await;
     assert!(!failed.success);
 
-    let metrics = get(addr, "/metrics").await;
-    assert_eq!(metrics.status, 200, "{metrics:?}");
+    let metrics = get_status(addr, "/metrics", 200).await;
     assert!(
         metrics
             .head
@@ -77,8 +76,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
         "descriptions are rendered:\n{body}"
     );
 
-    let ready = get(addr, "/ready").await;
-    assert_eq!(ready.status, 200, "{ready:?}");
+    let ready = get_status(addr, "/ready", 200).await;
     assert!(ready.body.starts_with("ready"), "{ready:?}");
     let head = http(
         addr,
@@ -89,8 +87,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     assert_eq!((head.status, head.body.as_str()), (200, ""), "{head:?}");
 
     // What is not a scrape or a probe gets a clear status and no harm done.
-    let not_found = get(addr, "/nope").await;
-    assert_eq!(not_found.status, 404, "{not_found:?}");
+    get_status(addr, "/nope", 404).await;
     let post = http(
         addr,
         b"POST /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody",
@@ -113,8 +110,7 @@ async fn metrics_and_ready_are_served_while_every_registration_is_active() {
     // HTTP/1.0 without headers (`printf 'GET /ready HTTP/1.0\r\n\r\n' | nc`).
     let bare = http(addr, b"GET /ready HTTP/1.0\r\n\r\n", true).await;
     assert_eq!(bare.status, 200, "{bare:?}");
-    let ready = get(addr, "/ready?after=abuse").await;
-    assert_eq!(ready.status, 200, "{ready:?}");
+    get_status(addr, "/ready?after=abuse", 200).await;
 
     let (stdout, stderr) = host.stop_ok().await;
     assert!(stdout.contains("stopped gracefully (SIGTERM)"), "{stdout}");
@@ -141,8 +137,7 @@ async fn ready_is_503_while_a_registration_is_rejected() {
     let warning = host.line_with("registration rejected").await;
     assert!(warning.contains(rejected), "{warning}");
 
-    let ready = get(addr, "/ready").await;
-    assert_eq!(ready.status, 503, "{ready:?}");
+    let ready = get_status(addr, "/ready", 503).await;
     assert!(
         ready
             .body
@@ -151,14 +146,14 @@ async fn ready_is_503_while_a_registration_is_rejected() {
     );
     let head = http(addr, b"HEAD /ready HTTP/1.1\r\n\r\n", false).await;
     assert_eq!((head.status, head.body.as_str()), (503, ""), "{head:?}");
-    let metrics = get(addr, "/metrics").await;
-    assert_lines(
-        &metrics.body,
+    assert_metrics(
+        addr,
         &[
             r#"connector_host_registrations{state="active"} 4"#,
             "connector_host_ready 0",
         ],
-    );
+    )
+    .await;
 
     let (stdout, _) = host.stop_ok().await;
     assert_rows(&stdout, &[rejected], "stopped");
@@ -350,18 +345,17 @@ async fn a_shard_that_owns_nothing_idles_ready_until_sigterm() {
     let mut host = Host::with_metrics(&server.url(), "1", &["--shard", &shard]);
     let addr = host.metrics_addr().await;
     host.line_with("owns none of the 1 registrations").await;
-    let ready = get(addr, "/ready").await;
-    assert_eq!(ready.status, 200, "{ready:?}");
+    let ready = get_status(addr, "/ready", 200).await;
     assert!(ready.body.starts_with("ready"), "{ready:?}");
-    let metrics = get(addr, "/metrics").await;
-    assert_lines(
-        &metrics.body,
+    assert_metrics(
+        addr,
         &[
             r#"connector_host_registrations{state="active"} 0"#,
             "connector_host_connections 0",
             "connector_host_ready 1",
         ],
-    );
+    )
+    .await;
     assert_eq!(server.total_connections_accepted(), 0);
     let (stdout, _) = host.stop_ok().await;
     assert!(stdout.contains("total (0)"), "{stdout}");

@@ -11,18 +11,17 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use connector_core::proto::{
     stream_message::Kind, ApprovalUpdate, RegistrationStatus, RejectReason, StreamMessage,
 };
 use connector_core::{
     ConnectorConfig, ConnectorRegistration, DisconnectCause, FileToken, MultiConnectorRunner,
-    MultiTransportOptions, RegistrationEvent, RegistrationKey, RegistrationState, StopReason,
+    RegistrationEvent, RegistrationKey, RegistrationState, StopReason,
 };
 use connector_grpc::GrpcTransport;
 use connector_host::EchoConnector;
-use connector_testkit::harness::Running;
+use connector_testkit::harness::{fast_options, Running};
 use connector_testkit::{ApprovalPolicy, GrpcTestServer, TestServer};
 
 mod support;
@@ -117,12 +116,7 @@ impl Run {
         let _ = logs();
         let server = grpc_server().await;
         server.engine().set_policy(policy);
-        let options = MultiTransportOptions::builder(server.url())
-            .reconnect_delay(Duration::from_millis(20))
-            .jitter(Duration::from_millis(10))
-            .max_backoff(Duration::from_millis(200))
-            .build()
-            .expect("options");
+        let options = fast_options(&server.url()).build().expect("options");
         let config = ConnectorConfig::builder("rot", "echo", "i0")
             .token_source(Arc::new(FileToken::new(token_file)))
             .build()

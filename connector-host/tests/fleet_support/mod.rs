@@ -8,6 +8,7 @@
 #![allow(unreachable_pub, reason = "a test helper module")]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -201,6 +202,23 @@ impl Monitor {
             "{:?}",
             stats.protocol_errors
         );
+    }
+}
+
+impl Monitor {
+    /// Clean now; each of `replicas` stopped by `stop`, one after another;
+    /// clean again after the last.
+    pub async fn stop_all<R, F: Future>(
+        &self,
+        engine: &TestServer,
+        replicas: impl IntoIterator<Item = R>,
+        mut stop: impl FnMut(R) -> F,
+    ) {
+        self.assert_clean(engine);
+        for r in replicas {
+            stop(r).await;
+        }
+        self.assert_clean(engine);
     }
 }
 

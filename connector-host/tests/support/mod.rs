@@ -281,6 +281,21 @@ pub async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
     http(addr, request.as_bytes(), false).await
 }
 
+/// `GET path`, asserting the status is `want`.
+pub async fn get_status(addr: SocketAddr, path: &str, want: u16) -> HttpResponse {
+    let r = get(addr, path).await;
+    assert_eq!(r.status, want, "GET {path}: {r:?}");
+    r
+}
+
+/// `GET /metrics` answers 200 with every one of `lines` ([`assert_lines`]):
+/// the body.
+pub async fn assert_metrics(addr: SocketAddr, lines: &[impl AsRef<str>]) -> String {
+    let metrics = get_status(addr, "/metrics", 200).await;
+    assert_lines(&metrics.body, lines);
+    metrics.body
+}
+
 pub fn has_line(body: &str, line: &str) -> bool {
     body.lines().any(|l| l == line)
 }
