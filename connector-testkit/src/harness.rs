@@ -23,7 +23,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_core::proto::{
+    ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, StreamMessage,
+};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
@@ -71,6 +73,23 @@ pub fn registrations(n: usize, connector: Arc<dyn BaseConnector>) -> Vec<Connect
             )
         })
         .collect()
+}
+
+/// The `register` message a test opening a stream for `key` by hand sends
+/// first: version 1.0.0, auth token [`TEST_TOKEN`], at most
+/// `max_concurrent_requests` requests at a time.
+pub fn register_message(key: &RegistrationKey, max_concurrent_requests: u32) -> StreamMessage {
+    StreamMessage {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
+            tenant_id: key.tenant_id().into(),
+            connector_type: key.connector_type().into(),
+            instance_id: key.instance_id().into(),
+            version: "1.0.0".into(),
+            auth_token: TEST_TOKEN.into(),
+            max_concurrent_requests,
+            ..Default::default()
+        }))),
+    }
 }
 
 /// A JSON execute request for `capability`, with a 30 s deadline.
@@ -134,3 +153,4 @@ impl Running {
         }
     }
 }
+
