@@ -20,6 +20,9 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +33,7 @@ use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
 };
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Bound for a test's waits: generous, only reached when something is broken.
@@ -154,3 +158,73 @@ impl Running {
     }
 }
 
+/// The stop signal [`RunningHost::start`] hands its host: resolves when
+/// [`RunningHost::stop`] is called (or the [`RunningHost`] is dropped).
+pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A host (`connector_host::run_until` or anything else ending in an
+/// [`ExitCode`]) running on a task, stopped through the signal it was given.
+///
+/// ```no_run
+/// # async fn demo(types: connector_host::ConnectorTypes, args: Vec<String>) {
+/// use connector_testkit::harness::RunningHost;
+///
+/// let host = RunningHost::start(|stop| connector_host::run_until(types, args, stop));
+/// // … drive the server, assert …
+/// host.stop_successfully().await;
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RunningHost {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<ExitCode>,
+}
+
+impl RunningHost {
+    /// Spawns `run(stop)`, where `stop` resolves on [`RunningHost::stop`].
+    pub fn start<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(StopSignal) -> Fut,
+        Fut: Future<Output = ExitCode> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Self { stop, task }
+    }
+
+    /// Signals the host to stop and returns its exit code.
+    ///
+    /// # Panics
+    ///
+    /// When the host had already ended before the signal, does not end
+    /// within [`WAIT`] of it, or its task panicked.
+    pub async fn stop(self) -> ExitCode {
+        assert!(
+            self.stop.send(()).is_ok(),
+            "the host ended before it was stopped"
+        );
+        match tokio::time::timeout(WAIT, self.task).await {
+            Ok(Ok(code)) => code,
+            Ok(Err(e)) => panic!("the host's task failed: {e}"),
+            Err(_) => panic!("the host did not stop within {WAIT:?}"),
+        }
+    }
+
+    /// [`RunningHost::stop`], asserting the exit code is
+    /// [`ExitCode::SUCCESS`].
+    ///
+    /// # Panics
+    ///
+    /// As [`RunningHost::stop`], and when the code is another one.
+    pub async fn stop_successfully(self) {
+        let code = self.stop().await;
+        // `ExitCode` has no `PartialEq`; its `Debug` tells codes apart.
+        assert_eq!(
+            format!("{code:?}"),
+            format!("{:?}", ExitCode::SUCCESS),
+            "the host's exit code"
+        );
+    }
+}

@@ -19,7 +19,7 @@ use connector_core::{
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
-use connector_testkit::harness::{key, registrations, Running, WAIT};
+use connector_testkit::harness::{key, registrations, Running, RunningHost, WAIT};
 use connector_ws::WsTransport;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -341,7 +341,6 @@ async fn host_story(
         Server::start(&[&["--grpc", "127.0.0.1:0", "--workload", "4"], server_args].concat()).await;
     let url = server.url("grpc");
     let count_arg = count.to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let args = [
         "host",
         "--url",
@@ -356,23 +355,13 @@ async fn host_story(
         "error",
     ]
     .map(String::from);
-    let host = tokio::spawn(connector_host::run_until(types, args, async move {
-        let _ = stop_rx.await;
-    }));
+    let host = RunningHost::start(|stop| connector_host::run_until(types, args, stop));
     let status = server
         .status_where(|s| s.get("active") == count && s.get("answers/s") >= at_least)
         .await;
     let failed = if all_fail { status.get("answers/s") } else { 0 };
     assert_eq!(status.get("failed/s"), failed, "{status:?}");
-    stop_tx.send(()).expect("host still running");
-    let code = tokio::time::timeout(WAIT, host)
-        .await
-        .expect("host stopped in time")
-        .expect("join");
-    assert_eq!(
-        format!("{code:?}"),
-        format!("{:?}", std::process::ExitCode::SUCCESS)
-    );
+    host.stop_successfully().await;
     // The server sees the registrations go.
     server.status_where(|s| s.get("active") == 0).await;
     let (code, _) = server.stop().await;
