@@ -14,7 +14,7 @@ use connector_core::{
     RegistrationKey, RegistrationState, StopReason,
 };
 use connector_testkit::connectors::{Counting, Sleep};
-use connector_testkit::harness::{json_execute, Running, WAIT};
+use connector_testkit::harness::{capabilities, json_execute, Running, WAIT};
 use connector_testkit::{ApprovalPolicy, MemoryMux, MemoryTransport, TestServer};
 use support::{key_of, options, tuned};
 
@@ -527,10 +527,7 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     #[async_trait]
     impl BaseConnector for Picky {
         fn capabilities(&self) -> Vec<connector_core::proto::Capability> {
-            vec![connector_core::proto::Capability {
-                id: "echo".into(),
-                ..Default::default()
-            }]
+            capabilities(&["echo"])
         }
         async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
             Ok(ExecuteOutput::json_bytes(ctx.payload))

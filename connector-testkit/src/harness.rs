@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::proto::{
-    ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, StreamMessage,
+    Capability, ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, StreamMessage,
 };
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
@@ -94,6 +94,18 @@ pub fn register_message(key: &RegistrationKey, max_concurrent_requests: u32) -> 
             ..Default::default()
         }))),
     }
+}
+
+/// Capabilities with these ids and nothing else set: what a test
+/// connector's [`BaseConnector::capabilities`] returns when only the ids
+/// matter.
+pub fn capabilities(ids: &[&str]) -> Vec<Capability> {
+    ids.iter()
+        .map(|id| Capability {
+            id: (*id).into(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// A JSON execute request for `capability`, with a 30 s deadline.
