@@ -33,7 +33,8 @@ use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
     MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
 };
-use tokio::sync::oneshot;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Bound for a test's waits: generous, only reached when something is broken.
@@ -118,6 +119,25 @@ pub fn json_execute(request_id: &str, capability: &str, payload: &str) -> Execut
         timeout_ms: 30_000,
         ..Default::default()
     }
+}
+
+/// Each line `reader` yields (a child process's piped stdout or stderr),
+/// sent on the returned channel by a task of its own until the reader ends
+/// or the receiver is dropped. Bound each `recv` with [`WAIT`].
+pub fn forward_lines<R>(reader: R) -> mpsc::UnboundedReceiver<String>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// A runner whose `run()` is running on a task.

@@ -19,9 +19,9 @@ use connector_core::{
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
-use connector_testkit::harness::{key, registrations, Running, RunningHost, WAIT};
+use connector_testkit::harness::{forward_lines, key, registrations, Running, RunningHost, WAIT};
 use connector_ws::WsTransport;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
@@ -57,15 +57,7 @@ impl Server {
             .expect("spawn testkit-server");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = forward_lines(stdout);
         let mut server = Server {
             child,
             stdin,
