@@ -27,11 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connector_core::proto::{
-    Capability, ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, StreamMessage,
+    Capability, ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, RejectReason, StreamMessage,
 };
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
-    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
+    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey, RegistrationState,
+    StopReason,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -138,6 +139,23 @@ where
         }
     });
     rx
+}
+
+/// Asserts that `state` is [`RegistrationState::Stopped`] by a rejection
+/// with `reason` (any message).
+///
+/// # Panics
+///
+/// When it is any other state.
+pub fn assert_rejected(state: &RegistrationState, reason: RejectReason) {
+    assert!(
+        matches!(
+            state,
+            RegistrationState::Stopped(StopReason::Rejected { reason: r, .. }) if *r == reason
+        ),
+        "expected a stop by rejection {}, got {state:?}",
+        reason.as_str_name()
+    );
 }
 
 /// A runner whose `run()` is running on a task.

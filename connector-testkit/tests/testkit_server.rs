@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use connector_core::proto::RejectReason;
 use connector_core::{
-    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, StopReason,
-    Transport,
+    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, Transport,
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
-use connector_testkit::harness::{forward_lines, key, registrations, Running, RunningHost, WAIT};
+use connector_testkit::harness::{
+    assert_rejected, forward_lines, key, registrations, Running, RunningHost, WAIT,
+};
 use connector_ws::WsTransport;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
@@ -272,16 +273,7 @@ async fn deny_rejects_every_registration_for_good() {
         .registration(&key(0))
         .expect("hosted")
         .state();
-    assert!(
-        matches!(
-            &state,
-            RegistrationState::Stopped(StopReason::Rejected {
-                reason: RejectReason::Denied,
-                ..
-            })
-        ),
-        "{state}"
-    );
+    assert_rejected(&state, RejectReason::Denied);
     let rejected = format!("rejected {}: DENIED", key(0));
     server.line_where(|l| l == rejected).await;
     // Every registration stopped: the runner ends by itself.
