@@ -14,7 +14,7 @@ use connector_core::{
     RegistrationKey, RegistrationState, StopReason,
 };
 use connector_testkit::connectors::{Counting, Sleep};
-use connector_testkit::harness::{json_execute, Running, WAIT};
+use connector_testkit::harness::{assert_rejected, capabilities, json_execute, Running, WAIT};
 use connector_testkit::{ApprovalPolicy, MemoryMux, MemoryTransport, TestServer};
 use support::{key_of, options, tuned};
 
@@ -344,16 +344,7 @@ async fn rejected_registration_stops_others_carry_on() {
         .wait_for(WAIT, RegistrationState::is_stopped)
         .await
         .expect("stopped");
-    assert!(
-        matches!(
-            state,
-            RegistrationState::Stopped(StopReason::Rejected {
-                reason: RejectReason::Denied,
-                ..
-            })
-        ),
-        "{state:?}"
-    );
+    assert_rejected(&state, RejectReason::Denied);
     assert_eq!(server.active_keys(), vec![key("e0"), key("e2")]);
     running.stop().await.expect("ok");
 }
@@ -527,10 +518,7 @@ async fn bad_payload_and_unknown_capability_through_the_runner() {
     #[async_trait]
     impl BaseConnector for Picky {
         fn capabilities(&self) -> Vec<connector_core::proto::Capability> {
-            vec![connector_core::proto::Capability {
-                id: "echo".into(),
-                ..Default::default()
-            }]
+            capabilities(&["echo"])
         }
         async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
             Ok(ExecuteOutput::json_bytes(ctx.payload))

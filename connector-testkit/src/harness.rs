@@ -20,14 +20,22 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use connector_core::proto::{ExecuteRequest, PayloadEncoding};
+use connector_core::proto::{
+    Capability, ExecuteRequest, Kind, PayloadEncoding, RegisterRequest, RejectReason, StreamMessage,
+};
 use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorError, ConnectorRegistration, MultiConnectorRunner,
-    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey,
+    MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey, RegistrationState,
+    StopReason,
 };
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Bound for a test's waits: generous, only reached when something is broken.
@@ -73,6 +81,35 @@ pub fn registrations(n: usize, connector: Arc<dyn BaseConnector>) -> Vec<Connect
         .collect()
 }
 
+/// The `register` message a test opening a stream for `key` by hand sends
+/// first: version 1.0.0, auth token [`TEST_TOKEN`], at most
+/// `max_concurrent_requests` requests at a time.
+pub fn register_message(key: &RegistrationKey, max_concurrent_requests: u32) -> StreamMessage {
+    StreamMessage {
+        kind: Some(Kind::Register(Box::new(RegisterRequest {
+            tenant_id: key.tenant_id().into(),
+            connector_type: key.connector_type().into(),
+            instance_id: key.instance_id().into(),
+            version: "1.0.0".into(),
+            auth_token: TEST_TOKEN.into(),
+            max_concurrent_requests,
+            ..Default::default()
+        }))),
+    }
+}
+
+/// Capabilities with these ids and nothing else set: what a test
+/// connector's [`BaseConnector::capabilities`] returns when only the ids
+/// matter.
+pub fn capabilities(ids: &[&str]) -> Vec<Capability> {
+    ids.iter()
+        .map(|id| Capability {
+            id: (*id).into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// A JSON execute request for `capability`, with a 30 s deadline.
 pub fn json_execute(request_id: &str, capability: &str, payload: &str) -> ExecuteRequest {
     ExecuteRequest {
@@ -83,6 +120,42 @@ pub fn json_execute(request_id: &str, capability: &str, payload: &str) -> Execut
         timeout_ms: 30_000,
         ..Default::default()
     }
+}
+
+/// Each line `reader` yields (a child process's piped stdout or stderr),
+/// sent on the returned channel by a task of its own until the reader ends
+/// or the receiver is dropped. Bound each `recv` with [`WAIT`].
+pub fn forward_lines<R>(reader: R) -> mpsc::UnboundedReceiver<String>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Asserts that `state` is [`RegistrationState::Stopped`] by a rejection
+/// with `reason` (any message).
+///
+/// # Panics
+///
+/// When it is any other state.
+pub fn assert_rejected(state: &RegistrationState, reason: RejectReason) {
+    assert!(
+        matches!(
+            state,
+            RegistrationState::Stopped(StopReason::Rejected { reason: r, .. }) if *r == reason
+        ),
+        "expected a stop by rejection {}, got {state:?}",
+        reason.as_str_name()
+    );
 }
 
 /// A runner whose `run()` is running on a task.
@@ -132,5 +205,76 @@ impl Running {
             Ok(Err(e)) => panic!("the runner's task failed: {e}"),
             Err(_) => panic!("run() did not return within {WAIT:?}"),
         }
+    }
+}
+
+/// The stop signal [`RunningHost::start`] hands its host: resolves when
+/// [`RunningHost::stop`] is called (or the [`RunningHost`] is dropped).
+pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A host (`connector_host::run_until` or anything else ending in an
+/// [`ExitCode`]) running on a task, stopped through the signal it was given.
+///
+/// ```no_run
+/// # async fn demo(types: connector_host::ConnectorTypes, args: Vec<String>) {
+/// use connector_testkit::harness::RunningHost;
+///
+/// let host = RunningHost::start(|stop| connector_host::run_until(types, args, stop));
+/// // … drive the server, assert …
+/// host.stop_successfully().await;
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RunningHost {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<ExitCode>,
+}
+
+impl RunningHost {
+    /// Spawns `run(stop)`, where `stop` resolves on [`RunningHost::stop`].
+    pub fn start<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(StopSignal) -> Fut,
+        Fut: Future<Output = ExitCode> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Self { stop, task }
+    }
+
+    /// Signals the host to stop and returns its exit code.
+    ///
+    /// # Panics
+    ///
+    /// When the host had already ended before the signal, does not end
+    /// within [`WAIT`] of it, or its task panicked.
+    pub async fn stop(self) -> ExitCode {
+        assert!(
+            self.stop.send(()).is_ok(),
+            "the host ended before it was stopped"
+        );
+        match tokio::time::timeout(WAIT, self.task).await {
+            Ok(Ok(code)) => code,
+            Ok(Err(e)) => panic!("the host's task failed: {e}"),
+            Err(_) => panic!("the host did not stop within {WAIT:?}"),
+        }
+    }
+
+    /// [`RunningHost::stop`], asserting the exit code is
+    /// [`ExitCode::SUCCESS`].
+    ///
+    /// # Panics
+    ///
+    /// As [`RunningHost::stop`], and when the code is another one.
+    pub async fn stop_successfully(self) {
+        let code = self.stop().await;
+        // `ExitCode` has no `PartialEq`; its `Debug` tells codes apart.
+        assert_eq!(
+            format!("{code:?}"),
+            format!("{:?}", ExitCode::SUCCESS),
+            "the host's exit code"
+        );
     }
 }

@@ -11,7 +11,7 @@ use connector_core::{
     BaseConnector, ConnectorConfig, ConnectorRegistration, ExecuteContext, ExecuteError,
     ExecuteOutput, MultiConnectorRunner, MultiTransportOptions, RegistrationKey,
 };
-use connector_testkit::harness::{json_execute, Running, WAIT};
+use connector_testkit::harness::{capabilities, json_execute, Running, WAIT};
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
@@ -25,13 +25,7 @@ struct Hostile;
 #[async_trait]
 impl BaseConnector for Hostile {
     fn capabilities(&self) -> Vec<Capability> {
-        ["echo", "huge", "loud"]
-            .into_iter()
-            .map(|id| Capability {
-                id: id.into(),
-                ..Default::default()
-            })
-            .collect()
+        capabilities(&["echo", "huge", "loud"])
     }
     async fn execute(&self, ctx: ExecuteContext) -> Result<ExecuteOutput, ExecuteError> {
         match ctx.capability_id.as_str() {

@@ -14,14 +14,15 @@ use std::sync::Arc;
 
 use connector_core::proto::RejectReason;
 use connector_core::{
-    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, StopReason,
-    Transport,
+    MultiConnectorRunner, MultiTransportOptions, ProxySetting, RegistrationState, Transport,
 };
 use connector_grpc::GrpcTransport;
 use connector_testkit::connectors::Echo;
-use connector_testkit::harness::{key, registrations, Running, WAIT};
+use connector_testkit::harness::{
+    assert_rejected, forward_lines, key, registrations, Running, RunningHost, WAIT,
+};
 use connector_ws::WsTransport;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
@@ -57,15 +58,7 @@ impl Server {
             .expect("spawn testkit-server");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = forward_lines(stdout);
         let mut server = Server {
             child,
             stdin,
@@ -280,16 +273,7 @@ async fn deny_rejects_every_registration_for_good() {
         .registration(&key(0))
         .expect("hosted")
         .state();
-    assert!(
-        matches!(
-            &state,
-            RegistrationState::Stopped(StopReason::Rejected {
-                reason: RejectReason::Denied,
-                ..
-            })
-        ),
-        "{state}"
-    );
+    assert_rejected(&state, RejectReason::Denied);
     let rejected = format!("rejected {}: DENIED", key(0));
     server.line_where(|l| l == rejected).await;
     // Every registration stopped: the runner ends by itself.
@@ -341,7 +325,6 @@ async fn host_story(
         Server::start(&[&["--grpc", "127.0.0.1:0", "--workload", "4"], server_args].concat()).await;
     let url = server.url("grpc");
     let count_arg = count.to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let args = [
         "host",
         "--url",
@@ -356,23 +339,13 @@ async fn host_story(
         "error",
     ]
     .map(String::from);
-    let host = tokio::spawn(connector_host::run_until(types, args, async move {
-        let _ = stop_rx.await;
-    }));
+    let host = RunningHost::start(|stop| connector_host::run_until(types, args, stop));
     let status = server
         .status_where(|s| s.get("active") == count && s.get("answers/s") >= at_least)
         .await;
     let failed = if all_fail { status.get("answers/s") } else { 0 };
     assert_eq!(status.get("failed/s"), failed, "{status:?}");
-    stop_tx.send(()).expect("host still running");
-    let code = tokio::time::timeout(WAIT, host)
-        .await
-        .expect("host stopped in time")
-        .expect("join");
-    assert_eq!(
-        format!("{code:?}"),
-        format!("{:?}", std::process::ExitCode::SUCCESS)
-    );
+    host.stop_successfully().await;
     // The server sees the registrations go.
     server.status_where(|s| s.get("active") == 0).await;
     let (code, _) = server.stop().await;

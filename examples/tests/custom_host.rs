@@ -2,7 +2,7 @@
 //! library's entry point with the same flags as `connector-host`, hosting
 //! the example's `kv` type over gRPC and WebSocket.
 
-use connector_testkit::harness::{json_execute, WAIT};
+use connector_testkit::harness::{json_execute, RunningHost, WAIT};
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, TestServer, WsServerOptions, WsTestServer,
 };
@@ -36,7 +36,6 @@ async fn send(
 
 /// Runs the example's host against `url` and checks `put`/`get`.
 async fn kv_story(engine: &TestServer, url: String) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let args = [
         "custom_host",
         "--url",
@@ -53,13 +52,8 @@ async fn kv_story(engine: &TestServer, url: String) {
         "warn",
     ]
     .map(String::from);
-    let host = tokio::spawn(connector_host::run_until(
-        custom_host::types(),
-        args,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let host =
+        RunningHost::start(|stop| connector_host::run_until(custom_host::types(), args, stop));
     engine
         .wait_for_active(2, WAIT)
         .await
@@ -109,15 +103,7 @@ async fn kv_story(engine: &TestServer, url: String) {
         "{}",
         unknown.error
     );
-    stop_tx.send(()).expect("host still running");
-    let code = tokio::time::timeout(WAIT, host)
-        .await
-        .expect("stopped in time")
-        .expect("join");
-    assert_eq!(
-        format!("{code:?}"),
-        format!("{:?}", std::process::ExitCode::SUCCESS)
-    );
+    host.stop_successfully().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

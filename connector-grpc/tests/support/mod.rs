@@ -11,26 +11,15 @@ use std::time::Duration;
 use connector_core::{
     MessageStream, MultiTransportOptions, MultiTransportOptionsBuilder, StreamMux, TransportError,
 };
-use connector_proto::{Heartbeat, Kind, RegisterRequest, RegistrationStatus, StreamMessage};
-use connector_testkit::harness::{key, WAIT};
+use connector_proto::{Heartbeat, Kind, RegistrationStatus, StreamMessage};
+use connector_testkit::harness::{key, register_message, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestServer};
 use futures_util::StreamExt;
 use tokio::time::timeout;
 
 /// The `register` of `key(i)`: version 1.0.0, one request at a time.
 pub(crate) fn register(i: usize) -> StreamMessage {
-    let k = key(i);
-    StreamMessage {
-        kind: Some(Kind::Register(Box::new(RegisterRequest {
-            tenant_id: k.tenant_id().into(),
-            connector_type: k.connector_type().into(),
-            instance_id: k.instance_id().into(),
-            version: "1.0.0".into(),
-            auth_token: "secret-token".into(),
-            max_concurrent_requests: 1,
-            ..Default::default()
-        }))),
-    }
+    register_message(&key(i), 1)
 }
 
 /// Client options for `url` with a 5 s connect timeout.
