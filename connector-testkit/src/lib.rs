@@ -49,6 +49,8 @@
 // helpers only that front-end uses are unused; that is expected.
 #![cfg_attr(not(all(feature = "grpc", feature = "ws")), allow(dead_code))]
 
+// The stories start a testkit front-end for the transport under test.
+#[cfg(any(feature = "grpc", feature = "ws"))]
 pub mod conformance;
 mod conn;
 pub mod connectors;

@@ -129,6 +129,11 @@ pub(crate) fn check_features() -> Result<(), String> {
         command.args(feature_args(rule.features));
         check_without_warnings(&mut command)?;
     }
+    // The testkit with no front-end at all (engine, connectors, harness)
+    // builds too: a user with a transport of their own may want only that.
+    let mut command = cmd::cargo(["check", "--package", "connector-testkit", "--lib"]);
+    command.arg("--no-default-features");
+    check_without_warnings(&mut command)?;
     Ok(())
 }
 
