@@ -14,7 +14,7 @@ use connector_testkit::harness::json_execute;
 use connector_testkit::{
     GrpcServerOptions, GrpcTestServer, ServerEvent, TestServer, WsServerOptions, WsTestServer,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -63,18 +63,9 @@ impl Host {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = command(args, env).spawn().expect("spawn connector-host");
         let stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Self {
             child,
-            stderr: rx,
+            stderr: connector_testkit::harness::forward_lines(stderr),
             seen: Vec::new(),
         }
     }
