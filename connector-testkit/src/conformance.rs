@@ -1423,6 +1423,67 @@ pub async fn tls_without_a_ca_names_ca_cert(target: Target) {
     w.engine.verify().expect("no protocol error");
 }
 
+/// Legal messages the client cannot act on, from a buggy server: a message
+/// with no kind, a `register_response` or an `approval_update` while
+/// active, an `execute_request` whose id is already in flight. Each is a
+/// `ProtocolError` event that says what it was; none costs the stream, and
+/// nothing is lost: the request in flight is answered exactly once (a
+/// second answer would fail the strict engine at `stop`), its handler runs
+/// once, and the next request is answered too.
+pub async fn hostile_messages_are_protocol_errors_that_lose_nothing(target: Target) {
+    let w = World::running(&target, 1).await;
+    let k = key(0);
+    let mut events = w.events(0);
+    let slow = request("slow", r#"{"ms":1000}"#);
+    let pending = w.engine.send_execute(&k, slow.clone()).expect("send");
+    w.worker
+        .wait_started(1, WAIT)
+        .await
+        .expect("the slow handler runs");
+    // The duplicate first, well inside the slow handler's second.
+    let hostile: [(StreamMessage, &str); 4] = [
+        (
+            message(Kind::ExecuteRequest(Box::new(slow))),
+            "duplicate request_id while the first is in flight",
+        ),
+        (StreamMessage { kind: None }, "no known kind"),
+        (
+            message(Kind::RegisterResponse(Box::default())),
+            "register_response outside of registering",
+        ),
+        (
+            message(Kind::ApprovalUpdate(Default::default())),
+            "approval_update while not pending",
+        ),
+    ];
+    for (msg, says) in hostile {
+        w.engine.send_raw(&k, msg).expect("send_raw");
+        let seen = events_until(&mut events, says, |e| {
+            matches!(e, RegistrationEvent::ProtocolError { .. })
+        })
+        .await;
+        match seen.last() {
+            Some(RegistrationEvent::ProtocolError { detail }) => {
+                assert!(detail.contains(says), "{detail:?} should say {says:?}")
+            }
+            other => panic!("no protocol error for {says:?}: {other:?}"),
+        }
+        assert!(
+            !seen
+                .iter()
+                .any(|e| matches!(e, RegistrationEvent::Disconnected { .. })),
+            "{says}: the stream stays: {seen:#?}"
+        );
+    }
+    let resp = pending.wait(WAIT).await.expect("the slow one is answered");
+    assert_eq!(resp.request_id, "slow");
+    assert!(resp.success, "{resp:?}");
+    assert_eq!(w.worker.runs("slow"), 1, "the duplicate did not run");
+    echo(&w.engine, &k, "after").await;
+    assert_eq!(w.registers(0), vec![false], "never registered again");
+    w.stop().await;
+}
+
 /// Expands to one `#[tokio::test]` per conformance story for a
 /// [`conformance::Target`](crate::conformance::Target) expression.
 ///
@@ -1457,6 +1518,7 @@ macro_rules! conformance_suite {
             wrong_ca_is_a_tls_error_retried_with_backoff,
             unreadable_ca_file_is_a_config_error,
             tls_without_a_ca_names_ca_cert,
+            hostile_messages_are_protocol_errors_that_lose_nothing,
         );
     };
     (@each $target:expr; $($story:ident),* $(,)?) => {
