@@ -14,11 +14,11 @@ use connector_core::{
 };
 use connector_grpc::{GrpcError, GrpcMux, GrpcTransport};
 use connector_proto::{ExecuteRequest, ExecuteResponse, Kind, StreamMessage};
-use connector_testkit::harness::{key, WAIT};
+use connector_testkit::harness::{key, TempDir, WAIT};
 use connector_testkit::{GrpcServerOptions, GrpcTestServer, TestCertificate, TestServer};
 use support::{
     closed_port, connection_carrying, heartbeat, next, open_err, open_many, open_registered,
-    options, register, server_streams_per_connection, start, streams_per_channel, TempDir,
+    options, register, server_streams_per_connection, start, streams_per_channel,
 };
 use tokio::time::timeout;
 
@@ -423,7 +423,7 @@ struct Tls {
 async fn tls_server() -> Tls {
     let cert = TestCertificate::generate().expect("cert");
     let dir = TempDir::new("tls");
-    let ca = cert.write_ca_pem(&dir.0).expect("ca file");
+    let ca = cert.write_ca_pem(dir.dir()).expect("ca file");
     let other_ca = dir.path("other-ca.pem");
     let other = TestCertificate::generate().expect("other cert");
     std::fs::write(&other_ca, other.ca_pem()).expect("other ca file");
@@ -552,7 +552,7 @@ async fn client_identity_files_are_validated() {
         .generate_client_identity("client-1")
         .expect("client identity");
     let dir = TempDir::new("mtls");
-    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let ca = cert.write_ca_pem(dir.dir()).expect("ca");
     let (cert_path, key_path, bad_key) = (
         dir.path("client.pem"),
         dir.path("client.key"),

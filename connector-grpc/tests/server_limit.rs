@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use connector_core::{StreamMux, Transport};
 use connector_grpc::{GrpcMux, GrpcTransport};
+use connector_testkit::harness::TempDir;
 use connector_testkit::{GrpcServerOptions, TestCertificate};
-use support::{
-    open_many, options, server_streams_per_connection, start, streams_per_channel, TempDir,
-};
+use support::{open_many, options, server_streams_per_connection, start, streams_per_channel};
 use tokio::time::timeout;
 
 /// The stall timeout of these tests: far above the bound below.
@@ -31,7 +30,7 @@ async fn the_limit_is_read(tls: bool, eager: bool) {
     let mut ca = None;
     if tls {
         let cert = TestCertificate::generate().expect("cert");
-        ca = Some(cert.write_ca_pem(&dir.0).expect("ca file"));
+        ca = Some(cert.write_ca_pem(dir.dir()).expect("ca file"));
         server_opts = server_opts.tls(cert);
     }
     let (_engine, server) = start(server_opts).await;

@@ -47,7 +47,7 @@ use crate::tls::TestCertificate;
 
 /// Bound for every wait of a story: generous, only reached when broken.
 pub use crate::harness::WAIT;
-use crate::harness::{fast_options as options, key, registrations, Running, TEST_TOKEN};
+use crate::harness::{fast_options as options, key, registrations, Running, TempDir, TEST_TOKEN};
 
 /// The wire a client transport speaks, that is which testkit server a
 /// story starts for it.
@@ -1073,7 +1073,7 @@ pub async fn exactly_once_under_random_faults(target: Target) {
 pub async fn proxy_tunnels_every_connection(target: Target) {
     let cert = TestCertificate::generate().expect("cert");
     let dir = TempDir::new("proxy");
-    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let ca = cert.write_ca_pem(dir.dir()).expect("ca");
     let proxy = ConnectProxy::start().await.expect("proxy");
     let purl = proxy.url();
     let w = World::started(&target, 6, Setup::tls(cert), |o| {
@@ -1269,28 +1269,6 @@ pub async fn proxy_disabled_goes_direct(target: Target) {
     proxy.stop().await;
 }
 
-/// A directory removed on drop, for certificate files.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "connector-conformance-{tag}-{}-{n}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A failed open's message for a transport error of `kind`: the SDK's
 /// transports report `{kind} error: {message}` (`TransportError`'s display).
 fn assert_kind(msg: &str, kind: TransportErrorKind) {
@@ -1306,11 +1284,11 @@ fn assert_kind(msg: &str, kind: TransportErrorKind) {
 pub async fn tls_and_mutual_tls(target: Target) {
     let cert = TestCertificate::generate().expect("cert");
     let dir = TempDir::new("tls");
-    let ca = cert.write_ca_pem(&dir.0).expect("ca");
+    let ca = cert.write_ca_pem(dir.dir()).expect("ca");
     let (c, k) = cert
         .generate_client_identity("client.test")
         .expect("identity");
-    let (cp, kp) = (dir.0.join("client.pem"), dir.0.join("client.key"));
+    let (cp, kp) = (dir.path("client.pem"), dir.path("client.key"));
     std::fs::write(&cp, c).expect("write");
     std::fs::write(&kp, k).expect("write");
 
@@ -1353,7 +1331,7 @@ pub async fn wrong_ca_is_a_tls_error_retried_with_backoff(target: Target) {
     let served = TestCertificate::generate().expect("cert");
     let other = TestCertificate::generate().expect("cert");
     let dir = TempDir::new("wrong-ca");
-    let wrong = other.write_ca_pem(&dir.0).expect("ca");
+    let wrong = other.write_ca_pem(dir.dir()).expect("ca");
     let mut w = World::new(&target, 1, Setup::tls(served), |o| o.ca_cert(&wrong)).await;
     let mut events = w.events(0);
     w.start();

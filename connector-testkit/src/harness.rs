@@ -21,6 +21,7 @@
 //! ```
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -156,6 +157,46 @@ pub fn assert_rejected(state: &RegistrationState, reason: RejectReason) {
         "expected a stop by rejection {}, got {state:?}",
         reason.as_str_name()
     );
+}
+
+/// A fresh directory under the system temp dir, for certificate and
+/// config files a test writes; removed with everything in it on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Makes `<temp>/connector-test-<tag>-<pid>-<n>`, unique per process
+    /// and call.
+    ///
+    /// # Panics
+    ///
+    /// When the directory cannot be made.
+    pub fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("connector-test-{tag}-{}-{n}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            panic!("cannot make {}: {e}", dir.display());
+        }
+        Self(dir)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// `file` inside the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A runner whose `run()` is running on a task.

@@ -7,7 +7,6 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use connector_core::{
     MessageStream, MultiTransportOptions, MultiTransportOptionsBuilder, RegistrationKey, StreamMux,
     Transport, TransportError, TransportErrorKind,
 };
-use connector_testkit::harness::{key, WAIT};
+use connector_testkit::harness::{key, TempDir, WAIT};
 use connector_testkit::{
     CloseCause, ServerEvent, TestCertificate, TestServer, WsServerOptions, WsTestServer,
 };
@@ -171,32 +170,6 @@ impl Plain {
             .unwrap();
         drop(held);
         wait_no_sockets(&*self.mux).await;
-    }
-}
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "connector-ws-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -419,7 +392,7 @@ async fn tls_server() -> Tls {
         .unwrap();
     assert!(server.url().starts_with("wss://"), "{}", server.url());
     let dir = TempDir::new("tls");
-    let ca = cert.write_ca_pem(&dir.0).unwrap();
+    let ca = cert.write_ca_pem(dir.dir()).unwrap();
     let other_ca = dir.path("other-ca.pem");
     std::fs::write(&other_ca, TestCertificate::generate().unwrap().ca_pem()).unwrap();
     Tls {
