@@ -23,7 +23,9 @@
 use std::collections::hash_map::Entry as MapEntry;
 
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +55,9 @@ struct Entry {
 struct Sent {
     /// The heartbeat whose ack confirms it.
     tag: u64,
+    /// `id`'s hash in `ring_index`, kept so that confirming an answer,
+    /// long after it was made, neither hashes nor compares its id.
+    hash: u64,
     id: Arc<str>,
     response: ExecuteResponse,
     expires: Instant,
@@ -84,8 +89,14 @@ pub(crate) struct AnsweredLog {
     ring_head: u64,
     /// The stream the ring belongs to.
     ring_stream: u64,
-    /// Position in the ring of each id in it.
-    ring_index: HashMap<Arc<str>, u64, RandomState>,
+    /// Position in the ring of each id in it, hashed with `hasher`. A
+    /// table of positions rather than a map keyed by id: a confirmation
+    /// removes its entry by stored hash and position, without reading the
+    /// id's string (at a thousand busy registrations that string and the
+    /// map slot are long out of cache by the time the heartbeat ack comes
+    /// back, and the keyed remove was 8 % of the per-response cost).
+    ring_index: HashTable<u64>,
+    hasher: RandomState,
     capacity: usize,
     max_bytes: usize,
     /// Bytes accounted for everything kept (see [`entry_bytes`]).
@@ -144,7 +155,8 @@ impl AnsweredLog {
             ring: VecDeque::new(),
             ring_head: 0,
             ring_stream: 0,
-            ring_index: HashMap::default(),
+            ring_index: HashTable::new(),
+            hasher: RandomState::default(),
             capacity,
             max_bytes,
             bytes: 0,
@@ -175,7 +187,7 @@ impl AnsweredLog {
     }
 
     pub(crate) fn known(&self, id: &str) -> Option<Known> {
-        if self.ring_index.contains_key(id) {
+        if self.ring_position(id).is_some() {
             return Some(Known::SentOn(self.ring_stream));
         }
         self.entries.get(id).map(|e| match e.place {
@@ -243,16 +255,30 @@ impl AnsweredLog {
             return dropped;
         }
         let pos = self.ring_head + self.ring.len() as u64;
-        // An id already in the ring (not reachable through the state
-        // machine) keeps its older answer unindexed: that one is popped
-        // without touching the index (see `pop_ring`).
-        self.ring_index.insert(Arc::clone(&id), pos);
+        let hash = self.hasher.hash_one(&*id);
         self.ring.push_back(Sent {
             tag,
+            hash,
             id,
             response,
             expires,
         });
+        // An id already in the ring (not reachable through the state
+        // machine) keeps its older answer unindexed: the index points at
+        // the newer one, and the older is popped without touching it (see
+        // `pop_ring`).
+        let (ring, head) = (&self.ring, self.ring_head);
+        let at = |p: u64| &ring[(p - head) as usize];
+        let id = &*at(pos).id;
+        match self
+            .ring_index
+            .entry(hash, |&p| *at(p).id == *id, |&p| at(p).hash)
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = pos,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(pos);
+            }
+        }
         self.bytes += cost;
         self.enforce_budget(&mut dropped);
         dropped
@@ -290,11 +316,10 @@ impl AnsweredLog {
         let s = self.ring.pop_front()?;
         let pos = self.ring_head;
         self.ring_head += 1;
-        if let Some(at) = self.ring_index.remove(&*s.id) {
-            if at != pos {
-                // A later copy of the same id owns the index entry.
-                self.ring_index.insert(Arc::clone(&s.id), at);
-            }
+        // A later copy of the same id owns the index entry, if any: then
+        // nothing here matches `pos`.
+        if let Ok(e) = self.ring_index.find_entry(s.hash, |&p| p == pos) {
+            e.remove();
         }
         self.bytes -= entry_bytes(&s.id, &s.response);
         Some(s)
@@ -497,10 +522,26 @@ impl AnsweredLog {
         (out, expired)
     }
 
+    /// The ring's (indexed, so newest) answer for `id`.
+    fn ring_position(&self, id: &str) -> Option<&Sent> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let hash = self.hasher.hash_one(id);
+        let head = self.ring_head;
+        let at = |p: u64| {
+            p.checked_sub(head)
+                .and_then(|i| self.ring.get(usize::try_from(i).ok()?))
+        };
+        let pos = *self
+            .ring_index
+            .find(hash, |&p| at(p).is_some_and(|s| &*s.id == id))?;
+        at(pos)
+    }
+
     /// The kept response for a request the server asked for again.
     pub(crate) fn replay(&self, id: &str) -> Option<ExecuteResponse> {
-        if let Some(&pos) = self.ring_index.get(id) {
-            let s = self.ring.get((pos - self.ring_head) as usize)?;
+        if let Some(s) = self.ring_position(id) {
             return Some(with_id(without_id(&s.response), id));
         }
         self.entries
