@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -92,6 +92,10 @@ async fn connect(
 /// server queued the stream past its concurrency limit) before it gives up.
 const MAX_STALL_RETRIES: usize = 3;
 
+/// The most channels one dial round opens at once (see
+/// [`Inner::dial_locked`]).
+const MAX_CONCURRENT_DIALS: usize = 8;
+
 /// The shared result of the last dial, so that the opens that waited for
 /// it get its error instead of each dialling again in turn.
 #[derive(Debug, Default)]
@@ -111,6 +115,25 @@ struct Inner {
     dial: tokio::sync::Mutex<DialState>,
     /// `DialState::generation`, readable without the lock.
     dial_generation: AtomicU64,
+    /// Opens waiting for `dial`: what the next dial round is sized for.
+    queued: AtomicUsize,
+}
+
+/// Counts an open in [`Inner::queued`] while it waits for the dial lock
+/// (dropped, too, when the open gives up while waiting).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A [`StreamMux`] over gRPC: each registration is one
@@ -119,8 +142,9 @@ struct Inner {
 ///
 /// * **Strict accounting.** A stream reserves a slot on a channel with room
 ///   before it is opened and frees it when its inbound half is dropped. When
-///   every channel is full one new channel is dialled; concurrent opens wait
-///   for that one dial and share its result.
+///   every channel is full new channels are dialled, as many at once (at
+///   most 8) as the opens waiting will fill; the waiting opens share that
+///   dial round's channels, or its error.
 /// * **Reads the server's stream limit.** Each dial waits (one round trip,
 ///   within `connect_timeout`) for the server's first SETTINGS frame, read
 ///   off the wire under hyper, and caps the channel at its
@@ -162,6 +186,7 @@ impl GrpcMux {
                 pool: Arc::new(Mutex::new(Pool::new(options.max_streams_per_channel))),
                 dial: tokio::sync::Mutex::new(DialState::default()),
                 dial_generation: AtomicU64::new(0),
+                queued: AtomicUsize::new(0),
             }),
         })
     }
@@ -226,42 +251,74 @@ impl Inner {
         tracing::info_span!("grpc_channel", channel_id, server = %self.factory.target())
     }
 
-    /// Dials and adds a channel. With `reserve`, also takes a slot on it.
-    /// Called with the dial lock held.
+    /// Dials and adds channels. With `reserve`, also takes a slot for the
+    /// caller on the first. Called with the dial lock held.
+    ///
+    /// A round dials as many channels at once as the opens queued behind
+    /// the lock will fill ([`Pool::new_channel_room`] each, at most
+    /// [`MAX_CONCURRENT_DIALS`]): each dial is a handshake and a round
+    /// trip for the server's SETTINGS, and one at a time a thousand
+    /// registrations waited for thirteen of them in a row. Sized by the
+    /// opens actually waiting, a round never dials a channel nobody asked
+    /// for; without `reserve` (the eager first dial) it dials one.
+    ///
+    /// [`Pool::new_channel_room`]: crate::pool::Pool::new_channel_room
     async fn dial_locked(
         &self,
         state: &mut DialState,
         reserve: bool,
     ) -> Result<Option<(Slot<Channel>, Channel)>, GrpcError> {
-        let result = self.factory.dial().await;
+        let rounds = if reserve {
+            let demand = self.queued.load(Ordering::Relaxed) + 1;
+            let room = lock(&self.pool).new_channel_room();
+            demand.div_ceil(room).clamp(1, MAX_CONCURRENT_DIALS)
+        } else {
+            1
+        };
+        let results =
+            futures_util::future::join_all((0..rounds).map(|_| self.factory.dial())).await;
         state.generation += 1;
         self.dial_generation
             .store(state.generation, Ordering::Release);
-        match result {
-            Ok(Dialled { channel, settings }) => {
-                state.last_error = None;
-                let mut pool = lock(&self.pool);
-                if reserve {
-                    let r = pool
-                        .add_channel_and_reserve(channel, settings)
-                        .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
-                    drop(pool);
-                    tracing::debug!(parent: &self.channel_span(r.channel_id), "channel dialled");
-                    Ok(Some((Slot::adopt(&self.pool, r.channel_id), r.channel)))
-                } else {
-                    let id = pool
-                        .add_channel(channel, settings)
-                        .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
-                    drop(pool);
-                    tracing::debug!(parent: &self.channel_span(id), "channel dialled");
-                    Ok(None)
+        let mut mine = None;
+        let mut first_error = None;
+        let mut added = false;
+        for result in results {
+            match result {
+                Ok(Dialled { channel, settings }) => {
+                    let mut pool = lock(&self.pool);
+                    if reserve && mine.is_none() {
+                        let r = pool
+                            .add_channel_and_reserve(channel, settings)
+                            .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
+                        drop(pool);
+                        tracing::debug!(parent: &self.channel_span(r.channel_id), "channel dialled");
+                        mine = Some((Slot::adopt(&self.pool, r.channel_id), r.channel));
+                    } else {
+                        let id = pool
+                            .add_channel(channel, settings)
+                            .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
+                        drop(pool);
+                        tracing::debug!(parent: &self.channel_span(id), "channel dialled");
+                    }
+                    added = true;
+                }
+                Err(e) => {
+                    lock(&self.pool).dial_failed();
+                    tracing::warn!(server = %self.factory.target(), error = %e, "dial failed");
+                    first_error.get_or_insert(e);
                 }
             }
-            Err(e) => {
-                lock(&self.pool).dial_failed();
-                tracing::warn!(server = %self.factory.target(), error = %e, "dial failed");
+        }
+        match first_error {
+            // Every dial failed: the waiters share the error.
+            Some(e) if !added => {
                 state.last_error = Some(e.clone());
                 Err(e)
+            }
+            _ => {
+                state.last_error = None;
+                Ok(mine)
             }
         }
     }
@@ -292,7 +349,9 @@ impl Inner {
             if let Some(got) = Slot::try_reserve(&self.pool) {
                 return Ok(got);
             }
+            let queued = Queued::new(&self.queued);
             let mut state = self.dial.lock().await;
+            drop(queued);
             // A dial may have finished, or a stream ended, while we waited.
             if let Some(got) = Slot::try_reserve(&self.pool) {
                 return Ok(got);

@@ -149,6 +149,23 @@ impl<C: Clone> Pool<C> {
         self.learned_limit
     }
 
+    /// How many streams a channel dialled now will take, as far as the
+    /// pool can tell: the cap, lowered to a learned limit and to the newest
+    /// channel's server limit (the same server will likely say the same;
+    /// a dial waits for the server's SETTINGS, so hyper's assumption before
+    /// them does not apply). Dials for waiting opens are sized with it: an
+    /// estimate too high costs a later dial, never an extra connection.
+    pub(crate) fn new_channel_room(&self) -> usize {
+        let mut room = self.max_streams;
+        if let Some(limit) = self.learned_limit {
+            room = room.min(limit);
+        }
+        if let Some(server) = self.channels.last().and_then(|e| e.settings.max_streams()) {
+            room = room.min(server);
+        }
+        room.max(1)
+    }
+
     /// Reserves a slot on the oldest channel with room (packing streams
     /// keeps the number of connections minimal). `None` when every channel
     /// is full, or the pool is closed.
@@ -330,11 +347,11 @@ impl<C: Clone> Pool<C> {
 /// A pool shared between the mux and the streams' slot guards.
 pub(crate) type SharedPool<C> = Arc<Mutex<Pool<C>>>;
 
-/// Locks the pool. A panic while the lock was held cannot leave the
-/// counters half-updated (every method finishes its update before it can
-/// panic), so a poisoned lock is still usable.
-pub(crate) fn lock<C>(pool: &Mutex<Pool<C>>) -> MutexGuard<'_, Pool<C>> {
-    pool.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks the pool (or the mux's dial counters). A panic while the lock
+/// was held cannot leave the counters half-updated (every method finishes
+/// its update before it can panic), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A reserved slot that frees itself when dropped, however the stream
