@@ -461,6 +461,31 @@ mod tests {
     }
 
     #[test]
+    fn a_new_channels_room_is_the_cap_lowered_by_what_the_server_said() {
+        // Nothing known: the configured cap (a dial waits for SETTINGS, so
+        // hyper's 100 before them is not a limit on what it will carry).
+        let mut pool = Pool::<()>::new(200);
+        assert_eq!(pool.new_channel_room(), 200);
+        // A server that set no limit leaves the cap.
+        pool.add_channel((), settings(None)).expect("open pool");
+        assert_eq!(pool.new_channel_room(), 200);
+        // The newest channel's server limit is the estimate ...
+        pool.add_channel((), settings(Some(5))).expect("open pool");
+        assert_eq!(pool.new_channel_room(), 5);
+        // ... and a server limit of 0 still counts one stream.
+        pool.add_channel((), settings(Some(0))).expect("open pool");
+        assert_eq!(pool.new_channel_room(), 1);
+        // A limit learned from a stall lowers it too.
+        let mut pool = Pool::<()>::new(80);
+        let id = open(&mut pool);
+        reserve_on(&mut pool, id, 3);
+        pool.mark_established(id);
+        pool.mark_established(id);
+        assert_eq!(pool.stalled(id), Some(2));
+        assert_eq!(pool.new_channel_room(), 2);
+    }
+
+    #[test]
     fn empty_pool_has_no_room() {
         let mut pool = Pool::<()>::new(10);
         assert!(pool.try_reserve().is_none());
