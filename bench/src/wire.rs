@@ -128,11 +128,11 @@ pub(crate) fn approved(r: &RegisterRequest) -> StreamMessage {
 
 /// The ack of a heartbeat.
 pub(crate) fn heartbeat_ack(h: &Heartbeat) -> StreamMessage {
-    msg(Kind::HeartbeatAck(HeartbeatAck {
+    msg(Kind::HeartbeatAck(Box::new(HeartbeatAck {
         sequence: h.sequence,
         sent_at_unix_ms: h.sent_at_unix_ms,
         should_reconnect: false,
-    }))
+    })))
 }
 
 /// An `execute_request` with id `id`.

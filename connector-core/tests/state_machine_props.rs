@@ -129,7 +129,7 @@ proptest! {
                 }
                 Input::Cancel(i) => {
                     let id = sent_ids.iter().rev().nth(i).cloned().unwrap_or_else(|| "unknown".into());
-                    sm.handle_message(now, msg(Kind::Cancel(CancelRequest { request_id: id })));
+                    sm.handle_message(now, msg(Kind::Cancel(Box::new(CancelRequest { request_id: id }))));
                 }
                 Input::Done(i, ok) => {
                     if let Some(id) = running.iter().nth(i % running.len().max(1)).cloned() {
@@ -140,9 +140,9 @@ proptest! {
                 }
                 Input::Closed(clean) => sm.handle_stream_closed(now, if clean { None } else { Some("reset") }),
                 Input::Drain(ms) => sm.handle_message(now, msg(Kind::Drain(Box::new(Drain { reason: String::new(), reconnect_after_ms: ms })))),
-                Input::Ack(r) => sm.handle_message(now, msg(Kind::HeartbeatAck(HeartbeatAck { sequence: 1, sent_at_unix_ms: 0, should_reconnect: r }))),
+                Input::Ack(r) => sm.handle_message(now, msg(Kind::HeartbeatAck(Box::new(HeartbeatAck { sequence: 1, sent_at_unix_ms: 0, should_reconnect: r })))),
                 Input::NoKind => sm.handle_message(now, StreamMessage { kind: None }),
-                Input::WrongDirection => sm.handle_message(now, msg(Kind::Heartbeat(Default::default()))),
+                Input::WrongDirection => sm.handle_message(now, msg(Kind::Heartbeat(Box::new(Default::default())))),
                 Input::Advance(ms) => {
                     let target = now + Duration::from_millis(ms);
                     while let Some(at) = sm.poll_timeout() {

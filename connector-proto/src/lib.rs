@@ -142,6 +142,15 @@ debug_with_tokens!(
 mod tests {
     use super::*;
 
+    /// Every variant is boxed (build.rs): a message is a tag and a
+    /// pointer, so each per-stream queue's first block of 32 slots is
+    /// 512 bytes. An unboxed variant would make every message, and every
+    /// queue, as large as it.
+    #[test]
+    fn a_stream_message_is_a_tag_and_a_pointer() {
+        assert_eq!(std::mem::size_of::<StreamMessage>(), 16);
+    }
+
     #[test]
     fn debug_of_a_message_never_prints_a_token() {
         let register = StreamMessage {

@@ -954,9 +954,9 @@ impl TestServer {
             let id = st.target(key, true)?;
             st.send_to(
                 id,
-                msg(Kind::Cancel(CancelRequest {
+                msg(Kind::Cancel(Box::new(CancelRequest {
                     request_id: request_id.to_string(),
-                })),
+                }))),
             )?;
             st.events.push(ServerEvent::CancelSent {
                 at: Instant::now(),
@@ -1279,11 +1279,11 @@ impl TestServer {
                             .is_some_and(|k| st.reconnect_on_next_ack.remove(k));
                         st.send(
                             stream_id,
-                            msg(Kind::HeartbeatAck(HeartbeatAck {
+                            msg(Kind::HeartbeatAck(Box::new(HeartbeatAck {
                                 sequence: hb.sequence,
                                 sent_at_unix_ms: hb.sent_at_unix_ms,
                                 should_reconnect,
-                            })),
+                            }))),
                         );
                     }
                 }

@@ -800,10 +800,12 @@ async fn messages_queued_before_the_drop_are_sent_before_the_close() {
         ..
     } = scripted(WsTransport::new(), |b| b).await;
     let heartbeat = |n: u64| StreamMessage {
-        kind: Some(Kind::Heartbeat(connector_core::proto::Heartbeat {
-            sequence: n,
-            sent_at_unix_ms: 0,
-        })),
+        kind: Some(Kind::Heartbeat(Box::new(
+            connector_core::proto::Heartbeat {
+                sequence: n,
+                sent_at_unix_ms: 0,
+            },
+        ))),
     };
     for n in 0..3 {
         s.outbound.send(heartbeat(n)).await.unwrap();

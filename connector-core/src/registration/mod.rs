@@ -692,7 +692,7 @@ impl Registration {
         match message.kind {
             Some(Kind::RegisterResponse(r)) => self.on_register_response(now, *r),
             Some(Kind::ApprovalUpdate(u)) => self.on_approval_update(now, *u),
-            Some(Kind::HeartbeatAck(a)) => self.on_heartbeat_ack(now, a),
+            Some(Kind::HeartbeatAck(a)) => self.on_heartbeat_ack(now, *a),
             Some(Kind::ExecuteRequest(r)) => self.on_execute_request(now, r),
             Some(Kind::Cancel(c)) => self.on_cancel(now, &c.request_id),
             Some(Kind::Drain(d)) => {
@@ -1252,10 +1252,10 @@ impl Registration {
         self.push_out(
             now,
             StreamMessage {
-                kind: Some(Kind::Heartbeat(Heartbeat {
+                kind: Some(Kind::Heartbeat(Box::new(Heartbeat {
                     sequence,
                     sent_at_unix_ms,
-                })),
+                }))),
             },
         );
     }

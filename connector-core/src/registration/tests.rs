@@ -112,24 +112,24 @@ fn drain(reason: &str, reconnect_after_ms: u32) -> Kind {
 }
 
 fn ack(sequence: u64) -> Kind {
-    Kind::HeartbeatAck(HeartbeatAck {
+    Kind::HeartbeatAck(Box::new(HeartbeatAck {
         sequence,
         ..Default::default()
-    })
+    }))
 }
 
 /// A heartbeat ack asking the connector to reconnect.
 fn reconnect_hint() -> Kind {
-    Kind::HeartbeatAck(HeartbeatAck {
+    Kind::HeartbeatAck(Box::new(HeartbeatAck {
         should_reconnect: true,
         ..Default::default()
-    })
+    }))
 }
 
 fn cancel(id: &str) -> Kind {
-    Kind::Cancel(CancelRequest {
+    Kind::Cancel(Box::new(CancelRequest {
         request_id: id.into(),
-    })
+    }))
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -294,7 +294,7 @@ impl H {
 
     fn beats(&mut self) -> Vec<Heartbeat> {
         self.sent_of(|k| match k {
-            Kind::Heartbeat(hb) => Some(hb),
+            Kind::Heartbeat(hb) => Some(*hb),
             _ => None,
         })
     }
@@ -480,11 +480,11 @@ fn twenty_intervals_with_acks_never_disconnect() {
         let hb = beats[0];
         assert_eq!(hb.sequence, round + 1);
         h.advance(Duration::from_millis(20));
-        h.recv(Kind::HeartbeatAck(HeartbeatAck {
+        h.recv(Kind::HeartbeatAck(Box::new(HeartbeatAck {
             sequence: hb.sequence,
             sent_at_unix_ms: hb.sent_at_unix_ms,
             should_reconnect: false,
-        }));
+        })));
     }
     assert_eq!(h.sm.state(), &RegistrationState::Active);
     assert!(!h
@@ -881,7 +881,7 @@ fn unexpected_messages_are_counted_and_ignored() {
     );
     h.recv(approved_later());
     h.sm.handle_message(h.now, StreamMessage { kind: None });
-    h.recv(Kind::Heartbeat(Default::default()));
+    h.recv(Kind::Heartbeat(Box::new(Default::default())));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);
     h.recv(approved());
     h.recv(approved());

@@ -90,10 +90,10 @@ pub(crate) async fn heartbeat(stream: &mut MessageStream, sequence: u64) {
     stream
         .outbound
         .send(StreamMessage {
-            kind: Some(Kind::Heartbeat(Heartbeat {
+            kind: Some(Kind::Heartbeat(Box::new(Heartbeat {
                 sequence,
                 sent_at_unix_ms: 1,
-            })),
+            }))),
         })
         .await
         .expect("outbound open");

@@ -39,10 +39,10 @@ pub(crate) fn register_with_token(
 
 pub(crate) fn heartbeat(sequence: u64, sent_at_unix_ms: i64) -> StreamMessage {
     StreamMessage {
-        kind: Some(Kind::Heartbeat(Heartbeat {
+        kind: Some(Kind::Heartbeat(Box::new(Heartbeat {
             sequence,
             sent_at_unix_ms,
-        })),
+        }))),
     }
 }
 
