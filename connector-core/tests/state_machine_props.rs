@@ -142,7 +142,7 @@ proptest! {
                 Input::Drain(ms) => sm.handle_message(now, msg(Kind::Drain(Box::new(Drain { reason: String::new(), reconnect_after_ms: ms })))),
                 Input::Ack(r) => sm.handle_message(now, msg(Kind::HeartbeatAck(Box::new(HeartbeatAck { sequence: 1, sent_at_unix_ms: 0, should_reconnect: r })))),
                 Input::NoKind => sm.handle_message(now, StreamMessage { kind: None }),
-                Input::WrongDirection => sm.handle_message(now, msg(Kind::Heartbeat(Box::new(Default::default())))),
+                Input::WrongDirection => sm.handle_message(now, msg(Kind::Heartbeat(Box::default()))),
                 Input::Advance(ms) => {
                     let target = now + Duration::from_millis(ms);
                     while let Some(at) = sm.poll_timeout() {

@@ -489,7 +489,7 @@ async fn protocol_errors_are_recorded_not_fatal_to_the_server() {
     let (mut s, _) = open_registered(&mux).await;
     s.outbound
         .send(StreamMessage {
-            kind: Some(Kind::Cancel(Box::new(Default::default()))),
+            kind: Some(Kind::Cancel(Box::default())),
         })
         .await
         .unwrap();

@@ -881,7 +881,7 @@ fn unexpected_messages_are_counted_and_ignored() {
     );
     h.recv(approved_later());
     h.sm.handle_message(h.now, StreamMessage { kind: None });
-    h.recv(Kind::Heartbeat(Box::new(Default::default())));
+    h.recv(Kind::Heartbeat(Box::default()));
     assert_eq!(h.sm.state(), &RegistrationState::Registering);
     h.recv(approved());
     h.recv(approved());
