@@ -859,14 +859,18 @@ impl Orchestrator {
             u(&report, "registers_after_restart").to_string(),
             "",
         ));
-        s.rows.push(
-            Row::new(
-                "largest share of reconnects in any 1 s window",
-                format!("{:.1} %", sliding * 100.0),
-                "",
-            )
-            .target("≤ 25 %", sliding <= 0.25),
+        let share = Row::new(
+            "largest share of reconnects in any 1 s window",
+            format!("{:.1} %", sliding * 100.0),
+            "",
         );
+        // The run with pacing off is the contrast the pacing is measured
+        // against, not a figure with a target: it is not counted as missed.
+        s.rows.push(if paced {
+            share.target("≤ 25 %", sliding <= 0.25)
+        } else {
+            share
+        });
         s.rows.push(Row::new(
             "largest share in a whole second since restart",
             format!("{:.1} %", aligned * 100.0),
