@@ -106,7 +106,7 @@ pub enum GrpcError {
     },
     /// The peer broke the protocol (undecodable or oversized message, h2
     /// protocol error).
-    #[error("protocol error: {message}")]
+    #[error("gRPC protocol error: {message}")]
     Protocol {
         /// What went wrong.
         message: String,
