@@ -62,9 +62,9 @@ struct Cli {
     /// Where results go (default: `target/bench` of the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Scenarios to run (default: all but the opt-in ones): throughput,
-    /// idle-grpc, server-limit, shared-vs-single, idle-ws, storm; opt-in:
-    /// idle-grpc-100k.
+    /// Scenarios to run (default: throughput, idle-grpc, server-limit,
+    /// shared-vs-single, idle-ws, storm, and in a full run also
+    /// idle-grpc-100k).
     scenarios: Vec<String>,
 }
 
@@ -215,14 +215,23 @@ fn orchestrate(cli: Cli, limit: sys::NofileLimit) -> ExitCode {
     let scenarios: Vec<String> = if cli.profile {
         vec!["throughput".to_string()]
     } else if cli.scenarios.is_empty() {
-        SCENARIOS.iter().map(|s| s.to_string()).collect()
+        let scale = if mode == Mode::Full {
+            OPT_IN_SCENARIOS
+        } else {
+            &[]
+        };
+        SCENARIOS
+            .iter()
+            .chain(scale)
+            .map(|s| s.to_string())
+            .collect()
     } else {
         cli.scenarios.clone()
     };
     let known = |s: &str| SCENARIOS.contains(&s) || OPT_IN_SCENARIOS.contains(&s);
     if let Some(bad) = scenarios.iter().find(|s| !known(s)) {
         eprintln!(
-            "unknown scenario {bad:?}; the scenarios are: {} (opt-in: {})",
+            "unknown scenario {bad:?}; the scenarios are: {} (full runs add: {})",
             SCENARIOS.join(", "),
             OPT_IN_SCENARIOS.join(", ")
         );

@@ -21,8 +21,9 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "storm",
 ];
 
-/// Scenarios run only when named: too long for every run (CI runs
-/// `--smoke`, a full run should stay a few minutes).
+/// Scenarios a full run adds (about two minutes: 100 000 registrations
+/// three times on each side); `--quick` and `--smoke` run them only when
+/// named.
 pub(crate) const OPT_IN_SCENARIOS: &[&str] = &["idle-grpc-100k"];
 
 /// How big a run is.
