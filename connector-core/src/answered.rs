@@ -63,7 +63,8 @@ struct Sent {
     expires: Instant,
 }
 
-/// The kept responses of one registration.
+/// The kept responses of one registration, once it has kept any (see
+/// [`AnsweredLog`]).
 ///
 /// Answers sent on the current stream are the hot path (every response
 /// passes through): they go to `ring`, in the order queued, which is the
@@ -72,7 +73,7 @@ struct Sent {
 /// "asked again" check. When the stream dies the ring's answers move to
 /// `entries` as maybe lost; answers made with no stream wait there too.
 #[derive(Debug)]
-pub(crate) struct AnsweredLog {
+struct Kept {
     /// Waiting and maybe-lost answers, keyed by request id (shared, one
     /// allocation, with `order`).
     entries: HashMap<Arc<str>, Entry, RandomState>,
@@ -138,6 +139,145 @@ fn entry_bytes(id: &str, r: &ExecuteResponse) -> usize {
     ENTRY_OVERHEAD + id.len() + r.payload.len() + r.error.len()
 }
 
+/// The kept responses of one registration. The bookkeeping (maps, queues,
+/// counters: ~230 bytes) is allocated with the first answer kept: an idle
+/// registration, most of a large fleet's, carries a pointer and its
+/// budget, not empty tables.
+#[derive(Debug)]
+pub(crate) struct AnsweredLog {
+    kept: Option<Box<Kept>>,
+    capacity: usize,
+    max_bytes: usize,
+    ttl: Duration,
+}
+
+impl AnsweredLog {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, ttl: Duration) -> Self {
+        Self {
+            kept: None,
+            capacity,
+            max_bytes,
+            ttl,
+        }
+    }
+
+    fn kept_mut(&mut self) -> &mut Kept {
+        let (capacity, max_bytes, ttl) = (self.capacity, self.max_bytes, self.ttl);
+        self.kept
+            .get_or_insert_with(|| Box::new(Kept::new(capacity, max_bytes, ttl)))
+    }
+
+    /// Bytes accounted for what is kept now (the budget's measure).
+    pub(crate) fn bytes(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.bytes)
+    }
+
+    /// Entries kept now, waiting or unconfirmed.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.len())
+    }
+
+    /// Length of the bookkeeping queue and the index (for tests: they
+    /// stay bounded too).
+    #[cfg(test)]
+    pub(crate) fn queue_lens(&self) -> (usize, usize) {
+        self.kept
+            .as_ref()
+            .map_or((0, 0), |k| (k.order.len(), k.ring_index.len()))
+    }
+
+    /// Responses waiting for a stream.
+    pub(crate) fn waiting(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.waiting)
+    }
+
+    pub(crate) fn known(&self, id: &str) -> Option<Known> {
+        self.kept.as_ref()?.known(id)
+    }
+
+    /// Keeps a response no stream can carry now. Returns how many waiting
+    /// responses were dropped to make room (or by TTL).
+    pub(crate) fn keep_waiting(&mut self, now: Instant, response: ExecuteResponse) -> Dropped {
+        self.kept_mut().keep_waiting(now, response)
+    }
+
+    /// Records a response queued on `stream` before heartbeat `tag`.
+    #[cfg(test)]
+    pub(crate) fn sent(
+        &mut self,
+        now: Instant,
+        response: &ExecuteResponse,
+        stream: u64,
+        tag: u64,
+    ) -> Dropped {
+        let id = Arc::from(response.request_id.as_str());
+        self.sent_with_id(now, response, id, stream, tag)
+    }
+
+    /// [`AnsweredLog::sent`] with the id already shared (the in-flight
+    /// table's copy): keeping the answer allocates nothing (beyond the
+    /// ring's and the index's amortised growth).
+    pub(crate) fn sent_with_id(
+        &mut self,
+        now: Instant,
+        response: &ExecuteResponse,
+        id: Arc<str>,
+        stream: u64,
+        tag: u64,
+    ) -> Dropped {
+        if self.capacity == 0 {
+            // Replay is off: nothing to keep, nothing to copy, nothing to
+            // allocate.
+            return self.expire(now);
+        }
+        self.kept_mut().sent_with_id(now, response, id, stream, tag)
+    }
+
+    /// The current stream is gone: what it did not confirm is maybe lost.
+    pub(crate) fn stream_ended(&mut self) {
+        if let Some(k) = &mut self.kept {
+            k.stream_ended();
+        }
+    }
+
+    /// Drops entries past their TTL.
+    pub(crate) fn expire(&mut self, now: Instant) -> Dropped {
+        self.kept
+            .as_mut()
+            .map_or_else(Dropped::default, |k| k.expire(now))
+    }
+
+    /// Forgets the answers of `stream` queued before heartbeat `upto`: the
+    /// server has read them.
+    pub(crate) fn confirm(&mut self, stream: u64, upto: u64) {
+        if let Some(k) = &mut self.kept {
+            k.confirm(stream, upto);
+        }
+    }
+
+    /// A response queued on a stream but never handed to it: waiting again.
+    pub(crate) fn unsent(&mut self, id: &str) {
+        if let Some(k) = &mut self.kept {
+            k.unsent(id);
+        }
+    }
+
+    /// Takes every waiting response, oldest first, dropping expired ones;
+    /// returns them and how many expired.
+    pub(crate) fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, Dropped) {
+        match &mut self.kept {
+            Some(k) => k.take_waiting(now),
+            None => (Vec::new(), Dropped::default()),
+        }
+    }
+
+    /// The kept response for a request the server asked for again.
+    pub(crate) fn replay(&self, id: &str) -> Option<ExecuteResponse> {
+        self.kept.as_ref()?.replay(id)
+    }
+}
+
 /// What the log knows of a request id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Known {
@@ -145,8 +285,8 @@ pub(crate) enum Known {
     SentOn(u64),
 }
 
-impl AnsweredLog {
-    pub(crate) fn new(capacity: usize, max_bytes: usize, ttl: Duration) -> Self {
+impl Kept {
+    fn new(capacity: usize, max_bytes: usize, ttl: Duration) -> Self {
         Self {
             entries: HashMap::default(),
             order: VecDeque::new(),
@@ -164,26 +304,9 @@ impl AnsweredLog {
         }
     }
 
-    /// Bytes accounted for what is kept now (the budget's measure).
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Entries kept now, waiting or unconfirmed.
-    pub(crate) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.entries.len() + self.ring.len()
-    }
-
-    /// Length of the bookkeeping queue and the index (for tests: they
-    /// stay bounded too).
-    #[cfg(test)]
-    pub(crate) fn queue_lens(&self) -> (usize, usize) {
-        (self.order.len(), self.ring_index.len())
-    }
-
-    /// Responses waiting for a stream.
-    pub(crate) fn waiting(&self) -> usize {
-        self.waiting
     }
 
     pub(crate) fn known(&self, id: &str) -> Option<Known> {
@@ -201,19 +324,6 @@ impl AnsweredLog {
     pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> Dropped {
         let id = std::mem::take(&mut response.request_id);
         self.insert(now, Arc::from(id), response, Place::Waiting)
-    }
-
-    /// Records a response queued on `stream` before heartbeat `tag`.
-    #[cfg(test)]
-    pub(crate) fn sent(
-        &mut self,
-        now: Instant,
-        response: &ExecuteResponse,
-        stream: u64,
-        tag: u64,
-    ) -> Dropped {
-        let id = Arc::from(response.request_id.as_str());
-        self.sent_with_id(now, response, id, stream, tag)
     }
 
     /// [`AnsweredLog::sent`] with the id already shared (the in-flight
@@ -590,6 +700,11 @@ fn with_id(mut r: ExecuteResponse, id: &str) -> ExecuteResponse {
 mod tests {
     use super::*;
 
+    /// The bookkeeping of a log that has kept something.
+    fn kept(log: &AnsweredLog) -> &Kept {
+        log.kept.as_deref().expect("the log has kept an answer")
+    }
+
     fn resp(id: &str) -> ExecuteResponse {
         ExecuteResponse {
             request_id: id.into(),
@@ -602,6 +717,27 @@ mod tests {
     fn start(entries: usize, ttl_secs: u64) -> (Instant, AnsweredLog) {
         let log = AnsweredLog::new(entries, 1 << 20, Duration::from_secs(ttl_secs));
         (Instant::now(), log)
+    }
+
+    #[test]
+    fn a_log_that_kept_nothing_allocates_nothing() {
+        let (now, mut log) = start(100, 60);
+        assert_eq!(log.known("a"), None);
+        assert_eq!(log.expire(now), Dropped::default());
+        log.confirm(1, 5);
+        log.stream_ended();
+        log.unsent("a");
+        assert_eq!(log.take_waiting(now).0.len(), 0);
+        assert_eq!(log.replay("a"), None);
+        assert!(log.kept.is_none(), "reads and no-ops allocate nothing");
+        // Replay off: an answer is not kept, and nothing is allocated for it.
+        let mut off = AnsweredLog::new(0, 1 << 20, Duration::from_secs(60));
+        assert_eq!(off.sent(now, &resp("a"), 1, 1), Dropped::default());
+        assert!(off.kept.is_none());
+        // The first answer kept allocates the bookkeeping.
+        log.sent(now, &resp("a"), 1, 1);
+        assert_eq!(log.known("a"), Some(Known::SentOn(1)));
+        assert!(std::mem::size_of::<AnsweredLog>() <= 48);
     }
 
     #[test]
@@ -673,7 +809,7 @@ mod tests {
         let mut dropped = 0;
         for i in 0..10 {
             dropped += log.keep_waiting(now, resp(&format!("r{i}"))).waiting;
-            assert!(log.entries.len() <= 3);
+            assert!(kept(&log).entries.len() <= 3);
         }
         assert_eq!(dropped, 7);
         assert_eq!(log.waiting(), 3);
@@ -703,10 +839,14 @@ mod tests {
                 log.sent(now, &resp(&format!("r{batch}-{i}")), 1, batch + 1);
             }
             log.confirm(1, batch + 1);
-            assert!(log.entries.is_empty());
-            assert!(log.order.is_empty(), "order holds {}", log.order.len());
-            assert!(log.ring.is_empty());
-            assert!(log.ring_index.is_empty());
+            assert!(kept(&log).entries.is_empty());
+            assert!(
+                kept(&log).order.is_empty(),
+                "order holds {}",
+                kept(&log).order.len()
+            );
+            assert!(kept(&log).ring.is_empty());
+            assert!(kept(&log).ring_index.is_empty());
             assert_eq!(log.bytes(), 0);
         }
     }
