@@ -99,7 +99,7 @@ pub(crate) fn drive(
         timer: Box::pin(tokio::time::sleep_until(Instant::now())),
         timer_at: None,
         stopped: Box::pin(live.stop.clone().cancelled_owned()),
-        tasks: JoinSet::new(),
+        tasks: None,
         aborts: HashMap::default(),
         stop_seen: false,
         published: u64::MAX,
@@ -122,8 +122,10 @@ pub(crate) fn drive(
             let input = driver.next_input(&mut sm).await;
             driver.handle(&mut sm, input).await;
         }
-        driver.tasks.abort_all();
-        while driver.tasks.join_next().await.is_some() {}
+        if let Some(tasks) = &mut driver.tasks {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
         driver.publish(&mut sm, &live);
     }
     .instrument(span)
@@ -153,7 +155,10 @@ struct Driver {
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
-    tasks: JoinSet<Outcome>,
+    /// Handlers that were not ready at once. Made with the first such
+    /// handler: most registrations' handlers answer at once, and an empty
+    /// `JoinSet` still allocates.
+    tasks: Option<JoinSet<Outcome>>,
     aborts: HashMap<Arc<str>, AbortHandle, RandomState>,
     stop_seen: bool,
     published: u64,
@@ -283,7 +288,10 @@ impl Driver {
             return;
         }
         let task_id = Arc::clone(&id);
-        let handle = self.tasks.spawn(async move { (task_id, future.await) });
+        let handle = self
+            .tasks
+            .get_or_insert_with(JoinSet::new)
+            .spawn(async move { (task_id, future.await) });
         self.aborts.insert(id, handle);
     }
 
@@ -351,7 +359,7 @@ impl Driver {
         };
         let has_opening = opening.is_some();
         let has_fetching = fetching.is_some();
-        let has_tasks = !tasks.is_empty();
+        let has_tasks = tasks.as_ref().is_some_and(|t| !t.is_empty());
         let has_stream = inbound.is_some();
         let has_closing = closing.is_some();
         tokio::select! {
@@ -359,7 +367,7 @@ impl Driver {
             _ = stopped.as_mut(), if !*stop_seen => Input::Stop,
             res = async { match opening.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_opening => Input::Opened(res),
             res = async { match fetching.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if has_fetching => Input::Token(res),
-            Some(done) = tasks.join_next(), if has_tasks => match done {
+            Some(done) = async { match tasks.as_mut() { Some(t) => t.join_next().await, None => None } }, if has_tasks => match done {
                 Ok(outcome) => Input::Done(outcome),
                 // Aborted after its response was made (timeout, cancel).
                 Err(_) => Input::Timer,
@@ -449,7 +457,11 @@ impl Driver {
             Input::Done((id, result)) => {
                 self.aborts.remove(&id);
                 sm.handle_execute_done(now, &id, result);
-                while let Some(Some(Ok((id, result)))) = self.tasks.join_next().now_or_never() {
+                while let Some(Some(Ok((id, result)))) = self
+                    .tasks
+                    .as_mut()
+                    .and_then(|t| t.join_next().now_or_never())
+                {
                     self.aborts.remove(&id);
                     sm.handle_execute_done(now, &id, result);
                 }

@@ -56,7 +56,10 @@ impl Heartbeats {
             phase,
             next_due: None,
             seq: 0,
-            sent: VecDeque::with_capacity(REMEMBERED),
+            // Grown on the first heartbeat: an idle registration rarely
+            // has more than one unacknowledged, so most never reach
+            // `REMEMBERED`.
+            sent: VecDeque::new(),
         }
     }
 
