@@ -490,7 +490,15 @@ impl Registration {
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<RegistrationEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > 0 {
+            // Events come in rare bursts (a state change, an error): once
+            // they are read the queue's room goes too, so the tens of
+            // thousands of registrations a process may host do not each
+            // keep 160 bytes for their next one.
+            self.events = VecDeque::new();
+        }
+        event
     }
 
     /// When [`Registration::handle_timeout`] must be called next.
