@@ -231,7 +231,7 @@ impl AnsweredLog {
             // allocate.
             return self.expire(now);
         }
-        self.kept_mut().sent_with_id(now, response, id, stream, tag)
+        self.kept_mut().push_sent(now, response, id, (stream, tag))
     }
 
     /// The current stream is gone: what it did not confirm is maybe lost.
@@ -326,21 +326,15 @@ impl Kept {
         self.insert(now, Arc::from(id), response, Place::Waiting)
     }
 
-    /// [`AnsweredLog::sent`] with the id already shared (the in-flight
-    /// table's copy): keeping the answer allocates nothing (beyond the
-    /// ring's and the index's amortised growth).
-    pub(crate) fn sent_with_id(
+    /// [`AnsweredLog::sent_with_id`] once replay is known to be on: the
+    /// answer goes to the ring, sent on `stream` before heartbeat `tag`.
+    fn push_sent(
         &mut self,
         now: Instant,
         response: &ExecuteResponse,
         id: Arc<str>,
-        stream: u64,
-        tag: u64,
+        (stream, tag): (u64, u64),
     ) -> Dropped {
-        if self.capacity == 0 {
-            // Replay is off: nothing to keep, nothing to copy.
-            return self.expire(now);
-        }
         if stream != self.ring_stream {
             self.stream_ended();
             self.ring_stream = stream;
