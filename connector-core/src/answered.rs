@@ -747,6 +747,30 @@ mod tests {
     }
 
     #[test]
+    fn an_id_sent_twice_on_a_stream_stays_known_until_its_newer_answer_is_confirmed() {
+        // Not reachable through the state machine, but the index must not
+        // lose the newer copy when the older one is confirmed.
+        let (now, mut log) = start(100, 60);
+        let mut older = resp("a");
+        older.payload = bytes::Bytes::from_static(b"1");
+        let mut newer = resp("a");
+        newer.payload = bytes::Bytes::from_static(b"2");
+        log.sent(now, &older, 1, 1);
+        log.sent(now, &newer, 1, 2);
+        assert_eq!(log.queue_lens().1, 1, "one index entry, for the newer");
+        log.confirm(1, 1);
+        assert_eq!(log.known("a"), Some(Known::SentOn(1)));
+        assert_eq!(
+            log.replay("a").map(|r| r.payload),
+            Some(bytes::Bytes::from_static(b"2"))
+        );
+        log.confirm(1, 2);
+        assert_eq!(log.known("a"), None);
+        assert_eq!(log.queue_lens(), (0, 0));
+        assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
     fn unconfirmed_of_a_dead_stream_stay_for_replay() {
         let (now, mut log) = start(100, 60);
         log.sent(now, &resp("a"), 1, 1);
