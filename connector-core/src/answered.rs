@@ -309,7 +309,7 @@ impl Kept {
         self.entries.len() + self.ring.len()
     }
 
-    pub(crate) fn known(&self, id: &str) -> Option<Known> {
+    fn known(&self, id: &str) -> Option<Known> {
         if self.ring_position(id).is_some() {
             return Some(Known::SentOn(self.ring_stream));
         }
@@ -321,7 +321,7 @@ impl Kept {
 
     /// Keeps a response no stream can carry now. Returns how many waiting
     /// responses were dropped to make room (or by TTL).
-    pub(crate) fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> Dropped {
+    fn keep_waiting(&mut self, now: Instant, mut response: ExecuteResponse) -> Dropped {
         let id = std::mem::take(&mut response.request_id);
         self.insert(now, Arc::from(id), response, Place::Waiting)
     }
@@ -389,7 +389,7 @@ impl Kept {
     }
 
     /// The current stream is gone: what it did not confirm is maybe lost.
-    pub(crate) fn stream_ended(&mut self) {
+    fn stream_ended(&mut self) {
         if self.ring.is_empty() {
             return;
         }
@@ -539,7 +539,7 @@ impl Kept {
     }
 
     /// Drops entries past their TTL.
-    pub(crate) fn expire(&mut self, now: Instant) -> Dropped {
+    fn expire(&mut self, now: Instant) -> Dropped {
         let mut dropped = Dropped::default();
         while self.ring.front().is_some_and(|s| s.expires <= now) {
             // Unconfirmed for a whole TTL: a server that does not ack.
@@ -584,7 +584,7 @@ impl Kept {
     /// Heartbeat `upto` was acknowledged on `stream`: everything queued
     /// on it before that heartbeat arrived. In the steady state this pops
     /// the ring's front, one index removal per answer.
-    pub(crate) fn confirm(&mut self, stream: u64, upto: u64) {
+    fn confirm(&mut self, stream: u64, upto: u64) {
         if stream != self.ring_stream {
             return;
         }
@@ -595,7 +595,7 @@ impl Kept {
 
     /// A response queued on a stream but never handed to it: waiting again.
     /// (One the current stream carries again, after a replay, stays.)
-    pub(crate) fn unsent(&mut self, id: &str) {
+    fn unsent(&mut self, id: &str) {
         if let Some(e) = self.entries.get_mut(id) {
             if e.place != Place::Waiting {
                 e.place = Place::Waiting;
@@ -606,7 +606,7 @@ impl Kept {
 
     /// Takes every waiting response, oldest first, dropping expired ones;
     /// returns them and how many expired.
-    pub(crate) fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, Dropped) {
+    fn take_waiting(&mut self, now: Instant) -> (Vec<ExecuteResponse>, Dropped) {
         let expired = self.expire(now);
         if self.waiting == 0 {
             return (Vec::new(), expired);
@@ -644,7 +644,7 @@ impl Kept {
     }
 
     /// The kept response for a request the server asked for again.
-    pub(crate) fn replay(&self, id: &str) -> Option<ExecuteResponse> {
+    fn replay(&self, id: &str) -> Option<ExecuteResponse> {
         if let Some(s) = self.ring_position(id) {
             return Some(with_id(without_id(&s.response), id));
         }
