@@ -268,51 +268,50 @@ impl Inner {
         state: &mut DialState,
         reserve: bool,
     ) -> Result<Option<(Slot<Channel>, Channel)>, GrpcError> {
-        let rounds = if reserve {
+        let dials = if reserve {
             let demand = self.queued.load(Ordering::Relaxed) + 1;
             let room = lock(&self.pool).new_channel_room();
             demand.div_ceil(room).clamp(1, MAX_CONCURRENT_DIALS)
         } else {
             1
         };
-        let results =
-            futures_util::future::join_all((0..rounds).map(|_| self.factory.dial())).await;
+        let results = futures_util::future::join_all((0..dials).map(|_| self.factory.dial())).await;
         state.generation += 1;
         self.dial_generation
             .store(state.generation, Ordering::Release);
         let mut mine = None;
         let mut first_error = None;
-        let mut added = false;
+        let mut added = 0;
         for result in results {
-            match result {
-                Ok(Dialled { channel, settings }) => {
-                    let mut pool = lock(&self.pool);
-                    if reserve && mine.is_none() {
-                        let r = pool
-                            .add_channel_and_reserve(channel, settings)
-                            .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
-                        drop(pool);
-                        tracing::debug!(parent: &self.channel_span(r.channel_id), "channel dialled");
-                        mine = Some((Slot::adopt(&self.pool, r.channel_id), r.channel));
-                    } else {
-                        let id = pool
-                            .add_channel(channel, settings)
-                            .ok_or_else(|| GrpcError::closed("the mux is closed"))?;
-                        drop(pool);
-                        tracing::debug!(parent: &self.channel_span(id), "channel dialled");
-                    }
-                    added = true;
-                }
+            let Dialled { channel, settings } = match result {
+                Ok(dialled) => dialled,
                 Err(e) => {
                     lock(&self.pool).dial_failed();
                     tracing::warn!(server = %self.factory.target(), error = %e, "dial failed");
                     first_error.get_or_insert(e);
+                    continue;
                 }
-            }
+            };
+            let closed = || GrpcError::closed("the mux is closed");
+            let mut pool = lock(&self.pool);
+            // The caller's slot is taken with the first channel, under the
+            // same lock, so the waiters cannot take the channel it dialled.
+            let id = if reserve && mine.is_none() {
+                let r = pool
+                    .add_channel_and_reserve(channel, settings)
+                    .ok_or_else(closed)?;
+                mine = Some((Slot::adopt(&self.pool, r.channel_id), r.channel));
+                r.channel_id
+            } else {
+                pool.add_channel(channel, settings).ok_or_else(closed)?
+            };
+            drop(pool);
+            tracing::debug!(parent: &self.channel_span(id), "channel dialled");
+            added += 1;
         }
         match first_error {
             // Every dial failed: the waiters share the error.
-            Some(e) if !added => {
+            Some(e) if added == 0 => {
                 state.last_error = Some(e.clone());
                 Err(e)
             }
