@@ -40,7 +40,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::scenarios::{Mode, Orchestrator, OPT_IN_SCENARIOS, SCENARIOS};
+use crate::scenarios::{Mode, Orchestrator, FULL_RUN_EXTRAS, SCENARIOS};
 
 /// Scale, throughput and memory of the connector SDK beside a raw baseline.
 #[derive(Debug, Parser)]
@@ -216,7 +216,7 @@ fn orchestrate(cli: Cli, limit: sys::NofileLimit) -> ExitCode {
         vec!["throughput".to_string()]
     } else if cli.scenarios.is_empty() {
         let scale = if mode == Mode::Full {
-            OPT_IN_SCENARIOS
+            FULL_RUN_EXTRAS
         } else {
             &[]
         };
@@ -228,12 +228,12 @@ fn orchestrate(cli: Cli, limit: sys::NofileLimit) -> ExitCode {
     } else {
         cli.scenarios.clone()
     };
-    let known = |s: &str| SCENARIOS.contains(&s) || OPT_IN_SCENARIOS.contains(&s);
+    let known = |s: &str| SCENARIOS.contains(&s) || FULL_RUN_EXTRAS.contains(&s);
     if let Some(bad) = scenarios.iter().find(|s| !known(s)) {
         eprintln!(
             "unknown scenario {bad:?}; the scenarios are: {} (full runs add: {})",
             SCENARIOS.join(", "),
-            OPT_IN_SCENARIOS.join(", ")
+            FULL_RUN_EXTRAS.join(", ")
         );
         return ExitCode::from(2);
     }

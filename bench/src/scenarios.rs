@@ -24,7 +24,7 @@ pub(crate) const SCENARIOS: &[&str] = &[
 /// Scenarios a full run adds (about two minutes: 100 000 registrations
 /// three times on each side); `--quick` and `--smoke` run them only when
 /// named.
-pub(crate) const OPT_IN_SCENARIOS: &[&str] = &["idle-grpc-100k"];
+pub(crate) const FULL_RUN_EXTRAS: &[&str] = &["idle-grpc-100k"];
 
 /// How big a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
