@@ -58,7 +58,7 @@ struct Plan {
     shared_vs_single: Vec<usize>,
     idle_ws: Vec<usize>,
     storm: usize,
-    /// The opt-in `idle-grpc-100k` size.
+    /// The `idle-grpc-100k` size (full runs only, unless named).
     scale: usize,
     /// Every compared figure is measured in this many interleaved pairs
     /// (SDK, raw, SDK, raw, …); the ratio reported is the median of the
@@ -623,7 +623,7 @@ impl Orchestrator {
         Ok(sections)
     }
 
-    /// The opt-in scale run: 100 000 idle registrations (1 250 connections)
+    /// The scale run (full runs, or when named): 100 000 idle registrations (1 250 connections)
     /// in one client process, beside raw tonic at the same N.
     fn idle_grpc_scale(&self) -> Result<Vec<Section>> {
         Ok(vec![self.idle_grpc_at(self.plan.scale, "idle-grpc-100k")?])
